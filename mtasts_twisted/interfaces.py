@@ -1,0 +1,102 @@
+"""
+Interfaces at the seams of mtasts_twisted.
+
+Each interface here has more than one implementation or is faked in tests.
+Every implementation is checked with ``zope.interface.verify.verifyObject``.
+"""
+
+from zope.interface import Attribute, Interface
+
+
+class IDNSResolver(Interface):
+    """
+    Deferred-based DNS lookups of the records MTA-STS needs.
+
+    Every method returns a L{Deferred}.  A definite negative answer (the name
+    does not exist, or has no data of the asked type) fails with
+    L{mtasts_twisted.dns.DNSNoRecordError}; anything that may succeed later
+    (timeout, SERVFAIL, REFUSED, malformed reply) fails with
+    L{mtasts_twisted.dns.DNSTemporaryError}.
+    """
+
+    def lookup_txt(name):
+        """
+        Look up the TXT records of C{name} (an A-label name), following CNAMEs.
+
+        @return: L{Deferred} firing with a L{mtasts_twisted.dns.TXTAnswer}
+            whose C{strings} hold one text per RR, the RR's strings joined
+            without separator (RFC 8461 §3.1).
+        """
+
+    def lookup_mx(domain):
+        """
+        Look up the MX hosts of C{domain} (an A-label name).
+
+        @return: L{Deferred} firing with a L{mtasts_twisted.dns.MXAnswer}:
+            hosts sorted by preference; the implicit MX (RFC 5321 §5.1) when
+            the domain has addresses but no MX; C{null=True} for a null MX.
+        """
+
+    def lookup_addresses(host):
+        """
+        Look up the IPv6 and IPv4 addresses of C{host}.
+
+        @return: L{Deferred} firing with a L{mtasts_twisted.dns.AddressAnswer}.
+        """
+
+
+class IShelf(Interface):
+    """
+    One table of a persistent store: an async mapping of string keys to
+    JSON-serialisable dicts.  Every method returns a L{Deferred}.
+    """
+
+    name = Attribute("The table's name.")
+
+    def get(key):
+        """Fire with the value stored under C{key}, or L{None}."""
+
+    def put(key, value):
+        """Store C{value} (a JSON-serialisable dict) under C{key}; fire with L{None}."""
+
+    def delete(key):
+        """Remove C{key}; fire with C{True} if it was there, else C{False}."""
+
+    def items():
+        """Fire with a list of every C{(key, value)} pair, in key order."""
+
+    def update(key, function):
+        """
+        Atomically replace the value under C{key} by C{function(old)}.
+
+        C{function} receives the stored dict or L{None} and returns the new
+        dict, or L{None} to delete the key.  It runs in a database
+        transaction, so it must not block on anything but the database.
+        Fire with the new value.
+        """
+
+
+class IStore(Interface):
+    """A persistent store: a database holding named L{IShelf} tables."""
+
+    url = Attribute("The database URL the store was opened with (no password).")
+
+    def shelf(name):
+        """Return the L{IShelf} for table C{name}; tables are made on open."""
+
+    def close():
+        """Close every connection; fire a L{Deferred} when done."""
+
+
+class IResultSink(Interface):
+    """
+    Where TLSRPT results go: every policy lookup and delivery attempt hands
+    its L{mtasts_twisted.results.Result} here.
+    """
+
+    def record(result, when=None):
+        """
+        Record C{result} (a L{mtasts_twisted.results.Result}) as having
+        happened at C{when} (POSIX seconds; the sink's clock when L{None}).
+        Must not block and must not fail the caller.
+        """

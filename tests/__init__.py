@@ -1,0 +1,1 @@
+"""Tests for mtasts_twisted, run with ``python -m twisted.trial tests``."""
