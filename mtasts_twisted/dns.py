@@ -1,0 +1,1164 @@
+"""
+Deferred DNS lookups: dnspython builds and parses the messages, Twisted
+carries them over UDP, and over TCP when a UDP reply is truncated.
+
+L{DNSResolver} implements L{mtasts_twisted.interfaces.IDNSResolver}: TXT,
+MX and address lookups against configured nameservers (or those of
+C{/etc/resolv.conf}), with per-try timeouts, a total time budget, checks of
+every reply against its question, and a small TTL-honouring answer cache.
+Unlike C{twisted.names.client} it keeps the AD bit of the reply and talks to
+any port.
+
+L{DNSHostnameResolver} is an L{IHostnameResolver} backed by it, and
+L{reactor_with_resolver} wraps a reactor so that L{HostnameEndpoint} (and so
+treq's C{Agent} and the SMTP client) resolve names through our nameservers,
+never through the system's C{getaddrinfo}.
+
+This module is named C{dns} inside the package; the dnspython imports below
+are absolute, so they load dnspython's top-level C{dns} package.
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import secrets
+from typing import Any, Iterable, Sequence, Union
+
+import attrs
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import idna
+from twisted.internet import defer
+from twisted.internet import error as ierror
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    connectProtocol,
+)
+from twisted.internet.interfaces import (
+    IAddress,
+    IHostnameResolver,
+    IHostResolution,
+    IReactorPluggableNameResolver,
+    IResolutionReceiver,
+)
+from twisted.internet.protocol import DatagramProtocol, connectionDone
+from twisted.logger import Logger
+from twisted.protocols.basic import Int16StringReceiver
+from twisted.python.failure import Failure
+from zope.interface import directlyProvides, implementer, providedBy
+
+from mtasts_twisted.interfaces import IDNSResolver
+from mtasts_twisted.policy import DomainError, MTASTSError
+
+__all__ = [
+    "AddressAnswer",
+    "DNSError",
+    "DNSHostnameResolver",
+    "DNSNoRecordError",
+    "DNSResolver",
+    "DNSTemporaryError",
+    "MXAnswer",
+    "MXHost",
+    "TXTAnswer",
+    "format_nameserver",
+    "parse_nameserver",
+    "reactor_with_resolver",
+    "system_nameservers",
+]
+
+log = Logger()
+
+#: A nameserver: an IP address (text) and a port.
+Nameserver = tuple[str, int]
+
+DEFAULT_PORT = 53
+#: Seconds to wait for one reply from one nameserver.
+DEFAULT_TIMEOUT = 2.0
+#: Seconds one lookup (all servers, retries and CNAME steps) may take.
+DEFAULT_BUDGET = 10.0
+#: Rounds over the nameserver list (resolv.conf's default C{attempts:2}).
+DEFAULT_ATTEMPTS = 2
+#: Entries in the answer cache.
+DEFAULT_CACHE_SIZE = 1024
+#: Longest a negative answer is cached (RFC 2308 §5 lets us choose less).
+MAX_NEGATIVE_TTL = 60
+#: Longest a positive answer is cached, whatever its TTL says.
+MAX_CACHE_TTL = 86400
+#: CNAMEs followed in one lookup before giving up.
+MAX_CNAME_CHAIN = 8
+#: Largest reply accepted over TCP (the 2-byte length prefix allows no more).
+MAX_TCP_REPLY = 65535
+#: EDNS UDP payload we advertise (DNS flag day 2020: avoids fragmentation).
+EDNS_PAYLOAD = 1232
+
+# rcodes that are a definite answer; everything else is worth another server.
+_DEFINITE_RCODES = frozenset({dns.rcode.NOERROR, dns.rcode.NXDOMAIN})
+
+
+# --- errors ---------------------------------------------------------------
+
+
+class DNSError(MTASTSError):
+    """
+    Base of DNS lookup failures.
+
+    @ivar name: the name looked up (A-labels, no trailing dot).
+    @ivar rdtype: the record type looked up, as text (C{"TXT"}).
+    @ivar server: the nameserver that gave the decisive answer
+        (C{"IP:PORT"}), or L{None}.
+    """
+
+    reason = "dns-lookup"
+
+    def __init__(self, message: str, name: str = "", rdtype: str = "", server: str | None = None) -> None:
+        super().__init__(message)
+        self.name = name
+        self.rdtype = rdtype
+        self.server = server
+
+
+class DNSNoRecordError(DNSError):
+    """
+    A definite negative answer: the name does not exist (NXDOMAIN) or has no
+    records of the type asked for (NODATA).
+
+    @ivar nxdomain: C{True} for NXDOMAIN, C{False} for NODATA.
+    """
+
+    reason = "dns-no-record"
+
+    def __init__(
+        self, message: str, name: str = "", rdtype: str = "", server: str | None = None, nxdomain: bool = False
+    ) -> None:
+        super().__init__(message, name, rdtype, server)
+        self.nxdomain = nxdomain
+
+
+class DNSTemporaryError(DNSError):
+    """
+    A lookup that may succeed later: SERVFAIL, REFUSED, timeout, malformed
+    reply, network error, broken CNAME chain or exhausted time budget.
+
+    @ivar detail: what went wrong, per server tried, e.g.
+        C{"SERVFAIL from 127.0.0.1:5353"}.
+    """
+
+    reason = "dns-lookup"
+
+    def __init__(
+        self, message: str, name: str = "", rdtype: str = "", server: str | None = None, detail: str = ""
+    ) -> None:
+        super().__init__(message, name, rdtype, server)
+        self.detail = detail
+
+
+# --- answers --------------------------------------------------------------
+
+
+def _tuple(value: Iterable[Any]) -> tuple[Any, ...]:
+    return tuple(value)
+
+
+@attrs.frozen
+class TXTAnswer:
+    """
+    The TXT records of a name.
+
+    @ivar name: the name asked for (A-labels, lower case, no trailing dot).
+    @ivar strings: one text per RR: the RR's character-strings joined
+        without separator (RFC 8461 §3.1), decoded as UTF-8 with
+        replacement characters for invalid bytes.
+    @ivar ttl: seconds the answer may be reused (the smallest TTL of the
+        CNAME chain and the records; the remaining TTL when cached).
+    @ivar authenticated: the AD bit of every reply used was set.
+    """
+
+    name: str
+    strings: tuple[str, ...] = attrs.field(converter=_tuple)
+    ttl: int
+    authenticated: bool = False
+
+
+@attrs.frozen(order=True)
+class MXHost:
+    """
+    One mail exchanger.
+
+    @ivar preference: the MX preference (lower is tried first).
+    @ivar host: the exchange (A-labels, lower case, no trailing dot).
+    """
+
+    preference: int
+    host: str
+
+
+@attrs.frozen
+class MXAnswer:
+    """
+    The mail exchangers of a domain.
+
+    @ivar domain: the domain asked for (A-labels, no trailing dot).
+    @ivar hosts: sorted by preference, then host name (stable; shuffling
+        equal preferences is the delivery layer's job); C{()} for a null MX.
+    @ivar ttl: seconds the answer may be reused.
+    @ivar authenticated: the AD bit of every reply used was set.
+    @ivar implicit: there was no MX, so the domain itself stands as the
+        only exchange with preference 0 (RFC 5321 §5.1).
+    @ivar null: the domain publishes a null MX: it accepts no mail
+        (RFC 7505).
+    """
+
+    domain: str
+    hosts: tuple[MXHost, ...] = attrs.field(converter=_tuple)
+    ttl: int
+    authenticated: bool = False
+    implicit: bool = False
+    null: bool = False
+
+
+@attrs.frozen
+class AddressAnswer:
+    """
+    The addresses of a host.
+
+    @ivar host: the host asked for (A-labels, no trailing dot) or the IP
+        literal given.
+    @ivar addresses: IPv6 addresses (AAAA) first, then IPv4 (A), as text.
+    @ivar ttl: seconds the answer may be reused.
+    @ivar authenticated: the AD bit of every reply used was set.
+    """
+
+    host: str
+    addresses: tuple[str, ...] = attrs.field(converter=_tuple)
+    ttl: int
+    authenticated: bool = False
+
+
+# --- nameservers ----------------------------------------------------------
+
+
+def _parse_port(text: str, original: str) -> int:
+    if not text.isdigit() or not text.isascii():
+        raise ValueError(f"invalid nameserver {original!r}: port {text!r} is not a number")
+    port = int(text)
+    if not 0 < port < 65536:
+        raise ValueError(f"invalid nameserver {original!r}: port {port} out of range 1-65535")
+    return port
+
+
+def _parse_ip(text: str, original: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise ValueError(
+            f"invalid nameserver {original!r}: {text!r} is not an IP address"
+            " (use IP, IP:PORT or [IPv6]:PORT; host names are not allowed)"
+        ) from None
+
+
+def parse_nameserver(text: str) -> Nameserver:
+    """
+    Parse a nameserver given as C{IP}, C{IPv4:PORT}, C{IPv6} or
+    C{[IPv6]:PORT} (the CLI's and twistd's C{--nameserver}).
+
+    @param text: the nameserver as written.
+    @return: C{(ip, port)}, the IP normalised (IPv6 compressed), the port
+        53 when not given.
+    @raise ValueError: with a message naming C{text}, for anything else
+        (host names, bad ports, unbalanced brackets, empty text).
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"invalid nameserver {text!r}: expected text")
+    value = text.strip()
+    if not value:
+        raise ValueError("invalid nameserver '': empty")
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            raise ValueError(f"invalid nameserver {text!r}: missing ']'")
+        address = _parse_ip(value[1:end], text)
+        rest = value[end + 1 :]
+        if not rest:
+            port = DEFAULT_PORT
+        elif rest.startswith(":"):
+            port = _parse_port(rest[1:], text)
+        else:
+            raise ValueError(f"invalid nameserver {text!r}: unexpected {rest!r} after ']'")
+    elif value.count(":") == 1:
+        host, _, port_text = value.partition(":")
+        address = _parse_ip(host, text)
+        port = _parse_port(port_text, text)
+    else:
+        # A bare IPv4 address, or a bare IPv6 address (two or more colons).
+        address = _parse_ip(value, text)
+        port = DEFAULT_PORT
+    return str(address), port
+
+
+def format_nameserver(server: Nameserver) -> str:
+    """
+    Format a nameserver as C{IP:PORT} or C{[IPv6]:PORT} (the inverse of
+    L{parse_nameserver}).
+
+    @param server: C{(ip, port)}.
+    @return: the text form, for messages and logs.
+    """
+    host, port = server
+    if ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+def system_nameservers(path: str = "/etc/resolv.conf") -> tuple[Nameserver, ...]:
+    """
+    Read the nameservers of a resolv.conf file (no network I/O).
+
+    @param path: the file to read.
+    @return: its C{nameserver} lines as C{(ip, 53)} pairs, in order, bad
+        lines skipped; C{(("127.0.0.1", 53),)} when the file is missing or
+        names none (resolv.conf(5)'s default: a server on this machine).
+    """
+    servers: list[Nameserver] = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.readlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 2 and fields[0] == "nameserver":
+            try:
+                address = ipaddress.ip_address(fields[1])
+            except ValueError:
+                log.warn("ignoring bad nameserver {value!r} in {path}", value=fields[1], path=path)
+                continue
+            servers.append((str(address), DEFAULT_PORT))
+    return tuple(servers) or (("127.0.0.1", DEFAULT_PORT),)
+
+
+def _is_ipv6(host: str) -> bool:
+    return ":" in host
+
+
+def _ip_literal(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    value = text.strip()
+    if value.startswith("[") and value.endswith("]"):
+        value = value[1:-1]
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError:
+        return None
+
+
+# --- names ----------------------------------------------------------------
+
+
+def _to_dns_name(name: str | bytes) -> dns.name.Name:
+    """
+    Turn a name into an absolute, lower-case, A-label L{dns.name.Name}.
+
+    Labels are converted one by one so that underscore labels
+    (C{_mta-sts}, C{_smtp._tls}) pass while U-labels get IDNA 2008 (UTS 46).
+    """
+    if isinstance(name, bytes):
+        try:
+            name = name.decode("ascii")
+        except UnicodeDecodeError:
+            raise DomainError(f"{name!r} is not an ASCII name") from None
+    if not isinstance(name, str):
+        raise DomainError(f"name must be text, not {type(name).__name__}")
+    text = name.strip()
+    if text.endswith("."):
+        text = text[:-1]
+    if not text:
+        raise DomainError(f"empty name {name!r}")
+    labels = []
+    for label in text.split("."):
+        if label.isascii():
+            labels.append(label.lower())
+            continue
+        try:
+            labels.append(idna.encode(label, uts46=True, transitional=False).decode("ascii").lower())
+        except (idna.IDNAError, UnicodeError) as e:
+            raise DomainError(f"{name!r} is not a valid internationalised name: {e}") from None
+    try:
+        return dns.name.from_text(".".join(labels) + ".")
+    except dns.exception.DNSException as e:
+        raise DomainError(f"{name!r} is not a valid DNS name: {e}") from None
+
+
+def _name_text(name: dns.name.Name) -> str:
+    """A name as lower-case text without the trailing dot."""
+    return name.to_text(omit_final_dot=True).lower()
+
+
+# --- the wire: one query to one server ------------------------------------
+
+
+class _TryFailed(Exception):
+    """One try at one server failed in a way another server may not."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+def _reply_id(data: bytes) -> int | None:
+    if len(data) < 2:
+        return None
+    return int.from_bytes(data[:2], "big")
+
+
+def _parse_reply(
+    query: dns.message.Message, data: bytes, server: str, transport: str
+) -> dns.message.Message | None:
+    """
+    Parse a reply and check it against the question.
+
+    @return: the reply; L{None} when it does not answer our query (wrong ID
+        or question, not a response): such datagrams are ignored and we keep
+        waiting, since anyone can send them.
+    @raise _TryFailed: when the reply carries our ID but cannot be parsed.
+    """
+    if _reply_id(data) != query.id:
+        log.debug("ignored DNS reply over {transport} from {server}: wrong ID", transport=transport, server=server)
+        return None
+    try:
+        reply = dns.message.from_wire(data)
+    except Exception as e:  # dnspython raises many exception types for bad wire data
+        raise _TryFailed(f"malformed reply from {server} over {transport}: {e.__class__.__name__}: {e}") from None
+    # Checks QR, ID, opcode and the question (name, type and class).
+    if not query.is_response(reply):
+        log.debug(
+            "ignored DNS reply over {transport} from {server}: not a response to our question",
+            transport=transport,
+            server=server,
+        )
+        return None
+    return reply
+
+
+class _UDPExchange(DatagramProtocol):
+    """Receives the reply to one query on one connected UDP socket."""
+
+    def __init__(self, query: dns.message.Message, server: Nameserver) -> None:
+        self.query = query
+        self.server = server
+        self.label = format_nameserver(server)
+        self.reply: Deferred[dns.message.Message] = Deferred()
+        self._address = ipaddress.ip_address(server[0])
+        #: Set before we close the socket ourselves, so that stopProtocol
+        #: does not fail a reply the closing coroutine is still handling.
+        self.closing = False
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        if self.reply.called:
+            return
+        # The socket is connected, so the kernel filters sources already;
+        # check anyway, in case the transport is not.
+        try:
+            same_source = ipaddress.ip_address(addr[0]) == self._address and addr[1] == self.server[1]
+        except (ValueError, TypeError, IndexError):
+            same_source = False
+        if not same_source:
+            log.debug("ignored DNS datagram from {source}: expected {server}", source=addr, server=self.label)
+            return
+        try:
+            reply = _parse_reply(self.query, data, self.label, "UDP")
+        except _TryFailed as e:
+            self.reply.errback(e)
+            return
+        if reply is not None:
+            self.reply.callback(reply)
+
+    def connectionRefused(self) -> None:
+        # ICMP port unreachable: nothing listens there.
+        if not self.reply.called:
+            self.reply.errback(_TryFailed(f"connection refused by {self.label} (UDP)"))
+
+    def stopProtocol(self) -> None:
+        # The reactor closes the socket itself on a socket error (an ICMP
+        # port unreachable reported as EPOLLERR, for one).
+        if not self.reply.called and not self.closing:
+            self.reply.errback(_TryFailed(f"UDP socket for {self.label} closed by a network error (unreachable?)"))
+
+
+class _TCPExchange(Int16StringReceiver):
+    """
+    Sends one query over TCP (RFC 1035 §4.2.2: 2-byte length prefix) and
+    fires L{done} once the connection is closed after the reply.
+    """
+
+    MAX_LENGTH = MAX_TCP_REPLY
+
+    def __init__(self, query: dns.message.Message, server: Nameserver) -> None:
+        self.query = query
+        self.label = format_nameserver(server)
+        self.done: Deferred[dns.message.Message] = Deferred(self._cancel)
+        self._outcome: dns.message.Message | _TryFailed | None = None
+
+    def _cancel(self, d: Deferred[dns.message.Message]) -> None:
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def connectionMade(self) -> None:
+        self.sendString(self.query.to_wire())
+
+    def stringReceived(self, data: bytes) -> None:
+        if self._outcome is not None:
+            return
+        try:
+            reply = _parse_reply(self.query, data, self.label, "TCP")
+        except _TryFailed as e:
+            self._outcome = e
+        else:
+            if reply is None:
+                return
+            self._outcome = reply
+        self.transport.loseConnection()
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        self._outcome = _TryFailed(f"reply of {length} bytes from {self.label} over TCP exceeds {self.MAX_LENGTH}")
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.done.called:
+            return
+        if isinstance(self._outcome, dns.message.Message):
+            self.done.callback(self._outcome)
+        elif isinstance(self._outcome, _TryFailed):
+            self.done.errback(self._outcome)
+        else:
+            self.done.errback(
+                _TryFailed(f"TCP connection to {self.label} closed without a reply: {reason.getErrorMessage()}")
+            )
+
+
+# --- the answer cache -----------------------------------------------------
+
+
+@attrs.frozen
+class _Records:
+    """The records of one (name, type) after following CNAMEs."""
+
+    rdatas: tuple[Any, ...]
+    ttl: int
+    authenticated: bool
+    server: str
+
+
+@attrs.frozen
+class _Negative:
+    """A cached definite negative answer."""
+
+    nxdomain: bool
+    target: str
+    server: str
+
+
+_CacheKey = tuple[dns.name.Name, int]
+_Cached = Union[_Records, _Negative]
+
+
+class _AnswerCache:
+    """A bounded LRU map whose entries expire on the reactor's clock."""
+
+    def __init__(self, clock: Any, size: int) -> None:
+        self._clock = clock
+        self._size = size
+        self._entries: collections.OrderedDict[_CacheKey, tuple[float, _Cached]] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: _CacheKey) -> tuple[_Cached, int] | None:
+        """Return the live entry and its remaining whole seconds, or L{None}."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        expires, value = entry
+        remaining = expires - self._clock.seconds()
+        if remaining <= 0:
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return value, int(remaining)
+
+    def put(self, key: _CacheKey, value: _Cached, ttl: float) -> None:
+        """Store C{value} for C{ttl} seconds (nothing when C{ttl <= 0})."""
+        if self._size <= 0 or ttl <= 0:
+            return
+        self._entries[key] = (self._clock.seconds() + min(ttl, MAX_CACHE_TTL), value)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        """Forget every entry."""
+        self._entries.clear()
+
+
+def _negative_ttl(reply: dns.message.Message) -> int:
+    # RFC 2308 §5: a negative answer lives for min(SOA TTL, SOA MINIMUM);
+    # without an SOA in the authority section it SHOULD NOT be cached.
+    for rrset in reply.authority:
+        if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
+            return max(0, min(rrset.ttl, rrset[0].minimum, MAX_NEGATIVE_TTL))
+    return 0
+
+
+# --- the resolver ---------------------------------------------------------
+
+
+@implementer(IDNSResolver)
+class DNSResolver:
+    """
+    Deferred DNS lookups against a list of recursive nameservers.
+
+    Each query goes over UDP from a fresh socket on a random port with a
+    random ID; a truncated reply is retried over TCP at the same server.
+    SERVFAIL, REFUSED, timeouts, malformed replies and network errors move
+    on to the next server; servers are tried in turn for C{attempts}
+    rounds, all within C{budget} seconds per lookup.
+
+    @ivar nameservers: the C{(ip, port)} pairs, in the order tried.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        nameservers: Sequence[str | Nameserver] | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        budget: float = DEFAULT_BUDGET,
+        attempts: int = DEFAULT_ATTEMPTS,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+    ) -> None:
+        """
+        @param reactor: provides C{IReactorTime}, C{IReactorUDP} and
+            C{IReactorTCP}; its C{seconds()} is the cache's clock.
+        @param nameservers: C{"IP[:PORT]"} strings or C{(ip, port)} pairs;
+            L{None} reads C{/etc/resolv.conf}.
+        @param timeout: seconds to wait for one reply.
+        @param budget: seconds one lookup may take in total.
+        @param attempts: rounds over the nameserver list.
+        @param cache_size: answers kept; 0 disables the cache.
+        @raise ValueError: for an empty nameserver list, a bad nameserver or
+            a non-positive timeout, budget or attempts.
+        """
+        if nameservers is None:
+            servers = system_nameservers()
+        else:
+            servers = tuple(
+                parse_nameserver(s) if isinstance(s, str) else (str(ipaddress.ip_address(s[0])), int(s[1]))
+                for s in nameservers
+            )
+        if not servers:
+            raise ValueError("at least one nameserver is needed")
+        if timeout <= 0 or budget <= 0 or attempts < 1:
+            raise ValueError("timeout and budget must be positive and attempts at least 1")
+        self._reactor = reactor
+        self.nameservers: tuple[Nameserver, ...] = servers
+        self._timeout = float(timeout)
+        self._budget = float(budget)
+        self._attempts = int(attempts)
+        self._cache = _AnswerCache(reactor, cache_size)
+
+    def __repr__(self) -> str:
+        servers = ", ".join(format_nameserver(s) for s in self.nameservers)
+        return f"<DNSResolver [{servers}]>"
+
+    def clear_cache(self) -> None:
+        """Forget every cached answer."""
+        self._cache.clear()
+
+    # -- IDNSResolver --
+
+    def lookup_txt(self, name: str) -> Deferred[TXTAnswer]:
+        """
+        Look up the TXT records of C{name}, following CNAMEs.
+
+        @param name: a domain name (A-labels; U-labels are converted).
+        @return: L{Deferred} firing with a L{TXTAnswer}, or failing with
+            L{DNSNoRecordError}, L{DNSTemporaryError}, or L{DomainError} for
+            a name that is not a valid DNS name.
+        """
+        return Deferred.fromCoroutine(self._lookup_txt(name))
+
+    def lookup_mx(self, domain: str) -> Deferred[MXAnswer]:
+        """
+        Look up the mail exchangers of C{domain}.
+
+        @param domain: a domain name (A-labels; U-labels are converted).
+        @return: L{Deferred} firing with an L{MXAnswer}: hosts sorted by
+            preference; the implicit MX when the domain has no MX but has
+            addresses (RFC 5321 §5.1); C{null=True} for a null MX (RFC
+            7505). Fails with L{DNSNoRecordError} when the domain does not
+            exist or has neither MX nor addresses, L{DNSTemporaryError}
+            otherwise.
+        """
+        return Deferred.fromCoroutine(self._lookup_mx(domain))
+
+    def lookup_addresses(self, host: str) -> Deferred[AddressAnswer]:
+        """
+        Look up the AAAA and A records of C{host} (in parallel).
+
+        An IP literal is answered without DNS. One type failing
+        temporarily while the other has addresses still succeeds.
+
+        @param host: a host name or IP literal.
+        @return: L{Deferred} firing with an L{AddressAnswer} (IPv6 first),
+            or failing with L{DNSNoRecordError} when neither type has
+            records, L{DNSTemporaryError} when either failed temporarily
+            and neither had records.
+        """
+        return Deferred.fromCoroutine(self._lookup_addresses(host))
+
+    # -- lookups --
+
+    async def _lookup_txt(self, name: str) -> TXTAnswer:
+        qname = _to_dns_name(name)
+        records = await self._resolve(qname, dns.rdatatype.TXT)
+        # RFC 8461 §3.1: the character-strings of one TXT RR are concatenated
+        # without separator before parsing; RRs stay separate.
+        strings = tuple(b"".join(rdata.strings).decode("utf-8", errors="replace") for rdata in records.rdatas)
+        return TXTAnswer(_name_text(qname), strings, records.ttl, records.authenticated)
+
+    async def _lookup_mx(self, domain: str) -> MXAnswer:
+        qname = _to_dns_name(domain)
+        text = _name_text(qname)
+        try:
+            records = await self._resolve(qname, dns.rdatatype.MX)
+        except DNSNoRecordError as e:
+            if e.nxdomain:
+                raise
+            # RFC 5321 §5.1: no MX records, but the name has an address:
+            # it is its own implicit MX with preference 0.
+            try:
+                addresses = await self._addresses(qname)
+            except DNSNoRecordError as e2:
+                raise DNSNoRecordError(
+                    f"{text} has no MX records and no A/AAAA records for an implicit MX"
+                    f" (RFC 5321 §5.1; from {e2.server or e.server})",
+                    text,
+                    "MX",
+                    e2.server or e.server,
+                    nxdomain=False,
+                ) from None
+            return MXAnswer(
+                text, (MXHost(0, text),), addresses.ttl, addresses.authenticated, implicit=True
+            )
+        hosts = {(rdata.preference, rdata.exchange) for rdata in records.rdatas}
+        # RFC 7505 §3: a null MX is a single MX whose exchange is the root.
+        if all(exchange == dns.name.root for _, exchange in hosts):
+            return MXAnswer(text, (), records.ttl, records.authenticated, null=True)
+        # RFC 7505 §3 forbids a null MX beside other MXes; such a "." host
+        # cannot be connected to, so it is dropped and the others are kept.
+        ordered = sorted(
+            MXHost(int(preference), _name_text(exchange))
+            for preference, exchange in hosts
+            if exchange != dns.name.root
+        )
+        return MXAnswer(text, tuple(ordered), records.ttl, records.authenticated)
+
+    async def _lookup_addresses(self, host: str) -> AddressAnswer:
+        literal = _ip_literal(host) if isinstance(host, str) else None
+        if literal is not None:
+            return AddressAnswer(str(literal), (str(literal),), 0, False)
+        return await self._addresses(_to_dns_name(host))
+
+    async def _addresses(self, qname: dns.name.Name) -> AddressAnswer:
+        text = _name_text(qname)
+        types = (dns.rdatatype.AAAA, dns.rdatatype.A)
+        lookups = [Deferred.fromCoroutine(self._resolve(qname, rdtype)) for rdtype in types]
+        results = await defer.DeferredList(lookups, consumeErrors=True)
+        addresses: list[str] = []
+        ttls: list[int] = []
+        authenticated = True
+        errors: list[BaseException] = []
+        for ok, value in results:
+            if ok:
+                for rdata in value.rdatas:
+                    if rdata.address not in addresses:
+                        addresses.append(rdata.address)
+                ttls.append(value.ttl)
+                authenticated = authenticated and value.authenticated
+            else:
+                errors.append(value.value)
+        if addresses:
+            return AddressAnswer(text, tuple(addresses), min(ttls), authenticated)
+        temporary = [e for e in errors if isinstance(e, DNSTemporaryError)]
+        if temporary:
+            detail = "; ".join(f"{e.rdtype}: {e.detail}" for e in temporary)
+            raise DNSTemporaryError(
+                f"address lookup of {text} failed temporarily: {detail}",
+                text,
+                "AAAA/A",
+                temporary[0].server,
+                detail,
+            )
+        if len(errors) == len(types) and all(isinstance(e, DNSNoRecordError) for e in errors):
+            nxdomain = any(e.nxdomain for e in errors)  # type: ignore[attr-defined]
+            server = errors[0].server  # type: ignore[attr-defined]
+            what = "does not exist" if nxdomain else "has no AAAA or A records"
+            raise DNSNoRecordError(f"{text} {what} (from {server})", text, "AAAA/A", server, nxdomain=nxdomain)
+        raise errors[0]
+
+    # -- (name, type) → records, following CNAMEs, through the cache --
+
+    async def _resolve(self, qname: dns.name.Name, rdtype: int) -> _Records:
+        key = (qname, rdtype)
+        name = _name_text(qname)
+        type_text = dns.rdatatype.to_text(rdtype)
+        cached = self._cache.get(key)
+        if cached is not None:
+            value, remaining = cached
+            log.debug("DNS cache hit: {rdtype} {name} ({ttl}s left)", rdtype=type_text, name=name, ttl=remaining)
+            if isinstance(value, _Negative):
+                raise self._no_record(name, type_text, value.target, value.server, value.nxdomain)
+            return attrs.evolve(value, ttl=remaining)
+
+        deadline = self._reactor.seconds() + self._budget
+        chain: list[dns.name.Name] = [qname]
+        ttl = MAX_CACHE_TTL
+        authenticated = True
+        current = qname
+        while True:
+            reply, server = await self._query(current, rdtype, deadline, name, type_text)
+            authenticated = authenticated and bool(reply.flags & dns.flags.AD)
+            asked = current
+            # Walk the answer section from the name asked: the records, or
+            # a CNAME to follow (RFC 1034 §3.6.2).
+            while True:
+                rrset = reply.get_rrset(reply.answer, current, dns.rdataclass.IN, rdtype)
+                if rrset is not None and len(rrset):
+                    records = _Records(tuple(rrset), min(ttl, rrset.ttl), authenticated, server)
+                    self._cache.put(key, records, records.ttl)
+                    return records
+                cname = reply.get_rrset(reply.answer, current, dns.rdataclass.IN, dns.rdatatype.CNAME)
+                if cname is None or not len(cname):
+                    break
+                ttl = min(ttl, cname.ttl)
+                target = cname[0].target
+                # A CNAME loop or an over-long chain is a broken zone that
+                # its owner can fix: temporary, as recursive resolvers
+                # (which answer SERVFAIL) treat it, never "no record".
+                if target in chain:
+                    path = " -> ".join(_name_text(n) for n in chain + [target])
+                    raise self._temporary(name, type_text, server, f"CNAME loop: {path} (from {server})")
+                chain.append(target)
+                if len(chain) - 1 > MAX_CNAME_CHAIN:
+                    raise self._temporary(
+                        name, type_text, server, f"CNAME chain longer than {MAX_CNAME_CHAIN} from {server}"
+                    )
+                current = target
+            if reply.rcode() == dns.rcode.NXDOMAIN:
+                # RFC 6604 §2: after a CNAME chain, NXDOMAIN is about its
+                # last name.
+                negative = _Negative(True, _name_text(current), server)
+            elif current == asked:
+                negative = _Negative(False, _name_text(current), server)
+            else:
+                # The server gave a CNAME but not the records of its target
+                # (an authoritative server, or a chain leaving its zones):
+                # ask for the target.
+                continue
+            self._cache.put(key, negative, min(ttl, _negative_ttl(reply)))
+            raise self._no_record(name, type_text, negative.target, server, negative.nxdomain)
+
+    def _no_record(self, name: str, rdtype: str, target: str, server: str, nxdomain: bool) -> DNSNoRecordError:
+        via = "" if target == name else f" (via CNAME to {target})"
+        if nxdomain:
+            message = f"{name}{via} does not exist (NXDOMAIN for {rdtype} from {server})"
+        else:
+            message = f"{name}{via} has no {rdtype} records (NODATA from {server})"
+        return DNSNoRecordError(message, name, rdtype, server, nxdomain=nxdomain)
+
+    def _temporary(self, name: str, rdtype: str, server: str | None, detail: str) -> DNSTemporaryError:
+        log.info("DNS {rdtype} lookup of {name} failed: {detail}", rdtype=rdtype, name=name, detail=detail)
+        return DNSTemporaryError(
+            f"{rdtype} lookup of {name} failed temporarily: {detail}", name, rdtype, server, detail
+        )
+
+    async def _query(
+        self, qname: dns.name.Name, rdtype: int, deadline: float, name: str, type_text: str
+    ) -> tuple[dns.message.Message, str]:
+        """
+        Ask the nameservers in turn until one gives a definite answer
+        (NOERROR or NXDOMAIN).
+
+        @return: the reply and the server (text) that gave it.
+        @raise DNSTemporaryError: when none did within the budget.
+        """
+        failures: list[str] = []
+        for _ in range(self._attempts):
+            for server in self.nameservers:
+                remaining = deadline - self._reactor.seconds()
+                if remaining <= 0:
+                    failures.append(f"time budget of {self._budget:g}s exhausted")
+                    raise self._temporary(name, type_text, None, "; ".join(failures))
+                try:
+                    return await self._exchange(qname, rdtype, server, deadline), format_nameserver(server)
+                except _TryFailed as e:
+                    log.debug(
+                        "DNS {rdtype} query for {qname} failed: {detail}",
+                        rdtype=type_text,
+                        qname=_name_text(qname),
+                        detail=e.detail,
+                    )
+                    failures.append(e.detail)
+        last = format_nameserver(self.nameservers[-1])
+        raise self._temporary(name, type_text, last, "; ".join(dict.fromkeys(failures)))
+
+    async def _exchange(
+        self, qname: dns.name.Name, rdtype: int, server: Nameserver, deadline: float
+    ) -> dns.message.Message:
+        """One server: UDP, then TCP if the reply is truncated."""
+        label = format_nameserver(server)
+        query = dns.message.make_query(
+            qname,
+            rdtype,
+            use_edns=0,
+            payload=EDNS_PAYLOAD,
+            id=secrets.randbelow(65536),
+            # RFC 6840 §5.7: AD in a query asks for the AD bit in the reply.
+            flags=dns.flags.RD | dns.flags.AD,
+        )
+        timeout = min(self._timeout, deadline - self._reactor.seconds())
+        log.debug(
+            "DNS {rdtype} query for {qname} to {server} over UDP (id {id})",
+            rdtype=dns.rdatatype.to_text(rdtype),
+            qname=_name_text(qname),
+            server=label,
+            id=query.id,
+        )
+        reply = await self._udp_try(query, server, timeout)
+        if reply.flags & dns.flags.TC:
+            # RFC 7766 §5 / RFC 1035 §4.2.1: truncated, so ask again over TCP.
+            timeout = min(self._timeout, deadline - self._reactor.seconds())
+            if timeout <= 0:
+                raise _TryFailed(f"truncated reply from {label} and no time left for TCP")
+            log.debug("truncated DNS reply from {server}; retrying over TCP", server=label)
+            reply = await self._tcp_try(query, server, timeout)
+        rcode = reply.rcode()
+        if rcode not in _DEFINITE_RCODES:
+            raise _TryFailed(f"{dns.rcode.to_text(rcode)} from {label}")
+        return reply
+
+    async def _udp_try(self, query: dns.message.Message, server: Nameserver, timeout: float) -> dns.message.Message:
+        host, port_number = server
+        label = format_nameserver(server)
+        exchange = _UDPExchange(query, server)
+        try:
+            # Port 0: a fresh, kernel-chosen random source port per query.
+            port = self._reactor.listenUDP(0, exchange, interface="::" if _is_ipv6(host) else "")
+        except ierror.CannotListenError as e:
+            raise _TryFailed(f"cannot open a UDP socket for {label}: {e}") from None
+        try:
+            try:
+                port.connect(host, port_number)
+                port.write(query.to_wire())
+            except OSError as e:
+                raise _TryFailed(f"network error sending to {label}: {e}") from None
+            waiting = exchange.reply
+            waiting.addTimeout(timeout, self._reactor)
+            try:
+                return await waiting
+            except defer.TimeoutError:
+                raise _TryFailed(f"timeout after {timeout:g}s waiting for {label} (UDP)") from None
+        finally:
+            exchange.closing = True
+            stopped = port.stopListening()
+            if isinstance(stopped, Deferred):
+                await stopped
+
+    async def _tcp_try(self, query: dns.message.Message, server: Nameserver, timeout: float) -> dns.message.Message:
+        host, port_number = server
+        label = format_nameserver(server)
+        endpoint_type = TCP6ClientEndpoint if _is_ipv6(host) else TCP4ClientEndpoint
+        # The endpoint's own connect timeout is a backstop: addTimeout below
+        # covers connect and reply together.
+        endpoint = endpoint_type(self._reactor, host, port_number, timeout=max(1, int(timeout) + 1))
+        exchange = _TCPExchange(query, server)
+        waiting: Deferred[Any] = connectProtocol(endpoint, exchange)
+        waiting.addCallback(lambda _: exchange.done)
+        waiting.addTimeout(timeout, self._reactor)
+        try:
+            return await waiting
+        except defer.TimeoutError:
+            raise _TryFailed(f"timeout after {timeout:g}s waiting for {label} (TCP)") from None
+        except ierror.ConnectError as e:
+            raise _TryFailed(f"TCP connection to {label} failed: {e}") from None
+
+
+# --- IHostnameResolver ----------------------------------------------------
+
+
+@implementer(IHostResolution)
+class _HostResolution:
+    """One name resolution in progress; C{cancel} stops it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._lookup: Deferred[Any] | None = None
+
+    def cancel(self) -> None:
+        if self._lookup is not None:
+            self._lookup.cancel()
+
+
+@implementer(IHostnameResolver)
+class DNSHostnameResolver:
+    """
+    An L{IHostnameResolver} that resolves names through an L{IDNSResolver}
+    (so through the configured nameservers, not the system's
+    C{getaddrinfo}). IP literals are resolved without DNS.
+
+    Install it with L{reactor_with_resolver} so that L{HostnameEndpoint},
+    treq's C{Agent} and the SMTP client use it.
+    """
+
+    def __init__(self, resolver: IDNSResolver) -> None:
+        """
+        @param resolver: the L{IDNSResolver} whose C{lookup_addresses}
+            answers.
+        """
+        self._resolver = resolver
+
+    def resolveHostName(
+        self,
+        resolutionReceiver: IResolutionReceiver,
+        hostName: str,
+        portNumber: int = 0,
+        addressTypes: Sequence[type[IAddress]] | None = None,
+        transportSemantics: str = "TCP",
+    ) -> IHostResolution:
+        """
+        Resolve C{hostName}; see L{IHostnameResolver.resolveHostName}.
+
+        Calls C{resolutionBegan} at once, then C{addressResolved} for each
+        address (IPv6 first) of the families in C{addressTypes} (both when
+        L{None}), then C{resolutionComplete} exactly once, also on failure
+        (with no addresses; the failure is logged) and on cancellation.
+
+        @return: the L{IHostResolution}.
+        """
+        if isinstance(hostName, bytes):
+            hostName = hostName.decode("ascii", errors="replace")
+        resolution = _HostResolution(hostName)
+        resolutionReceiver.resolutionBegan(resolution)
+        want6 = addressTypes is None or IPv6Address in addressTypes
+        want4 = addressTypes is None or IPv4Address in addressTypes
+
+        def deliver(addresses: Iterable[str]) -> None:
+            for address in addresses:
+                if _is_ipv6(address):
+                    if want6:
+                        resolutionReceiver.addressResolved(
+                            IPv6Address(transportSemantics, address, portNumber)  # type: ignore[arg-type]
+                        )
+                elif want4:
+                    resolutionReceiver.addressResolved(
+                        IPv4Address(transportSemantics, address, portNumber)  # type: ignore[arg-type]
+                    )
+
+        literal = _ip_literal(hostName)
+        if literal is not None:
+            deliver([str(literal)])
+            resolutionReceiver.resolutionComplete()
+            return resolution
+
+        def failed(failure: Failure) -> None:
+            if failure.check(defer.CancelledError):
+                log.debug("resolution of {name} cancelled", name=hostName)
+            elif failure.check(DNSError, DomainError):
+                log.info("cannot resolve {name}: {error}", name=hostName, error=failure.getErrorMessage())
+            else:
+                log.failure("resolving {name}", failure, name=hostName)
+
+        lookup = self._resolver.lookup_addresses(hostName)
+        resolution._lookup = lookup
+        lookup.addCallback(lambda answer: deliver(answer.addresses))
+        lookup.addErrback(failed)
+        lookup.addCallback(lambda _: resolutionReceiver.resolutionComplete())
+        lookup.addErrback(lambda f: log.failure("resolution receiver failed for {name}", f, name=hostName))
+        return resolution
+
+
+@implementer(IReactorPluggableNameResolver)
+class _ReactorWithResolver:
+    """
+    A reactor proxy: everything is the wrapped reactor's, except
+    C{nameResolver} (and C{resolve}), which use our resolver.
+    """
+
+    def __init__(self, reactor: Any, name_resolver: IHostnameResolver) -> None:
+        self._reactor = reactor
+        self._name_resolver = name_resolver
+        directlyProvides(self, providedBy(reactor), IReactorPluggableNameResolver)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "_reactor":
+            raise AttributeError(name)
+        return getattr(self._reactor, name)
+
+    def __repr__(self) -> str:
+        return f"<reactor {self._reactor!r} resolving with {self._name_resolver!r}>"
+
+    @property
+    def nameResolver(self) -> IHostnameResolver:
+        """The L{IHostnameResolver} used by L{HostnameEndpoint}."""
+        return self._name_resolver
+
+    def installNameResolver(self, resolver: IHostnameResolver) -> IHostnameResolver:
+        """Replace our name resolver (not the wrapped reactor's); return the old one."""
+        old, self._name_resolver = self._name_resolver, resolver
+        return old
+
+    def resolve(self, name: str, timeout: Sequence[int] = (1, 3, 11, 45)) -> Deferred[str]:
+        """C{IReactorCore.resolve}: the first IPv4 address of C{name}, via our resolver."""
+        result: Deferred[str] = Deferred()
+        found: list[str] = []
+
+        @implementer(IResolutionReceiver)
+        class Receiver:
+            def resolutionBegan(self, resolution: IHostResolution) -> None:
+                pass
+
+            def addressResolved(self, address: IAddress) -> None:
+                found.append(address.host)  # type: ignore[attr-defined]
+
+            def resolutionComplete(self) -> None:
+                if found:
+                    result.callback(found[0])
+                else:
+                    result.errback(ierror.DNSLookupError(f"no IPv4 address for {name}"))
+
+        self._name_resolver.resolveHostName(Receiver(), name, 0, [IPv4Address])
+        return result
+
+
+def reactor_with_resolver(reactor: Any, name_resolver: IHostnameResolver) -> Any:
+    """
+    Wrap C{reactor} so that its C{nameResolver} is C{name_resolver}.
+
+    The proxy provides every interface C{reactor} provides, plus
+    L{IReactorPluggableNameResolver}; everything else is delegated. Hand it
+    to L{HostnameEndpoint}, treq's C{Agent} or the SMTP client so that they
+    resolve through our nameservers. (C{connectTCP} with a host name still
+    goes to the wrapped reactor's resolver: connect through endpoints.)
+
+    @param reactor: the reactor to wrap.
+    @param name_resolver: an L{IHostnameResolver}, e.g. a
+        L{DNSHostnameResolver}.
+    @return: the proxy.
+    """
+    return _ReactorWithResolver(reactor, name_resolver)
