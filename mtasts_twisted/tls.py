@@ -1,0 +1,642 @@
+"""
+Client TLS for MX hosts that verifies I{and} records why verification failed.
+
+RFC 8461 §4.1 requires the MX host's certificate to chain to a trusted root
+and to be valid for the MX host name (RFC 6125; not for the recipient
+domain), and RFC 8460 §4.3 wants a failure reported by kind:
+certificate-expired, certificate-not-trusted, certificate-host-mismatch or
+validation-failure.  L{twisted.internet.ssl.optionsForClientTLS} verifies,
+but a failed connection only says "certificate verify failed".  So
+L{MXConnectionCreator} wraps it: each connection it makes gets a verify
+callback and an info callback of its own that record the OpenSSL verify
+error numbers with their depth, the service_identity outcome, the TLS
+version, the cipher and any TLS alert in a L{TLSOutcomeRecorder}, one per
+C{clientConnectionForTLS} call.  L{TLSOutcome.classify} maps that record to
+an RFC 8460 result type per DESIGN.md.
+
+Two modes (L{VerifyMode}):
+
+  - C{VERIFY} (policy mode C{enforce}): the first verification failure
+    aborts the handshake; the connection is lost with a
+    L{TLSVerificationError} that carries the L{TLSOutcome}.
+  - C{RECORD_ONLY} (C{testing}, C{none}, no policy: opportunistic TLS): the
+    handshake completes whatever the certificate; the outcome says
+    C{verified=False} and why.
+
+How delivery uses it, with twisted.mail's ESMTP client (Twisted 26)::
+
+    roots = load_trust_root(ca_file)     # once, not per connection
+    enforce = policy is not None and policy.mode is Mode.ENFORCE
+    creator = MXConnectionCreator(
+        mx_host, roots,
+        mode=VerifyMode.VERIFY if enforce else VerifyMode.RECORD_ONLY)
+    factory = ESMTPSenderFactory(
+        None, None, sender, recipients, message_file, done,
+        retries=0,                         # MX failover is ours
+        contextFactory=creator,            # becomes ESMTPClient.context
+        requireAuthentication=False,
+        requireTransportSecurity=enforce,  # no plaintext under enforce
+    )
+    reactor.connectTCP(ip, 25, factory)
+    # when done fires or fails:
+    outcome = creator.outcome()   # None: STARTTLS was never started
+    details = outcome.failure_details(receiving_ip=ip)   # None if verified
+
+C{ESMTPClient.esmtpState_starttls} calls C{self.transport.startTLS(
+self.context)} when the server offers STARTTLS, and Twisted's
+C{TLSMemoryBIOFactory} takes any L{IOpenSSLClientConnectionCreator}.  Make
+a fresh creator per connection attempt: it names one MX host and
+L{MXConnectionCreator.outcome} reports its latest connection.  What the
+sender's Deferred gets (connected with C{connectTCP}):
+
+  - certificate refused (C{VERIFY}): C{SMTPConnectError} whose
+    C{__cause__} is a L{TLSVerificationError} carrying the L{TLSOutcome};
+    other handshake failures: C{__cause__} is an C{OpenSSL.SSL.Error} and
+    C{creator.outcome()} tells which (e.g. C{tls-alert-protocol-version}).
+  - STARTTLS not offered, with C{requireTransportSecurity}:
+    C{TLSRequiredError}; without it the session goes on in plaintext and
+    C{creator.outcome()} is L{None}.
+  - STARTTLS refused (e.g. 454): C{twisted.mail.smtp.TLSError} with
+    C{.code} 454, even when TLS is not required.  Opportunistic delivery
+    must reconnect without C{contextFactory} (RFC 3207 §4).
+  Report the last two with L{starttls_not_supported_details}; an MX host
+  outside the policy with L{mx_mismatch_details} (RFC 8461 §4.1).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import weakref
+from collections.abc import Mapping
+from typing import Callable, Union
+
+import attrs
+from cryptography import x509
+from OpenSSL import SSL, crypto
+from service_identity import CertificateError, VerificationError
+from service_identity.cryptography import verify_certificate_hostname
+from twisted.internet import ssl
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mtasts_twisted.results import FailureDetails, ResultType
+
+__all__ = [
+    "EXPIRED_ERRORS",
+    "MX_MISMATCH_REASON",
+    "NOT_TRUSTED_ERRORS",
+    "MXConnectionCreator",
+    "TLSOutcome",
+    "TLSOutcomeRecorder",
+    "TLSVerificationError",
+    "VerifyMode",
+    "load_trust_root",
+    "mx_mismatch_details",
+    "starttls_not_supported_details",
+    "verify_error_name",
+]
+
+log = Logger()
+
+#: OpenSSL verify errors classified as certificate-expired (RFC 8460 §4.3.1):
+#: 9 X509_V_ERR_CERT_NOT_YET_VALID, 10 X509_V_ERR_CERT_HAS_EXPIRED.
+EXPIRED_ERRORS = frozenset({9, 10})
+
+#: OpenSSL verify errors classified as certificate-not-trusted (RFC 8460
+#: §4.3.1): 2 UNABLE_TO_GET_ISSUER_CERT, 18 DEPTH_ZERO_SELF_SIGNED_CERT,
+#: 19 SELF_SIGNED_CERT_IN_CHAIN, 20 UNABLE_TO_GET_ISSUER_CERT_LOCALLY,
+#: 21 UNABLE_TO_VERIFY_LEAF_SIGNATURE, 27 CERT_UNTRUSTED.
+NOT_TRUSTED_ERRORS = frozenset({2, 18, 19, 20, 21, 27})
+
+#: failure-reason-code for an MX host outside the policy (RFC 8461 §4.1).
+MX_MISMATCH_REASON = "mtasts-policy-mx-mismatch"
+
+
+def _verify_error_names() -> dict[int, str]:
+    # pyOpenSSL's public X509VerificationCodes holds the X509_V_ERR_*
+    # numbers of the OpenSSL it was built with; name each after its symbol.
+    names: dict[int, str] = {}
+    for attribute in dir(SSL.X509VerificationCodes):
+        if attribute.startswith("ERR_"):
+            value = getattr(SSL.X509VerificationCodes, attribute)
+            if isinstance(value, int):
+                names.setdefault(value, "X509_V_" + attribute)
+    return names
+
+
+_VERIFY_ERROR_NAMES: Mapping[int, str] = _verify_error_names()
+
+
+def verify_error_name(errnum: int) -> str:
+    """
+    Return the OpenSSL symbol of verify error C{errnum}, e.g.
+    C{"X509_V_ERR_CERT_REVOKED"} for 23, or C{"x509-verify-error-N"} for a
+    number this pyOpenSSL does not name.
+    """
+    return _VERIFY_ERROR_NAMES.get(errnum, f"x509-verify-error-{errnum}")
+
+
+# RFC 8446 §6 / RFC 5246 §7.2 AlertDescription values.
+_ALERT_NAMES: Mapping[int, str] = {
+    0: "close-notify",
+    10: "unexpected-message",
+    20: "bad-record-mac",
+    22: "record-overflow",
+    40: "handshake-failure",
+    42: "bad-certificate",
+    43: "unsupported-certificate",
+    44: "certificate-revoked",
+    45: "certificate-expired",
+    46: "certificate-unknown",
+    47: "illegal-parameter",
+    48: "unknown-ca",
+    49: "access-denied",
+    50: "decode-error",
+    51: "decrypt-error",
+    70: "protocol-version",
+    71: "insufficient-security",
+    80: "internal-error",
+    86: "inappropriate-fallback",
+    90: "user-canceled",
+    109: "missing-extension",
+    110: "unsupported-extension",
+    112: "unrecognized-name",
+    113: "bad-certificate-status-response",
+    115: "unknown-psk-identity",
+    116: "certificate-required",
+    120: "no-application-protocol",
+}
+
+
+class VerifyMode(enum.Enum):
+    """
+    What a failed verification does to the connection.
+
+    @cvar VERIFY: abort the handshake (policy mode C{enforce}, RFC 8461 §5).
+    @cvar RECORD_ONLY: complete the handshake and record the failure
+        (C{testing}, C{none} and no policy: opportunistic TLS, RFC 8461 §5).
+    """
+
+    VERIFY = "verify"
+    RECORD_ONLY = "record-only"
+
+
+#: What L{load_trust_root} takes.  C{object} stands for Twisted's
+#: C{IOpenSSLTrustRoot}, which only C{twisted.internet._sslverify} exports.
+TrustRootSpec = Union[ssl.Certificate, bytes, str, "os.PathLike[str]", object, None]
+
+
+def load_trust_root(ca: TrustRootSpec = None) -> object:
+    """
+    Make the trust roots for MX (and policy host) verification.
+
+    @param ca: L{None} for the platform's roots (L{ssl.platformTrust});
+        PEM bytes holding one or more CA certificates; a path (L{str} or
+        path-like) to such a PEM file (C{--ca-file}); a Twisted
+        L{ssl.Certificate}; anything else is taken for an
+        C{IOpenSSLTrustRoot} (e.g. from L{ssl.trustRootFromCertificates})
+        and returned unchanged.
+    @return: an C{IOpenSSLTrustRoot} for C{optionsForClientTLS}.
+    @raise ValueError: when the PEM holds no certificate.
+    """
+    if ca is None:
+        return ssl.platformTrust()
+    if isinstance(ca, ssl.Certificate):
+        return ssl.trustRootFromCertificates([ca])
+    if isinstance(ca, bytes):
+        pem = ca
+    elif isinstance(ca, (str, os.PathLike)):
+        with open(os.fspath(ca), "rb") as f:
+            pem = f.read()
+    else:
+        return ca
+    try:
+        certificates = x509.load_pem_x509_certificates(pem)
+    except ValueError as e:
+        raise ValueError(f"no CA certificate in the trust root PEM: {e}") from None
+    return ssl.trustRootFromCertificates(
+        [ssl.Certificate(crypto.X509.from_cryptography(c)) for c in certificates]
+    )
+
+
+def _certificate_names(certificate: x509.Certificate) -> tuple[str, ...]:
+    try:
+        san = certificate.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        ).value
+    except x509.ExtensionNotFound:
+        return ()
+    names = [str(n) for n in san.get_values_for_type(x509.DNSName)]
+    names += [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+    return tuple(names)
+
+
+def _ascii_hostname(hostname: str) -> str:
+    hostname = hostname.rstrip(".").lower()
+    try:
+        hostname.encode("ascii")
+    except UnicodeEncodeError:
+        import idna
+
+        return idna.encode(hostname, uts46=True).decode("ascii")
+    return hostname
+
+
+@attrs.frozen
+class TLSOutcome:
+    """
+    What happened on one TLS connection to an MX host.
+
+    Take it after the handshake completed or the connection ended; while a
+    handshake is in progress it shows the handshake as failed.
+
+    @ivar hostname: the MX host name the certificate was checked against
+        (the SNI name; A-labels).
+    @ivar mode: the L{VerifyMode} of the connection.
+    @ivar handshake_completed: whether the TLS handshake finished.
+    @ivar tls_version: e.g. C{"TLSv1.3"}, when the handshake finished.
+    @ivar cipher: the cipher suite's OpenSSL name, when it finished.
+    @ivar peer_certificate_names: the DNS names and IP addresses in the
+        server certificate's subjectAltName.
+    @ivar verify_errors: the distinct OpenSSL verify errors (X509_V_ERR_*
+        numbers), in the order OpenSSL reported them.
+    @ivar verify_error_depths: every C{(depth, errnum)} OpenSSL reported;
+        depth 0 is the server's own certificate.
+    @ivar certificate_checked: whether the server certificate's name was
+        checked (false when the handshake failed before any certificate).
+    @ivar host_mismatch: whether service_identity found the certificate not
+        valid for C{hostname} (RFC 6125; RFC 8461 §4.1).
+    @ivar alerts: TLS alerts as C{"sent:<name>"} / C{"received:<name>"}.
+    @ivar internal_error: our verify code raised (logged); never verified.
+    """
+
+    hostname: str
+    mode: VerifyMode
+    handshake_completed: bool = False
+    tls_version: str | None = None
+    cipher: str | None = None
+    peer_certificate_names: tuple[str, ...] = ()
+    verify_errors: tuple[int, ...] = ()
+    verify_error_depths: tuple[tuple[int, int], ...] = ()
+    certificate_checked: bool = False
+    host_mismatch: bool = False
+    alerts: tuple[str, ...] = ()
+    internal_error: bool = False
+
+    @property
+    def verified(self) -> bool:
+        """
+        Whether the handshake completed with a certificate that chains to a
+        trusted root and is valid for C{hostname} (RFC 8461 §4.1).
+        """
+        return (
+            self.handshake_completed
+            and self.certificate_checked
+            and not self.verify_errors
+            and not self.host_mismatch
+            and not self.internal_error
+        )
+
+    def classify(self) -> tuple[ResultType, str | None] | None:
+        """
+        Classify a failure as an RFC 8460 §4.3.1 result type and a
+        failure-reason-code, per DESIGN.md "TLS failure → RFC 8460 result
+        type".
+
+        When several problems were seen, the most fundamental wins: a chain
+        that does not lead to a trusted root, then expiry, then other chain
+        errors, then the name.  OpenSSL reports them in the same order, so
+        C{VERIFY} (which stops at the first) and C{RECORD_ONLY} (which sees
+        them all) agree.
+
+        @return: L{None} when L{verified}; else C{(result_type, reason)}
+            where C{reason} is the deciding OpenSSL symbol, a
+            C{tls-alert-*} / C{tls-handshake-failure} code, or L{None} for a
+            host mismatch.
+        """
+        if self.verified:
+            return None
+        for errnum in self.verify_errors:
+            if errnum in NOT_TRUSTED_ERRORS:
+                return ResultType.CERTIFICATE_NOT_TRUSTED, verify_error_name(errnum)
+        for errnum in self.verify_errors:
+            if errnum in EXPIRED_ERRORS:
+                return ResultType.CERTIFICATE_EXPIRED, verify_error_name(errnum)
+        if self.verify_errors:
+            return ResultType.VALIDATION_FAILURE, verify_error_name(self.verify_errors[0])
+        if self.host_mismatch:
+            return ResultType.CERTIFICATE_HOST_MISMATCH, None
+        if self.internal_error:
+            return ResultType.VALIDATION_FAILURE, "internal-error"
+        if not self.handshake_completed:
+            for alert in self.alerts:
+                if not alert.endswith(":close-notify"):
+                    return ResultType.VALIDATION_FAILURE, "tls-alert-" + alert.split(":", 1)[1]
+            return ResultType.VALIDATION_FAILURE, "tls-handshake-failure"
+        return ResultType.VALIDATION_FAILURE, "certificate-not-checked"
+
+    def failure_details(
+        self,
+        receiving_ip: str | None = None,
+        *,
+        receiving_mx_helo: str | None = None,
+        sending_mta_ip: str | None = None,
+    ) -> FailureDetails | None:
+        """
+        Return the RFC 8460 §4.3 failure-details for this connection, or
+        L{None} when it L{verified}.
+        """
+        classified = self.classify()
+        if classified is None:
+            return None
+        result_type, reason = classified
+        return FailureDetails(
+            result_type=result_type,
+            sending_mta_ip=sending_mta_ip,
+            receiving_mx_hostname=self.hostname,
+            receiving_mx_helo=receiving_mx_helo,
+            receiving_ip=receiving_ip,
+            failure_reason_code=reason,
+        )
+
+
+class TLSVerificationError(Exception):
+    """
+    The MX host's certificate failed verification in L{VerifyMode.VERIFY};
+    the connection was aborted.  The reason handed to C{connectionLost}.
+
+    @ivar outcome: the L{TLSOutcome} at the moment of failure.
+    """
+
+    def __init__(self, outcome: TLSOutcome) -> None:
+        super().__init__(outcome)
+        self.outcome = outcome
+
+    def __str__(self) -> str:
+        classified = self.outcome.classify()
+        kind = f"{classified[0].value} ({classified[1]})" if classified else "?"
+        return f"TLS verification of {self.outcome.hostname} failed: {kind}"
+
+
+class TLSOutcomeRecorder:
+    """
+    Records what happens on one TLS connection; made by
+    L{MXConnectionCreator.clientConnectionForTLS}.
+
+    Its callbacks run inside OpenSSL; they never raise.
+    """
+
+    def __init__(self, hostname: str, mode: VerifyMode) -> None:
+        """
+        @param hostname: the MX host name (A-labels) to check against.
+        @param mode: the L{VerifyMode}.
+        """
+        self.hostname = hostname
+        self.mode = mode
+        self._completed = False
+        self._version: str | None = None
+        self._cipher: str | None = None
+        self._names: tuple[str, ...] = ()
+        self._errors: list[tuple[int, int]] = []
+        self._checked = False
+        self._mismatch = False
+        self._alerts: list[str] = []
+        self._internal_error = False
+        self._failed = False
+        self._protocol: Callable[[], object] | None = None
+
+    def outcome(self) -> TLSOutcome:
+        """Return what has been recorded so far as a L{TLSOutcome}."""
+        errors: list[int] = []
+        for _, errnum in self._errors:
+            if errnum not in errors:
+                errors.append(errnum)
+        return TLSOutcome(
+            hostname=self.hostname,
+            mode=self.mode,
+            handshake_completed=self._completed,
+            tls_version=self._version,
+            cipher=self._cipher,
+            peer_certificate_names=self._names,
+            verify_errors=tuple(errors),
+            verify_error_depths=tuple(self._errors),
+            certificate_checked=self._checked,
+            host_mismatch=self._mismatch,
+            alerts=tuple(self._alerts),
+            internal_error=self._internal_error,
+        )
+
+    def _attach(self, connection: SSL.Connection, tlsProtocol: object) -> None:
+        # Per-connection callbacks (pyOpenSSL Connection.set_verify and
+        # set_info_callback): the SSL.Context is shared by every connection
+        # of the creator, and pyOpenSSL refuses to mutate a used Context.
+        # They replace what optionsForClientTLS installed on the connection
+        # (Twisted 26.4+ checks the name in its verify callback; older ones
+        # did it in a Context info callback, which a connection's own info
+        # callback overrides too); test_record_only_wrong_name pins that.
+        self._protocol = weakref.ref(tlsProtocol)
+        connection.set_verify(
+            SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verify
+        )
+        connection.set_info_callback(self._info)
+
+    def _check_name(self, certificate: crypto.X509) -> None:
+        self._checked = True
+        leaf = certificate.to_cryptography()
+        self._names = _certificate_names(leaf)
+        try:
+            # RFC 8461 §4.1, RFC 6125: the MX host name, SAN dNSName only.
+            verify_certificate_hostname(leaf, self.hostname)
+        except (VerificationError, CertificateError):
+            self._mismatch = True
+
+    def _verify(
+        self,
+        connection: SSL.Connection,
+        certificate: crypto.X509,
+        errnum: int,
+        depth: int,
+        ok: int,
+    ) -> bool:
+        try:
+            if not ok:
+                self._errors.append((depth, errnum))
+            if depth == 0 and not self._checked:
+                self._check_name(certificate)
+            failed = not ok or (depth == 0 and self._mismatch)
+            if self.mode is VerifyMode.RECORD_ONLY:
+                return True
+            if failed:
+                self._fail()
+            return not failed
+        except BaseException:
+            log.failure("while verifying the certificate of {hostname}", hostname=self.hostname)
+            self._internal_error = True
+            if self.mode is VerifyMode.VERIFY:
+                self._fail()
+                return False
+            return True
+
+    def _fail(self) -> None:
+        # As Twisted's own verify callback does: hand the protocol a reason
+        # for connectionLost, then let OpenSSL abort the handshake.
+        if self._failed:
+            return
+        self._failed = True
+        outcome = self.outcome()
+        log.info(
+            "TLS to {hostname} refused: {result}",
+            hostname=self.hostname,
+            result=outcome.classify(),
+        )
+        protocol = self._protocol() if self._protocol is not None else None
+        self._protocol = None
+        if protocol is not None:
+            protocol.failVerification(Failure(TLSVerificationError(outcome)))  # type: ignore[attr-defined]
+
+    def _info(self, connection: SSL.Connection, where: int, ret: int) -> None:
+        try:
+            if where & SSL.SSL_CB_ALERT:
+                direction = "received" if where & SSL.SSL_CB_READ else "sent"
+                description = ret & 0xFF
+                name = _ALERT_NAMES.get(description, str(description))
+                self._alerts.append(f"{direction}:{name}")
+            if where & SSL.SSL_CB_HANDSHAKE_DONE and not self._completed:
+                self._completed = True
+                self._protocol = None
+                self._version = connection.get_protocol_version_name()
+                self._cipher = connection.get_cipher_name()
+                outcome = self.outcome()
+                log.debug(
+                    "TLS to {hostname}: {version} {cipher}, verified={verified}",
+                    hostname=self.hostname,
+                    version=self._version,
+                    cipher=self._cipher,
+                    verified=outcome.verified,
+                )
+        except BaseException:
+            log.failure("while recording TLS state for {hostname}", hostname=self.hostname)
+            self._internal_error = True
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class MXConnectionCreator:
+    """
+    TLS client connection creator for one MX host: SNI, PKIX and name
+    verification (RFC 8461 §4.1), TLS ≥ 1.2, and a L{TLSOutcomeRecorder}
+    per connection.
+
+    @ivar hostname: the MX host name (A-labels, no trailing dot).
+    @ivar mode: the L{VerifyMode}.
+    @ivar recorders: one L{TLSOutcomeRecorder} per connection made, oldest
+        first.
+    """
+
+    def __init__(
+        self,
+        hostname: str,
+        trust_root: TrustRootSpec = None,
+        *,
+        mode: VerifyMode = VerifyMode.VERIFY,
+    ) -> None:
+        """
+        @param hostname: the MX host name: SNI and the name checked
+            (RFC 8461 §4.1: the MX host, not the recipient domain).
+        @param trust_root: anything L{load_trust_root} takes; L{None} is the
+            platform's roots.  Pass the result of L{load_trust_root} to
+            avoid reading a CA file per connection.
+        @param mode: L{VerifyMode.VERIFY} to abort on failure,
+            L{VerifyMode.RECORD_ONLY} to record it and go on.
+        @raise ValueError: for an IP address literal.
+        """
+        if isIPAddress(hostname) or isIPv6Address(hostname):
+            # RFC 8461 §4.1 identifies the MX host by name.
+            raise ValueError(f"MX host must be a DNS name, not {hostname!r}")
+        self.hostname = _ascii_hostname(hostname)
+        self.mode = mode
+        self.recorders: list[TLSOutcomeRecorder] = []
+        self._options = ssl.optionsForClientTLS(
+            self.hostname,
+            trustRoot=load_trust_root(trust_root),  # type: ignore[arg-type]
+            extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2},
+        )
+
+    def __repr__(self) -> str:
+        return f"<MXConnectionCreator {self.hostname} {self.mode.value}>"
+
+    @property
+    def recorder(self) -> TLSOutcomeRecorder | None:
+        """The latest connection's recorder, or L{None} before any."""
+        return self.recorders[-1] if self.recorders else None
+
+    def outcome(self) -> TLSOutcome | None:
+        """The latest connection's L{TLSOutcome}, or L{None} if TLS never started."""
+        recorder = self.recorder
+        return recorder.outcome() if recorder is not None else None
+
+    def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        """
+        Make the L{SSL.Connection} for one TLS client connection
+        (L{IOpenSSLClientConnectionCreator}).
+
+        @param tlsProtocol: the C{TLSMemoryBIOProtocol} of the connection.
+        """
+        connection = self._options.clientConnectionForTLS(tlsProtocol)
+        # SNI (RFC 6066 §3) = the MX host.  Twisted 26.4+ sets it already;
+        # older Twisted set it from the info callback that we replace.
+        connection.set_tlsext_host_name(self.hostname.encode("ascii"))
+        recorder = TLSOutcomeRecorder(self.hostname, self.mode)
+        recorder._attach(connection, tlsProtocol)
+        self.recorders.append(recorder)
+        return connection
+
+
+def starttls_not_supported_details(
+    mx_hostname: str,
+    receiving_ip: str | None = None,
+    *,
+    reply_code: int | None = None,
+    receiving_mx_helo: str | None = None,
+    sending_mta_ip: str | None = None,
+) -> FailureDetails:
+    """
+    Failure-details for an MX host that did not offer STARTTLS or refused
+    it: starttls-not-supported (RFC 8460 §4.3.1).
+
+    @param reply_code: the reply to STARTTLS (e.g. 454), or L{None} when it
+        was not offered; the reason code is C{starttls-not-offered} or
+        C{starttls-refused-<code>}.
+    """
+    reason = "starttls-not-offered" if reply_code is None else f"starttls-refused-{reply_code}"
+    return FailureDetails(
+        result_type=ResultType.STARTTLS_NOT_SUPPORTED,
+        sending_mta_ip=sending_mta_ip,
+        receiving_mx_hostname=mx_hostname,
+        receiving_mx_helo=receiving_mx_helo,
+        receiving_ip=receiving_ip,
+        failure_reason_code=reason,
+    )
+
+
+def mx_mismatch_details(
+    mx_hostname: str,
+    receiving_ip: str | None = None,
+    *,
+    sending_mta_ip: str | None = None,
+) -> FailureDetails:
+    """
+    Failure-details for an MX host that the policy's C{mx} patterns do not
+    match (RFC 8461 §4.1): validation-failure, reason
+    C{mtasts-policy-mx-mismatch}.
+    """
+    return FailureDetails(
+        result_type=ResultType.VALIDATION_FAILURE,
+        sending_mta_ip=sending_mta_ip,
+        receiving_mx_hostname=mx_hostname,
+        receiving_ip=receiving_ip,
+        failure_reason_code=MX_MISMATCH_REASON,
+    )
