@@ -1,0 +1,146 @@
+"""
+In-memory fakes for unit tests of code above the DNS, fetch and store layers:
+L{MemoryStore} (an L{IStore}), L{FakeResolver} (an L{IDNSResolver}) and
+L{FakeFetcher}.  They count calls so tests can assert how often the network
+would have been used.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections import Counter
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, fail, succeed
+from zope.interface import implementer
+
+from mtasts_twisted.dns import AddressAnswer, DNSNoRecordError, MXAnswer, MXHost, TXTAnswer
+from mtasts_twisted.fetch import FetchedPolicy
+from mtasts_twisted.interfaces import IDNSResolver, IShelf, IStore
+from mtasts_twisted.policy import parse_policy
+
+
+@implementer(IShelf)
+class MemoryShelf:
+    """An L{IShelf} in a dict; values are JSON round-tripped like a real store."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.rows: dict[str, str] = {}
+
+    def get(self, key: str) -> Deferred:
+        """See L{IShelf.get}."""
+        row = self.rows.get(key)
+        return succeed(None if row is None else json.loads(row))
+
+    def put(self, key: str, value: dict) -> Deferred:
+        """See L{IShelf.put}."""
+        self.rows[key] = json.dumps(value)
+        return succeed(None)
+
+    def delete(self, key: str) -> Deferred:
+        """See L{IShelf.delete}."""
+        return succeed(self.rows.pop(key, None) is not None)
+
+    def items(self) -> Deferred:
+        """See L{IShelf.items}."""
+        return succeed([(k, json.loads(v)) for k, v in sorted(self.rows.items())])
+
+    def update(self, key: str, function: Callable[[dict | None], dict | None]) -> Deferred:
+        """See L{IShelf.update}."""
+        row = self.rows.get(key)
+        new = function(None if row is None else json.loads(row))
+        if new is None:
+            self.rows.pop(key, None)
+        else:
+            self.rows[key] = json.dumps(new)
+        return succeed(copy.deepcopy(new))
+
+
+@implementer(IStore)
+class MemoryStore:
+    """An L{IStore} whose shelves live in memory."""
+
+    url = "memory:"
+
+    def __init__(self) -> None:
+        self._shelves: dict[str, MemoryShelf] = {}
+
+    def shelf(self, name: str) -> MemoryShelf:
+        """See L{IStore.shelf}."""
+        if name not in self._shelves:
+            self._shelves[name] = MemoryShelf(name)
+        return self._shelves[name]
+
+    def close(self) -> Deferred:
+        """See L{IStore.close}."""
+        return succeed(None)
+
+
+@implementer(IDNSResolver)
+class FakeResolver:
+    """
+    An L{IDNSResolver} answering from dicts.  A value may be an exception
+    (raised) or a L{Deferred} (returned as is, so tests control timing).
+
+    @ivar queries: a C{Counter} of C{(type, name)} asked.
+    """
+
+    def __init__(self) -> None:
+        self.txt: dict[str, Any] = {}
+        self.mx: dict[str, Any] = {}
+        self.addresses: dict[str, Any] = {}
+        self.queries: Counter = Counter()
+
+    def _answer(self, table: dict, kind: str, name: str, make: Callable[[Any], Any]) -> Deferred:
+        self.queries[(kind, name)] += 1
+        value = table.get(name)
+        if value is None:
+            return fail(DNSNoRecordError(f"no {kind} at {name}", name=name, rdtype=kind))
+        if isinstance(value, BaseException):
+            return fail(value)
+        if isinstance(value, Deferred):
+            return value
+        return succeed(make(value))
+
+    def lookup_txt(self, name: str) -> Deferred:
+        """See L{IDNSResolver.lookup_txt}; C{txt[name]} is a list of strings."""
+        return self._answer(self.txt, "TXT", name, lambda v: TXTAnswer(name=name, strings=tuple(v), ttl=300,
+                                                                      authenticated=False))
+
+    def lookup_mx(self, domain: str) -> Deferred:
+        """See L{IDNSResolver.lookup_mx}; C{mx[domain]} is a list of (preference, host)."""
+        return self._answer(self.mx, "MX", domain, lambda v: MXAnswer(
+            domain=domain, hosts=tuple(MXHost(p, h) for p, h in v), ttl=300, authenticated=False,
+            implicit=False, null=False))
+
+    def lookup_addresses(self, host: str) -> Deferred:
+        """See L{IDNSResolver.lookup_addresses}; C{addresses[host]} is a list of IPs."""
+        return self._answer(self.addresses, "A/AAAA", host, lambda v: AddressAnswer(
+            host=host, addresses=tuple(v), ttl=300, authenticated=False))
+
+
+class FakeFetcher:
+    """
+    A policy fetcher answering from a dict of domain → policy text, exception
+    or L{Deferred}.  C{fetches} counts calls per domain.
+    """
+
+    def __init__(self) -> None:
+        self.policies: dict[str, Any] = {}
+        self.fetches: Counter = Counter()
+
+    def fetch(self, domain: str) -> Deferred:
+        """Fetch the policy of C{domain} (an A-label name)."""
+        self.fetches[domain] += 1
+        value = self.policies.get(domain)
+        if isinstance(value, BaseException):
+            return fail(value)
+        if isinstance(value, Deferred):
+            return value
+        if value is None:
+            from mtasts_twisted.fetch import NoPolicyServedError
+
+            return fail(NoPolicyServedError(f"https://mta-sts.{domain}/.well-known/mta-sts.txt", "404"))
+        return succeed(FetchedPolicy(policy=parse_policy(value), text=value))

@@ -1,0 +1,345 @@
+"""
+Tests for L{mtasts_twisted.cache}: every row of DESIGN.md's policy cache
+table, coalescing, backoff, downgrade resistance and the refresher, with a
+fake clock and in-memory fakes (the loopback end-to-end tests are in
+C{tests.test_discovery_cache}).
+"""
+
+import random
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from mtasts_twisted.cache import (
+    CacheEntry,
+    CacheSettings,
+    PolicyCache,
+    PolicyLookupTemporaryError,
+    PolicyRefresher,
+    RefresherSettings,
+)
+from mtasts_twisted.dns import DNSTemporaryError
+from mtasts_twisted.fetch import FetchedPolicy, PolicyCertificateError, PolicyFetchError
+from mtasts_twisted.policy import DomainError, Mode, parse_policy
+from mtasts_twisted.results import PolicyType, ResultType
+from mtasts_twisted.testing.memory import FakeFetcher, FakeResolver, MemoryStore
+
+ENFORCE = "version: STSv1\nmode: enforce\nmx: mx.example.com\nmax_age: 86400\n"
+ENFORCE2 = "version: STSv1\nmode: enforce\nmx: *.example.com\nmax_age: 86400\n"
+NONE = "version: STSv1\nmode: none\nmax_age: 86400\n"
+TXT = "_mta-sts.example.com"
+
+
+class CacheTestCase(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.store = MemoryStore()
+        self.resolver = FakeResolver()
+        self.fetcher = FakeFetcher()
+        self.cache = PolicyCache(self.store, self.resolver, self.fetcher, self.clock, CacheSettings())
+
+    def get(self, domain="example.com"):
+        return self.successResultOf(self.cache.get(domain))
+
+    def publish(self, record_id="1", text=ENFORCE, domain="example.com"):
+        self.resolver.txt["_mta-sts." + domain] = [f"v=STSv1; id={record_id}"]
+        self.fetcher.policies[domain] = text
+
+    def failure(self, lookup):
+        [detail] = lookup.result.failures
+        return detail.result_type, detail.failure_reason_code
+
+
+class EmptyCacheTests(CacheTestCase):
+    def test_no_txt(self):
+        lookup = self.get()
+        self.assertEqual((lookup.policy, lookup.fresh), (None, True))
+        self.assertEqual(lookup.result.policy.policy_type, PolicyType.NO_POLICY_FOUND)
+        self.assertEqual(lookup.result.failures, ())
+        self.assertEqual(self.fetcher.fetches["example.com"], 0)
+
+    def test_several_records(self):
+        self.resolver.txt[TXT] = ["v=STSv1; id=1", "v=STSv1; id=2"]
+        lookup = self.get()
+        self.assertIsNone(lookup.policy)
+        self.assertEqual(self.failure(lookup), (ResultType.STS_POLICY_FETCH_ERROR, "multiple-mta-sts-records"))
+
+    def test_record_syntax_error(self):
+        self.resolver.txt[TXT] = ["v=STSv1; id=bad-id"]
+        lookup = self.get()
+        self.assertIsNone(lookup.policy)
+        self.assertEqual(self.failure(lookup), (ResultType.STS_POLICY_FETCH_ERROR, "record-syntax-error"))
+        self.assertEqual(self.fetcher.fetches["example.com"], 0)
+
+    def test_dns_temporary_failure(self):
+        self.resolver.txt[TXT] = DNSTemporaryError("SERVFAIL", name=TXT, rdtype="TXT")
+        f = self.failureResultOf(self.cache.get("example.com"), PolicyLookupTemporaryError)
+        self.assertEqual(self.failure(f.value), (ResultType.STS_POLICY_FETCH_ERROR, "dns-lookup"))
+
+    def test_fetch_failure_backs_off(self):
+        self.publish()
+        self.fetcher.policies["example.com"] = PolicyFetchError("https://x", "500")
+        lookup = self.get()
+        self.assertIsNone(lookup.policy)
+        self.assertEqual(self.failure(lookup), (ResultType.STS_POLICY_FETCH_ERROR, "cannot-fetch-policy"))
+        # Within 5 minutes: no DNS, no HTTPS.
+        self.clock.advance(299)
+        lookup = self.get()
+        self.assertEqual(self.failure(lookup), (ResultType.STS_POLICY_FETCH_ERROR,
+                                                "back-off-after-recent-fetch-error"))
+        self.assertEqual(self.fetcher.fetches["example.com"], 1)
+        self.assertEqual(self.resolver.queries[("TXT", TXT)], 1)
+        # After the backoff: fetched again.
+        self.clock.advance(2)
+        self.publish()
+        self.assertEqual(self.get().policy.mode, Mode.ENFORCE)
+        self.assertEqual(self.fetcher.fetches["example.com"], 2)
+
+    def test_certificate_failure(self):
+        self.publish()
+        self.fetcher.policies["example.com"] = PolicyCertificateError(
+            "https://x", "expired", reason="certificate-expired")
+        lookup = self.get()
+        self.assertEqual(self.failure(lookup), (ResultType.STS_WEBPKI_INVALID, "certificate-expired"))
+
+    def test_no_policy_served(self):
+        self.resolver.txt[TXT] = ["v=STSv1; id=1"]
+        lookup = self.get()
+        self.assertEqual(self.failure(lookup), (ResultType.STS_POLICY_FETCH_ERROR, "no-policy-served"))
+
+    def test_ok(self):
+        self.publish()
+        lookup = self.get()
+        self.assertEqual((lookup.policy.mode, lookup.fresh, lookup.record_id), (Mode.ENFORCE, True, "1"))
+        self.assertEqual(lookup.result.policy.policy_type, PolicyType.STS)
+        self.assertEqual(lookup.result.policy.policy_strings, tuple(ENFORCE.splitlines()))
+        row = self.successResultOf(self.store.shelf("policies").get("example.com"))
+        self.assertEqual((row["record_id"], row["mode"], row["policy_text"]), ("1", "enforce", ENFORCE))
+        self.assertEqual(row["valid_end"], self.clock.seconds() + 86400)
+
+    def test_ok_mode_none(self):
+        self.publish(text=NONE)
+        lookup = self.get()
+        self.assertEqual(lookup.policy.mode, Mode.NONE)
+        self.assertEqual(lookup.result.policy.policy_type, PolicyType.NO_POLICY_FOUND)
+
+    def test_unpacks(self):
+        self.publish()
+        policy, result, fresh = self.get()
+        self.assertEqual((policy.mode, fresh), (Mode.ENFORCE, True))
+
+    def test_address_literal(self):
+        lookup = self.get("[192.0.2.1]")
+        self.assertIsNone(lookup.policy)
+        self.assertEqual(sum(self.resolver.queries.values()), 0)
+
+    def test_bad_domain(self):
+        self.failureResultOf(self.cache.get("exa mple.com"), DomainError)
+
+    def test_idn_key(self):
+        self.publish(domain="xn--bcher-kva.example")
+        self.assertEqual(self.get("BÜCHER.example.").policy.mode, Mode.ENFORCE)
+        self.assertIsNotNone(self.successResultOf(self.store.shelf("policies").get("bücher.example")))
+
+
+class CachedPolicyTests(CacheTestCase):
+    def setUp(self):
+        super().setUp()
+        self.publish()
+        self.get()
+        self.clock.advance(60)
+
+    def test_same_id(self):
+        lookup = self.get()
+        self.assertEqual((lookup.policy.mode, lookup.fresh), (Mode.ENFORCE, True))
+        self.assertEqual(lookup.result.failures, ())
+        self.assertEqual(self.fetcher.fetches["example.com"], 1)
+
+    def test_txt_gone(self):
+        del self.resolver.txt[TXT]
+        lookup = self.get()
+        self.assertEqual((lookup.policy.mode, lookup.fresh), (Mode.ENFORCE, False))
+        self.assertEqual(self.failure(lookup), (ResultType.STS_POLICY_FETCH_ERROR,
+                                                "no-record+fallback-to-cached-policy"))
+
+    def test_dns_error(self):
+        self.resolver.txt[TXT] = DNSTemporaryError("timeout", name=TXT, rdtype="TXT")
+        lookup = self.get()
+        self.assertEqual(lookup.policy.mode, Mode.ENFORCE)
+        self.assertEqual(self.failure(lookup)[1], "dns-lookup+fallback-to-cached-policy")
+
+    def test_new_id_fetch_fails(self):
+        self.publish(record_id="2")
+        self.fetcher.policies["example.com"] = PolicyFetchError("https://x", "reset")
+        lookup = self.get()
+        self.assertEqual((lookup.policy.mode, lookup.fresh), (Mode.ENFORCE, False))
+        self.assertEqual(self.failure(lookup)[1], "cannot-fetch-policy+fallback-to-cached-policy")
+        # Backoff for id 2: no second fetch within 5 minutes.
+        self.clock.advance(100)
+        self.assertEqual(self.get().policy.mode, Mode.ENFORCE)
+        self.assertEqual(self.fetcher.fetches["example.com"], 2)
+        # A third id is fetched at once.
+        self.publish(record_id="3", text=ENFORCE2)
+        self.assertEqual(self.get().policy.mx, ("*.example.com",))
+        self.assertEqual(self.fetcher.fetches["example.com"], 3)
+
+    def test_new_id_fetch_ok(self):
+        self.publish(record_id="2", text=ENFORCE2)
+        lookup = self.get()
+        self.assertEqual((lookup.policy.mx, lookup.fresh, lookup.record_id), (("*.example.com",), True, "2"))
+
+    def test_downgrade_until_valid_end(self):
+        """A vanished TXT record never replaces the policy before valid_end."""
+        del self.resolver.txt[TXT]
+        self.clock.advance(86400 - 60 - 1)
+        self.assertEqual(self.get().policy.mode, Mode.ENFORCE)
+        self.clock.advance(1)
+        lookup = self.get()
+        self.assertIsNone(lookup.policy)
+        self.assertEqual(lookup.result.policy.policy_type, PolicyType.NO_POLICY_FOUND)
+
+    def test_cached_lookup_reads_no_store(self):
+        shelf = self.store.shelf("policies")
+        calls = []
+        self.patch(shelf, "get", lambda key: calls.append(key))
+        self.assertEqual(self.get().policy.mode, Mode.ENFORCE)
+        self.assertEqual(calls, [])
+
+    def test_survives_restart(self):
+        cache = PolicyCache(self.store, self.resolver, self.fetcher, self.clock)
+        lookup = self.successResultOf(cache.get("example.com"))
+        self.assertEqual(lookup.policy.mode, Mode.ENFORCE)
+        self.assertEqual(self.fetcher.fetches["example.com"], 1)
+
+
+class LastUseTests(CacheTestCase):
+    def test_batched(self):
+        self.publish()
+        self.get()
+        shelf = self.store.shelf("policies")
+        before = self.successResultOf(shelf.get("example.com"))["last_use"]
+        self.cache.start()
+        self.addCleanup(self.cache.stop)
+        for _ in range(10):
+            self.clock.advance(1)
+            self.get()
+        self.assertEqual(self.successResultOf(shelf.get("example.com"))["last_use"], before)
+        self.clock.advance(60)
+        self.assertEqual(self.successResultOf(shelf.get("example.com"))["last_use"], before + 10)
+
+    def test_flushed_on_stop(self):
+        self.publish()
+        self.get()
+        self.clock.advance(5)
+        self.get()
+        self.successResultOf(self.cache.stop())
+        row = self.successResultOf(self.store.shelf("policies").get("example.com"))
+        self.assertEqual(row["last_use"], self.clock.seconds())
+
+
+class CoalescingTests(CacheTestCase):
+    def test_concurrent_gets_share_work(self):
+        txt, fetch = Deferred(), Deferred()
+        self.resolver.txt[TXT] = txt
+        self.fetcher.policies["example.com"] = fetch
+        pending = [self.cache.get("example.com") for _ in range(100)]
+        for d in pending:
+            self.assertNoResult(d)
+        from mtasts_twisted.dns import TXTAnswer
+
+        txt.callback(TXTAnswer(name=TXT, strings=("v=STSv1; id=1",), ttl=60))
+        fetch.callback(FetchedPolicy(parse_policy(ENFORCE), ENFORCE))
+        modes = {self.successResultOf(d).policy.mode for d in pending}
+        self.assertEqual(modes, {Mode.ENFORCE})
+        self.assertEqual(self.resolver.queries[("TXT", TXT)], 1)
+        self.assertEqual(self.fetcher.fetches["example.com"], 1)
+
+    def test_concurrent_failures_reach_everyone(self):
+        txt = Deferred()
+        self.resolver.txt[TXT] = txt
+        pending = [self.cache.get("example.com") for _ in range(3)]
+        txt.errback(DNSTemporaryError("timeout", name=TXT, rdtype="TXT"))
+        for d in pending:
+            self.failureResultOf(d, PolicyLookupTemporaryError)
+        self.resolver.txt[TXT] = ["v=STSv1; id=1"]
+        self.fetcher.policies["example.com"] = ENFORCE
+        self.assertEqual(self.get().policy.mode, Mode.ENFORCE)
+
+
+class RefresherTests(CacheTestCase):
+    def setUp(self):
+        super().setUp()
+        self.publish()
+        self.get()
+        self.refresher = PolicyRefresher(
+            self.cache, self.clock,
+            RefresherSettings(interval=3600, stale_after=12 * 3600, spread=3 * 3600),
+            rng=random.Random(1))
+
+    def entry(self):
+        row = self.successResultOf(self.store.shelf("policies").get("example.com"))
+        return None if row is None else CacheEntry.from_json(row)
+
+    def test_same_id_extends_without_https(self):
+        self.refresher.startService()
+        self.addCleanup(self.refresher.stopService)
+        self.assertEqual(self.refresher.runs[-1]["scheduled"], 0)  # fresh at start
+        self.clock.advance(12 * 3600)  # the run at 12h finds it stale
+        self.assertEqual(self.refresher.runs[-1]["scheduled"], 1)
+        self.clock.advance(3 * 3600)  # within the spread window
+        entry = self.entry()
+        self.assertGreater(entry.last_update, 1_700_000_000 + 12 * 3600)
+        self.assertEqual(entry.valid_end, entry.last_update + 86400)
+        self.assertEqual(self.fetcher.fetches["example.com"], 1)
+
+    def test_spread(self):
+        for i in range(20):
+            self.publish(domain=f"d{i}.example")
+            self.get(f"d{i}.example")
+        self.clock.advance(12 * 3600)
+        self.refresher.startService()
+        self.addCleanup(self.refresher.stopService)
+        times = sorted(call.getTime() for call in self.clock.getDelayedCalls()
+                       if call.func == self.refresher._refresh)
+        self.assertEqual(len(times), 21)
+        self.assertGreater(times[-1] - times[0], 3600)  # not all at once
+
+    def test_new_id_fetched(self):
+        self.clock.advance(12 * 3600)
+        self.publish(record_id="2", text=ENFORCE2)
+        self.successResultOf(self.cache.refresh("example.com"))
+        self.assertEqual((self.entry().record_id, self.entry().policy.mx), ("2", ("*.example.com",)))
+
+    def test_failure_keeps_policy(self):
+        self.publish(record_id="2")
+        self.fetcher.policies["example.com"] = PolicyFetchError("https://x", "500")
+        self.successResultOf(self.cache.refresh("example.com"))
+        entry = self.entry()
+        self.assertEqual((entry.record_id, entry.policy.mode, entry.backoff_id), ("1", Mode.ENFORCE, "2"))
+
+    def test_none_with_txt_gone_deleted(self):
+        self.publish(domain="n.example", text=NONE)
+        self.get("n.example")
+        del self.resolver.txt["_mta-sts.n.example"]
+        self.assertIsNone(self.successResultOf(self.cache.refresh("n.example")))
+        self.assertIsNone(self.successResultOf(self.store.shelf("policies").get("n.example")))
+
+    def test_enforce_with_txt_gone_kept(self):
+        del self.resolver.txt[TXT]
+        self.successResultOf(self.cache.refresh("example.com"))
+        self.assertEqual(self.entry().policy.mode, Mode.ENFORCE)
+
+    def test_unused_deleted(self):
+        self.clock.advance(181 * 86400)
+        summary = self.successResultOf(self.refresher.run())
+        self.assertEqual(summary["deleted"], 1)
+        self.assertIsNone(self.entry())
+
+    def test_stop_cancels(self):
+        self.clock.advance(12 * 3600)
+        self.refresher.startService()
+        self.assertTrue(self.clock.getDelayedCalls())
+        self.refresher.stopService()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
