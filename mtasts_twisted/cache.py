@@ -25,8 +25,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mtasts_twisted.dns import DNSNoRecordError, DNSTemporaryError
-from mtasts_twisted.fetch import PolicyFetchError
+from mtasts_twisted.dns import DNSTemporaryError
+from mtasts_twisted.fetch import PolicyFetchError, lookup_sts_record
 from mtasts_twisted.policy import (
     DomainError,
     Mode,
@@ -37,7 +37,6 @@ from mtasts_twisted.policy import (
     RecordSyntaxError,
     is_address_literal,
     parse_policy,
-    select_sts_record,
     to_alabel,
     to_unicode,
 )
@@ -368,11 +367,7 @@ class PolicyCache:
     async def _txt(self, alabel: str):
         """The STS record of C{alabel} (RFC 8461 §3.1), or the error why not."""
         self.stats["txt_lookups"] += 1
-        try:
-            answer = await self._resolver.lookup_txt("_mta-sts." + alabel)
-        except DNSNoRecordError as e:
-            raise NoRecordError(f"no TXT record at _mta-sts.{alabel}") from e
-        return select_sts_record(answer.strings)
+        return await lookup_sts_record(self._resolver, alabel)
 
     async def _get(self, key: str, alabel: str) -> Lookup:
         now = self._clock.seconds()

@@ -74,7 +74,11 @@ from treq.client import HTTPClient
 from zope.interface import implementer
 
 from mtasts_twisted import __version__
+from mtasts_twisted.dns import DNSNoRecordError, reactor_with_resolver
 from mtasts_twisted.policy import (  # MAX_POLICY_SIZE: 65536, DESIGN.md
+    NoRecordError,
+    STSRecord,
+    select_sts_record,
     MAX_POLICY_SIZE,
     DomainError,
     MTASTSError,
@@ -438,21 +442,6 @@ class _EndpointFactory:
 
 
 @implementer(IReactorPluggableNameResolver)
-class _ResolverReactor:
-    """A reactor whose C{nameResolver} is a given L{IHostnameResolver}."""
-
-    def __init__(self, reactor: Any, resolver: IHostnameResolver) -> None:
-        self._reactor = reactor
-        self.nameResolver = resolver
-
-    def installNameResolver(self, resolver: IHostnameResolver) -> IHostnameResolver:
-        previous, self.nameResolver = self.nameResolver, resolver
-        return previous
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._reactor, name)
-
-
 # --- the body, capped while streaming ---------------------------------------
 
 
@@ -561,7 +550,7 @@ class PolicyFetcher:
         """
         self._reactor = reactor
         self._connect_reactor = (
-            reactor if name_resolver is None else _ResolverReactor(reactor, name_resolver)
+            reactor if name_resolver is None else reactor_with_resolver(reactor, name_resolver)
         )
         self._trust_root = load_trust_roots(trust_roots)
         self._timeout = timeout
@@ -749,3 +738,58 @@ def fetch_policy(
         reactor, trust_roots=trust_roots, timeout=timeout, name_resolver=name_resolver, port=port
     )
     return fetcher.fetch(domain)
+
+
+# --- discovery: TXT record + policy ------------------------------------------
+
+
+async def lookup_sts_record(resolver: Any, alabel: str) -> STSRecord:
+    """
+    Look up and select the STS record of C{alabel} (RFC 8461 §3.1).
+
+    @param resolver: an L{mtasts_twisted.interfaces.IDNSResolver}.
+    @raise NoRecordError: no TXT record, or none that is an STS record.
+    @raise MultipleRecordsError: several STS records.
+    @raise RecordSyntaxError: the STS record is malformed.
+    @raise DNSTemporaryError: the lookup failed and may succeed later.
+    """
+    try:
+        answer = await resolver.lookup_txt("_mta-sts." + alabel)
+    except DNSNoRecordError as e:
+        raise NoRecordError(f"no TXT record at _mta-sts.{alabel}") from e
+    return select_sts_record(answer.strings)
+
+
+@attrs.frozen
+class Discovery:
+    """
+    A policy discovered afresh: the STS record and the policy it announces.
+
+    @ivar domain: the policy domain, in A-labels.
+    @ivar record: the L{STSRecord} (its C{id} names the policy version).
+    @ivar policy: the parsed L{Policy}.
+    @ivar text: the policy text as served.
+    """
+
+    domain: str
+    record: STSRecord
+    policy: Policy
+    text: str
+
+
+async def _discover(resolver: Any, fetcher: PolicyFetcher, domain: str) -> Discovery:
+    alabel = to_alabel(domain)
+    record = await lookup_sts_record(resolver, alabel)
+    fetched = await fetcher.fetch(alabel)
+    return Discovery(domain=alabel, record=record, policy=fetched.policy, text=fetched.text)
+
+
+def discover(resolver: Any, fetcher: PolicyFetcher, domain: str) -> Deferred[Discovery]:
+    """
+    Discover the policy of C{domain} with no cache: TXT lookup, then fetch.
+
+    @return: a L{Deferred} firing with a L{Discovery}, or failing with the
+        errors of L{lookup_sts_record} or L{PolicyFetcher.fetch} (each with
+        its TLSRPT C{reason}).
+    """
+    return Deferred.fromCoroutine(_discover(resolver, fetcher, domain))

@@ -28,6 +28,7 @@ and change L{_create_shelf} to create the new layout directly.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import os
@@ -40,7 +41,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import attrs
 from twisted.enterprise import adbapi
 from twisted.internet import threads
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -53,6 +54,8 @@ __all__ = [
     "BUSY_TIMEOUT_MS",
     "MIGRATIONS",
     "SCHEMA_VERSION",
+    "MemoryShelf",
+    "MemoryStore",
     "Migration",
     "Shelf",
     "Store",
@@ -532,6 +535,8 @@ def _check_key(key: Any) -> None:
 async def _open(
     url: str, reactor: Any, tables: Iterable[str], pool_size: int
 ) -> "Store":
+    if url == "memory:":
+        return MemoryStore()  # type: ignore[return-value]
     dialect = _dialect_for(url)
     names = tuple(dict.fromkeys(tables))
     for name in names:
@@ -606,8 +611,9 @@ def open_store(
     """
     Open (creating or migrating as needed) the store at C{url}.
 
-    @param url: C{sqlite:PATH}, C{sqlite:///ABSOLUTE/PATH} or
-        C{postgresql://USER:PASSWORD@HOST:PORT/DATABASE} (also C{postgres://}).
+    @param url: C{sqlite:PATH}, C{sqlite:///ABSOLUTE/PATH},
+        C{postgresql://USER:PASSWORD@HOST:PORT/DATABASE} (also C{postgres://})
+        or C{memory:} (nothing persists).
     @param reactor: the reactor the connection pool reports to.
     @param tables: the shelf tables to have; missing ones are created.
         Names match C{[a-z][a-z0-9_]*}; C{schema_version} and C{shelves}
@@ -855,3 +861,66 @@ class Shelf:
             self._upsert(txn, key, text)
         self._dialect.commit(txn)
         return text
+
+
+# --- in memory ----------------------------------------------------------------
+
+
+@implementer(IShelf)
+class MemoryShelf:
+    """An L{IShelf} in a dict; values are JSON round-tripped like a real store."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.rows: dict[str, str] = {}
+
+    def get(self, key: str) -> Deferred:
+        """See L{IShelf.get}."""
+        row = self.rows.get(key)
+        return succeed(None if row is None else json.loads(row))
+
+    def put(self, key: str, value: dict) -> Deferred:
+        """See L{IShelf.put}."""
+        self.rows[key] = json.dumps(value)
+        return succeed(None)
+
+    def delete(self, key: str) -> Deferred:
+        """See L{IShelf.delete}."""
+        return succeed(self.rows.pop(key, None) is not None)
+
+    def items(self) -> Deferred:
+        """See L{IShelf.items}."""
+        return succeed([(k, json.loads(v)) for k, v in sorted(self.rows.items())])
+
+    def update(self, key: str, function: Callable[[dict | None], dict | None]) -> Deferred:
+        """See L{IShelf.update}."""
+        row = self.rows.get(key)
+        new = function(None if row is None else json.loads(row))
+        if new is None:
+            self.rows.pop(key, None)
+        else:
+            self.rows[key] = json.dumps(new)
+        return succeed(copy.deepcopy(new))
+
+
+@implementer(IStore)
+class MemoryStore:
+    """
+    An L{IStore} whose shelves live in memory (URL C{memory:}): nothing
+    survives the process.  For C{lookup --no-cache} and unit tests.
+    """
+
+    url = "memory:"
+
+    def __init__(self) -> None:
+        self._shelves: dict[str, MemoryShelf] = {}
+
+    def shelf(self, name: str) -> MemoryShelf:
+        """See L{IStore.shelf}."""
+        if name not in self._shelves:
+            self._shelves[name] = MemoryShelf(name)
+        return self._shelves[name]
+
+    def close(self) -> Deferred:
+        """See L{IStore.close}."""
+        return succeed(None)

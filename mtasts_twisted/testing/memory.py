@@ -1,14 +1,12 @@
 """
 In-memory fakes for unit tests of code above the DNS, fetch and store layers:
 L{MemoryStore} (an L{IStore}), L{FakeResolver} (an L{IDNSResolver}) and
-L{FakeFetcher}.  They count calls so tests can assert how often the network
+L{FakeFetcher} (L{MemoryStore} lives in L{mtasts_twisted.store}).  They count calls so tests can assert how often the network
 would have been used.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 from collections import Counter
 from typing import Any, Callable
 
@@ -17,65 +15,11 @@ from zope.interface import implementer
 
 from mtasts_twisted.dns import AddressAnswer, DNSNoRecordError, MXAnswer, MXHost, TXTAnswer
 from mtasts_twisted.fetch import FetchedPolicy
-from mtasts_twisted.interfaces import IDNSResolver, IShelf, IStore
+from mtasts_twisted.interfaces import IDNSResolver
 from mtasts_twisted.policy import parse_policy
+from mtasts_twisted.store import MemoryShelf, MemoryStore
 
-
-@implementer(IShelf)
-class MemoryShelf:
-    """An L{IShelf} in a dict; values are JSON round-tripped like a real store."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.rows: dict[str, str] = {}
-
-    def get(self, key: str) -> Deferred:
-        """See L{IShelf.get}."""
-        row = self.rows.get(key)
-        return succeed(None if row is None else json.loads(row))
-
-    def put(self, key: str, value: dict) -> Deferred:
-        """See L{IShelf.put}."""
-        self.rows[key] = json.dumps(value)
-        return succeed(None)
-
-    def delete(self, key: str) -> Deferred:
-        """See L{IShelf.delete}."""
-        return succeed(self.rows.pop(key, None) is not None)
-
-    def items(self) -> Deferred:
-        """See L{IShelf.items}."""
-        return succeed([(k, json.loads(v)) for k, v in sorted(self.rows.items())])
-
-    def update(self, key: str, function: Callable[[dict | None], dict | None]) -> Deferred:
-        """See L{IShelf.update}."""
-        row = self.rows.get(key)
-        new = function(None if row is None else json.loads(row))
-        if new is None:
-            self.rows.pop(key, None)
-        else:
-            self.rows[key] = json.dumps(new)
-        return succeed(copy.deepcopy(new))
-
-
-@implementer(IStore)
-class MemoryStore:
-    """An L{IStore} whose shelves live in memory."""
-
-    url = "memory:"
-
-    def __init__(self) -> None:
-        self._shelves: dict[str, MemoryShelf] = {}
-
-    def shelf(self, name: str) -> MemoryShelf:
-        """See L{IStore.shelf}."""
-        if name not in self._shelves:
-            self._shelves[name] = MemoryShelf(name)
-        return self._shelves[name]
-
-    def close(self) -> Deferred:
-        """See L{IStore.close}."""
-        return succeed(None)
+__all__ = ["FakeFetcher", "FakeResolver", "MemoryShelf", "MemoryStore"]
 
 
 @implementer(IDNSResolver)
