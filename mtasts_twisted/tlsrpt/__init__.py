@@ -3,6 +3,15 @@ SMTP TLS Reporting (RFC 8460): aggregation of results and daily reports.
 
 The result value types live in L{mtasts_twisted.results} because the policy
 cache and delivery produce them; they are re-exported here.
+
+  - L{aggregate}: L{ResultAggregator}, the L{IResultSink} that merges
+    results per policy domain and UTC day and flushes them in batches.
+  - L{report}: the RFC 8460 §4 JSON (L{Report}) and L{ReportSettings}.
+  - L{https}: POSTing reports to C{https:} rua (L{HTTPSReportSender}).
+  - L{mail}: the C{mailto:} report message (L{build_report_message}).
+  - L{schedule}: L{ReportScheduler}, the daily run with claims and retries.
+
+Open the store with C{open_store(url, reactor, tables=(..., *TABLES))}.
 """
 
 from mtasts_twisted.results import (
@@ -12,5 +21,49 @@ from mtasts_twisted.results import (
     Result,
     ResultType,
 )
+from mtasts_twisted.tlsrpt.aggregate import (
+    NULL_SINK,
+    RESULTS_TABLE,
+    NullResultSink,
+    ResultAggregator,
+    merge_results,
+)
+from mtasts_twisted.tlsrpt.https import HTTPSReportSender, ReportDeliveryError
+from mtasts_twisted.tlsrpt.mail import SendMail, build_report_message, mailto_addresses
+from mtasts_twisted.tlsrpt.report import Report, ReportSettings
+from mtasts_twisted.tlsrpt.schedule import (
+    SENDS_TABLE,
+    TABLES,
+    NoResultsError,
+    PendingReport,
+    ReportScheduler,
+    SendOutcome,
+    SendState,
+)
 
-__all__ = ["FailureDetails", "PolicyDescriptor", "PolicyType", "Result", "ResultType"]
+__all__ = [
+    "NULL_SINK",
+    "RESULTS_TABLE",
+    "SENDS_TABLE",
+    "TABLES",
+    "FailureDetails",
+    "HTTPSReportSender",
+    "NoResultsError",
+    "NullResultSink",
+    "PendingReport",
+    "PolicyDescriptor",
+    "PolicyType",
+    "Report",
+    "ReportDeliveryError",
+    "ReportScheduler",
+    "ReportSettings",
+    "Result",
+    "ResultAggregator",
+    "ResultType",
+    "SendMail",
+    "SendOutcome",
+    "SendState",
+    "build_report_message",
+    "mailto_addresses",
+    "merge_results",
+]

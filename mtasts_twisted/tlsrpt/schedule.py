@@ -1,0 +1,672 @@
+"""
+The daily TLSRPT report run: claim, look up, deliver, retry (RFC 8460 §4.1,
+§5).
+
+L{ReportScheduler} is a Twisted service.  Some time after 00:00 UTC (by
+default a random delay of 5 minutes to 4 hours, drawn per day: RFC 8460
+§4.1) it takes every (day, policy domain) of earlier days with results in
+the C{tlsrpt_results} shelf and, for each:
+
+ 1. skips days with only successful sessions unless configured otherwise;
+ 2. claims the report in the C{tlsrpt_sends} shelf with one atomic
+    C{update}: only the node whose update turned the key from absent to
+    claimed sends, so several nodes sharing one PostgreSQL database send
+    each report once.  The claim carries a snapshot of the results (and
+    the results row is then deleted), so retries send the same report with
+    the same report id;
+ 3. looks up C{_smtp._tls.<domain>} (RFC 8460 §3): no record (or not
+    exactly one) drops the report; a temporary DNS failure retries later;
+ 4. delivers to every C{https:} rua (L{HTTPSReportSender}) and every
+    C{mailto:} rua (the injected C{send_mail}, see
+    L{mtasts_twisted.tlsrpt.mail.SendMail}); other schemes are ignored.
+    The report is delivered when one endpoint accepted it (§3);
+ 5. otherwise retries with exponential backoff for up to 24 hours after the
+    first attempt (§5.5), the schedule kept in the sends row so another
+    node, or this one after a restart, carries on.
+
+A claim is a lease: a node that dies mid-attempt leaves a row that any node
+retries once the lease has run out, so in that case (only) a report may be
+sent twice.  Results that reach the store after their report was claimed
+(a node flushing late) are not reported; the minimum delay is far longer
+than the aggregator's flush interval so that this does not happen in
+practice.
+
+The CLI uses L{ReportScheduler.pending}, L{ReportScheduler.preview} and
+L{ReportScheduler.send_now}.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from typing import Any, Protocol
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+
+from mtasts_twisted.dns import DNSNoRecordError, DNSTemporaryError
+from mtasts_twisted.interfaces import IDNSResolver, IStore
+from mtasts_twisted.policy import DomainError, MTASTSError, select_tlsrpt_record
+from mtasts_twisted.tlsrpt.aggregate import (
+    RESULTS_TABLE,
+    decode_results,
+    encode_results,
+    merge_results,
+    results_key,
+    split_key,
+)
+from mtasts_twisted.tlsrpt.https import ReportDeliveryError
+from mtasts_twisted.tlsrpt.mail import (
+    SendMail,
+    build_report_message,
+    load_dkim_key,
+    mailto_addresses,
+)
+from mtasts_twisted.tlsrpt.report import (
+    DAY_SECONDS,
+    Report,
+    ReportSettings,
+    day_bounds,
+    day_of,
+    new_unique,
+)
+
+__all__ = [
+    "SENDS_TABLE",
+    "TABLES",
+    "NoResultsError",
+    "PendingReport",
+    "ReportPoster",
+    "ReportScheduler",
+    "SendOutcome",
+    "SendState",
+]
+
+log = Logger()
+
+#: The shelf of report sends; key C{"<day>|<policy-domain>"}.
+SENDS_TABLE = "tlsrpt_sends"
+#: The shelves the TLSRPT package needs: pass them to C{open_store(tables=...)}.
+TABLES: tuple[str, ...] = (RESULTS_TABLE, SENDS_TABLE)
+
+
+class SendState(str, enum.Enum):
+    """The state of one report in the sends shelf."""
+
+    #: Claimed by a node that is attempting delivery (until C{lease_until}).
+    SENDING = "sending"
+    #: An attempt failed; the next is due at C{next_attempt}.
+    RETRY = "retry"
+    #: Final: an endpoint accepted the report.
+    SENT = "sent"
+    #: Final: the domain has no (usable) TLSRPT record.
+    DROPPED = "dropped"
+    #: Final: only successful sessions, and those are not reported.
+    SKIPPED = "skipped"
+    #: Final: no endpoint accepted it within the retry period (RFC 8460 §5.5).
+    FAILED = "failed"
+
+
+_FINAL = frozenset({SendState.SENT, SendState.DROPPED, SendState.SKIPPED, SendState.FAILED})
+
+
+class NoResultsError(MTASTSError):
+    """There are no results for the asked day and policy domain."""
+
+    reason = "no-results"
+
+
+@attrs.frozen
+class PendingReport:
+    """
+    A report not yet finished.
+
+    @ivar day: the UTC day, C{YYYY-MM-DD}.
+    @ivar policy_domain: the policy domain (A-labels).
+    @ivar state: C{"collecting"} (the day is not over), C{"due"} (waiting
+        for the daily run), or C{"sending"} / C{"retry"} (see L{SendState}).
+    @ivar attempts: delivery attempts so far.
+    @ivar next_attempt: POSIX time of the next attempt (C{"retry"} only).
+    @ivar last_error: why the last attempt failed, if it did.
+    """
+
+    day: str
+    policy_domain: str
+    state: str
+    attempts: int = 0
+    next_attempt: float | None = None
+    last_error: str | None = None
+
+
+@attrs.frozen
+class SendOutcome:
+    """
+    What one node did with one report in one run.
+
+    @ivar day: the UTC day.
+    @ivar policy_domain: the policy domain.
+    @ivar state: the state the report is left in.
+    @ivar delivered_to: the rua URIs (per address for C{mailto:}) that
+        accepted it.
+    @ivar errors: what failed, one text per endpoint or lookup.
+    """
+
+    day: str
+    policy_domain: str
+    state: SendState
+    delivered_to: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    errors: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+
+
+class ReportPoster(Protocol):
+    """What the scheduler needs of L{HTTPSReportSender}."""
+
+    def send(self, uri: str, report: Report) -> Deferred[int]:
+        """POST C{report} to C{uri}; fail with L{ReportDeliveryError}."""
+
+
+class ReportScheduler(Service):
+    """
+    Sends each policy domain one TLSRPT report per UTC day (RFC 8460).
+
+    @ivar settings: the L{ReportSettings}.
+    @ivar node: this node's name in claims (for logs and the sends rows).
+    """
+
+    def __init__(
+        self,
+        store: IStore,
+        settings: ReportSettings,
+        resolver: IDNSResolver,
+        clock: Any,
+        *,
+        https_sender: ReportPoster | None = None,
+        send_mail: SendMail | None = None,
+        rng: random.Random | None = None,
+        send_delay: float | None = None,
+        min_delay: float = 300.0,
+        max_delay: float = 14400.0,
+        retry_base: float = 300.0,
+        retry_max: float = 4 * 3600.0,
+        retry_period: float = 86400.0,
+        lease: float = 3600.0,
+        catch_up_days: int = 7,
+        keep_days: int = 14,
+        max_sleep: float = 3600.0,
+        node: str | None = None,
+    ) -> None:
+        """
+        @param store: holds the L{TABLES} shelves.
+        @param settings: report metadata, DKIM, success-only days, on/off.
+        @param resolver: looks up C{_smtp._tls} TXT records.
+        @param clock: an C{IReactorTime}.
+        @param https_sender: delivers to C{https:} rua (an
+            L{mtasts_twisted.tlsrpt.https.HTTPSReportSender}); without one
+            C{https:} rua are skipped.
+        @param send_mail: delivers a mailed report (see
+            L{mtasts_twisted.tlsrpt.mail.SendMail}); without one
+            C{mailto:} rua are skipped.
+        @param rng: randomness for delays, report ids and claims.
+        @param send_delay: seconds after 00:00 UTC to start the daily run;
+            L{None} for a random delay in C{[min_delay, max_delay]} per day
+            (RFC 8460 §4.1 suggests up to four hours).
+        @param retry_base: the first retry delay; it doubles per attempt.
+        @param retry_max: the longest retry delay.
+        @param retry_period: seconds after the first attempt to keep
+            retrying (RFC 8460 §5.5: "up to 24hrs").
+        @param lease: how long a claim stays valid without an outcome.
+        @param catch_up_days: results of days older than this are dropped
+            unsent (e.g. after a long outage).
+        @param keep_days: finished sends rows are kept this many days, so a
+            report is never sent twice; more than C{catch_up_days}.
+        @param max_sleep: the longest time between two looks at the store.
+        @param node: this node's name; random when L{None}.
+        @raise OSError, ValueError: the DKIM key file cannot be read.
+        """
+        if keep_days <= catch_up_days:
+            raise ValueError("keep_days must be more than catch_up_days")
+        self.settings = settings
+        self._results = store.shelf(RESULTS_TABLE)
+        self._sends = store.shelf(SENDS_TABLE)
+        self._resolver = resolver
+        self._clock = clock
+        self._https = https_sender
+        self._send_mail = send_mail
+        self._rng = rng if rng is not None else random.SystemRandom()
+        self._send_delay = send_delay
+        self._min_delay = min_delay
+        self._max_delay = max_delay
+        self._retry_base = retry_base
+        self._retry_max = retry_max
+        self._retry_period = retry_period
+        self._lease = lease
+        self._catch_up_days = catch_up_days
+        self._keep_days = keep_days
+        self._max_sleep = max_sleep
+        self.node = node or f"{self._rng.getrandbits(32):08x}"
+        self._delays: dict[str, float] = {}
+        self._next_wake = max_sleep
+        self._lock = DeferredLock()
+        self._timer: IDelayedCall | None = None
+        self._dkim_key: bytes | None = None
+        if settings.dkim_key_file is not None:
+            self._dkim_key = load_dkim_key(settings.dkim_key_file)
+
+    # ------------------------------------------------------------ schedule
+
+    def release_time(self, day: str) -> float:
+        """
+        When the reports of C{day} are due: the next 00:00 UTC plus the
+        delay (RFC 8460 §4.1).
+
+        @param day: C{YYYY-MM-DD}.
+        @return: POSIX seconds.
+        """
+        if self._send_delay is not None:
+            delay = self._send_delay
+        else:
+            delay = self._delays.get(day)
+            if delay is None:
+                # RFC 8460 §4.1: "a random delay of up to four hours".
+                delay = self._delays[day] = self._rng.uniform(self._min_delay, self._max_delay)
+        return day_bounds(day)[0] + DAY_SECONDS + delay
+
+    def startService(self) -> None:
+        """Look at the store now, then whenever something is due."""
+        super().startService()
+        if not self.settings.enabled:
+            log.info("TLSRPT reports are disabled")
+            return
+        self._schedule(0)
+
+    def stopService(self) -> Deferred[None]:
+        """Stop scheduling; wait for a run under way."""
+        super().stopService()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        return self._lock.run(lambda: None)
+
+    def _schedule(self, delay: float) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = self._clock.callLater(max(delay, 0), self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        d = self.run_once()
+
+        def failed(failure: Any) -> None:
+            log.failure("TLSRPT report run failed; trying again later", failure)
+
+        def again(_: Any) -> None:
+            if self.running and self._timer is None:
+                self._schedule(self._next_wake)
+
+        d.addErrback(failed).addBoth(again)
+
+    # ------------------------------------------------------------ the run
+
+    def run_once(self, force: bool = False) -> Deferred[list[SendOutcome]]:
+        """
+        Do everything due now: new reports of past days, due retries,
+        clean-up of old rows.
+
+        @param force: ignore the daily delay and retry back-off (what
+            C{report send --now} does); claims of other nodes still count.
+        @return: L{Deferred} firing with what this node did.
+        """
+        return self._lock.run(lambda: Deferred.fromCoroutine(self._run(force)))
+
+    def send_now(self) -> Deferred[list[SendOutcome]]:
+        """
+        Send every pending report of past days now (C{report send --now}).
+
+        @return: L{Deferred} firing with what was done; C{[]} when reports
+            are disabled.
+        """
+        if not self.settings.enabled:
+            log.warn("TLSRPT reports are disabled: nothing sent")
+            return Deferred.fromCoroutine(_nothing())
+        return self.run_once(force=True)
+
+    async def _run(self, force: bool) -> list[SendOutcome]:
+        now = self._clock.seconds()
+        today = day_of(now)
+        self._next_wake = self._max_sleep
+        self._wake_at(self.release_time(today), now)
+        outcomes: list[SendOutcome] = []
+        sends = dict(await self._sends.items())
+        for key, value in await self._results.items():
+            day, domain = split_key(key)
+            if day >= today:
+                continue
+            try:
+                row = sends.get(key)
+                if row is not None:
+                    if SendState(row["state"]) in _FINAL:
+                        # Late results of a finished report: not reported.
+                        await self._results.delete(key)
+                    continue
+                if _days_between(day, today) > self._catch_up_days:
+                    log.warn(
+                        "dropping unsent TLSRPT results of {domain} for {day}: older"
+                        " than {days} days",
+                        domain=domain, day=day, days=self._catch_up_days,
+                    )
+                    await self._results.delete(key)
+                    continue
+                release = self.release_time(day)
+                if not force and now < release:
+                    self._wake_at(release, now)
+                    continue
+                outcome = await self._start(day, domain, value)
+                if outcome is not None:
+                    outcomes.append(outcome)
+            except DomainError as e:
+                # Not a domain a report can be made for: it will not get
+                # better by waiting.
+                log.warn("dropping TLSRPT results of {domain!r} for {day}: {error}",
+                         domain=domain, day=day, error=str(e))
+                await self._results.delete(key)
+            except Exception:
+                log.failure("TLSRPT report of {domain} for {day} failed", domain=domain, day=day)
+        for key, row in sends.items():
+            day, domain = split_key(key)
+            try:
+                state = SendState(row["state"])
+                if state in _FINAL:
+                    if _days_between(day, today) > self._keep_days:
+                        await self._sends.delete(key)
+                    continue
+                due = row["next_attempt"] if state is SendState.RETRY else row["lease_until"]
+                if (force and state is SendState.RETRY) or now >= due:
+                    outcome = await self._resume(key, now, force)
+                    if outcome is not None:
+                        outcomes.append(outcome)
+                else:
+                    self._wake_at(due, now)
+            except Exception:
+                log.failure("TLSRPT report of {domain} for {day} failed", domain=domain, day=day)
+        return outcomes
+
+    def _wake_at(self, when: float, now: float) -> None:
+        self._next_wake = max(1.0, min(self._next_wake, when - now))
+
+    # ------------------------------------------------------------ one report
+
+    async def _start(self, day: str, domain: str, value: dict[str, Any]) -> SendOutcome | None:
+        key = results_key(day, domain)
+        results = merge_results(decode_results(value))
+        now = self._clock.seconds()
+        if not self.settings.report_successes_only_days and not any(r.failures for r in results):
+            # Settings: days with only successes are not reported by default.
+            def skip(old: dict[str, Any] | None) -> dict[str, Any]:
+                return old if old is not None else {"state": SendState.SKIPPED.value, "node": self.node,
+                                                    "finished": now}
+
+            await self._sends.update(key, skip)
+            await self._results.delete(key)
+            log.debug("TLSRPT: {domain} had only successes on {day}: no report", domain=domain, day=day)
+            return SendOutcome(day, domain, SendState.SKIPPED)
+        unique = new_unique(self._rng.getrandbits)
+        # Fail here, before claiming, if the report cannot be made.
+        Report.build(self.settings, domain, day, unique, results)
+        token = self._token()
+
+        def claim(old: dict[str, Any] | None) -> dict[str, Any] | None:
+            # Runs in the database transaction: only one node turns the key
+            # from absent into claimed.
+            if old is not None:
+                return old
+            return {
+                "state": SendState.SENDING.value,
+                "claim": token,
+                "node": self.node,
+                "lease_until": now + self._lease,
+                "attempts": 1,
+                "first_attempt": now,
+                "unique": unique,
+                **encode_results(results),
+            }
+
+        row = await self._sends.update(key, claim)
+        if row is None or row.get("claim") != token:
+            log.debug("TLSRPT report of {domain} for {day} is another node's", domain=domain, day=day)
+            return None
+        log.info("claimed TLSRPT report of {domain} for {day}", domain=domain, day=day)
+        await self._results.delete(key)
+        return await self._attempt(key, row)
+
+    async def _resume(self, key: str, now: float, force: bool) -> SendOutcome | None:
+        token = self._token()
+
+        def reclaim(old: dict[str, Any] | None) -> dict[str, Any] | None:
+            if old is None:
+                return None
+            state = SendState(old["state"])
+            due = (state is SendState.RETRY and (force or now >= old["next_attempt"])) or (
+                state is SendState.SENDING and now >= old["lease_until"]
+            )
+            if not due:
+                return old
+            return {
+                **old,
+                "state": SendState.SENDING.value,
+                "claim": token,
+                "node": self.node,
+                "lease_until": now + self._lease,
+                "attempts": old["attempts"] + 1,
+            }
+
+        row = await self._sends.update(key, reclaim)
+        if row is None or row.get("claim") != token:
+            return None
+        return await self._attempt(key, row)
+
+    async def _attempt(self, key: str, row: dict[str, Any]) -> SendOutcome:
+        day, domain = split_key(key)
+        report = Report.build(self.settings, domain, day, row["unique"], decode_results(row))
+        delivered: list[str] = []
+        errors: list[str] = []
+        state: SendState | None = None
+        try:
+            # RFC 8460 §3: the reporting policy is at "_smtp._tls.<domain>".
+            answer = await self._resolver.lookup_txt(f"_smtp._tls.{domain}")
+            # RFC 8460 §3: not exactly one record: "assume the recipient
+            # domain does not implement TLSRPT".
+            record = select_tlsrpt_record(answer.strings)
+        except DNSNoRecordError as e:
+            errors.append(f"no TLSRPT record: {e}")
+            state = SendState.DROPPED
+        except DNSTemporaryError as e:
+            errors.append(f"TLSRPT record lookup failed: {e}")
+        except MTASTSError as e:
+            errors.append(f"no usable TLSRPT record: {e}")
+            state = SendState.DROPPED
+        else:
+            usable = 0
+            for uri in record.rua:
+                scheme = uri.partition(":")[0].lower()
+                if scheme == "https" and self._https is not None:
+                    usable += 1
+                    await self._deliver_https(uri, report, delivered, errors)
+                elif scheme == "mailto" and self._send_mail is not None:
+                    usable += 1
+                    await self._deliver_mail(uri, report, row, delivered, errors)
+                else:
+                    log.info("TLSRPT: ignoring rua {uri} of {domain}", uri=uri, domain=domain)
+            if delivered:
+                # RFC 8460 §3: delivered once "one of the endpoints accepts".
+                state = SendState.SENT
+            elif not usable:
+                errors.append("no usable rua: " + ", ".join(record.rua))
+                state = SendState.DROPPED
+        return await self._finish(key, row, report, state, delivered, errors)
+
+    async def _deliver_https(
+        self, uri: str, report: Report, delivered: list[str], errors: list[str]
+    ) -> None:
+        assert self._https is not None
+        try:
+            await self._https.send(uri, report)
+        except Exception as e:
+            errors.append(str(e))
+        else:
+            delivered.append(uri)
+
+    async def _deliver_mail(
+        self, uri: str, report: Report, row: dict[str, Any], delivered: list[str],
+        errors: list[str],
+    ) -> None:
+        assert self._send_mail is not None
+        try:
+            addresses = mailto_addresses(uri)
+        except ValueError as e:
+            errors.append(str(e))
+            return
+        if self._dkim_key is None:
+            # RFC 8460 §3: unsigned reports "MUST be ignored by the recipient".
+            log.warn("TLSRPT: mailing report {report_id} without a DKIM signature",
+                     report_id=report.report_id)
+        for address in addresses:
+            message = build_report_message(
+                report,
+                self.settings,
+                address,
+                now=self._clock.seconds(),
+                message_id=f"{report.unique}.{row['attempts']}.{self._rng.getrandbits(32):08x}"
+                f"@{report.submitter}",
+                dkim_key=self._dkim_key,
+            )
+            try:
+                await self._send_mail(self.settings.from_address, address, message)
+            except Exception as e:
+                errors.append(str(ReportDeliveryError(f"mailto:{address}", str(e), "mail-failed")))
+            else:
+                delivered.append(f"mailto:{address}")
+
+    async def _finish(
+        self, key: str, row: dict[str, Any], report: Report, state: SendState | None,
+        delivered: list[str], errors: list[str],
+    ) -> SendOutcome:
+        day, domain = split_key(key)
+        now = self._clock.seconds()
+        update: dict[str, Any]
+        if state is None:
+            delay = min(self._retry_base * 2 ** (row["attempts"] - 1), self._retry_max)
+            if now + delay > row["first_attempt"] + self._retry_period:
+                # RFC 8460 §5.5: redelivery "for up to 24hrs after the
+                # initial attempt", then give up.
+                state = SendState.FAILED
+                update = {"finished": now}
+            else:
+                state = SendState.RETRY
+                update = {"next_attempt": now + delay}
+                self._wake_at(now + delay, now)
+        else:
+            update = {"finished": now}
+        token = row["claim"]
+        new_row = {
+            **row, **update, "state": state.value, "delivered_to": delivered,
+            "last_error": "; ".join(errors) or None,
+        }
+
+        def finish(old: dict[str, Any] | None) -> dict[str, Any] | None:
+            if old is None or old.get("claim") != token:
+                return old  # Our lease ran out and another node took over.
+            return new_row
+
+        stored = await self._sends.update(key, finish)
+        if stored is None or stored.get("claim") != token:
+            log.warn("TLSRPT report {report_id}: lease lost to another node", report_id=report.report_id)
+        log.info(
+            "TLSRPT report {report_id} of {domain} for {day}: {state} (attempt {attempts})"
+            " delivered to {delivered}; errors: {errors}",
+            report_id=report.report_id, domain=domain, day=day, state=state.value,
+            attempts=row["attempts"], delivered=delivered, errors=errors,
+        )
+        return SendOutcome(day, domain, state, delivered, errors)
+
+    def _token(self) -> str:
+        return f"{self.node}:{self._rng.getrandbits(64):016x}"
+
+    # ------------------------------------------------------------ CLI helpers
+
+    def pending(
+        self, day: str | None = None, domain: str | None = None
+    ) -> Deferred[list[PendingReport]]:
+        """
+        List the reports not yet finished (C{report preview} without
+        arguments lists these).
+
+        @param day: only this C{YYYY-MM-DD}.
+        @param domain: only this policy domain.
+        @return: L{Deferred} firing with L{PendingReport}s sorted by day and
+            domain.
+        """
+        return Deferred.fromCoroutine(self._pending(day, domain))
+
+    async def _pending(self, day: str | None, domain: str | None) -> list[PendingReport]:
+        today = day_of(self._clock.seconds())
+        sends = dict(await self._sends.items())
+        found: dict[str, PendingReport] = {}
+        for key, _ in await self._results.items():
+            if key not in sends:
+                d, name = split_key(key)
+                found[key] = PendingReport(d, name, "collecting" if d >= today else "due")
+        for key, row in sends.items():
+            state = SendState(row["state"])
+            if state not in _FINAL:
+                d, name = split_key(key)
+                found[key] = PendingReport(
+                    d, name, state.value, row.get("attempts", 0),
+                    row.get("next_attempt") if state is SendState.RETRY else None,
+                    row.get("last_error"),
+                )
+        return [
+            p for _, p in sorted(found.items())
+            if (day is None or p.day == day) and (domain is None or p.policy_domain == domain)
+        ]
+
+    def preview(self, day: str, domain: str) -> Deferred[dict[str, Any]]:
+        """
+        Return the RFC 8460 JSON that would be (or is being) sent.
+
+        For a report already claimed this is the claimed snapshot with its
+        report id; otherwise the stored results so far, with a report id
+        that the real report will not share.
+
+        @param day: C{YYYY-MM-DD}.
+        @param domain: the policy domain.
+        @return: L{Deferred} firing with the JSON object, or failing with
+            L{NoResultsError}.
+        """
+        return Deferred.fromCoroutine(self._preview(day, domain))
+
+    async def _preview(self, day: str, domain: str) -> dict[str, Any]:
+        day_bounds(day)
+        key = results_key(day, domain.lower().rstrip("."))
+        row = await self._sends.get(key)
+        if row is not None and "unique" in row:
+            unique = row["unique"]
+            results = decode_results(row)
+        else:
+            value = await self._results.get(key)
+            if value is None:
+                raise NoResultsError(f"no TLSRPT results for {domain} on {day}")
+            unique = new_unique(self._rng.getrandbits)
+            results = merge_results(decode_results(value))
+        return Report.build(self.settings, domain, day, unique, results).to_json()
+
+
+async def _nothing() -> list[SendOutcome]:
+    return []
+
+
+def _days_between(day: str, today: str) -> int:
+    return (day_bounds(today)[0] - day_bounds(day)[0]) // DAY_SECONDS
+
