@@ -250,6 +250,10 @@ class PolicyCache:
         self._front = _Front(settings.front_size)
         self._inflight: dict[str, Deferred] = {}
         self._pending_use: dict[str, float] = {}
+        # Hot-path memos: normalised names per input, and the TLSRPT result
+        # of each cached policy (rebuilt only when the policy changes).
+        self._names: dict[str, tuple[str, str]] = {}
+        self._described: dict[str, tuple[Policy, Result]] = {}
         self._flusher: LoopingCall | None = None
         self.stats = {"hits": 0, "misses": 0, "fetches": 0, "txt_lookups": 0}
 
@@ -297,15 +301,20 @@ class PolicyCache:
             temporarily and no valid policy is cached, or L{DomainError}
             when C{domain} is not a domain name.
         """
-        if is_address_literal(domain):
-            # Address literals have no policy domain.
-            result = Result(PolicyDescriptor(PolicyType.NO_POLICY_FOUND, domain.strip()))
-            return succeed(Lookup(None, result, True))
-        try:
-            alabel = to_alabel(domain)
-            key = to_unicode(alabel)
-        except DomainError as e:
-            return fail(e)
+        names = self._names.get(domain)
+        if names is None:
+            if is_address_literal(domain):
+                # Address literals have no policy domain.
+                result = Result(PolicyDescriptor(PolicyType.NO_POLICY_FOUND, domain.strip()))
+                return succeed(Lookup(None, result, True))
+            try:
+                names = (to_alabel(domain), to_unicode(domain))
+            except DomainError as e:
+                return fail(e)
+            if len(self._names) >= self.settings.front_size:
+                self._names.clear()
+            self._names[domain] = names
+        alabel, key = names
         return self._coalesce(key, lambda: self._get(key, alabel))
 
     def refresh(self, domain: str) -> Deferred[CacheEntry | None]:
@@ -361,8 +370,19 @@ class PolicyCache:
         await self._shelf.put(entry.domain, entry.to_json())
 
     def _used(self, entry: CacheEntry, now: float) -> None:
+        # Batched: the store and entries() see it; the front entry need not.
         self._pending_use[entry.domain] = now
-        self._front.put(entry.domain, attrs.evolve(entry, last_use=now))
+
+    def _describe(self, alabel: str, entry: CacheEntry) -> Result:
+        """The lookup result of a cached policy, memoised per policy."""
+        memo = self._described.get(entry.domain)
+        if memo is not None and memo[0] is entry.policy:
+            return memo[1]
+        result = Result(describe(alabel, entry.policy))
+        if len(self._described) >= self.settings.front_size:
+            self._described.clear()
+        self._described[entry.domain] = (entry.policy, result)
+        return result
 
     async def _txt(self, alabel: str):
         """The STS record of C{alabel} (RFC 8461 §3.1), or the error why not."""
@@ -420,7 +440,7 @@ class PolicyCache:
 
     async def _revalidate(self, entry: CacheEntry, alabel: str, now: float) -> Lookup:
         """A valid policy is cached: check the TXT id (RFC 8461 §5.1)."""
-        cached = Result(describe(alabel, entry.policy))
+        cached = self._describe(alabel, entry)
         try:
             record = await self._txt(alabel)
         except (NoRecordError, MultipleRecordsError, RecordSyntaxError, DNSTemporaryError) as e:
@@ -513,6 +533,7 @@ class PolicyCache:
         key = to_unicode(domain)
         self._front.pop(key)
         self._pending_use.pop(key, None)
+        self._described.pop(key, None)
         return bool(await self._shelf.delete(key))
 
     async def entries(self) -> list[CacheEntry]:
@@ -520,7 +541,10 @@ class PolicyCache:
         out = []
         for key, row in await self._shelf.items():
             try:
-                out.append(CacheEntry.from_json(row))
+                entry = CacheEntry.from_json(row)
+                if self._pending_use.get(key, 0) > entry.last_use:
+                    entry = attrs.evolve(entry, last_use=self._pending_use[key])
+                out.append(entry)
             except (KeyError, TypeError, ValueError, MTASTSError) as e:
                 log.warn("ignoring unreadable cache entry for {domain}: {error}", domain=key, error=e)
         return out

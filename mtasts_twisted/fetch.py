@@ -26,6 +26,7 @@ does not validate.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -757,7 +758,13 @@ async def lookup_sts_record(resolver: Any, alabel: str) -> STSRecord:
         answer = await resolver.lookup_txt("_mta-sts." + alabel)
     except DNSNoRecordError as e:
         raise NoRecordError(f"no TXT record at _mta-sts.{alabel}") from e
-    return select_sts_record(answer.strings)
+    return _select_sts_record(tuple(answer.strings))
+
+
+@functools.lru_cache(maxsize=4096)
+def _select_sts_record(strings: tuple[str, ...]) -> STSRecord:
+    """L{select_sts_record}, memoised: a cached TXT answer is not parsed again."""
+    return select_sts_record(strings)
 
 
 @attrs.frozen

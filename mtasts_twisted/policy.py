@@ -119,6 +119,8 @@ def is_address_literal(name: str) -> bool:
     text = name.strip()
     if text.startswith("[") and text.endswith("]"):
         return True
+    if ":" not in text and not text.rstrip(".")[-1:].isdigit():
+        return False  # fast path: IPv4 ends in a digit, IPv6 has colons
     try:
         ipaddress.ip_address(text.rstrip("."))
     except ValueError:
