@@ -365,8 +365,8 @@ class _SNICreator:
         return SSL.Connection(self._context, None)
 
 
-class _TrackedConnection(ProtocolWrapper):
-    """Wraps each TCP connection so the server can abort it and see it go."""
+class TrackedConnection(ProtocolWrapper):
+    """Wraps each TCP connection so a test server can abort it and see it go."""
 
     def __init__(self, factory: WrappingFactory, wrappedProtocol: Any) -> None:
         super().__init__(factory, wrappedProtocol)
@@ -377,8 +377,13 @@ class _TrackedConnection(ProtocolWrapper):
         self.closed.callback(None)
 
 
-class _ConnectionTracker(WrappingFactory):
-    protocol = _TrackedConnection
+class ConnectionTracker(WrappingFactory):
+    """
+    A wrapping factory whose connections are L{TrackedConnection}s (in
+    C{protocols}), so test servers can abort them all on stop.
+    """
+
+    protocol = TrackedConnection
 
 
 class PolicyServer:
@@ -412,7 +417,7 @@ class PolicyServer:
         self._waiting: list[Deferred[ServedRequest]] = []
         self.port: int = 0
         self._listening: IListeningPort | None = None
-        self._tracker: _ConnectionTracker | None = None
+        self._tracker: ConnectionTracker | None = None
 
         self._legacy_tls = legacy_tls
         self._default_context = self._make_context(pki.valid("policy-server.invalid"))
@@ -444,7 +449,7 @@ class PolicyServer:
         site.noisy = False
         tls = TLSMemoryBIOFactory(_SNICreator(self._default_context), False, site)
         tls.noisy = False
-        self._tracker = _ConnectionTracker(tls)
+        self._tracker = ConnectionTracker(tls)
         self._tracker.noisy = False
         self._listening = self._reactor.listenTCP(0, self._tracker, interface="127.0.0.1")
         self.port = self._listening.getHost().port

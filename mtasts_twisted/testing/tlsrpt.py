@@ -30,12 +30,10 @@ from typing import Any
 import attrs
 from twisted.internet.defer import Deferred, fail, gatherResults, maybeDeferred, succeed
 from twisted.internet.interfaces import IListeningPort
-from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
-from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from mtasts_twisted.testing.https import StaticHostnameResolver
+from mtasts_twisted.testing.https import ConnectionTracker, StaticHostnameResolver
 from mtasts_twisted.testing.pki import PKI
 
 __all__ = ["MailFailure", "ReceivedRequest", "RecordingMailer", "ReportReceiver", "SentMail"]
@@ -69,20 +67,6 @@ class ReceivedRequest:
     def report(self) -> dict[str, Any]:
         """The body, gunzipped and parsed as JSON."""
         return json.loads(gzip.decompress(self.body))
-
-
-class _Tracked(ProtocolWrapper):
-    def __init__(self, factory: WrappingFactory, wrapped: Any) -> None:
-        super().__init__(factory, wrapped)
-        self.closed: Deferred[None] = Deferred()
-
-    def connectionLost(self, reason: Failure) -> None:
-        super().connectionLost(reason)
-        self.closed.callback(None)
-
-
-class _Tracker(WrappingFactory):
-    protocol = _Tracked
 
 
 class _Receive(Resource):
@@ -142,7 +126,7 @@ class ReportReceiver:
         self.statuses: list[int | None] = []
         self.requests: list[ReceivedRequest] = []
         self._listening: IListeningPort | None = None
-        self._tracker: _Tracker | None = None
+        self._tracker: ConnectionTracker | None = None
 
     def start(self) -> int:
         """Listen on 127.0.0.1 (ephemeral port); return the port."""
@@ -153,7 +137,7 @@ class ReportReceiver:
         options = self._pki.valid(self.host).server_options()
         tls = TLSMemoryBIOFactory(options, False, site)
         tls.noisy = False
-        self._tracker = _Tracker(tls)
+        self._tracker = ConnectionTracker(tls)
         self._tracker.noisy = False
         self._listening = self._reactor.listenTCP(0, self._tracker, interface="127.0.0.1")
         self.port = self._listening.getHost().port
