@@ -1,0 +1,949 @@
+"""
+The outbound relay: an SMTP intake that queues mail durably, and delivery
+workers that hand queued mail to a L{Deliverer}, retry and send DSNs.
+
+Intake (L{RelaySMTPFactory}): twisted.mail's C{ESMTP} server with an
+C{IMessageDelivery} that streams each message into the L{Queue}:
+
+  - Only clients in C{allowed_networks} (default: loopback) may use it;
+    anyone else gets C{554 5.7.1} as the greeting and is disconnected
+    (RFC 5321 §3.1) — never an open relay.
+  - Advertises C{SIZE} (RFC 1870), C{8BITMIME} (RFC 6152), C{PIPELINING}
+    (RFC 2920), and C{STARTTLS} (RFC 3207) when given a server TLS context.
+    No AUTH: access is by network only.
+  - C{250} to the final dot only after L{Queue.enqueue} has fsynced the
+    message and its envelope.  A full queue or disk: C{452 4.3.1} (at MAIL
+    or at the dot); over the size limit: C{552 5.3.4} (at MAIL for a
+    declared C{SIZE=}, else at the dot, the data being read and dropped);
+    too many recipients: C{452 4.5.3} (RFC 5321 §4.5.3.1.10); a recipient
+    without a domain: C{501 5.1.3}; non-ASCII addresses: C{553 5.6.7} (no
+    SMTPUTF8).
+  - Lines: CRLF ends a line (twisted.mail's C{LineOnlyReceiver}); a bare
+    LF or CR is kept as data inside the line, so only CRLF.CRLF ends the
+    DATA (no SMTP smuggling); the deliverer turns bare line ends into CRLF
+    and dot-stuffs after that.  A line over C{max_line_length} gets
+    C{500 5.5.2} and the connection is closed (resynchronising a DATA
+    stream after a dropped partial line is not safe).
+  - Limits: connections per client IP and in total (C{421 4.7.0} beyond),
+    idle timeout per command/line (C{421}), a maximum session time.
+
+Workers (L{RelayService}): every C{poll_interval} (and when mail arrives or
+a delivery ends) due pending recipients are grouped per message and
+recipient domain, and each group is one C{deliver(sender, recipients,
+body)} call, within the global and per-domain concurrency limits.  Per
+recipient: DELIVERED → marked; PERMANENT → a DSN to the sender at once
+(unless the sender is null) and marked failed; TRANSIENT → retried after
+C{retry_base * 2**(attempts-1)}, capped at C{retry_max}; older than
+C{expiry} → failed with a DSN (C{4.4.7}, RFC 3463).  MTA-STS enforce
+failures are transient outcomes of the deliverer and are simply retried.
+A message whose recipients are all done is removed.
+
+Guarantees: a message is accepted only once durable; a (message, domain)
+group is never delivered twice concurrently (in-memory set).  Each
+outcome is written to the envelope (fsync) as soon as the deliverer
+reports it, and a DSN is queued (fsync) I{before} the recipient is marked
+failed.  After a crash, work in flight is simply done again: every
+accepted message is delivered at least once, or still queued.  The only
+way to a duplicate at the final MX is the window between the MX's reply
+to the final dot and our envelope fsync (the inherent SMTP duplicate
+window, RFC 1047); a crash there can also duplicate a DSN.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections import Counter
+from collections.abc import Sequence
+from email.utils import formatdate
+from typing import Any, BinaryIO, Protocol
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.protocol import ServerFactory
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.mail.interfaces import IMessageDelivery, IMessageSMTP
+from twisted.mail.smtp import (
+    ESMTP,
+    Address,
+    SMTPBadRcpt,
+    SMTPServerError,
+    User,
+)
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mtasts_twisted.dsn import build_dsn, needs_dsn, read_headers, status_code_of
+from mtasts_twisted.queue import (
+    MessageTooLargeError,
+    MessageWriter,
+    Queue,
+    QueuedMessage,
+    QueueError,
+    QueueFullError,
+    RecipientStatus,
+    queue_delete,
+    queue_list,
+    queue_retry,
+    queue_show,
+)
+
+__all__ = [
+    "LOOPBACK_NETWORKS",
+    "RelaySMTP",
+    "RelaySMTPFactory",
+    "RelayService",
+    "RelaySettings",
+    "queue_delete",
+    "queue_list",
+    "queue_retry",
+    "queue_show",
+]
+
+log = Logger()
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: The default C{allowed_networks}: loopback only.
+LOOPBACK_NETWORKS: tuple[IPNetwork, ...] = (
+    ipaddress.ip_network("127.0.0.0/8"),
+    ipaddress.ip_network("::1/128"),
+)
+
+
+@attrs.frozen
+class RelaySettings:
+    """
+    Limits and schedule of the relay (defaults in parentheses).
+
+    @ivar max_message_size: largest message accepted, octets (25 MiB).
+    @ivar max_recipients: recipients per transaction (100; RFC 5321
+        §4.5.3.1.8 asks for at least 100).
+    @ivar max_queue_messages: messages queued at once (10000).
+    @ivar max_queue_bytes: octets queued at once (2 GiB).
+    @ivar allowed_networks: client networks allowed to submit (loopback).
+    @ivar max_connections: concurrent SMTP connections in total (100).
+    @ivar max_connections_per_ip: concurrent connections per client IP (10).
+    @ivar idle_timeout: seconds of silence before C{421} (300, RFC 5321
+        §4.5.3.2.7).
+    @ivar max_session_time: seconds one SMTP connection may last (3600).
+    @ivar max_line_length: longest command or text line, octets without
+        CRLF (8192; RFC 5321 §4.5.3.1.6 asks for 998, clients exceed it).
+    @ivar retry_base: first retry delay, seconds (300); doubled per attempt.
+    @ivar retry_max: largest retry delay, seconds (3600).
+    @ivar expiry: seconds after arrival when pending recipients fail (5 days).
+    @ivar concurrency: deliveries in flight in total (20).
+    @ivar concurrency_per_domain: deliveries in flight per domain (4).
+    @ivar reporting_mta: this relay's name in DSNs, C{Received:} and the
+        greeting (the host name).
+    @ivar poll_interval: seconds between queue scans (5).
+    """
+
+    max_message_size: int = 25 * 1024 * 1024
+    max_recipients: int = 100
+    max_queue_messages: int = 10_000
+    max_queue_bytes: int = 2 * 1024 * 1024 * 1024
+    allowed_networks: tuple[IPNetwork, ...] = LOOPBACK_NETWORKS
+    max_connections: int = 100
+    max_connections_per_ip: int = 10
+    idle_timeout: float = 300.0
+    max_session_time: float = 3600.0
+    max_line_length: int = 8192
+    retry_base: float = 300.0
+    retry_max: float = 3600.0
+    expiry: float = 5 * 24 * 3600.0
+    concurrency: int = 20
+    concurrency_per_domain: int = 4
+    reporting_mta: str = attrs.field(factory=socket.getfqdn)
+    poll_interval: float = 5.0
+
+    def retry_delay(self, attempts: int) -> float:
+        """The delay before retry number C{attempts} (1 = first retry)."""
+        return float(
+            min(self.retry_max, self.retry_base * 2 ** max(0, min(attempts - 1, 32)))
+        )
+
+    def make_queue(self, directory: str, clock: Any = None) -> Queue:
+        """A L{Queue} in C{directory} with these limits."""
+        return Queue(
+            directory,
+            max_message_size=self.max_message_size,
+            max_messages=self.max_queue_messages,
+            max_bytes=self.max_queue_bytes,
+            clock=clock,
+        )
+
+
+class IDeliverer(Protocol):
+    """What the workers need of a L{mtasts_twisted.delivery.Deliverer}."""
+
+    def deliver(
+        self, sender: str, recipients: Sequence[str], message: BinaryIO
+    ) -> Deferred[Any]:
+        """Deliver to recipients of one domain; fire with a C{DeliveryResult}."""
+
+
+# ---------------------------------------------------------------- intake
+
+
+def _address_text(address: Address | User) -> str:
+    raw = bytes(address.dest if isinstance(address, User) else address)
+    if not raw.isascii():
+        raise UnicodeError("non-ASCII address")
+    return raw.decode("ascii")
+
+
+@implementer(IMessageSMTP)
+class _QueueMessage:
+    """The one C{IMessage} of a transaction: streams lines into the queue."""
+
+    def __init__(self, writer: MessageWriter) -> None:
+        self._writer = writer
+
+    def lineReceived(self, line: bytes) -> None:
+        try:
+            self._writer.write(line + b"\r\n")
+        except MessageTooLargeError:
+            raise SMTPServerError(
+                552, b"5.3.4 Message size exceeds fixed maximum message size"
+            )
+        except QueueFullError:
+            raise SMTPServerError(452, b"4.3.1 Insufficient system storage")
+
+    def eomReceived(self) -> Deferred[QueuedMessage]:
+        try:
+            return succeed(self._writer.commit())
+        except Exception:  # noqa: BLE001 - reported to the client by _messageHandled
+            return fail()
+
+    def connectionLost(self) -> None:
+        self._writer.abort()
+
+
+@implementer(IMessageSMTP)
+class _NullMessage:
+    """The C{IMessage} of every other recipient: the first one stores all."""
+
+    def lineReceived(self, line: bytes) -> None:
+        pass
+
+    def eomReceived(self) -> Deferred[None]:
+        return succeed(None)
+
+    def connectionLost(self) -> None:
+        pass
+
+
+class _Transaction:
+    """One MAIL transaction: its sender and accepted recipients."""
+
+    def __init__(self, intake: _Intake, sender: str) -> None:
+        self.intake = intake
+        self.sender = sender
+        self.recipients: list[str] = []
+        self._made = False
+
+    def message(self) -> Any:
+        # twisted.mail calls this once per recipient at DATA; the first
+        # call opens the queue writer for all recipients.
+        if self._made:
+            return _NullMessage()
+        self._made = True
+        try:
+            writer = self.intake.queue.begin(self.sender, self.recipients)
+        except QueueFullError:
+            raise SMTPServerError(452, b"4.3.1 Insufficient system storage")
+        return _QueueMessage(writer)
+
+
+@implementer(IMessageDelivery)
+class _Intake:
+    """The C{IMessageDelivery} of one connection."""
+
+    def __init__(self, factory: RelaySMTPFactory, protocol: RelaySMTP) -> None:
+        self.factory = factory
+        self.queue = factory.queue
+        self.protocol = protocol
+        self.transaction: _Transaction | None = None
+
+    def receivedHeader(
+        self, helo: tuple[bytes, bytes], origin: Address, recipients: list[User]
+    ) -> bytes | None:
+        transaction = self.transaction
+        if (
+            transaction
+            and transaction.recipients
+            and recipients
+            and _address_text(recipients[0]) != transaction.recipients[0]
+        ):
+            return None  # only the first recipient's IMessage stores data
+        helo_name = (helo[0] or b"unknown").decode("ascii", "replace")
+        client = (
+            helo[1].decode("ascii", "replace")
+            if isinstance(helo[1], bytes)
+            else str(helo[1])
+        )
+        by = self.factory.settings.reporting_mta
+        proto = "ESMTPS" if self.protocol.startedTLS else "ESMTP"
+        # RFC 5321 §4.4; no "for" clause: several recipients share the copy.
+        text = f"Received: from {helo_name} ([{client}])\r\n\tby {by} with {proto} (mtasts-twisted);\r\n\t{formatdate()}"
+        return text.encode("ascii", "replace")
+
+    def validateFrom(self, helo: tuple[bytes, bytes], origin: Address) -> Address:
+        try:
+            sender = _address_text(origin)
+        except UnicodeError:
+            raise SMTPServerError(
+                553, "5.6.7 Non-ASCII addresses need SMTPUTF8, which is not offered"
+            )
+        if not self.queue.has_room():
+            log.warn("queue full: refusing mail from <{sender}>", sender=sender)  # noqa: G010 - twisted.logger has warn, not warning
+            raise SMTPServerError(
+                452, "4.3.1 Insufficient system storage, try again later"
+            )
+        self.transaction = _Transaction(self, sender)
+        return origin
+
+    def validateTo(self, user: User) -> Any:
+        transaction = self.transaction
+        if transaction is None:
+            raise SMTPBadRcpt(user, 503, "5.5.1 MAIL first")
+        try:
+            recipient = _address_text(user)
+        except UnicodeError:
+            raise SMTPServerError(
+                553, "5.6.7 Non-ASCII addresses need SMTPUTF8, which is not offered"
+            )
+        if len(transaction.recipients) >= self.factory.settings.max_recipients:
+            raise SMTPServerError(452, "4.5.3 Too many recipients")
+        transaction.recipients.append(recipient)
+        return transaction.message
+
+
+class RelaySMTP(ESMTP):
+    """
+    The relay's ESMTP server protocol (see the module docstring).
+    Made by L{RelaySMTPFactory}.
+    """
+
+    factory: RelaySMTPFactory
+    _counted_ip: str | None = None
+    _session_call: Any = None
+    _refused = False
+
+    def callLater(self, period: float, func: Any) -> Any:  # TimeoutMixin
+        """Schedule on the factory's clock (idle timeout)."""
+        return self.factory.clock.callLater(period, func)
+
+    def connectionMade(self) -> None:
+        """Refuse clients outside the allowed networks or over the limits."""
+        factory = self.factory
+        peer = self.transport.getPeer()
+        host = getattr(peer, "host", "")
+        try:
+            address = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            address = None
+        if address is None or not any(
+            address in net for net in factory.settings.allowed_networks
+        ):
+            log.warn(  # noqa: G010 - twisted.logger has warn, not warning
+                "refused SMTP client {client}: not in the allowed networks", client=host
+            )
+            self._refuse(
+                554,
+                f"5.7.1 {factory.settings.reporting_mta} relay access denied to {host}",
+            )
+            return
+        if factory.connections >= factory.settings.max_connections:
+            self._refuse(421, "4.7.0 Too many connections, try again later")
+            return
+        if factory.per_ip[host] >= factory.settings.max_connections_per_ip:
+            self._refuse(
+                421, f"4.7.0 Too many connections from {host}, try again later"
+            )
+            return
+        factory.connections += 1
+        factory.per_ip[host] += 1
+        self._counted_ip = host
+        self.delivery = _Intake(factory, self)
+        self._session_call = factory.clock.callLater(
+            factory.settings.max_session_time, self._session_expired
+        )
+        ESMTP.connectionMade(self)
+
+    def _refuse(self, code: int, text: str) -> None:
+        self._refused = True
+        self.mode = "REFUSED"
+        self.sendCode(code, text.encode("ascii", "replace"))
+        self.transport.loseConnection()
+
+    def state_REFUSED(self, line: bytes) -> None:
+        """Ignore whatever a refused client still sends."""
+
+    def _session_expired(self) -> None:
+        self._session_call = None
+        self.sendCode(421, b"4.4.2 Session time limit exceeded, closing connection")
+        self.transport.loseConnection()
+
+    def timeoutConnection(self) -> None:
+        """Idle too long: C{421} and close (RFC 5321 §4.5.3.2.7)."""
+        self.sendCode(421, b"4.4.2 Idle timeout, closing connection")
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure) -> None:
+        """Release the connection's slots and abort a partial message."""
+        if self._counted_ip is not None:
+            self.factory.connections -= 1
+            self.factory.per_ip[self._counted_ip] -= 1
+            if self.factory.per_ip[self._counted_ip] <= 0:
+                del self.factory.per_ip[self._counted_ip]
+            self._counted_ip = None
+        if self._session_call is not None and self._session_call.active():
+            self._session_call.cancel()
+        self._session_call = None
+        if not self._refused:
+            ESMTP.connectionLost(self, reason)
+        else:
+            self.setTimeout(None)
+        self.factory._lost(self)
+
+    def greeting(self) -> bytes:
+        """The 220 greeting text."""
+        return self.host + b" ESMTP mtasts-twisted relay"
+
+    def extensions(self) -> dict[bytes, list[bytes] | None]:
+        """EHLO keywords: SIZE, 8BITMIME, PIPELINING, ENHANCEDSTATUSCODES, STARTTLS."""
+        ext: dict[bytes, list[bytes] | None] = {
+            b"SIZE": [str(self.factory.settings.max_message_size).encode()],  # RFC 1870
+            b"8BITMIME": None,  # RFC 6152
+            b"PIPELINING": None,  # RFC 2920
+            b"ENHANCEDSTATUSCODES": None,  # RFC 2034
+        }
+        if self.canStartTLS and not self.startedTLS:
+            ext[b"STARTTLS"] = None
+        return ext
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """Over-long line: C{500 5.5.2} and close (see the module docstring)."""
+        messages = self.__dict__.pop("_SMTP__messages", None)
+        if messages:
+            self._disconnect(messages)
+        self.mode = "REFUSED"
+        self.sendCode(500, b"5.5.2 Line too long")
+        self.transport.loseConnection()
+
+    def do_MAIL(self, rest: bytes) -> None:
+        """MAIL, checking a declared C{SIZE=} first (RFC 1870 §6.2)."""
+        m = self.mail_re.match(rest)
+        if m and m.group("opts"):
+            for opt in m.group("opts").split():
+                key, _, value = opt.partition(b"=")
+                if (
+                    key.upper() == b"SIZE"
+                    and value.isdigit()
+                    and int(value) > self.factory.settings.max_message_size
+                ):
+                    self.sendCode(
+                        552, b"5.3.4 Message size exceeds fixed maximum message size"
+                    )
+                    return
+        ESMTP.do_MAIL(self, rest)
+
+    def do_RCPT(self, rest: bytes) -> None:
+        """RCPT; a recipient must have a domain (no local delivery here)."""
+        m = self.rcpt_re.match(rest)
+        if self._from and m and b"@" not in m.group("path"):
+            self.sendCode(501, b"5.1.3 Recipient address must include a domain")
+            return
+        ESMTP.do_RCPT(self, rest)
+
+    def _messageHandled(self, resultList: list[tuple[bool, Any]]) -> None:
+        """Answer the final dot: 250 only when the queue has committed it."""
+        queued = [r for ok, r in resultList if ok and isinstance(r, QueuedMessage)]
+        failures = [r for ok, r in resultList if not ok]
+        if not failures and queued:
+            self.sendCode(250, f"2.0.0 Ok: queued as {queued[0].id}".encode())
+            self.factory.received(queued[0])
+            return
+        failure = failures[0] if failures else None
+        if failure is not None and failure.check(QueueFullError):
+            log.warn("queue full at end of data: {error}", error=str(failure.value))  # noqa: G010 - twisted.logger has warn, not warning
+            self.sendCode(452, b"4.3.1 Insufficient system storage")
+        elif failure is not None and failure.check(MessageTooLargeError):
+            self.sendCode(552, b"5.3.4 Message size exceeds fixed maximum message size")
+        else:
+            if failure is not None:
+                log.failure("queueing a message failed", failure)
+            self.sendCode(451, b"4.3.0 Local error in processing, try again later")
+
+
+class RelaySMTPFactory(ServerFactory):
+    """
+    The relay's SMTP intake: listen with it on a (loopback) endpoint.
+
+    @ivar connections: SMTP connections open now.
+    @ivar per_ip: open connections per client IP.
+    """
+
+    protocol = RelaySMTP
+
+    def __init__(
+        self,
+        queue: Queue,
+        settings: RelaySettings,
+        clock: Any,
+        tls_context: Any = None,
+        on_message: Any = None,
+    ) -> None:
+        """
+        @param queue: where accepted mail goes.
+        @param clock: an C{IReactorTime} for timeouts.
+        @param tls_context: a server TLS context factory to offer STARTTLS.
+        @param on_message: called with each accepted L{QueuedMessage}
+            (e.g. L{RelayService.wake}).
+        """
+        self.queue = queue
+        self.settings = settings
+        self.clock = clock
+        self.tls_context = tls_context
+        self.on_message = on_message
+        self.connections = 0
+        self.per_ip: Counter[str] = Counter()
+        self.protocols: set[RelaySMTP] = set()
+        self._closed_waiters: list[Deferred[None]] = []
+
+    def close_all(self) -> Deferred[None]:
+        """
+        Disconnect every client (at shutdown; a message in DATA is not
+        accepted and its partial file removed) and fire when all are gone.
+        """
+        for proto in list(self.protocols):
+            proto.transport.abortConnection()
+        return self.wait_closed()
+
+    def wait_closed(self) -> Deferred[None]:
+        """Fire when no connection is open."""
+        if not self.protocols:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._closed_waiters.append(d)
+        return d
+
+    def _lost(self, proto: RelaySMTP) -> None:
+        self.protocols.discard(proto)
+        if not self.protocols:
+            waiters, self._closed_waiters = self._closed_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def buildProtocol(self, addr: Any) -> RelaySMTP:
+        """A L{RelaySMTP} with this factory's limits."""
+        proto = RelaySMTP(contextFactory=self.tls_context)
+        proto.factory = self
+        proto.host = self.settings.reporting_mta.encode("idna")
+        proto.timeout = self.settings.idle_timeout
+        proto.MAX_LENGTH = self.settings.max_line_length
+        proto.noisy = False
+        self.protocols.add(proto)
+        return proto
+
+    def received(self, message: QueuedMessage) -> None:
+        """A message was accepted (250 sent)."""
+        if self.on_message is not None:
+            self.on_message(message)
+
+
+# --------------------------------------------------------------- workers
+
+
+@attrs.frozen
+class _Group:
+    message_id: str
+    domain: str
+    recipients: tuple[str, ...]
+
+
+class RelayService(Service):
+    """
+    Delivery workers over a L{Queue} (see the module docstring).
+
+    @ivar stats: metrics: C{queue_messages}, C{queue_bytes},
+        C{oldest_age} (seconds), C{in_flight}, C{deliveries} (a C{Counter}
+        by outcome: C{delivered}, C{transient}, C{permanent}, C{expired},
+        C{error}), C{dsn_queued}.
+    """
+
+    def __init__(
+        self, queue: Queue, deliverer: IDeliverer, settings: RelaySettings, clock: Any
+    ) -> None:
+        self.queue = queue
+        self.deliverer = deliverer
+        self.settings = settings
+        self.clock = clock
+        self.in_flight: set[tuple[str, str]] = set()
+        self._per_domain: Counter[str] = Counter()
+        self._loop: LoopingCall | None = None
+        self._wake_call: Any = None
+        self._running_deliveries: set[Deferred[None]] = set()
+        self.stats: dict[str, Any] = {
+            "queue_messages": 0,
+            "queue_bytes": 0,
+            "oldest_age": 0.0,
+            "in_flight": 0,
+            "deliveries": Counter(),
+            "dsn_queued": 0,
+        }
+
+    def startService(self) -> None:
+        """Recover the queue, then poll it every C{poll_interval}."""
+        Service.startService(self)
+        self.queue.recover()
+        self._loop = LoopingCall(self.tick)
+        self._loop.clock = self.clock
+        self._loop.start(self.settings.poll_interval, now=True)
+
+    def stopService(self) -> Deferred[None] | None:
+        """
+        Stop picking new work.  Deliveries in flight go on and record
+        their outcomes; a process that exits before they end retries them
+        at the next start (at-least-once).
+        """
+        Service.stopService(self)
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        if self._wake_call is not None and self._wake_call.active():
+            self._wake_call.cancel()
+        self._wake_call = None
+        return None
+
+    def wake(self, *ignored: Any) -> None:
+        """Scan the queue soon (new mail, a finished delivery)."""
+        if self.running and (self._wake_call is None or not self._wake_call.active()):
+            self._wake_call = self.clock.callLater(0, self.tick)
+
+    def wait_idle(self) -> Deferred[Any]:
+        """Fire when the deliveries in flight now have ended (for tests)."""
+        from twisted.internet.defer import DeferredList
+
+        return DeferredList(list(self._running_deliveries))
+
+    # -- scheduling --------------------------------------------------------
+
+    def tick(self) -> None:
+        """Start every due delivery the concurrency limits allow."""
+        now = float(self.clock.seconds())
+        messages = self.queue.list()
+        self._update_stats(messages, now)
+        for message in messages:
+            if now - message.created >= self.settings.expiry:
+                self._expire(message, now)
+                continue
+            if not message.pending:
+                self._finish_if_done(message)
+                continue
+            groups: dict[str, list[str]] = {}
+            for r in message.pending:
+                if (
+                    r.next_attempt <= now
+                    and (message.id, r.domain) not in self.in_flight
+                ):
+                    groups.setdefault(r.domain, []).append(r.address)
+            for domain, recipients in groups.items():
+                if len(self.in_flight) >= self.settings.concurrency:
+                    return
+                if self._per_domain[domain] >= self.settings.concurrency_per_domain:
+                    continue
+                self._start(message, _Group(message.id, domain, tuple(recipients)))
+
+    def _update_stats(self, messages: list[QueuedMessage], now: float) -> None:
+        self.stats["queue_messages"] = len(messages)
+        self.stats["queue_bytes"] = sum(m.size for m in messages)
+        self.stats["oldest_age"] = max((now - m.created for m in messages), default=0.0)
+        self.stats["in_flight"] = len(self.in_flight)
+
+    def _start(self, message: QueuedMessage, group: _Group) -> None:
+        key = (group.message_id, group.domain)
+        self.in_flight.add(key)
+        self._per_domain[group.domain] += 1
+        self.stats["in_flight"] = len(self.in_flight)
+        d = Deferred.fromCoroutine(self._deliver(message, group))
+        self._running_deliveries.add(d)
+
+        def done(result: Any) -> None:
+            self._running_deliveries.discard(d)
+            self.in_flight.discard(key)
+            self._per_domain[group.domain] -= 1
+            if self._per_domain[group.domain] <= 0:
+                del self._per_domain[group.domain]
+            self.stats["in_flight"] = len(self.in_flight)
+            if isinstance(result, Failure):
+                log.failure(
+                    "delivery of {id} to {domain} failed",
+                    result,
+                    id=group.message_id,
+                    domain=group.domain,
+                )
+            self.wake()
+
+        d.addBoth(done)
+
+    async def _deliver(self, message: QueuedMessage, group: _Group) -> None:
+        log.info(
+            "delivering {id} to {count} recipient(s) at {domain}",
+            id=group.message_id,
+            count=len(group.recipients),
+            domain=group.domain,
+        )
+        try:
+            body = self.queue.open_body(group.message_id)
+        except QueueError:
+            return  # deleted meanwhile (e.g. queue delete)
+        outcomes: dict[str, tuple[str, int | None, str, str | None]] = {}
+        try:
+            try:
+                result = await self.deliverer.deliver(
+                    message.sender, list(group.recipients), body
+                )
+                for outcome in result.outcomes:
+                    outcomes[outcome.recipient] = (
+                        outcome.status.value,
+                        outcome.code,
+                        outcome.message,
+                        outcome.mx_host,
+                    )
+            except Exception as e:  # noqa: BLE001 - any deliverer bug: retry later
+                log.failure(
+                    "deliverer failed for {id} at {domain}",
+                    id=group.message_id,
+                    domain=group.domain,
+                )
+                self.stats["deliveries"]["error"] += 1
+                for r in group.recipients:
+                    outcomes[r] = (
+                        "transient",
+                        None,
+                        f"4.3.0 Internal error during delivery: {e}",
+                        None,
+                    )
+        finally:
+            body.close()
+        for r in group.recipients:
+            # A recipient the deliverer did not report on is retried.
+            outcomes.setdefault(
+                r, ("transient", None, "4.3.0 No outcome reported", None)
+            )
+        self._apply(group, outcomes)
+
+    # -- outcomes ----------------------------------------------------------
+
+    def _apply(
+        self,
+        group: _Group,
+        outcomes: dict[str, tuple[str, int | None, str, str | None]],
+    ) -> None:
+        self.in_flight.discard(
+            (group.message_id, group.domain)
+        )  # this delivery is over
+        try:
+            message = self.queue.get(group.message_id)
+        except QueueError:
+            return
+        except (OSError, ValueError, KeyError, TypeError):
+            log.failure("cannot read envelope of {id}", id=group.message_id)
+            return
+        now = float(self.clock.seconds())
+        failed: list[tuple[str, str, str, str | None]] = []
+        last_error = message.last_error
+        for address in group.recipients:
+            try:
+                state = message.recipient(address)
+            except KeyError:
+                continue
+            if state.state is not RecipientStatus.PENDING:
+                continue
+            status, code, text, mx = outcomes[address]
+            reason = f"{code} {text}" if code is not None else text
+            self.stats["deliveries"][status] += 1
+            if status == "delivered":
+                state = attrs.evolve(
+                    state,
+                    state=RecipientStatus.DELIVERED,
+                    reason=reason,
+                    status_code=status_code_of(code, text, "2.0.0"),
+                    remote_mta=mx,
+                )
+                log.info(
+                    "delivered {id} to <{rcpt}> via {mx}",
+                    id=message.id,
+                    rcpt=address,
+                    mx=mx,
+                )
+            elif status == "permanent":
+                state = attrs.evolve(
+                    state,
+                    state=RecipientStatus.FAILED,
+                    reason=reason,
+                    status_code=status_code_of(code, text, "5.0.0"),
+                    remote_mta=mx,
+                )
+                failed.append((address, state.status_code or "5.0.0", reason, mx))
+                last_error = reason
+                log.warn(  # noqa: G010 - twisted.logger has warn, not warning
+                    "permanent failure of {id} to <{rcpt}>: {reason}",
+                    id=message.id,
+                    rcpt=address,
+                    reason=reason,
+                )
+            else:
+                attempts = state.attempts + 1
+                last_error = reason
+                code_str = status_code_of(code, text, "4.0.0")
+                if code_str[0] == "5":
+                    code_str = "4" + code_str[1:]
+                if now - message.created >= self.settings.expiry:
+                    state = attrs.evolve(
+                        state,
+                        state=RecipientStatus.FAILED,
+                        attempts=attempts,
+                        reason=reason,
+                        status_code="4.4.7",
+                        remote_mta=mx,
+                    )
+                    failed.append(
+                        (
+                            address,
+                            "4.4.7",
+                            f"delivery time expired; last error: {reason}",
+                            mx,
+                        )
+                    )
+                    self.stats["deliveries"]["expired"] += 1
+                else:
+                    delay = self.settings.retry_delay(attempts)
+                    state = attrs.evolve(
+                        state,
+                        attempts=attempts,
+                        next_attempt=now + delay,
+                        reason=reason,
+                        status_code=code_str,
+                        remote_mta=mx,
+                    )
+                    log.info(
+                        "transient failure of {id} to <{rcpt}>, retry in {delay}s: {reason}",
+                        id=message.id,
+                        rcpt=address,
+                        delay=delay,
+                        reason=reason,
+                    )
+            message = message.with_recipient(state)
+        message = attrs.evolve(
+            message, attempts=message.attempts + 1, last_error=last_error
+        )
+        self._commit(message, failed)
+
+    def _commit(
+        self, message: QueuedMessage, failed: list[tuple[str, str, str, str | None]]
+    ) -> None:
+        # The DSN is durable before the recipients are marked failed: a
+        # crash in between repeats the DSN rather than losing it.
+        if failed and not self._send_dsn(message, failed):
+            # No DSN could be queued (queue or disk full): keep those
+            # recipients pending and try again later, never drop silently.
+            retry_at = float(self.clock.seconds()) + self.settings.retry_base
+            for address, _, _, _ in failed:
+                state = message.recipient(address)
+                message = message.with_recipient(
+                    attrs.evolve(
+                        state, state=RecipientStatus.PENDING, next_attempt=retry_at
+                    )
+                )
+        try:
+            self.queue.update(message)
+        except QueueError:
+            return
+        except OSError:
+            log.failure(
+                "cannot update envelope of {id}; the outcome will be repeated",
+                id=message.id,
+            )
+            return
+        self._finish_if_done(message)
+
+    def _finish_if_done(self, message: QueuedMessage) -> None:
+        if message.pending or any(k[0] == message.id for k in self.in_flight):
+            return
+        try:
+            self.queue.remove(message.id)
+        except QueueError:
+            pass
+
+    def _expire(self, message: QueuedMessage, now: float) -> None:
+        if any(k[0] == message.id for k in self.in_flight):
+            return
+        failed = []
+        for r in message.pending:
+            reason = r.reason or "no delivery attempt succeeded"
+            failed.append(
+                (
+                    r.address,
+                    "4.4.7",
+                    f"delivery time expired; last error: {reason}",
+                    r.remote_mta,
+                )
+            )
+            message = message.with_recipient(
+                attrs.evolve(r, state=RecipientStatus.FAILED, status_code="4.4.7")
+            )
+            self.stats["deliveries"]["expired"] += 1
+        if failed:
+            log.warn(  # noqa: G010 - twisted.logger has warn, not warning
+                "message {id} expired for {count} recipient(s)",
+                id=message.id,
+                count=len(failed),
+            )
+        self._commit(message, failed)
+
+    def _send_dsn(
+        self, message: QueuedMessage, failed: list[tuple[str, str, str, str | None]]
+    ) -> bool:
+        """Queue a DSN about C{failed} if the sender gets one; C{False} if that failed."""
+        if not needs_dsn(message.sender):
+            log.info("no DSN for {id}: null sender", id=message.id)
+            return True
+        try:
+            with self.queue.open_body(message.id) as body:
+                headers = read_headers(body)
+        except (QueueError, OSError):
+            headers = b""
+        dsn = build_dsn(
+            message,
+            failed,
+            self.settings.reporting_mta,
+            kind="failed",
+            original_headers=headers,
+            date=float(self.clock.seconds()),
+        )
+        try:
+            queued = self.queue.enqueue(
+                "", [message.sender], dsn
+            )  # null sender, RFC 3464 §1
+        except (QueueError, OSError) as e:
+            log.error(
+                "cannot queue DSN for {id} to <{sender}>: {error}",
+                id=message.id,
+                sender=message.sender,
+                error=str(e),
+            )
+            return False
+        self.stats["dsn_queued"] += 1
+        log.info(
+            "DSN {dsn} queued to <{sender}> for {id}",
+            dsn=queued.id,
+            sender=message.sender,
+            id=message.id,
+        )
+        return True

@@ -1,0 +1,271 @@
+"""
+Tests for L{mtasts_twisted.queue}: durability layout, crash recovery,
+quarantine, limits, disk full and streaming.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import tempfile
+import tracemalloc
+from typing import Any
+
+import attrs
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from mtasts_twisted.queue import (
+    MessageTooLargeError,
+    Queue,
+    QueuedMessage,
+    QueueFullError,
+    RecipientStatus,
+    UnknownMessageError,
+    queue_delete,
+    queue_list,
+    queue_retry,
+    queue_show,
+)
+
+BODY = b"Subject: hello\r\nFrom: a@example.org\r\n\r\nHi.\r\n"
+
+
+class QueueTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="mtasts-queue-")
+        self.addCleanup(
+            lambda: __import__("shutil").rmtree(self.dir, ignore_errors=True)
+        )
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.queue = Queue(self.dir, clock=self.clock)
+
+    def entries(self) -> list[str]:
+        return sorted(os.listdir(self.dir))
+
+    def test_enqueue_layout_and_read_back(self) -> None:
+        m = self.queue.enqueue(
+            "a@example.org", ["b@example.com", "c@example.net"], BODY
+        )
+        self.assertEqual(self.entries(), [m.id])
+        self.assertEqual(
+            sorted(os.listdir(os.path.join(self.dir, m.id))),
+            ["envelope.json", "message"],
+        )
+        self.assertEqual(m.created, 1_700_000_000)
+        self.assertEqual(m.size, len(BODY))
+        self.assertEqual([r.state for r in m.recipients], [RecipientStatus.PENDING] * 2)
+        self.assertEqual(self.queue.get(m.id), m)
+        with self.queue.open_body(m.id) as f:
+            self.assertEqual(f.read(), BODY)
+        self.assertEqual(self.queue.list(), [m])
+        self.assertEqual(Queue(self.dir).recover(), [m])
+
+    def test_enqueue_file_and_chunks(self) -> None:
+        a = self.queue.enqueue("", ["b@example.com"], io.BytesIO(BODY))
+        b = self.queue.enqueue("", ["b@example.com"], iter([BODY[:5], BODY[5:]]))
+        for m in (a, b):
+            with self.queue.open_body(m.id) as f:
+                self.assertEqual(f.read(), BODY)
+
+    def test_update_is_atomic_rewrite(self) -> None:
+        m = self.queue.enqueue("a@example.org", ["b@example.com"], BODY)
+        r = m.recipients[0]
+        new = attrs.evolve(
+            m.with_recipient(attrs.evolve(r, state=RecipientStatus.DELIVERED)),
+            attempts=1,
+        )
+        self.queue.update(new)
+        self.assertEqual(Queue(self.dir).get(m.id), new)
+        self.assertEqual(
+            os.listdir(os.path.join(self.dir, m.id)).count("envelope.json.tmp"), 0
+        )
+
+    def test_fsync_before_rename(self) -> None:
+        """The body, envelope and directories are fsynced before the commit rename."""
+        calls: list[str] = []
+        real_fsync, real_rename = os.fsync, os.rename
+        self.patch(os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
+        self.patch(
+            os, "rename", lambda a, b: (calls.append("rename"), real_rename(a, b))[1]
+        )
+        self.queue.enqueue("a@example.org", ["b@example.com"], BODY)
+        # body, envelope, tmp dir, then rename, then the queue directory.
+        self.assertEqual(calls, ["fsync", "fsync", "fsync", "rename", "fsync"])
+
+    def test_recover_after_crash_mid_enqueue(self) -> None:
+        """A crash before the commit rename leaves a tmp- dir: removed, no message."""
+        good = self.queue.enqueue("a@example.org", ["b@example.com"], BODY)
+        writer = self.queue.begin("a@example.org", ["b@example.com"])
+        writer.write(b"half a mess")
+        # simulate kill -9: the writer is never committed or aborted
+        os.mkdir(os.path.join(self.dir, "del-" + good.id[:-1] + "0"))
+        fresh = Queue(self.dir, clock=self.clock)
+        self.assertEqual(fresh.recover(), [good])
+        self.assertEqual(self.entries(), [good.id])
+        self.assertEqual(fresh.quarantined(), [])
+
+    def test_recover_half_written_envelope_update(self) -> None:
+        """A crash during update leaves envelope.json.tmp: dropped, old envelope kept."""
+        m = self.queue.enqueue("a@example.org", ["b@example.com"], BODY)
+        with open(os.path.join(self.dir, m.id, "envelope.json.tmp"), "wb") as f:
+            f.write(b'{"version": 1, "id": "trunc')
+        self.assertEqual(Queue(self.dir).recover(), [m])
+        self.assertEqual(
+            sorted(os.listdir(os.path.join(self.dir, m.id))),
+            ["envelope.json", "message"],
+        )
+
+    def test_quarantine_corrupt_entries(self) -> None:
+        """Nothing broken is dropped silently: it goes to quarantine/ with a log line."""
+        good = self.queue.enqueue("a@example.org", ["b@example.com"], BODY)
+        bad_env = self.queue.enqueue("a@example.org", ["b@example.com"], BODY)
+        no_env = self.queue.enqueue("a@example.org", ["b@example.com"], BODY)
+        no_body = self.queue.enqueue("a@example.org", ["b@example.com"], BODY)
+        short = self.queue.enqueue("a@example.org", ["b@example.com"], BODY)
+        with open(os.path.join(self.dir, bad_env.id, "envelope.json"), "wb") as f:
+            f.write(b"{not json")
+        os.unlink(os.path.join(self.dir, no_env.id, "envelope.json"))
+        os.unlink(os.path.join(self.dir, no_body.id, "message"))
+        with open(os.path.join(self.dir, short.id, "message"), "wb") as f:
+            f.write(b"trunc")
+        with open(os.path.join(self.dir, "stray-file"), "wb") as f:
+            f.write(b"?")
+        events: list[dict[str, Any]] = []
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.assertEqual(Queue(self.dir).recover(), [good])
+        quarantined = Queue(self.dir).quarantined()
+        self.assertEqual(len(quarantined), 5)
+        for ident in (bad_env.id, no_env.id, no_body.id, short.id):
+            self.assertTrue(any(q.startswith(ident) for q in quarantined))
+        problems = [e["problem"] for e in events if "problem" in e]
+        self.assertEqual(len(problems), 5)
+        self.assertTrue(any("body without envelope" in p for p in problems))
+        self.assertTrue(any("envelope without body" in p for p in problems))
+        self.assertTrue(any("does not parse" in p for p in problems))
+
+    def test_message_too_large(self) -> None:
+        q = Queue(self.dir, max_message_size=10)
+        self.assertRaises(
+            MessageTooLargeError, q.enqueue, "", ["b@example.com"], b"x" * 11
+        )
+        self.assertEqual(self.entries(), [])
+        q.enqueue("", ["b@example.com"], b"x" * 10)
+
+    def test_queue_count_limit(self) -> None:
+        q = Queue(self.dir, max_messages=2)
+        q.enqueue("", ["b@example.com"], BODY)
+        w = q.begin("", ["b@example.com"])  # in progress counts
+        self.assertFalse(q.has_room())
+        self.assertRaises(QueueFullError, q.enqueue, "", ["b@example.com"], BODY)
+        w.abort()
+        m = q.enqueue("", ["b@example.com"], BODY)
+        self.assertRaises(QueueFullError, q.enqueue, "", ["b@example.com"], BODY)
+        q.remove(m.id)
+        q.enqueue("", ["b@example.com"], BODY)
+        self.assertEqual(len(self.entries()), 2)
+
+    def test_queue_bytes_limit(self) -> None:
+        q = Queue(self.dir, max_bytes=100)
+        q.enqueue("", ["b@example.com"], b"x" * 60)
+        self.assertRaises(QueueFullError, q.enqueue, "", ["b@example.com"], b"x" * 41)
+        self.assertEqual(len(self.entries()), 1)
+        self.assertEqual(q.total_bytes, 60)
+
+    def test_disk_full_while_writing(self) -> None:
+        """ENOSPC → QueueFullError and the partial message is removed."""
+        real_open = open
+
+        def full_open(path: Any, mode: str = "r", *a: Any, **kw: Any) -> Any:
+            f = real_open(path, mode, *a, **kw)
+            if "x" in mode and str(path).endswith("message"):
+
+                class Wrapper:
+                    def __init__(self, inner: Any) -> None:
+                        self.inner = inner
+
+                    def write(self, data: bytes) -> int:
+                        raise OSError(errno.ENOSPC, "No space left on device")
+
+                    def __getattr__(self, name: str) -> Any:
+                        return getattr(self.inner, name)
+
+                return Wrapper(f)
+            return f
+
+        import builtins
+
+        self.patch(builtins, "open", full_open)
+        self.assertRaises(
+            QueueFullError, self.queue.enqueue, "", ["b@example.com"], BODY
+        )
+        self.assertEqual(self.entries(), [])
+
+    def test_disk_full_at_fsync(self) -> None:
+        def no_space(fd: int) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(os, "fsync", no_space)
+        self.assertRaises(
+            QueueFullError, self.queue.enqueue, "", ["b@example.com"], BODY
+        )
+        self.assertEqual(self.entries(), [])
+
+    def test_stream_20_mb(self) -> None:
+        """A 20 MB message goes to disk in chunks, never whole in memory."""
+        chunk = b"x" * 998 + b"\r\n"
+        count = 20 * 1024 * 1024 // len(chunk)
+        tracemalloc.start()
+        try:
+            m = self.queue.enqueue("", ["b@example.com"], (chunk for _ in range(count)))
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        self.assertEqual(m.size, count * len(chunk))
+        self.assertLess(peak, 2 * 1024 * 1024)
+        self.assertEqual(
+            os.path.getsize(os.path.join(self.dir, m.id, "message")), m.size
+        )
+
+    def test_remove_and_unknown(self) -> None:
+        m = self.queue.enqueue("", ["b@example.com"], BODY)
+        self.queue.remove(m.id)
+        self.assertEqual(self.entries(), [])
+        self.assertRaises(UnknownMessageError, self.queue.get, m.id)
+        self.assertRaises(UnknownMessageError, self.queue.remove, m.id)
+        self.assertRaises(UnknownMessageError, self.queue.get, "../etc")
+        self.assertRaises(UnknownMessageError, self.queue.open_body, "../../x")
+
+    def test_cli_operations(self) -> None:
+        m = self.queue.enqueue("a@example.org", ["b@example.com"], BODY)
+        r = attrs.evolve(
+            m.recipients[0], next_attempt=1_700_009_999, attempts=3, reason="421 busy"
+        )
+        self.queue.update(m.with_recipient(r))
+        [summary] = queue_list(self.queue)
+        self.assertEqual(summary["id"], m.id)
+        self.assertEqual(summary["next_attempt"], 1_700_009_999)
+        shown = queue_show(self.queue, m.id)
+        self.assertEqual(shown["recipients_state"][0]["reason"], "421 busy")
+        json.dumps(shown)
+        self.clock.advance(10)
+        queue_retry(self.queue, m.id)
+        self.assertEqual(self.queue.get(m.id).next_attempt, 1_700_000_010)
+        queue_delete(self.queue, m.id)
+        self.assertEqual(queue_list(self.queue), [])
+        self.assertRaises(UnknownMessageError, queue_show, self.queue, m.id)
+
+    def test_envelope_round_trip(self) -> None:
+        m = self.queue.enqueue("a@example.org", ["b@example.com"], BODY)
+        self.assertEqual(
+            QueuedMessage.from_json(json.loads(json.dumps(m.to_json()))), m
+        )
+        self.assertRaises(
+            ValueError, QueuedMessage.from_json, {**m.to_json(), "version": 99}
+        )

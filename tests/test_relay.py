@@ -1,0 +1,350 @@
+"""
+Tests for L{mtasts_twisted.relay}: the SMTP intake over real loopback TCP
+with twisted.mail's client, and the delivery workers with a fake
+deliverer on a L{Clock}.
+"""
+
+from __future__ import annotations
+
+import email
+import io
+import ipaddress
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any, BinaryIO
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock, deferLater
+from twisted.mail.smtp import ESMTPSenderFactory, SMTPClientError, SMTPDeliveryError
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from mtasts_twisted.delivery import DeliveryResult, RecipientOutcome, Status
+from mtasts_twisted.queue import Queue, RecipientStatus
+from mtasts_twisted.relay import RelayService, RelaySettings, RelaySMTPFactory
+
+MESSAGE = b"From: alice@example.org\r\nTo: bob@example.com\r\nSubject: test\r\n\r\nHello.\r\n.dotted line\r\n"
+
+
+def settings(**kw: Any) -> RelaySettings:
+    kw.setdefault("reporting_mta", "relay.test")
+    return RelaySettings(**kw)
+
+
+class IntakeTests(TestCase):
+    """Submission over a real loopback TCP port."""
+
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="mtasts-relay-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+
+    def listen(self, **kw: Any) -> Queue:
+        s = settings(**kw)
+        queue = s.make_queue(self.dir)
+        queue.recover()
+        self.received: list[Any] = []
+        factory = RelaySMTPFactory(queue, s, reactor, on_message=self.received.append)
+        self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+        self.addCleanup(self.settle, factory)
+        return queue
+
+    async def settle(self, factory: RelaySMTPFactory) -> None:
+        await factory.wait_closed()
+        await deferLater(reactor, 0.01)
+
+    def send(self, sender: str, recipients: list[str], body: bytes) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        factory = ESMTPSenderFactory(
+            # twisted's client wants LF line ends and sends CRLF
+            None,
+            None,
+            sender,
+            recipients,
+            io.BytesIO(body.replace(b"\r\n", b"\n")),
+            d,
+            retries=0,
+            requireAuthentication=False,
+            requireTransportSecurity=False,
+        )
+        reactor.connectTCP("127.0.0.1", self.port.getHost().port, factory)
+        return d
+
+    async def test_submit_queues_real_bytes(self) -> None:
+        queue = self.listen()
+        count, _ = await self.send(
+            "alice@example.org", ["bob@example.com", "carol@example.com"], MESSAGE
+        )
+        self.assertEqual(count, 2)
+        [m] = queue.list()
+        self.assertEqual(self.received, [m])
+        self.assertEqual(m.sender, "alice@example.org")
+        self.assertEqual(
+            [r.address for r in m.recipients], ["bob@example.com", "carol@example.com"]
+        )
+        with queue.open_body(m.id) as f:
+            data = f.read()
+        self.assertTrue(data.startswith(b"Received: from "))
+        self.assertTrue(data.endswith(MESSAGE), data)  # dot-unstuffed, CRLF
+        self.assertEqual(m.size, len(data))
+        self.assertEqual(email.message_from_bytes(data)["Subject"], "test")
+
+    async def test_null_sender_accepted(self) -> None:
+        queue = self.listen()
+        await self.send("", ["bob@example.com"], MESSAGE)
+        [m] = queue.list()
+        self.assertEqual(m.sender, "")
+
+    async def test_refused_outside_allowed_networks(self) -> None:
+        queue = self.listen(allowed_networks=(ipaddress.ip_network("192.0.2.0/24"),))
+        try:
+            await self.send("alice@example.org", ["bob@example.com"], MESSAGE)
+        except SMTPClientError as e:
+            self.assertEqual(e.code, 554)
+            self.assertIn(b"relay access denied", e.resp)
+        else:
+            self.fail("accepted from a non-allowed network")
+        self.assertEqual(queue.list(), [])
+
+    async def test_queue_full_452(self) -> None:
+        queue = self.listen(max_queue_messages=1)
+        await self.send("alice@example.org", ["bob@example.com"], MESSAGE)
+        try:
+            await self.send("alice@example.org", ["bob@example.com"], MESSAGE)
+        except SMTPDeliveryError as e:
+            self.assertEqual(e.code, 452)
+        else:
+            self.fail("accepted into a full queue")
+        self.assertEqual(len(queue.list()), 1)
+
+    async def test_too_large_552(self) -> None:
+        queue = self.listen(max_message_size=200)
+        try:
+            await self.send(
+                "alice@example.org", ["bob@example.com"], MESSAGE + b"x" * 300 + b"\r\n"
+            )
+        except SMTPDeliveryError as e:
+            self.assertEqual(e.code, 552)
+        else:
+            self.fail("accepted a message over the limit")
+        self.assertEqual(queue.list(), [])
+        self.assertEqual(len(__import__("os").listdir(self.dir)), 0)
+
+    async def test_too_many_recipients(self) -> None:
+        queue = self.listen(max_recipients=2)
+        # twisted's client sends to the accepted recipients and reports the rest
+        count, results = await self.send(
+            "a@example.org", [f"r{i}@example.com" for i in range(3)], MESSAGE
+        )
+        self.assertEqual(count, 2)
+        self.assertEqual([code for _, code, _ in results], [250, 250, 452])
+        self.assertEqual(len(queue.list()[0].recipients), 2)
+
+
+class FakeDeliverer:
+    """Records deliver() calls; the test fires their Deferreds."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[str], bytes, Deferred[DeliveryResult]]] = []
+
+    def deliver(
+        self, sender: str, recipients: Sequence[str], message: BinaryIO
+    ) -> Deferred[DeliveryResult]:
+        d: Deferred[DeliveryResult] = Deferred()
+        self.calls.append((sender, list(recipients), message.read(), d))
+        return d
+
+    def fire(
+        self,
+        index: int,
+        status: Status,
+        code: int | None = 250,
+        text: str = "2.0.0 ok",
+        **per: Status,
+    ) -> None:
+        _, recipients, _, d = self.calls[index]
+        outcomes = tuple(
+            RecipientOutcome(
+                r,
+                per.get(r.split("@")[0], status),
+                code,
+                text,
+                "mx.example.com",
+                "TLSv1.3",
+                True,
+            )
+            for r in recipients
+        )
+        d.callback(DeliveryResult(recipients[0].split("@")[1], None, outcomes, ()))
+
+
+class WorkerTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="mtasts-relay-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.deliverer = FakeDeliverer()
+
+    def start(self, **kw: Any) -> RelayService:
+        s = settings(poll_interval=10, **kw)
+        self.queue = s.make_queue(self.dir, clock=self.clock)
+        self.service = RelayService(self.queue, self.deliverer, s, self.clock)
+        self.addCleanup(self.service.stopService)
+        return self.service
+
+    def go(self) -> None:
+        self.service.startService()
+
+    def test_delivered_removed(self) -> None:
+        self.start()
+        m = self.queue.enqueue("alice@example.org", ["bob@example.com"], MESSAGE)
+        self.go()
+        [(sender, rcpts, body, _)] = self.deliverer.calls
+        self.assertEqual(
+            (sender, rcpts, body), ("alice@example.org", ["bob@example.com"], MESSAGE)
+        )
+        self.assertEqual(self.service.in_flight, {(m.id, "example.com")})
+        self.clock.advance(20)  # polls do not pick it twice
+        self.assertEqual(len(self.deliverer.calls), 1)
+        self.deliverer.fire(0, Status.DELIVERED)
+        self.assertEqual(self.queue.list(), [])
+        self.assertEqual(self.service.stats["deliveries"]["delivered"], 1)
+
+    def test_grouping_per_domain(self) -> None:
+        self.start()
+        self.queue.enqueue(
+            "a@example.org",
+            ["b@example.com", "c@EXAMPLE.com", "d@example.net"],
+            MESSAGE,
+        )
+        self.go()
+        self.assertEqual(
+            sorted(c[1] for c in self.deliverer.calls),
+            [["b@example.com", "c@EXAMPLE.com"], ["d@example.net"]],
+        )
+        self.deliverer.fire(0, Status.DELIVERED)
+        self.assertEqual(len(self.queue.list()), 1)  # other domain pending
+        self.deliverer.fire(1, Status.DELIVERED)
+        self.assertEqual(self.queue.list(), [])
+
+    def test_transient_backoff(self) -> None:
+        self.start(retry_base=300, retry_max=3600)
+        m = self.queue.enqueue("a@example.org", ["b@example.com"], MESSAGE)
+        self.go()
+        delays = []
+        for i in range(6):
+            self.assertEqual(len(self.deliverer.calls), i + 1)
+            t0 = self.clock.seconds()
+            self.deliverer.fire(i, Status.TRANSIENT, 421, "4.7.0 try later")
+            r = self.queue.get(m.id).recipients[0]
+            self.assertEqual(r.state, RecipientStatus.PENDING)
+            self.assertEqual(r.status_code, "4.7.0")
+            delays.append(r.next_attempt - t0)
+            self.clock.advance(r.next_attempt - t0 - 1)
+            self.assertEqual(len(self.deliverer.calls), i + 1)
+            self.clock.pump([1, 10])
+        self.assertEqual(delays, [300, 600, 1200, 2400, 3600, 3600])
+        self.assertEqual(self.queue.get(m.id).recipients[0].attempts, 6)
+
+    def test_permanent_dsn(self) -> None:
+        self.start()
+        m = self.queue.enqueue(
+            "alice@example.org", ["bob@example.com", "carol@example.com"], MESSAGE
+        )
+        self.go()
+        self.deliverer.fire(
+            0,
+            Status.DELIVERED,
+            bob=Status.PERMANENT,
+            code=550,
+            text="5.1.1 no such user",
+        )
+        messages = self.queue.list()
+        self.assertNotIn(m.id, [x.id for x in messages])
+        [dsn] = messages
+        self.assertEqual(dsn.sender, "")
+        self.assertEqual([r.address for r in dsn.recipients], ["alice@example.org"])
+        with self.queue.open_body(dsn.id) as f:
+            parsed = email.message_from_bytes(f.read())
+        block = parsed.get_payload()[1].get_payload()[1]
+        self.assertEqual(block["Final-Recipient"], "rfc822; bob@example.com")
+        self.assertEqual(block["Status"], "5.1.1")
+        self.assertEqual(block["Diagnostic-Code"], "smtp; 550 5.1.1 no such user")
+        self.assertIn("Subject: test", parsed.get_payload()[2].get_payload())
+        self.assertEqual(self.service.stats["dsn_queued"], 1)
+
+    def test_null_sender_no_dsn(self) -> None:
+        self.start()
+        self.queue.enqueue("", ["bob@example.com"], MESSAGE)
+        self.go()
+        self.deliverer.fire(0, Status.PERMANENT, 550, "5.1.1 no such user")
+        self.assertEqual(self.queue.list(), [])
+        self.assertEqual(self.service.stats["dsn_queued"], 0)
+
+    def test_expiry_dsn(self) -> None:
+        self.start(expiry=3000, retry_base=1000, retry_max=1000)
+        m = self.queue.enqueue("alice@example.org", ["bob@example.com"], MESSAGE)
+        self.go()
+        for i in range(3):
+            self.deliverer.fire(i, Status.TRANSIENT, None, "4.4.1 connection refused")
+            self.clock.advance(1000)
+        # The attempt at t=3000 is not made: the message has expired, and
+        # the 4th delivery is its DSN, from the null sender to the sender.
+        self.assertEqual(
+            [c[:2] for c in self.deliverer.calls[3:]], [("", ["alice@example.org"])]
+        )
+        [dsn] = self.queue.list()
+        self.assertNotEqual(dsn.id, m.id)
+        with self.queue.open_body(dsn.id) as f:
+            block = email.message_from_bytes(f.read()).get_payload()[1].get_payload()[1]
+        self.assertEqual(block["Status"], "4.4.7")
+        self.assertEqual(block["Action"], "failed")
+        self.assertIn("4.4.1 connection refused", block["Diagnostic-Code"])
+
+    def test_concurrency_limits(self) -> None:
+        self.start(concurrency=3, concurrency_per_domain=2)
+        for i in range(3):
+            self.queue.enqueue("a@example.org", [f"r{i}@example.com"], MESSAGE)
+        for i in range(2):
+            self.queue.enqueue("a@example.org", [f"r{i}@example.net"], MESSAGE)
+        self.go()
+
+        def in_flight_per_domain() -> Counter[str]:
+            return Counter(domain for _, domain in self.service.in_flight)
+
+        self.assertEqual(len(self.deliverer.calls), 3)
+        self.assertLessEqual(max(in_flight_per_domain().values()), 2)
+        self.deliverer.fire(0, Status.DELIVERED)
+        self.clock.advance(0)
+        self.assertEqual(len(self.deliverer.calls), 4)
+        self.assertEqual(len(self.service.in_flight), 3)
+        self.assertLessEqual(max(in_flight_per_domain().values()), 2)
+        self.clock.advance(60)
+        self.assertEqual(len(self.deliverer.calls), 4)
+
+    def test_deliverer_error_is_transient(self) -> None:
+        self.start()
+        m = self.queue.enqueue("a@example.org", ["b@example.com"], MESSAGE)
+        self.go()
+        self.deliverer.calls[0][3].errback(RuntimeError("boom"))
+        r = self.queue.get(m.id).recipients[0]
+        self.assertEqual((r.state, r.attempts), (RecipientStatus.PENDING, 1))
+        self.flushLoggedErrors(RuntimeError)
+
+    def test_restart_retries_in_flight(self) -> None:
+        """A crash with a delivery in flight: the next start delivers it again."""
+        self.start()
+        m = self.queue.enqueue("a@example.org", ["b@example.com"], MESSAGE)
+        self.go()
+        self.service.stopService()
+        service2 = RelayService(
+            Queue(self.dir, clock=self.clock), self.deliverer, settings(), self.clock
+        )
+        service2.startService()
+        self.addCleanup(service2.stopService)
+        self.assertEqual(len(self.deliverer.calls), 2)
+        self.deliverer.fire(1, Status.DELIVERED)
+        self.assertRaises(KeyError, service2.queue.get, m.id)
