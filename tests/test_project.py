@@ -44,23 +44,41 @@ class ReadmeTests(SynchronousTestCase):
 
 
 class FirstCommandTests(TestCase):
+    timeout = 60
+
     async def test_first_command_runs(self):
-        """The product part of README's command 1 works, asking a loopback DNS server."""
+        """
+        The product part of README's command 1, C{twistd -n mtasts}, starts
+        (on ephemeral loopback ports, asking a loopback DNS server), serves
+        the socketmap, and stops on SIGTERM.
+        """
+        import signal
+
+        from tests.test_service import socketmap_query
+        from tests.test_twistd import STARTED, TWISTD, Twistd
+
         command = quickstart_commands()[0].split(" && ", 1)[1]
         tool, *args = command.split()
-        self.assertEqual(tool, "mtasts-twisted")
+        self.assertEqual((tool, args), ("twistd", ["-n", "mtasts"]))
         server = DNSTestServer()
         server.start(reactor)
         self.addCleanup(server.stop)
-        domain = args[-1]
-        server.add_txt(f"_smtp._tls.{domain}", "v=TLSRPTv1; rua=mailto:tlsrpt@" + domain)
-        out, err, code = await utils.getProcessOutputAndValue(
-            sys.executable, ["-m", "mtasts_twisted", *args, "--nameserver", server.nameserver,
-                             "--data-dir", self.mktemp()],
-            env=dict(os.environ), reactor=reactor)
-        self.assertEqual(code, 0, err)
-        self.assertIn(f"{domain}: no MTA-STS policy".encode(), out)
-        self.assertIn(f"TLSRPT reports to: mailto:tlsrpt@{domain}".encode(), out)
+        cwd = os.path.abspath(self.mktemp())
+        os.makedirs(cwd)
+        proto = Twistd()
+        process = reactor.spawnProcess(
+            proto, sys.executable,
+            [sys.executable, *TWISTD, "--pidfile=", *args, "--nameserver", server.nameserver,
+             "--socketmap", "tcp:0:interface=127.0.0.1", "--smtp", "tcp:0:interface=127.0.0.1"],
+            env=dict(os.environ), path=cwd)
+        self.addCleanup(lambda: None if proto.ended.called else (process.signalProcess("KILL"), proto.ended)[1])
+        port = int((await proto.wait_for(STARTED)).group(1))
+        self.assertEqual(await socketmap_query(port, "example.com"), b"9:NOTFOUND ,")
+        self.assertTrue(os.path.isfile(os.path.join(cwd, "mtasts-data", "mtasts.sqlite")))
+        process.signalProcess("TERM")
+        code, sig = await proto.ended
+        self.assertIn((code, sig), [(0, None), (None, signal.SIGTERM)], proto.output)
+        self.assertNotIn(b"Traceback", proto.output)
 
 
 class CheckPolicyTests(SynchronousTestCase):

@@ -1,0 +1,272 @@
+"""
+Prometheus metrics for the C{twistd mtasts} service.
+
+Nothing here is on a hot path: components keep plain counters (dicts and
+ints they update anyway, like L{PolicyCache.stats} and
+L{SocketmapFactory.counts}), and L{StatsCollector} turns them into metric
+families only when Prometheus scrapes.  The few counts no component keeps
+(fetch outcomes, delivery outcomes, TLS failures, report outcomes) are
+kept by thin wrappers here: L{MeteredFetcher}, L{MeteredDeliverer},
+L{MeteredSink} and L{count_report_outcomes}.
+
+Every service has its own C{CollectorRegistry} (never the global one), so
+several services in one process, or tests, do not collide.
+
+Metric names (all prefixed C{mtasts_}):
+
+  - C{mtasts_policy_lookups_total{result="hit"|"miss"}}: policy cache lookups.
+  - C{mtasts_policy_txt_lookups_total}: C{_mta-sts} TXT queries made.
+  - C{mtasts_policy_fetches_total{outcome}}: HTTPS policy fetches; C{ok} or
+    the failure reason (e.g. C{no-policy-served}, C{certificate-expired}).
+  - C{mtasts_policy_cache_entries}: policies in the in-memory front.
+  - C{mtasts_socketmap_requests_total{answer}}: socketmap answers
+    (C{ok}, C{notfound}, C{temp}, C{perm}).
+  - C{mtasts_socketmap_connections}: socketmap connections open now.
+  - C{mtasts_deliveries_total{outcome,policy_mode}}: recipients by delivery
+    outcome (C{delivered}, C{transient}, C{permanent}) and policy mode
+    (C{enforce}, C{testing}, C{none}, C{no-policy}).
+  - C{mtasts_tls_failures_total{result_type}}: TLSRPT failure sessions by
+    RFC 8460 result type, from every recorded result.
+  - C{mtasts_queue_messages}, C{mtasts_queue_oldest_age_seconds}: the relay
+    queue (when the relay runs).
+  - C{mtasts_reports_total{state}}: TLSRPT report runs' outcomes
+    (C{sent}, C{failed}, C{retry}, C{dropped}, C{skipped}).
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
+from twisted.internet.defer import Deferred
+from twisted.web.resource import Resource
+from zope.interface import implementer
+
+from mtasts_twisted.interfaces import IResultSink
+
+__all__ = [
+    "MeteredDeliverer",
+    "MeteredFetcher",
+    "MeteredSink",
+    "MetricsResource",
+    "ServiceStats",
+    "StatsCollector",
+    "count_report_outcomes",
+    "make_registry",
+]
+
+
+class ServiceStats:
+    """
+    The counters of one service and the components to read at scrape time.
+
+    @ivar fetches: HTTPS policy fetches by outcome.
+    @ivar deliveries: recipients by C{(outcome, policy_mode)}.
+    @ivar tls_failures: failed sessions by RFC 8460 result type.
+    @ivar reports: report outcomes by state.
+    @ivar cache: the L{PolicyCache<mtasts_twisted.cache.PolicyCache>}, once open.
+    @ivar socketmap: the L{SocketmapFactory<mtasts_twisted.socketmap.SocketmapFactory>}, if any.
+    @ivar queue_stats: a callable returning C{(messages, oldest_age_seconds)}
+        of the relay queue, if a relay runs.
+    """
+
+    def __init__(self) -> None:
+        self.fetches: collections.Counter[str] = collections.Counter()
+        self.deliveries: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.tls_failures: collections.Counter[str] = collections.Counter()
+        self.reports: collections.Counter[str] = collections.Counter()
+        self.cache: Any = None
+        self.socketmap: Any = None
+        self.queue_stats: Callable[[], tuple[int, float]] | None = None
+
+
+class StatsCollector(Collector):
+    """A custom collector that reads a L{ServiceStats} at scrape time."""
+
+    def __init__(self, stats: ServiceStats) -> None:
+        """
+        @param stats: what to read.
+        """
+        self._stats = stats
+
+    def collect(self) -> Iterable[Any]:
+        """Yield the metric families (called by the registry on scrape)."""
+        stats = self._stats
+        lookups = CounterMetricFamily(
+            "mtasts_policy_lookups", "Policy cache lookups by result.", labels=["result"])
+        txt = CounterMetricFamily("mtasts_policy_txt_lookups", "_mta-sts TXT lookups made.")
+        size = GaugeMetricFamily("mtasts_policy_cache_entries", "Policies in the in-memory cache front.")
+        cache = stats.cache
+        if cache is not None:
+            lookups.add_metric(["hit"], cache.stats.get("hits", 0))
+            lookups.add_metric(["miss"], cache.stats.get("misses", 0))
+            txt.add_metric([], cache.stats.get("txt_lookups", 0))
+            size.add_metric([], len(cache._front))
+        yield lookups
+        yield txt
+        yield size
+
+        fetches = CounterMetricFamily(
+            "mtasts_policy_fetches", "HTTPS policy fetches by outcome.", labels=["outcome"])
+        for outcome, n in sorted(stats.fetches.items()):
+            fetches.add_metric([outcome], n)
+        yield fetches
+
+        answers = CounterMetricFamily(
+            "mtasts_socketmap_requests", "Socketmap requests by answer.", labels=["answer"])
+        connections = GaugeMetricFamily("mtasts_socketmap_connections", "Socketmap connections open.")
+        if stats.socketmap is not None:
+            from mtasts_twisted.socketmap import ANSWER_KINDS
+
+            for kind in ANSWER_KINDS:
+                answers.add_metric([kind], stats.socketmap.counts.get(kind, 0))
+            connections.add_metric([], stats.socketmap.connections)
+        yield answers
+        yield connections
+
+        deliveries = CounterMetricFamily(
+            "mtasts_deliveries", "Recipients by delivery outcome and policy mode.",
+            labels=["outcome", "policy_mode"])
+        for (outcome, mode), n in sorted(stats.deliveries.items()):
+            deliveries.add_metric([outcome, mode], n)
+        yield deliveries
+
+        tls = CounterMetricFamily(
+            "mtasts_tls_failures", "Failed TLS sessions by RFC 8460 result type.", labels=["result_type"])
+        for result_type, n in sorted(stats.tls_failures.items()):
+            tls.add_metric([result_type], n)
+        yield tls
+
+        messages = GaugeMetricFamily("mtasts_queue_messages", "Messages in the relay queue.")
+        age = GaugeMetricFamily("mtasts_queue_oldest_age_seconds", "Age of the oldest queued message.")
+        if stats.queue_stats is not None:
+            count, oldest = stats.queue_stats()
+            messages.add_metric([], count)
+            age.add_metric([], oldest)
+        yield messages
+        yield age
+
+        reports = CounterMetricFamily("mtasts_reports", "TLSRPT reports by outcome.", labels=["state"])
+        for state, n in sorted(stats.reports.items()):
+            reports.add_metric([state], n)
+        yield reports
+
+
+def make_registry(stats: ServiceStats) -> CollectorRegistry:
+    """
+    A new registry (not the global one) collecting C{stats}.
+
+    @param stats: the service's L{ServiceStats}.
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StatsCollector(stats))
+    return registry
+
+
+class MetricsResource(Resource):
+    """The twisted.web resource serving a registry in the text format."""
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        """
+        @param registry: the registry to expose.
+        """
+        super().__init__()
+        self._registry = registry
+
+    def render_GET(self, request: Any) -> bytes:
+        """The metrics, for every path."""
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return generate_latest(self._registry)
+
+
+class MeteredFetcher:
+    """A policy fetcher that counts fetches by outcome."""
+
+    def __init__(self, fetcher: Any, stats: ServiceStats) -> None:
+        """
+        @param fetcher: has C{fetch(alabel) -> Deferred}.
+        @param stats: where to count.
+        """
+        self._fetcher = fetcher
+        self._stats = stats
+
+    def fetch(self, domain: str) -> Deferred[Any]:
+        """Fetch through the wrapped fetcher, counting the outcome."""
+        d = self._fetcher.fetch(domain)
+
+        def ok(result: Any) -> Any:
+            self._stats.fetches["ok"] += 1
+            return result
+
+        def failed(failure: Any) -> Any:
+            self._stats.fetches[getattr(failure.value, "reason", None) or "error"] += 1
+            return failure
+
+        return d.addCallbacks(ok, failed)
+
+
+@implementer(IResultSink)
+class MeteredSink:
+    """An L{IResultSink} that counts failures by result type, then passes results on."""
+
+    def __init__(self, sink: Any, stats: ServiceStats) -> None:
+        """
+        @param sink: the next L{IResultSink}, or L{None}.
+        @param stats: where to count.
+        """
+        self._sink = sink
+        self._stats = stats
+
+    def record(self, result: Any, when: float | None = None) -> None:
+        """Count C{result}'s failures and pass it on."""
+        for failure in result.failures:
+            self._stats.tls_failures[failure.result_type.value] += failure.failed_session_count
+        if self._sink is not None:
+            self._sink.record(result, when)
+
+
+class MeteredDeliverer:
+    """A L{Deliverer<mtasts_twisted.delivery.Deliverer>} wrapper counting outcomes."""
+
+    def __init__(self, deliverer: Any, stats: ServiceStats) -> None:
+        """
+        @param deliverer: has C{deliver(sender, recipients, message)}.
+        @param stats: where to count.
+        """
+        self._deliverer = deliverer
+        self._stats = stats
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._deliverer, name)
+
+    def deliver(self, sender: str, recipients: Any, message: Any) -> Deferred[Any]:
+        """Deliver through the wrapped deliverer; count each recipient's outcome."""
+
+        def count(result: Any) -> Any:
+            mode = result.policy_mode.value if result.policy_mode is not None else "no-policy"
+            for outcome in result.outcomes:
+                self._stats.deliveries[(outcome.status.value, mode)] += 1
+            return result
+
+        return self._deliverer.deliver(sender, recipients, message).addCallback(count)
+
+
+def count_report_outcomes(stats: ServiceStats) -> Callable[[list[Any]], list[Any]]:
+    """
+    A callback for L{ReportScheduler.run_once}'s result counting the
+    L{SendOutcome}s by state.
+    """
+
+    def count(outcomes: list[Any]) -> list[Any]:
+        for outcome in outcomes or ():
+            stats.reports[getattr(outcome.state, "value", str(outcome.state))] += 1
+        return outcomes
+
+    return count
