@@ -452,6 +452,14 @@ class RelaySMTP(ESMTP):
                     return
         ESMTP.do_MAIL(self, rest)
 
+    def do_NOOP(self, rest: bytes) -> None:
+        """NOOP: C{250} (RFC 5321 §4.1.1.9; twisted.mail's server lacks it)."""
+        self.sendCode(250, b"2.0.0 Ok")
+
+    def do_VRFY(self, rest: bytes) -> None:
+        """VRFY: C{252}, nothing is verified here (RFC 5321 §3.5.3, §4.5.1)."""
+        self.sendCode(252, b"2.5.0 Cannot VRFY user, but will accept message and attempt delivery")
+
     def do_RCPT(self, rest: bytes) -> None:
         """RCPT; a recipient must have a domain (no local delivery here)."""
         m = self.rcpt_re.match(rest)
@@ -588,6 +596,11 @@ class RelayService(Service):
         self._loop: LoopingCall | None = None
         self._wake_call: Any = None
         self._running_deliveries: set[Deferred[None]] = set()
+        #: Envelopes whose outcomes could not be written (disk full, I/O
+        #: error), by id: kept here and written again before the message
+        #: is looked at, so a delivered recipient is not delivered again
+        #: every poll while the disk is full.
+        self.unwritten: dict[str, QueuedMessage] = {}
         self.stats: dict[str, Any] = {
             "queue_messages": 0,
             "queue_bytes": 0,
@@ -639,6 +652,10 @@ class RelayService(Service):
         messages = self.queue.list()
         self._update_stats(messages, now)
         for message in messages:
+            if message.id in self.unwritten:
+                if not self._write_unwritten(message.id):
+                    continue  # hold its deliveries until its outcomes are on disk
+                message = self.unwritten.pop(message.id)
             if now - message.created >= self.settings.expiry:
                 self._expire(message, now)
                 continue
@@ -658,6 +675,18 @@ class RelayService(Service):
                 if self._per_domain[domain] >= self.settings.concurrency_per_domain:
                     continue
                 self._start(message, _Group(message.id, domain, tuple(recipients)))
+
+    def _write_unwritten(self, ident: str) -> bool:
+        try:
+            self.queue.update(self.unwritten[ident])
+        except QueueError as e:
+            if not isinstance(e, QueueFullError):
+                self.unwritten.pop(ident, None)  # gone meanwhile
+            return False
+        except OSError:
+            return False
+        log.info("outcomes of {id} written after an earlier failure", id=ident)
+        return True
 
     def _update_stats(self, messages: list[QueuedMessage], now: float) -> None:
         self.stats["queue_messages"] = len(messages)
@@ -749,7 +778,7 @@ class RelayService(Service):
             (group.message_id, group.domain)
         )  # this delivery is over
         try:
-            message = self.queue.get(group.message_id)
+            message = self.unwritten.get(group.message_id) or self.queue.get(group.message_id)
         except QueueError:
             return
         except (OSError, ValueError, KeyError, TypeError):
@@ -863,14 +892,23 @@ class RelayService(Service):
                 )
         try:
             self.queue.update(message)
+        except QueueFullError as e:
+            # Not on disk: keep it in memory (see tick) rather than
+            # delivering again at every poll while the disk is full.
+            log.error("cannot record the outcomes of {id}: {error}; kept in memory until it can",
+                      id=message.id, error=str(e))
+            self.unwritten[message.id] = message
+            return
         except QueueError:
             return
         except OSError:
             log.failure(
-                "cannot update envelope of {id}; the outcome will be repeated",
+                "cannot update envelope of {id}; kept in memory until it can",
                 id=message.id,
             )
+            self.unwritten[message.id] = message
             return
+        self.unwritten.pop(message.id, None)
         self._finish_if_done(message)
 
     def _finish_if_done(self, message: QueuedMessage) -> None:

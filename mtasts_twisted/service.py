@@ -89,6 +89,7 @@ DEFAULTS: dict[str, Any] = {
     "report-dkim-key": None,
     "report-dkim-selector": None,
     "helo-name": None,  # socket.getfqdn()
+    "delivery-port": "25",
 }
 
 _FLAGS = ("no-reports", "strict-testing", "tlsrpt-attributes", "fail-open")
@@ -120,6 +121,39 @@ def _check_writable_dir(path: str) -> None:
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
         raise usage.UsageError(f"--data-dir {path}: cannot be created ({parent} is not writable)")
+
+
+def _port_number(text: str, what: str) -> int:
+    try:
+        port = int(text.strip())
+    except ValueError:
+        port = 0
+    if not 0 < port < 65536:
+        raise usage.UsageError(f"--delivery-port {what!r}: not a TCP port (1 to 65535)")
+    return port
+
+
+def _delivery_ports(values: list[str]) -> tuple[int, dict[str, int]]:
+    """
+    Parse the C{--delivery-port} values: C{PORT} (the last one wins) and
+    C{HOST=PORT}; return C{(port, port_for)} for L{DeliverySettings}.
+    """
+    port = 25
+    port_for: dict[str, int] = {}
+    for value in values:
+        host, sep, number = value.rpartition("=")
+        if sep:
+            host = host.strip().rstrip(".").lower()
+            if not host:
+                raise usage.UsageError(f"--delivery-port {value!r}: expected PORT or HOST=PORT")
+            try:
+                host = host.encode("idna").decode("ascii")
+            except UnicodeError:
+                raise usage.UsageError(f"--delivery-port {value!r}: not a host name") from None
+            port_for[host] = _port_number(number, value)
+        else:
+            port = _port_number(number, value)
+    return port, port_for
 
 
 class Options(usage.Options):
@@ -167,6 +201,11 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["nameserver"] = []
+        self["delivery-port"] = []
+
+    def opt_delivery_port(self, value: str) -> None:
+        """TCP port of MX hosts [default: 25], for tests and lab setups; HOST=PORT (repeatable) sets one MX host's port"""
+        self["delivery-port"].append(value)
 
     def opt_nameserver(self, value: str) -> None:
         """DNS server IP[:PORT] for every lookup (repeatable) [default: /etc/resolv.conf]"""
@@ -193,6 +232,12 @@ class Options(usage.Options):
                 value = [value] if isinstance(value, str) else value
                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                     raise usage.UsageError(f"--config {path}: nameserver must be a string or a list of strings")
+            elif name == "delivery-port":
+                value = [value] if isinstance(value, (str, int)) and not isinstance(value, bool) else value
+                if not isinstance(value, list) or not all(
+                        isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool)) for v in value):
+                    raise usage.UsageError(f"--config {path}: delivery-port must be a port, HOST=PORT or a list")
+                value = [str(v) for v in value]
             elif not isinstance(value, str):
                 raise usage.UsageError(f"--config {path}: {key} must be a string")
             settings[name] = value
@@ -202,12 +247,17 @@ class Options(usage.Options):
         """Merge the config file and the defaults; check everything."""
         config = self._read_config(self["config"]) if self["config"] else {}
         for name, default in DEFAULTS.items():
+            if name == "delivery-port":
+                continue
             if self[name] is None:
                 self[name] = config.get(name, default)
         for name in _FLAGS:
             self[name] = bool(self[name] or config.get(name, False))
         if not self["nameserver"]:
             self["nameserver"] = list(config.get("nameserver", []))
+        if not self["delivery-port"]:
+            self["delivery-port"] = list(config.get("delivery-port", [DEFAULTS["delivery-port"]]))
+        self["delivery_ports"] = _delivery_ports(self["delivery-port"])
 
         _check_writable_dir(self["data-dir"])
         if self["database"] is None:
@@ -397,7 +447,8 @@ async def open_runtime(config: Any, reactor: Any, stats: ServiceStats | None = N
     sink = MeteredSink(aggregator, stats)
     from mtasts_twisted.delivery import Deliverer, DeliverySettings
 
-    delivery_settings = DeliverySettings(helo_name=config["helo-name"])
+    port, port_for = config.get("delivery_ports") or (25, {})
+    delivery_settings = DeliverySettings(helo_name=config["helo-name"], port=port, port_for=port_for)
     deliverer = MeteredDeliverer(
         Deliverer(reactor, resolver, cache, trust_root=config["ca-file"], sink=sink,
                   settings=delivery_settings), stats)
