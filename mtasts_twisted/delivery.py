@@ -102,7 +102,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, BinaryIO
 
 import attrs
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
@@ -379,6 +379,10 @@ class _ClientProtocol(LineReceiver):
     delimiter = b"\r\n"
     #: RFC 5321 §4.5.3.1.5 limits reply lines to 512 octets; allow slack.
     MAX_LENGTH = 8192
+    #: Lines of one (multiline) reply at most: RFC 5321 sets no limit, so
+    #: without one a server sending endless continuation lines would grow
+    #: memory until the reply timeout.  Real replies have a few dozen.
+    MAX_REPLY_LINES = 200
 
     def __init__(self, clock: Any) -> None:
         self._clock = clock
@@ -399,6 +403,8 @@ class _ClientProtocol(LineReceiver):
         return self._error is not None
 
     def lineReceived(self, line: bytes) -> None:
+        if self._error is not None:
+            return  # expired or lost: the rest of the buffered input is not read
         code = line[:3]
         separator = line[3:4]
         if len(code) < 3 or not code.isdigit() or separator not in (b"", b" ", b"-"):
@@ -406,6 +412,8 @@ class _ClientProtocol(LineReceiver):
             return
         self._lines.append(line[4:].decode("utf-8", "replace"))
         if separator == b"-":
+            if len(self._lines) >= self.MAX_REPLY_LINES:
+                self.expire(_SessionError(f"reply has too many lines (over {self.MAX_REPLY_LINES})"))
             return
         reply = _Reply(int(code), tuple(self._lines))
         self._lines = []
@@ -597,6 +605,8 @@ class Deliverer:
         self.settings = settings
         self._rng: Any = rng if rng is not None else random
         self._helo = settings.helo_name.encode("ascii")
+        #: QUIT-and-close of finished sessions, still running in the background.
+        self._closing: set[Deferred[None]] = set()
 
     def deliver(self, sender: str, recipients: Sequence[str], message: BinaryIO) -> Deferred[DeliveryResult]:
         """
@@ -848,13 +858,30 @@ class Deliverer:
         except Exception as e:
             log.failure("SMTP session with {host} [{ip}] failed", host=host, ip=ip)
             attempt.error = f"internal error: {e!r}"
-        finally:
-            await self._close(proto)
-            if timer.active():
-                timer.cancel()
+        if attempt.error is None:
+            # The outcomes are final once the transaction's replies are in:
+            # report them now, and say QUIT and close in the background, so a
+            # relay records a delivery without waiting for a slow peer (which
+            # would widen its window for duplicates after a crash).
+            closing = Deferred.fromCoroutine(self._close(proto, timer))
+            self._closing.add(closing)
+            closing.addBoth(lambda _: self._closing.discard(closing))
+        else:
+            await self._close(proto, timer)
         return attempt
 
-    async def _close(self, proto: _ClientProtocol) -> None:
+    def wait_closed(self) -> Deferred[None]:
+        """Fire when every session's QUIT-and-close has finished."""
+        return gatherResults(list(self._closing), consumeErrors=True).addCallback(lambda _: None)
+
+    async def _close(self, proto: _ClientProtocol, timer: Any) -> None:
+        try:
+            await self._quit(proto)
+        finally:
+            if timer.active():
+                timer.cancel()
+
+    async def _quit(self, proto: _ClientProtocol) -> None:
         if not proto.gone:
             try:
                 await proto.command(b"QUIT", min(self.settings.reply_timeout, QUIT_TIMEOUT))
