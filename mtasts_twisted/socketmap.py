@@ -411,8 +411,10 @@ class SocketmapSettings:
         delivers with its default TLS level instead of deferring).
     @ivar max_request: the largest request payload, in bytes; a longer
         netstring closes the connection.
-    @ivar idle_timeout: seconds without input after which a connection with
-        no request in flight is closed; L{None} (or 0) for never.
+    @ivar idle_timeout: seconds without a complete request after which a
+        connection with no request in flight is closed (bytes of a partial
+        request do not count, so a slowloris client is closed too);
+        L{None} (or 0) for never.
     @ivar map_names: the socketmap names accepted (the last field of
         C{socketmap:inet:host:port:name}); L{None} accepts any.
     @ivar max_connections: connections served at once; more are closed on
@@ -594,8 +596,6 @@ class SocketmapProtocol(Protocol):
         """Answer every complete request in C{data}, in order."""
         if self._closing:
             return
-        if self._timeout:
-            self._last = self._clock.seconds()
         try:
             frames = self._decoder.feed(data)
         except NetstringError as e:
@@ -605,6 +605,10 @@ class SocketmapProtocol(Protocol):
             self._closing = True
             self.factory.counts["broken"] += 1
             self.transport.pauseProducing()
+        if self._timeout and (frames or not self._decoder.buffered):
+            # Only complete requests are activity: a client trickling a
+            # partial request (slowloris) is idle and closed on time.
+            self._last = self._clock.seconds()
         respond = self.factory.respond
         queue = self._queue
         out: list[bytes] = []
