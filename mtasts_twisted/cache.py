@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mtasts_twisted.dns import DNSTemporaryError
-from mtasts_twisted.fetch import PolicyFetchError, lookup_sts_record
+from mtasts_twisted.fetch import PolicyFetchError, lookup_sts_answer
 from mtasts_twisted.policy import (
     DomainError,
     Mode,
@@ -254,6 +254,10 @@ class PolicyCache:
         # of each cached policy (rebuilt only when the policy changes).
         self._names: dict[str, tuple[str, str]] = {}
         self._described: dict[str, tuple[Policy, Result]] = {}
+        # Confirmed answers, reused until the TXT answer's TTL (or the
+        # policy's validity) ends: within it, a new TXT lookup could only
+        # come from the resolver's own cache and say the same.
+        self._confirmed: dict[str, tuple[float, Lookup]] = {}
         self._flusher: LoopingCall | None = None
         self.stats = {"hits": 0, "misses": 0, "fetches": 0, "txt_lookups": 0}
 
@@ -315,7 +319,24 @@ class PolicyCache:
                 self._names.clear()
             self._names[domain] = names
         alabel, key = names
+        confirmed = self._confirmed.get(key)
+        if confirmed is not None:
+            now = self._clock.seconds()
+            if now < confirmed[0]:
+                self.stats["hits"] += 1
+                self._pending_use[key] = now
+                return succeed(confirmed[1])
+            del self._confirmed[key]
         return self._coalesce(key, lambda: self._get(key, alabel))
+
+    def _confirm(self, lookup: Lookup, now: float, ttl: int) -> Lookup:
+        """Remember a lookup confirmed by DNS now, while its TXT answer holds."""
+        entry = lookup.entry
+        if entry is not None and ttl > 0:
+            if len(self._confirmed) >= self.settings.front_size:
+                self._confirmed.clear()
+            self._confirmed[entry.domain] = (min(now + ttl, entry.valid_end), lookup)
+        return lookup
 
     def refresh(self, domain: str) -> Deferred[CacheEntry | None]:
         """
@@ -365,6 +386,7 @@ class PolicyCache:
         return entry
 
     async def _save(self, entry: CacheEntry) -> None:
+        self._confirmed.pop(entry.domain, None)
         self._front.put(entry.domain, entry)
         self._pending_use.pop(entry.domain, None)
         await self._shelf.put(entry.domain, entry.to_json())
@@ -385,9 +407,9 @@ class PolicyCache:
         return result
 
     async def _txt(self, alabel: str):
-        """The STS record of C{alabel} (RFC 8461 §3.1), or the error why not."""
+        """The STS record of C{alabel} (RFC 8461 §3.1) and its TTL, or the error why not."""
         self.stats["txt_lookups"] += 1
-        return await lookup_sts_record(self._resolver, alabel)
+        return await lookup_sts_answer(self._resolver, alabel)
 
     async def _get(self, key: str, alabel: str) -> Lookup:
         now = self._clock.seconds()
@@ -411,7 +433,7 @@ class PolicyCache:
     async def _discover(self, key: str, alabel: str, now: float) -> Lookup:
         """Nothing valid cached: TXT lookup, then fetch."""
         try:
-            record = await self._txt(alabel)
+            record, ttl = await self._txt(alabel)
         except NoRecordError:
             return Lookup(None, Result(PolicyDescriptor(PolicyType.NO_POLICY_FOUND, alabel)), True)
         except (MultipleRecordsError, RecordSyntaxError) as e:
@@ -436,13 +458,14 @@ class PolicyCache:
                            record_id=record.id, policy=fetched.policy,
                            valid_end=now + fetched.policy.max_age)
         await self._save(entry)
-        return Lookup(fetched.policy, Result(describe(alabel, fetched.policy)), True, record.id, entry)
+        lookup = Lookup(fetched.policy, Result(describe(alabel, fetched.policy)), True, record.id, entry)
+        return self._confirm(lookup, now, ttl)
 
     async def _revalidate(self, entry: CacheEntry, alabel: str, now: float) -> Lookup:
         """A valid policy is cached: check the TXT id (RFC 8461 §5.1)."""
         cached = self._describe(alabel, entry)
         try:
-            record = await self._txt(alabel)
+            record, ttl = await self._txt(alabel)
         except (NoRecordError, MultipleRecordsError, RecordSyntaxError, DNSTemporaryError) as e:
             # RFC 8461 §10.2 downgrade resistance: keep the cached policy until it expires.
             self._used(entry, now)
@@ -452,7 +475,7 @@ class PolicyCache:
                           entry.record_id, entry)
         if record.id == entry.record_id:
             self._used(entry, now)
-            return Lookup(entry.policy, cached, True, record.id, entry)
+            return self._confirm(Lookup(entry.policy, cached, True, record.id, entry), now, ttl)
         if entry.in_backoff(now, record.id):
             self._used(entry, now)
             failure = entry.backoff_failure or _failure(ResultType.STS_POLICY_FETCH_ERROR, BACKOFF_REASON)
@@ -476,7 +499,8 @@ class PolicyCache:
                              backoff_id=None, backoff_until=0.0, backoff_failure=None)
         await self._save(entry)
         log.info("new policy id {record_id} for {domain}", record_id=record.id, domain=alabel)
-        return Lookup(fetched.policy, Result(describe(alabel, fetched.policy)), True, record.id, entry)
+        lookup = Lookup(fetched.policy, Result(describe(alabel, fetched.policy)), True, record.id, entry)
+        return self._confirm(lookup, now, ttl)
 
     async def _fetch(self, alabel: str):
         self.stats["fetches"] += 1
@@ -488,7 +512,7 @@ class PolicyCache:
         if entry is None or entry.policy is None:
             return entry
         try:
-            record = await self._txt(alabel)
+            record, _ = await self._txt(alabel)
         except NoRecordError:
             if entry.policy.mode is Mode.NONE:
                 # A "none" policy whose TXT record is gone: nothing left to honour.
@@ -534,6 +558,7 @@ class PolicyCache:
         self._front.pop(key)
         self._pending_use.pop(key, None)
         self._described.pop(key, None)
+        self._confirmed.pop(key, None)
         return bool(await self._shelf.delete(key))
 
     async def entries(self) -> list[CacheEntry]:

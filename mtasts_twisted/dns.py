@@ -450,6 +450,8 @@ def _parse_reply(
 class _UDPExchange(DatagramProtocol):
     """Receives the reply to one query on one connected UDP socket."""
 
+    noisy = False  # no "starting/stopping protocol" log lines per query
+
     def __init__(self, query: dns.message.Message, server: Nameserver) -> None:
         self.query = query
         self.server = server
@@ -821,7 +823,6 @@ class DNSResolver:
         cached = self._cache.get(key)
         if cached is not None:
             value, remaining = cached
-            log.debug("DNS cache hit: {rdtype} {name} ({ttl}s left)", rdtype=type_text, name=name, ttl=remaining)
             if isinstance(value, _Negative):
                 raise self._no_record(name, type_text, value.target, value.server, value.nxdomain)
             return attrs.evolve(value, ttl=remaining)
@@ -933,13 +934,8 @@ class DNSResolver:
             flags=dns.flags.RD | dns.flags.AD,
         )
         timeout = min(self._timeout, deadline - self._reactor.seconds())
-        log.debug(
-            "DNS {rdtype} query for {qname} to {server} over UDP (id {id})",
-            rdtype=dns.rdatatype.to_text(rdtype),
-            qname=_name_text(qname),
-            server=label,
-            id=query.id,
-        )
+        # No log line per query or per cache hit: under twistd every debug
+        # event is written, and these are on the lookup hot path.
         reply = await self._udp_try(query, server, timeout)
         if reply.flags & dns.flags.TC:
             # RFC 7766 §5 / RFC 1035 §4.2.1: truncated, so ask again over TCP.

@@ -754,11 +754,19 @@ async def lookup_sts_record(resolver: Any, alabel: str) -> STSRecord:
     @raise RecordSyntaxError: the STS record is malformed.
     @raise DNSTemporaryError: the lookup failed and may succeed later.
     """
+    record, _ = await lookup_sts_answer(resolver, alabel)
+    return record
+
+
+async def lookup_sts_answer(resolver: Any, alabel: str) -> tuple[STSRecord, int]:
+    """
+    L{lookup_sts_record}, also giving the TXT answer's TTL (seconds left).
+    """
     try:
         answer = await resolver.lookup_txt("_mta-sts." + alabel)
     except DNSNoRecordError as e:
         raise NoRecordError(f"no TXT record at _mta-sts.{alabel}") from e
-    return _select_sts_record(tuple(answer.strings))
+    return _select_sts_record(tuple(answer.strings)), answer.ttl
 
 
 @functools.lru_cache(maxsize=4096)

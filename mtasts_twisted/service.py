@@ -43,7 +43,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
-from mtasts_twisted.cache import POLICY_TABLE, Lookup, PolicyCache, PolicyRefresher
+from mtasts_twisted.cache import POLICY_TABLE, CacheSettings, Lookup, PolicyCache, PolicyRefresher
 from mtasts_twisted.metrics import (
     MeteredDeliverer,
     MeteredFetcher,
@@ -428,7 +428,9 @@ async def open_runtime(config: Any, reactor: Any, stats: ServiceStats | None = N
 
     stats = stats if stats is not None else ServiceStats()
     try:
-        resolver = DNSResolver(reactor, config["nameserver"] or None)
+        # Room for the TXT, MX and address answers of every policy in the
+        # cache's front, so they are not evicted before their TTL.
+        resolver = DNSResolver(reactor, config["nameserver"] or None, cache_size=4 * CacheSettings().front_size)
     except (OSError, ValueError) as e:
         raise StartupError(f"no usable nameserver (give --nameserver): {e}") from None
     name_resolver = DNSHostnameResolver(resolver)

@@ -36,7 +36,9 @@ class CacheTestCase(SynchronousTestCase):
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.store = MemoryStore()
-        self.resolver = FakeResolver()
+        # TTL 0: every get() asks DNS, so each row of the table is exercised;
+        # ConfirmedAnswerTests covers reuse within a TTL.
+        self.resolver = FakeResolver(ttl=0)
         self.fetcher = FakeFetcher()
         self.cache = PolicyCache(self.store, self.resolver, self.fetcher, self.clock, CacheSettings())
 
@@ -343,3 +345,52 @@ class RefresherTests(CacheTestCase):
         self.assertTrue(self.clock.getDelayedCalls())
         self.refresher.stopService()
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class ConfirmedAnswerTests(CacheTestCase):
+    """A confirmed answer is reused while the TXT answer's TTL holds."""
+
+    def setUp(self):
+        super().setUp()
+        self.resolver.ttl = 60
+        self.publish()
+
+    def test_reused_within_ttl(self):
+        first = self.get()
+        self.clock.advance(59)
+        self.assertIs(self.get(), first)
+        self.assertEqual(self.resolver.queries[("TXT", TXT)], 1)
+        self.clock.advance(1)
+        self.assertEqual(self.get().policy.mode, Mode.ENFORCE)
+        self.assertEqual(self.resolver.queries[("TXT", TXT)], 2)
+
+    def test_not_past_valid_end(self):
+        self.resolver.ttl = 10 * 86400
+        self.get()
+        self.clock.advance(86400)
+        lookup = self.get()
+        self.assertEqual(self.resolver.queries[("TXT", TXT)], 2)
+        self.assertEqual(lookup.policy.mode, Mode.ENFORCE)
+
+    def test_fallback_not_reused(self):
+        """Downgrade-resistance answers are not memoised: DNS is asked again."""
+        self.get()
+        self.clock.advance(60)
+        del self.resolver.txt[TXT]
+        self.assertFalse(self.get().fresh)
+        self.assertFalse(self.get().fresh)
+        self.assertEqual(self.resolver.queries[("TXT", TXT)], 3)
+
+    def test_new_policy_forgets(self):
+        self.get()
+        self.successResultOf(self.cache.delete("example.com"))
+        self.get()
+        self.assertEqual(self.fetcher.fetches["example.com"], 2)
+
+    def test_last_use_still_batched(self):
+        self.get()
+        self.clock.advance(30)
+        self.get()
+        self.successResultOf(self.cache.flush())
+        row = self.successResultOf(self.store.shelf("policies").get("example.com"))
+        self.assertEqual(row["last_use"], self.clock.seconds())

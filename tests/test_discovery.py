@@ -101,7 +101,7 @@ class CacheEndToEndTests(WorldTestCase):
 
     async def test_downgrade_resistance(self):
         """The TXT record vanishes: the cached enforce policy still applies."""
-        self.world.publish("example.com", ENFORCE)
+        self.world.publish("example.com", ENFORCE, ttl=0)  # no answer may be reused
         cache = await self.make_cache()
         await cache.get("example.com")
         self.world.unpublish("example.com")

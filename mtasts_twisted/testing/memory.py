@@ -29,9 +29,11 @@ class FakeResolver:
     (raised) or a L{Deferred} (returned as is, so tests control timing).
 
     @ivar queries: a C{Counter} of C{(type, name)} asked.
+    @ivar ttl: the TTL of every answer (0: callers must not reuse answers).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, ttl: int = 300) -> None:
+        self.ttl = ttl
         self.txt: dict[str, Any] = {}
         self.mx: dict[str, Any] = {}
         self.addresses: dict[str, Any] = {}
@@ -50,19 +52,19 @@ class FakeResolver:
 
     def lookup_txt(self, name: str) -> Deferred:
         """See L{IDNSResolver.lookup_txt}; C{txt[name]} is a list of strings."""
-        return self._answer(self.txt, "TXT", name, lambda v: TXTAnswer(name=name, strings=tuple(v), ttl=300,
+        return self._answer(self.txt, "TXT", name, lambda v: TXTAnswer(name=name, strings=tuple(v), ttl=self.ttl,
                                                                       authenticated=False))
 
     def lookup_mx(self, domain: str) -> Deferred:
         """See L{IDNSResolver.lookup_mx}; C{mx[domain]} is a list of (preference, host)."""
         return self._answer(self.mx, "MX", domain, lambda v: MXAnswer(
-            domain=domain, hosts=tuple(MXHost(p, h) for p, h in v), ttl=300, authenticated=False,
+            domain=domain, hosts=tuple(MXHost(p, h) for p, h in v), ttl=self.ttl, authenticated=False,
             implicit=False, null=False))
 
     def lookup_addresses(self, host: str) -> Deferred:
         """See L{IDNSResolver.lookup_addresses}; C{addresses[host]} is a list of IPs."""
         return self._answer(self.addresses, "A/AAAA", host, lambda v: AddressAnswer(
-            host=host, addresses=tuple(v), ttl=300, authenticated=False))
+            host=host, addresses=tuple(v), ttl=self.ttl, authenticated=False))
 
 
 class FakeFetcher:
