@@ -333,6 +333,15 @@ class RelaySMTP(ESMTP):
     _session_call: Any = None
     _refused = False
 
+    def lookupMethod(self, command: bytes | str) -> Any:
+        """
+        Find the handler of a command word; a word that is not ASCII is an
+        unknown command (500), not an exception that drops the connection.
+        """
+        if isinstance(command, bytes) and not command.isascii():
+            return None
+        return super().lookupMethod(command)
+
     def callLater(self, period: float, func: Any) -> Any:  # TimeoutMixin
         """Schedule on the factory's clock (idle timeout)."""
         return self.factory.clock.callLater(period, func)

@@ -418,7 +418,8 @@ class SocketmapSettings:
     @ivar map_names: the socketmap names accepted (the last field of
         C{socketmap:inet:host:port:name}); L{None} accepts any.
     @ivar max_connections: connections served at once; more are closed on
-        accept.  L{None} for no limit.
+        accept (default 1024: Postfix opens one per smtp(8) process).
+        L{None} for no limit.
     @ivar testing_level: the Postfix TLS security level answered for a
         C{testing} policy when C{tlsrpt_attributes} is on (see the module
         docstring); L{None} answers C{NOTFOUND }.
@@ -434,7 +435,7 @@ class SocketmapSettings:
     max_request: int = 10000
     idle_timeout: float | None = 300.0
     map_names: frozenset[str] | None = attrs.field(default=None, converter=_frozen_names)
-    max_connections: int | None = None
+    max_connections: int | None = 1024
     testing_level: str | None = "may"
     mx_retry: float = 60.0
     memo_size: int = 10000

@@ -1,0 +1,338 @@
+"""
+Caps and timeouts on everything a peer controls (issue 9), each tested at
+its boundary on real loopback sockets where it matters:
+
+  - socketmap: request size, huge length prefixes, connections at once,
+    idle and slowloris clients (a partial request does not keep a
+    connection alive);
+  - DNS: CNAME chain length, the answer cache size, the lookup budget;
+  - policy fetch: body size while streaming (faults cover the timeout);
+  - SMTP client: reply line length, lines per reply, the session timeout;
+  - policy cache: concurrent lookups of one domain cost one DNS query and
+    one fetch.
+
+The table of limits with their defaults is in tests/RELIABILITY.md
+(written by tests/make_reliability_report.py from the code's own values).
+"""
+
+from __future__ import annotations
+
+import time
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from mtasts_twisted.cache import PolicyCache, PolicyLookupTemporaryError
+from mtasts_twisted.delivery import _ClientProtocol, Status
+from mtasts_twisted.dns import MAX_CNAME_CHAIN, DNSResolver, DNSTemporaryError
+from mtasts_twisted.socketmap import MAX_REPLY, NetstringDecoder, SocketmapFactory, SocketmapSettings, encode_netstring
+from mtasts_twisted.store import MemoryStore
+from mtasts_twisted.testing.memory import FakeFetcher, FakeResolver
+from mtasts_twisted.testing.smtp import Behaviour, Reply, Stage
+from tests.test_faults import Harness, RawSMTP, policy_text, tally
+from twisted.trial import unittest
+
+ENFORCE = "version: STSv1\nmode: enforce\nmx: mx1.example.com\nmax_age: 86400\n"
+
+
+class _Client(Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+        self.lost: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.lost.callback(None)
+
+
+async def _wait(condition, seconds: float = 3.0) -> bool:
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return True
+        await deferLater(reactor, 0.01, lambda: None)
+    return condition()
+
+
+class SocketmapLimitTests(TestCase):
+    timeout = 20
+
+    def serve(self, **settings: object) -> SocketmapFactory:
+        resolver = FakeResolver()
+        fetcher = FakeFetcher()
+        resolver.txt["_mta-sts.example.com"] = ["v=STSv1; id=1"]
+        resolver.mx["example.com"] = [(10, "mx1.example.com")]
+        fetcher.policies["example.com"] = ENFORCE
+        cache = PolicyCache(MemoryStore(), resolver, fetcher, reactor)
+        factory = SocketmapFactory(cache, resolver, reactor, SocketmapSettings(**settings))
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        self.factory = factory
+
+        async def all_closed() -> None:  # runs after every client's cleanup
+            self.assertTrue(await _wait(lambda: factory.connections == 0))
+
+        self.addCleanup(lambda: Deferred.fromCoroutine(all_closed()))
+        return factory
+
+    async def connect(self) -> _Client:
+        client = await connectProtocol(self.endpoint, _Client())
+
+        async def close() -> None:
+            if client.transport.connected:
+                client.transport.loseConnection()
+            await client.lost
+
+        self.addCleanup(lambda: Deferred.fromCoroutine(close()))
+        return client
+
+    async def test_request_size_boundary(self) -> None:
+        """max_request (10000): a 10000-byte request is answered, 10001 closes the connection."""
+        self.serve()
+        client = await self.connect()
+        client.transport.write(encode_netstring(b"postfix " + b"a" * 9992))
+        self.assertTrue(await _wait(lambda: client.data))
+        self.assertTrue(client.data.startswith(b"PERM ", client.data.index(b":") + 1))
+        client.transport.write(encode_netstring(b"postfix " + b"a" * 9993))
+        await client.lost
+        self.assertEqual(self.factory.counts["broken"], 1)
+        tally("limit_case")
+
+    async def test_huge_length_prefix_closes_at_once(self) -> None:
+        """A length prefix over the cap closes the connection before any payload is buffered."""
+        self.serve()
+        client = await self.connect()
+        client.transport.write(b"99999999999999999999")
+        await client.lost
+        self.assertEqual(client.data, b"")
+        tally("limit_case")
+
+    async def test_max_connections(self) -> None:
+        """max_connections: the connection over the cap is closed on accept; later ones are served."""
+        self.serve(max_connections=3, idle_timeout=None)
+        clients = [await self.connect() for _ in range(3)]
+        self.assertTrue(await _wait(lambda: self.factory.connections == 3))
+        extra = await self.connect()
+        await extra.lost
+        self.assertEqual(self.factory.counts["refused"], 1)
+        clients[0].transport.loseConnection()
+        await clients[0].lost
+        self.assertTrue(await _wait(lambda: self.factory.connections == 2))
+        again = await self.connect()
+        again.transport.write(encode_netstring(b"postfix example.com"))
+        self.assertTrue(await _wait(lambda: b"OK secure" in again.data))
+        tally("limit_case")
+
+    async def test_idle_client_closed(self) -> None:
+        self.serve(idle_timeout=0.3)
+        client = await self.connect()
+        started = time.monotonic()
+        await client.lost
+        self.assertLess(time.monotonic() - started, 2)
+        self.assertEqual(self.factory.counts["idle"], 1)
+        tally("limit_case")
+
+    async def test_slowloris_partial_request_closed(self) -> None:
+        """
+        A client trickling one byte of a request every 0.1 s (under the idle
+        timeout each time) is still closed once the idle timeout passes
+        without a complete request: partial input is not activity.
+        """
+        self.serve(idle_timeout=0.5)
+        client = await self.connect()
+        request = encode_netstring(b"postfix example.com")
+        started = time.monotonic()
+        for byte in request[:-1]:  # bounded: never completes the request
+            if not client.transport.connected:
+                break
+            client.transport.write(bytes([byte]))
+            await deferLater(reactor, 0.1, lambda: None)
+        self.assertTrue(await _wait(lambda: client.lost.called, 2.0))
+        self.assertLess(time.monotonic() - started, 1.5)
+        self.assertEqual(self.factory.counts["idle"], 1)
+        tally("limit_case")
+
+    async def test_slow_but_complete_requests_kept(self) -> None:
+        """A client sending complete requests more often than the idle timeout stays connected."""
+        self.serve(idle_timeout=0.4)
+        client = await self.connect()
+        for _ in range(4):
+            client.transport.write(encode_netstring(b"postfix example.com"))
+            await deferLater(reactor, 0.25, lambda: None)
+        self.assertTrue(client.transport.connected)
+        self.assertEqual(len(NetstringDecoder(MAX_REPLY).feed(client.data)), 4)
+        tally("limit_case")
+
+
+class DNSLimitTests(TestCase):
+    timeout = 20
+
+    def setUp(self) -> None:
+        from mtasts_twisted.testing.dns import DNSTestServer
+
+        self.server = DNSTestServer()
+        self.server.start(reactor)
+        self.addCleanup(self.server.stop)
+
+    async def test_cname_chain_boundary(self) -> None:
+        """MAX_CNAME_CHAIN (8): a chain of 8 CNAMEs resolves, 9 is a temporary failure."""
+        self.server.chase_cnames = False  # one query per link: the resolver walks the chain
+        for length, ok in ((MAX_CNAME_CHAIN, True), (MAX_CNAME_CHAIN + 1, False)):
+            names = [f"c{i}.len{length}.test" for i in range(length + 1)]
+            for a, b in zip(names, names[1:]):
+                self.server.add_cname(a, b)
+            self.server.add_txt(names[-1], "v=STSv1; id=1")
+            resolver = DNSResolver(reactor, [self.server.nameserver], timeout=0.5)
+            if ok:
+                answer = await resolver.lookup_txt(names[0])
+                self.assertEqual(answer.strings, ("v=STSv1; id=1",))
+            else:
+                with self.assertRaises(DNSTemporaryError) as caught:
+                    await resolver.lookup_txt(names[0])
+                self.assertIn("CNAME chain longer", str(caught.exception))
+        tally("limit_case")
+
+    async def test_answer_cache_bounded(self) -> None:
+        """cache_size: the resolver's answer cache never holds more entries."""
+        for i in range(40):
+            self.server.add_txt(f"n{i}.test", "x")
+        resolver = DNSResolver(reactor, [self.server.nameserver], timeout=0.5, cache_size=16)
+        for i in range(40):
+            await resolver.lookup_txt(f"n{i}.test")
+        self.assertEqual(len(resolver._cache), 16)
+        tally("limit_case")
+
+
+class SMTPClientLimitTests(Harness, unittest.TestCase):
+    """The SMTP client's caps, at their boundaries, against the loopback world."""
+
+    async def deliver_with(self, behaviour: Behaviour | None = None, raw: RawSMTP | None = None,
+                           **kwargs: object):
+        self.world.publish("cap.test", policy_text("enforce", "mx.cap.test"))
+        if raw is not None:
+            self.ports["mx.cap.test"] = raw.port
+            self.world.dns.add_a("mx.cap.test", "127.0.0.1")
+            self.world.dns.add_mx("cap.test", 10, "mx.cap.test")
+        else:
+            self.smtp(behaviour, "mx.cap.test", "cap.test")
+        result = await self.fault(lambda: self.deliver("bob@cap.test", **kwargs))
+        tally("limit_case")
+        return result.outcomes[0]
+
+    def eod(self, text: str) -> Behaviour:
+        return Behaviour(certificate=self.pki.valid("mx.cap.test"), replies={Stage.END_OF_DATA: Reply(250, text)})
+
+    async def test_reply_line_at_cap(self) -> None:
+        length = _ClientProtocol.MAX_LENGTH - len("250 ")
+        outcome = await self.deliver_with(self.eod("x" * length))
+        self.assertEqual(outcome.status, Status.DELIVERED)
+
+    async def test_reply_line_over_cap(self) -> None:
+        length = _ClientProtocol.MAX_LENGTH - len("250 ") + 1
+        outcome = await self.deliver_with(self.eod("x" * length))
+        self.assertEqual(outcome.status, Status.TRANSIENT)
+        self.assertIn("reply line too long", outcome.message)
+
+    async def test_reply_lines_at_cap(self) -> None:
+        outcome = await self.deliver_with(self.eod("\n".join(["ok"] * _ClientProtocol.MAX_REPLY_LINES)))
+        self.assertEqual(outcome.status, Status.DELIVERED)
+
+    async def test_reply_lines_over_cap(self) -> None:
+        outcome = await self.deliver_with(self.eod("\n".join(["ok"] * (_ClientProtocol.MAX_REPLY_LINES + 1))))
+        self.assertEqual(outcome.status, Status.TRANSIENT)
+        self.assertIn("too many lines", outcome.message)
+
+    async def test_session_timeout_beats_slow_peer(self) -> None:
+        """A peer that keeps every reply coming, slowly, is cut off by session_timeout."""
+        raw = RawSMTP(lambda: (b"220-slow %d\r\n" % i for i in range(100)), interval=0.1, burst=1)
+        self.addCleanup(raw.stop)
+        started = time.monotonic()
+        outcome = await self.deliver_with(raw=raw, reply_timeout=5.0, session_timeout=0.5)
+        self.assertEqual(outcome.status, Status.TRANSIENT)
+        self.assertIn("session timed out", outcome.message)
+        self.assertLess(time.monotonic() - started, 4)
+
+
+class CacheLimitTests(Harness, unittest.TestCase):
+    async def test_concurrent_lookups_coalesced(self) -> None:
+        """200 concurrent lookups of one domain: one TXT query and one policy fetch."""
+        self.world.publish("busy.test", policy_text("enforce", "mx.busy.test"))
+        self.world.dns.reset_counts()
+        requests = len(self.world.https.requests)
+        lookups = await gatherResults([self.cache.get("busy.test") for _ in range(200)])
+        self.assertEqual({lookup.policy.mode.value for lookup in lookups}, {"enforce"})
+        self.assertEqual(self.world.dns.count("_mta-sts.busy.test", "TXT"), 1)
+        self.assertEqual(len(self.world.https.requests) - requests, 1)
+        tally("limit_case")
+
+    async def test_dns_budget(self) -> None:
+        """budget: however many servers and attempts, a lookup gives up within its budget."""
+        from mtasts_twisted.testing.dns import Behaviour as DNSBehaviour
+
+        self.world.dns.set_behaviour("_mta-sts.slow.test", DNSBehaviour.DROP)
+        resolver = DNSResolver(reactor, [self.world.dns.nameserver] * 4, timeout=0.25, attempts=5, budget=0.6)
+        cache = PolicyCache(MemoryStore(), resolver, self.world.fetcher, reactor)
+        started = time.monotonic()
+        with self.assertRaises(PolicyLookupTemporaryError):
+            await cache.get("slow.test")
+        self.assertLess(time.monotonic() - started, 1.2)
+        self.assertLessEqual(self.world.dns.count("_mta-sts.slow.test", "TXT"), 4)
+        tally("limit_case")
+
+
+class RelaySlowlorisTests(TestCase):
+    """Slowloris clients on the relay's SMTP listener."""
+
+    timeout = 20
+
+    async def listen(self, **kw: object) -> object:
+        try:
+            from mtasts_twisted.relay import RelaySettings, RelaySMTPFactory
+        except ImportError:
+            raise unittest.SkipTest("mtasts_twisted.relay is not available")
+        import shutil
+        import tempfile
+
+        directory = tempfile.mkdtemp(prefix="mtasts-limits-queue-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        settings = RelaySettings(reporting_mta="relay.test", **kw)
+        factory = RelaySMTPFactory(settings.make_queue(directory), settings, reactor)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        return factory
+
+    async def test_trickled_command_line_closed(self) -> None:
+        """One byte of a command every 0.1 s never completes a line: closed at the idle timeout."""
+        factory = await self.listen(idle_timeout=0.5)
+        client = await connectProtocol(self.endpoint, _Client())
+        started = time.monotonic()
+        for byte in b"EHLO a-very-slow-client.test":  # bounded, never sends CRLF
+            if client.lost.called:
+                break
+            client.transport.write(bytes([byte]))
+            await deferLater(reactor, 0.1, lambda: None)
+        self.assertTrue(await _wait(lambda: client.lost.called, 2.0))
+        self.assertLess(time.monotonic() - started, 1.5)
+        self.assertIn(b"421 ", client.data)
+        await factory.wait_closed()
+        tally("limit_case")
+
+    async def test_many_slow_clients_capped_per_ip(self) -> None:
+        """Slow clients cannot hold more than max_connections_per_ip connections."""
+        factory = await self.listen(idle_timeout=5.0, max_connections_per_ip=3)
+        clients = [await connectProtocol(self.endpoint, _Client()) for _ in range(5)]
+        self.assertTrue(await _wait(lambda: sum(c.lost.called for c in clients) == 2))
+        self.assertEqual(factory.connections, 3)
+        refused = [c for c in clients if c.lost.called]
+        self.assertTrue(all(b"421 4.7.0" in c.data for c in refused))
+        for client in clients:
+            client.transport.loseConnection()
+        await factory.wait_closed()
+        tally("limit_case")
