@@ -1,0 +1,648 @@
+"""
+Benchmark mtasts-twisted's socketmap server against postfix-mta-sts-resolver
+("the peer") on the same machine, in the same run.
+
+    sudo /work/venv/bin/python bench/run.py [--quick] [--only PHASE,...] [--ours daemon|twistd]
+
+As root.  Outside the namespace it installs the peer into bench/.peer-venv
+(from PyPI, once), then re-executes itself under ``unshare --net --mount``:
+a network namespace with only ``lo`` (no route out) and a private mount
+namespace where /etc/resolv.conf is bind-mounted to a file naming
+127.0.0.1.  Inside, bench/world.py serves DNS on 127.0.0.1:53 and HTTPS on
+127.0.0.1:443 for generated domains with a private CA (SSL_CERT_FILE for the
+peer, --ca-file for us); both daemons listen on loopback; bench/loadgen.py
+(a separate process) drives the same load against each, alternating runs.
+Every load run is bounded in time and request count.
+
+Phases (--only): cached, coalesce, sqlite, backoff, cold, rss, profile.
+Results: a table on stdout, and the raw JSON in $WORKDIR/results.json
+(the path is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PEER_VENV = os.path.join(HERE, ".peer-venv")
+PEER_DAEMON = os.path.join(PEER_VENV, "bin", "mta-sts-daemon")
+PY = sys.executable
+CONTROL = 9999
+NS_ENV = "MTASTS_BENCH_IN_NAMESPACE"
+PHASES = ("cached", "coalesce", "sqlite", "backoff", "cold", "rss", "profile", "profile-cold")
+
+
+# --- outside the namespace ---------------------------------------------------------
+
+
+def install_peer() -> None:
+    if os.path.exists(PEER_DAEMON):
+        return
+    print("installing postfix-mta-sts-resolver[sqlite,uvloop] into", PEER_VENV, flush=True)
+    subprocess.run([sys.executable, "-m", "venv", PEER_VENV], check=True)
+    subprocess.run([os.path.join(PEER_VENV, "bin", "pip"), "install", "-q",
+                    "postfix-mta-sts-resolver[sqlite,uvloop]"], check=True)
+
+
+def enter_namespace() -> None:
+    if os.geteuid() != 0:
+        raise SystemExit("bench/run.py needs root (it creates network and mount namespaces)")
+    install_peer()
+    env = dict(os.environ, **{NS_ENV: "1"})
+    argv = ["unshare", "--net", "--mount", "--propagation", "private",
+            sys.executable, os.path.abspath(__file__)] + sys.argv[1:]
+    os.execvpe("unshare", argv, env)
+
+
+def setup_namespace(workdir: str) -> None:
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
+    routes = subprocess.run(["ip", "route"], capture_output=True, text=True, check=True).stdout
+    names = [line.split(":")[1].strip() for line in links.splitlines()]
+    if names != ["lo"] or "default" in routes:
+        raise SystemExit(f"namespace not isolated: links {names}, routes {routes!r}")
+    resolv = os.path.join(workdir, "resolv.conf")
+    with open(resolv, "w") as f:
+        f.write("nameserver 127.0.0.1\noptions attempts:2 timeout:2\n")
+    subprocess.run(["mount", "--bind", resolv, "/etc/resolv.conf"], check=True)
+
+
+# --- processes ----------------------------------------------------------------------
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise SystemExit(f"process {proc.args[:3]} exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"nothing listening on {port} after {timeout} s")
+
+
+def wait_answer(port: int, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Wait until a socketmap request is answered ('twistd -n mtasts' accepts and closes until it is ready)."""
+    request = b"22:postfix [127.0.0.1]:25,"  # an address literal: answered NOTFOUND without any lookup
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise SystemExit(f"process {proc.args[:3]} exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(request)
+                if s.recv(100).endswith(b","):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"no socketmap answer on {port} after {timeout} s")
+
+
+class Daemon:
+    name = "?"
+
+    def __init__(self, port: int, workdir: str, tag: str) -> None:
+        self.port = port
+        self.workdir = workdir
+        self.tag = tag
+        self.proc: subprocess.Popen | None = None
+        self.log = os.path.join(workdir, f"{tag}.log")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def command(self) -> tuple[list[str], dict]:
+        raise NotImplementedError
+
+    def start(self) -> "Daemon":
+        argv, env = self.command()
+        self.proc = subprocess.Popen(argv, env=env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
+                                     cwd=self.workdir)
+        wait_port(self.port, self.proc)
+        wait_answer(self.port, self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Ours(Daemon):
+    name = "ours"
+
+    def __init__(self, port, workdir, tag, data_dir, mode="daemon", profile=None, prototype=False):
+        super().__init__(port, workdir, tag)
+        self.prototype = prototype
+        self.data_dir = data_dir
+        self.mode = mode
+        self.profile = profile
+
+    def command(self):
+        ca = os.path.join(self.workdir, "ca.pem")
+        if self.mode == "twistd":
+            twistd = os.path.join(os.path.dirname(PY), "twistd")
+            argv = [twistd, "-n", "--pidfile=", "mtasts", "--data-dir", self.data_dir,
+                    "--socketmap", f"tcp:{self.port}:interface=127.0.0.1", "--smtp", "none",
+                    "--nameserver", "127.0.0.1:53", "--ca-file", ca, "--no-reports"]
+        else:
+            argv = [PY, os.path.join(HERE, "daemon.py"), "--port", str(self.port), "--data-dir", self.data_dir,
+                    "--nameserver", "127.0.0.1:53", "--ca-file", ca]
+            if self.profile:
+                argv += ["--profile", self.profile]
+            if self.prototype:
+                argv.append("--prototype")
+        return argv, dict(os.environ)
+
+
+class Peer(Daemon):
+    name = "peer"
+
+    def __init__(self, port, workdir, tag, cache="internal"):
+        super().__init__(port, workdir, tag)
+        self.cache = cache
+
+    def command(self):
+        if self.cache == "sqlite":
+            db = os.path.join(self.workdir, f"{self.tag}.sqlite")
+            cache = f"  type: sqlite\n  options:\n    filename: {db}\n"
+        else:
+            cache = "  type: internal\n  options:\n    cache_size: 10000\n"
+        zone = "  strict_testing: false\n  timeout: 4\n  require_sni: true\n  tlsrpt: false\n"
+        config = (f"host: 127.0.0.1\nport: {self.port}\nreuse_port: true\nshutdown_timeout: 1\n"
+                  f"cache_grace: 60\nproactive_policy_fetching:\n  enabled: false\n"
+                  f"cache:\n{cache}default_zone:\n{zone}zones:\n  postfix:\n"
+                  + zone.replace("  ", "    "))
+        path = os.path.join(self.workdir, f"{self.tag}.yml")
+        with open(path, "w") as f:
+            f.write(config)
+        env = dict(os.environ, SSL_CERT_FILE=os.path.join(self.workdir, "ca.pem"))
+        env.pop("SSL_CERT_DIR", None)
+        return [PEER_DAEMON, "-c", path, "-v", "warn"], env
+
+
+def loadgen(daemon: Daemon, **kw) -> dict:
+    argv = [PY, os.path.join(HERE, "loadgen.py"), "--port", str(daemon.port), "--pid", str(daemon.pid)]
+    for key, value in kw.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value not in (None, False):
+            argv += [flag, str(value)]
+    out = subprocess.run(argv, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"loadgen failed: {out.stderr}")
+    return json.loads(out.stdout)
+
+
+def rss_kb(pid: int, field: str = "VmRSS:") -> int:
+    """The process's resident set (or with field="VmHWM:", its peak) in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+def control(request: dict) -> dict:
+    with socket.create_connection(("127.0.0.1", CONTROL), timeout=30) as s:
+        s.sendall(json.dumps(request).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data)
+
+
+# --- phases ---------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args, workdir):
+        self.args = args
+        self.workdir = workdir
+        q = args.quick
+        self.T = 3.0 if q else 10.0
+        self.rounds = 1 if q else 3
+        self.cold_rounds = 1 if q else 2
+        self.n_cached = 300 if q else 1000
+        self.n_cold = 800 if q else 3000
+        self.backoff_window = 20.0 if q else 300.0
+        self.rss_policies = 100000
+        self.rss_window = 10.0 if q else 60.0
+        self.results: dict = {"runs": []}
+        self.port = 18460
+        self.world = None
+        self.daemons: list[Daemon] = []
+
+    def next_port(self) -> int:
+        self.port += 1
+        return self.port
+
+    def ours(self, tag, data_dir=None, profile=None, fix=False) -> Ours:
+        """Our daemon: per --ours; with fix, bench/daemon.py --prototype (the proposed fixes)."""
+        data_dir = data_dir or os.path.join(self.workdir, tag)
+        mode = "daemon" if (fix or profile) else self.args.ours
+        d = Ours(self.next_port(), self.workdir, tag, data_dir, mode, profile, fix or self.args.prototype)
+        if fix:
+            d.name = "fix"
+        self.daemons.append(d)
+        return d.start()
+
+    def peer(self, tag, cache="internal") -> Peer:
+        d = Peer(self.next_port(), self.workdir, tag, cache)
+        self.daemons.append(d)
+        return d.start()
+
+    def start_world(self):
+        argv = [PY, os.path.join(HERE, "world.py"), "--workdir", self.workdir, "--cached", str(self.n_cached),
+                "--cold", str(self.n_cold), "--control", str(CONTROL)]
+        self.world = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=open(os.path.join(self.workdir, "world.log"), "ab"))
+        line = self.world.stdout.readline()
+        if b"READY" not in line:
+            raise SystemExit("world did not start; see world.log")
+        control({"op": "ping"})
+
+    def record(self, figure, daemon, result):
+        result = dict(result, figure=figure, daemon=daemon)
+        self.results["runs"].append(result)
+        print(f"  {figure:<28} {daemon:<5} {result.get('rps', ''):>9} lookups/s  p50 {result.get('p50_ms')} ms"
+              f"  p99 {result.get('p99_ms')} ms  cpu/lookup {result.get('cpu_per_lookup_us')} us"
+              f"  kinds {result.get('kinds')}", flush=True)
+        return result
+
+    def warm(self, daemon, n):
+        r = loadgen(daemon, conns=8, duration=120, keys="d{i}.bench.test", nkeys=n, once=True)
+        if r["answered"] != n or set(r["kinds"]) != {"OK"}:
+            raise SystemExit(f"warm-up of {daemon.name} failed: {r}")
+        return r
+
+    def alternate(self, figure, daemons, conns_list):
+        for r in range(self.rounds):
+            k = r % len(daemons)
+            order = daemons[k:] + daemons[:k]
+            for conns in conns_list:
+                for d in order:
+                    res = loadgen(d, conns=conns, duration=self.T, keys="d{i}.bench.test", nkeys=self.n_cached)
+                    self.record(f"{figure} c={conns}", d.name, res)
+
+    def phase_cached(self):
+        print("phase cached: cached lookups, peer with internal cache + uvloop", flush=True)
+        self.o1 = self.ours("ours-cached")
+        self.p1 = self.peer("peer-internal")
+        group = [self.o1, self.p1]
+        if self.args.fix:
+            self.f1 = self.ours("fix-cached", fix=True)
+            group.append(self.f1)
+        for d in group:
+            self.warm(d, self.n_cached)
+        self.alternate("cached", group, [1, 8])
+        for d in group:
+            self.results[f"{d.name}_rss_kb_cached"] = rss_kb(d.pid)
+
+    def phase_coalesce(self):
+        print("phase coalesce: 100 connections, one uncached domain", flush=True)
+        o = getattr(self, "o1", None) or self.ours("ours-cached")
+        p = getattr(self, "p1", None) or self.peer("peer-internal")
+        for d, domain in ((o, "coal0.bench.test"), (p, "coal1.bench.test")):
+            res = loadgen(d, conns=100, burst=True, duration=60, keys=domain, nkeys=1)
+            counts = control({"op": "counts", "txt": [domain], "https": [domain]})
+            res["txt_queries"] = counts["txt"][domain]
+            res["https_fetches"] = counts["https"][domain]
+            self.record("coalesce", d.name, res)
+            print(f"    {d.name}: {res['answered']} answers, {res['txt_queries']} TXT queries, "
+                  f"{res['https_fetches']} HTTPS fetches", flush=True)
+
+    def phase_sqlite(self):
+        print("phase sqlite: cached lookups, peer with its sqlite cache; ours restarted on its SQLite file", flush=True)
+        for d in (getattr(self, "o1", None), getattr(self, "p1", None), getattr(self, "f1", None)):
+            if d is not None:
+                d.stop()
+        group = [self.ours("ours-sqlite", data_dir=os.path.join(self.workdir, "ours-cached")),
+                 self.peer("peer-sqlite", cache="sqlite")]
+        if self.args.fix:
+            group.append(self.ours("fix-sqlite", data_dir=os.path.join(self.workdir, "fix-cached"), fix=True))
+        for d in group:
+            self.warm(d, self.n_cached)
+        self.alternate("sqlite", group, [1, 8])
+        for d in group:
+            d.stop()
+
+    def start_backoff(self):
+        print(f"phase backoff (background): 1 lookup/s of a failing domain for {self.backoff_window:.0f} s", flush=True)
+        self.bo = self.ours("ours-backoff")
+        self.bp = self.peer("peer-backoff")
+        self.backoff_procs = []
+        for d, domain in ((self.bo, "fail0.bench.test"), (self.bp, "fail1.bench.test")):
+            argv = [PY, os.path.join(HERE, "loadgen.py"), "--port", str(d.port), "--pid", str(d.pid),
+                    "--conns", "1", "--rate", "1", "--duration", str(self.backoff_window),
+                    "--max", str(int(self.backoff_window)), "--keys", domain]
+            self.backoff_procs.append((d, domain, subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)))
+
+    def finish_backoff(self):
+        for d, domain, proc in self.backoff_procs:
+            out, _ = proc.communicate()
+            res = json.loads(out)
+            counts = control({"op": "counts", "txt": [domain], "https": [domain]})
+            res["txt_queries"] = counts["txt"][domain]
+            res["https_fetches"] = counts["https"][domain]
+            res["window_s"] = self.backoff_window
+            scale = 300.0 / self.backoff_window
+            res["https_fetches_per_5min"] = res["https_fetches"] if d.name == "ours" and res["https_fetches"] <= 1 \
+                else round(res["https_fetches"] * scale)
+            self.record("backoff", d.name, res)
+            print(f"    {d.name}: {res['answered']} lookups in {self.backoff_window:.0f} s, "
+                  f"{res['https_fetches']} HTTPS fetches, {res['txt_queries']} TXT queries", flush=True)
+        self.bo.stop()
+        self.bp.stop()
+
+    def phase_cold(self):
+        print("phase cold: unique uncached domains, 32 connections, fresh daemons", flush=True)
+        for r in range(self.cold_rounds):
+            makers = [("ours", lambda r=r: self.ours(f"ours-cold{r}")), ("peer", lambda r=r: self.peer(f"peer-cold{r}"))]
+            if r % 2:
+                makers.reverse()
+            for name, make in makers:
+                d = make()
+                before = control({"op": "counts"})
+                res = loadgen(d, conns=32, duration=self.T, keys="c{i}.bench.test", nkeys=self.n_cold, once=True)
+                after = control({"op": "counts"})
+                res["dns_queries_per_lookup"] = round((after["dns_total"] - before["dns_total"]) / max(1, res["answered"]), 2)
+                self.record("cold c=32", name, res)
+                print(f"    {name}: {res['dns_queries_per_lookup']} DNS queries per cold lookup", flush=True)
+                d.stop()
+
+    def phase_rss(self):
+        print(f"phase rss: {self.rss_policies} policies pre-seeded into our SQLite cache", flush=True)
+        data_dir = os.path.join(self.workdir, "ours-rss")
+        t = time.time()
+        subprocess.run([PY, os.path.join(HERE, "seed.py"), "--data-dir", data_dir, "--count", str(self.rss_policies)],
+                       check=True)
+        seed_s = time.time() - t
+        o = self.ours("ours-rss", data_dir=data_dir)
+        idle = rss_kb(o.pid)
+        first = loadgen(o, max=1, keys="r0.rss.bench.test")
+        counts = control({"op": "counts", "txt": ["r0.rss.bench.test"], "https": ["r0.rss.bench.test"]})
+        res = loadgen(o, conns=8, duration=self.rss_window, keys="r{i}.rss.bench.test", nkeys=self.rss_policies,
+                      once=True)
+        self.record("rss lookups c=8", "ours", res)
+        after = rss_kb(o.pid)
+        peak = rss_kb(o.pid, "VmHWM:")
+        self.results["rss"] = {
+            "policies": self.rss_policies, "seed_s": round(seed_s, 1), "rss_kb_start": idle,
+            "first_answer": first["samples"], "first_https": counts["https"]["r0.rss.bench.test"],
+            "first_kinds": first["kinds"], "looked_up": res["answered"], "rss_kb_after": after,
+            "rss_kb_peak": peak,
+        }
+        print(f"    {self.results['rss']}", flush=True)
+        o.stop()
+
+    def phase_profile(self):
+        print("phase profile: cProfile of our daemon under cached load, 8 connections", flush=True)
+        prof = os.path.join(self.workdir, "ours-cached.prof")
+        o = self.ours("ours-profile", data_dir=os.path.join(self.workdir, "ours-profile"), profile=prof)
+        self.warm(o, self.n_cached)
+        loadgen(o, conns=8, duration=1, keys="d{i}.bench.test", nkeys=self.n_cached)
+        o.proc.send_signal(signal.SIGUSR1)
+        time.sleep(0.2)
+        res = loadgen(o, conns=8, duration=self.T, keys="d{i}.bench.test", nkeys=self.n_cached)
+        o.proc.send_signal(signal.SIGUSR2)
+        for _ in range(100):
+            time.sleep(0.1)
+            if os.path.exists(prof):
+                break
+        time.sleep(0.5)
+        self.record("profiled c=8", "ours", res)
+        o.stop()
+        import pstats
+
+        stats = pstats.Stats(prof)
+        stats.sort_stats("tottime").print_stats(25)
+        stats.sort_stats("cumulative").print_stats(30)
+        self.results["profile"] = prof
+
+    def phase_profile_cold(self):
+        print("phase profile-cold: cProfile of our daemon under cold load, 32 connections", flush=True)
+        prof = os.path.join(self.workdir, "ours-cold.prof")
+        o = self.ours("ours-profile-cold", profile=prof)
+        o.proc.send_signal(signal.SIGUSR1)
+        time.sleep(0.2)
+        res = loadgen(o, conns=32, duration=self.T, keys="c{i}.bench.test", nkeys=self.n_cold, once=True)
+        o.proc.send_signal(signal.SIGUSR2)
+        for _ in range(100):
+            time.sleep(0.1)
+            if os.path.exists(prof):
+                break
+        time.sleep(0.5)
+        self.record("profiled cold c=32", "ours", res)
+        o.stop()
+        import pstats
+
+        stats = pstats.Stats(prof)
+        stats.sort_stats("tottime").print_stats(30)
+        stats.sort_stats("cumulative").print_stats(40)
+
+    def stop_all(self):
+        for d in self.daemons:
+            d.stop()
+        if self.world is not None:
+            self.world.terminate()
+            self.world.wait()
+
+
+def median(values):
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    n = len(values)
+    return values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2
+
+
+def table(results: dict, bench: Bench) -> str:
+    """Markdown table: ours (per --ours), the peer, the ratio, target, met; then ours with the proposed fixes."""
+    runs = results["runs"]
+
+    def fig(figure, daemon, key):
+        return median([r.get(key) for r in runs if r["figure"] == figure and r["daemon"] == daemon])
+
+    rows = []
+
+    def f(v, fmt):
+        if v is None:
+            return "-"
+        return fmt.format(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+
+    def row(label, ours, peer, target, check=None, fix=None, fmt="{:.0f}"):
+        ratio = ours / peer if isinstance(ours, (int, float)) and isinstance(peer, (int, float)) and peer else None
+        fratio = fix / peer if isinstance(fix, (int, float)) and isinstance(peer, (int, float)) and peer else None
+        met = "-" if check is None else ("yes" if check(ours, ratio) else "NO")
+        fmet = "-" if check is None or fix is None else ("yes" if check(fix, fratio) else "NO")
+        rows.append((label, f(ours, fmt), f(peer, fmt), "-" if ratio is None else f"{ratio:.2f}x", target, met,
+                     f(fix, fmt), "-" if fratio is None else f"{fratio:.2f}x", fmet))
+
+    def at_least(k):
+        return lambda v, ratio: ratio is not None and ratio >= k
+
+    def at_most(k):
+        return lambda v, ratio: ratio is not None and ratio <= k
+
+    for conns in (1, 8):
+        key = f"cached c={conns}"
+        if fig(key, "ours", "rps") is not None:
+            row(f"cached lookups/s, {conns} conn", fig(key, "ours", "rps"), fig(key, "peer", "rps"), ">= 1.5x",
+                at_least(1.5), fig(key, "fix", "rps"))
+    for conns in (1, 8):
+        key = f"cached c={conns}"
+        if fig(key, "ours", "rps") is not None:
+            row(f"daemon CPU us per cached lookup, {conns} conn", fig(key, "ours", "cpu_per_lookup_us"),
+                fig(key, "peer", "cpu_per_lookup_us"), "<= 0.6x", at_most(0.6), fig(key, "fix", "cpu_per_lookup_us"),
+                fmt="{:.1f}")
+    for conns in (1, 8):
+        key = f"cached c={conns}"
+        if fig(key, "ours", "rps") is not None:
+            row(f"cached p50 / p99 latency ms, {conns} conn",
+                f"{fig(key, 'ours', 'p50_ms')} / {fig(key, 'ours', 'p99_ms')}",
+                f"{fig(key, 'peer', 'p50_ms')} / {fig(key, 'peer', 'p99_ms')}", "(info)", None,
+                None if fig(key, "fix", "p50_ms") is None else f"{fig(key, 'fix', 'p50_ms')} / {fig(key, 'fix', 'p99_ms')}")
+    for conns in (1, 8):
+        key = f"sqlite c={conns}"
+        if fig(key, "ours", "rps") is not None:
+            row(f"cached lookups/s, SQLite cache, {conns} conn", fig(key, "ours", "rps"), fig(key, "peer", "rps"),
+                ">= 5x", at_least(5), fig(key, "fix", "rps"))
+    co = {r["daemon"]: r for r in runs if r["figure"] == "coalesce"}
+    if co:
+        row("100 conns, 1 uncached domain: TXT queries", co["ours"]["txt_queries"], co["peer"]["txt_queries"],
+            "ours == 1", lambda v, r: v == 1)
+        row("100 conns, 1 uncached domain: HTTPS fetches", co["ours"]["https_fetches"], co["peer"]["https_fetches"],
+            "ours == 1", lambda v, r: v == 1)
+    bo = {r["daemon"]: r for r in runs if r["figure"] == "backoff"}
+    if bo:
+        label = "failing policy fetch, 1 lookup/s: HTTPS fetches in 5 min"
+        if bench.backoff_window < 300:
+            label += f" ({bench.backoff_window:.0f} s measured; peer scaled)"
+        row(label, bo["ours"]["https_fetches_per_5min"], bo["peer"]["https_fetches_per_5min"], "ours == 1",
+            lambda v, r: bo["ours"]["https_fetches"] == 1)
+    o = fig("cold c=32", "ours", "rps")
+    if o is not None:
+        row("cold lookups/s, unique domains, 32 conns", o, fig("cold c=32", "peer", "rps"), ">= 1x", at_least(1),
+            fmt="{:.1f}")
+        row("daemon CPU ms per cold lookup", fig("cold c=32", "ours", "cpu_per_lookup_us") / 1000,
+            fig("cold c=32", "peer", "cpu_per_lookup_us") / 1000, "(info)", fmt="{:.1f}")
+    if "rss" in results:
+        r = results["rss"]
+        row(f"RSS MB: 100k policies cached (SQLite), after {r['looked_up']} lookups", r["rss_kb_after"] / 1024, None,
+            "<= 100 MB", lambda v, ratio: v <= 100, fmt="{:.1f}")
+        row("  same, peak RSS (VmHWM) MB", r["rss_kb_peak"] / 1024, None, "(info)", None, fmt="{:.1f}")
+        served = r["first_https"] == 0 and r["first_kinds"] == {"OK": 1}
+        row("after restart, first lookup served from disk (no HTTPS)", "yes" if served else "no", None, "yes",
+            lambda v, ratio: v == "yes")
+    if "ours_rss_kb_cached" in results:
+        fix = results.get("fix_rss_kb_cached")
+        row(f"RSS MB after the cached phase ({bench.n_cached} domains)", results["ours_rss_kb_cached"] / 1024,
+            results["peer_rss_kb_cached"] / 1024, "(info)", None, None if fix is None else fix / 1024, fmt="{:.1f}")
+    header = ("figure", f"ours ({bench.args.ours})", "peer", "ours/peer", "target", "met",
+              "ours+fixes", "fixes/peer", "met")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    lines = []
+    for r in [header] + rows:
+        lines.append("| " + " | ".join(c.ljust(widths[i]) for i, c in enumerate(r)) + " |")
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    model = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (f"{time.strftime('%Y-%m-%d %H:%M %Z')}; nproc {os.cpu_count()}; {model}; "
+            f"Python {platform.python_version()}; {platform.system()} {platform.release()}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="3 s runs, one round, 20 s backoff window")
+    parser.add_argument("--only", default=",".join(p for p in PHASES if not p.startswith("profile")),
+                        help=f"comma-separated phases of {', '.join(PHASES)}")
+    parser.add_argument("--ours", choices=("daemon", "twistd"), default="twistd",
+                        help="'twistd -n mtasts' (default) or bench/daemon.py (the same objects, no twistd)")
+    parser.add_argument("--prototype", action="store_true",
+                        help="run our daemon everywhere as bench/daemon.py with bench/prototype.py's fixes")
+    parser.add_argument("--no-fix", dest="fix", action="store_false",
+                        help="skip the third column: bench/daemon.py with bench/prototype.py's proposed fixes")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args()
+    if os.environ.get(NS_ENV) != "1":
+        enter_namespace()
+    phases = [p for p in args.only.split(",") if p]
+    for p in phases:
+        if p not in PHASES:
+            raise SystemExit(f"unknown phase {p}")
+    workdir = tempfile.mkdtemp(prefix="mtasts-bench-")
+    setup_namespace(workdir)
+    bench = Bench(args, workdir)
+    print(f"work directory {workdir}; {machine()}", flush=True)
+    try:
+        bench.start_world()
+        if "backoff" in phases:
+            bench.start_backoff()
+        for p in ("cached", "coalesce", "sqlite", "cold", "rss", "profile", "profile-cold"):
+            if p in phases:
+                try:
+                    getattr(bench, "phase_" + p.replace("-", "_"))()
+                except SystemExit as e:  # one failed phase must not lose the others' figures
+                    print(f"phase {p} FAILED: {e}", flush=True)
+                    bench.results.setdefault("failed", []).append(f"{p}: {e}")
+        if "backoff" in phases:
+            bench.finish_backoff()
+        bench.results["machine"] = machine()
+        bench.results["quick"] = args.quick
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(bench.results, f, indent=1)
+        print()
+        print(f"mtasts-twisted vs postfix-mta-sts-resolver ({'quick' if args.quick else 'full'} run)")
+        print(machine())
+        text = table(bench.results, bench)
+        print(text)
+        with open(os.path.join(workdir, "table.md"), "w") as f:
+            f.write(machine() + "\n\n" + text + "\n")
+        print(f"raw results: {os.path.join(workdir, 'results.json')}")
+    finally:
+        bench.stop_all()
+        if not args.keep:
+            for name in os.listdir(workdir):
+                if name.endswith((".json", ".prof", ".log")):
+                    continue
+                path = os.path.join(workdir, name)
+                shutil.rmtree(path) if os.path.isdir(path) else None
+
+
+if __name__ == "__main__":
+    main()
