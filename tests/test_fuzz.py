@@ -25,10 +25,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import DatagramProtocol, Protocol
+from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -63,6 +62,7 @@ from mtasts_twisted.testing.memory import FakeFetcher, FakeResolver
 from mtasts_twisted.tlsrpt.aggregate import merge_results
 from mtasts_twisted.tlsrpt.report import Report, ReportSettings
 from tests.test_faults import fuzz_examples, tally
+from tests.clients import RawClient
 
 N = fuzz_examples(60)
 FUZZ = settings(max_examples=N, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -257,18 +257,6 @@ class SocketmapFuzzTests(SynchronousTestCase):
         self.assertEqual(decoder.buffered, 0)
 
 
-class _Collect(Protocol):
-    def __init__(self) -> None:
-        self.data = b""
-        self.lost: Deferred[None] = Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: object = None) -> None:
-        self.lost.callback(None)
-
-
 class SocketmapTCPFuzzTests(TestCase):
     """Random garbage over real TCP connections; the server keeps serving."""
 
@@ -283,7 +271,7 @@ class SocketmapTCPFuzzTests(TestCase):
         rng = random.Random(8461)
         rounds = max(20, N // 3)
         for i in range(rounds):
-            client = await connectProtocol(endpoint, _Collect())
+            client = await connectProtocol(endpoint, RawClient())
             garbage = rng.randbytes(rng.randrange(1, 3000))
             if i % 3 == 0:
                 garbage = encode_netstring(b"postfix example.com") + garbage
@@ -291,10 +279,10 @@ class SocketmapTCPFuzzTests(TestCase):
             # Then close our side; the server must answer or close, never hang or crash.
             await deferLater(reactor, 0.01, lambda: None)
             client.transport.loseConnection()
-            await client.lost
+            await client.closed
             NetstringDecoder(MAX_REPLY + 10).feed(client.data)  # what came back is well-framed
             tally("fuzz_examples")
-        client = await connectProtocol(endpoint, _Collect())
+        client = await connectProtocol(endpoint, RawClient())
         client.transport.write(encode_netstring(b"postfix example.com"))
         for _ in range(100):
             if client.data:
@@ -303,7 +291,7 @@ class SocketmapTCPFuzzTests(TestCase):
         self.assertTrue(client.data.startswith(b"50:OK secure match=mx1.example.com") or
                         b"OK secure" in client.data, client.data)
         client.transport.loseConnection()
-        await client.lost
+        await client.closed
         for _ in range(100):
             if factory.connections == 0:
                 break
@@ -545,7 +533,7 @@ class RelayIntakeFuzzTests(TestCase):
         accepted = 0
         rounds = max(25, N // 2)
         for _ in range(rounds):
-            client = await connectProtocol(endpoint, _Collect())
+            client = await connectProtocol(endpoint, RawClient())
             parts = []
             for _ in range(rng.randrange(1, 25)):
                 choice = rng.random()
@@ -558,24 +546,24 @@ class RelayIntakeFuzzTests(TestCase):
             client.transport.write(b"".join(parts))
             await deferLater(reactor, 0.02, lambda: None)
             client.transport.loseConnection()
-            await client.lost
+            await client.closed
             accepted += client.data.count(b"250 2.0.0 Ok: queued")
             for line in client.data.split(b"\r\n"):
                 if line:
                     self.assertRegex(line, rb"\A[2-5]\d\d[ -]", line[:80])
             tally("fuzz_examples")
         # A well-formed transaction still goes through after all that.
-        client = await connectProtocol(endpoint, _Collect())
+        client = await connectProtocol(endpoint, RawClient())
         client.transport.write(b"EHLO ok.test\r\nMAIL FROM:<a@ok.test>\r\nRCPT TO:<b@dest.test>\r\nDATA\r\n")
         await deferLater(reactor, 0.1, lambda: None)
         client.transport.write(b"Subject: ok\r\n\r\nbody\r\n.\r\nQUIT\r\n")
         for _ in range(300):
-            if client.lost.called:
+            if client.closed.called:
                 break
             await deferLater(reactor, 0.01, lambda: None)
         self.assertIn(b"250 2.0.0 Ok: queued", client.data)
         accepted += 1
-        await client.lost
+        await client.closed
         await factory.wait_closed()
         self.assertEqual(len(queue.list()), accepted)
         self.assertEqual(factory.connections, 0)
@@ -594,14 +582,14 @@ class RelayIntakeFuzzTests(TestCase):
         factory = RelaySMTPFactory(queue, settings, reactor)
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
-        client = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), _Collect())
+        client = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), RawClient())
         client.transport.write(b"EHLO ok.test\r\nMA\xbcL FROM:<a@ok.test>\r\nNOOP\r\n")
         for _ in range(100):
-            if client.data.count(b"\r\n250 ") >= 2 or client.lost.called:
+            if client.data.count(b"\r\n250 ") >= 2 or client.closed.called:
                 break
             await deferLater(reactor, 0.01, lambda: None)
         client.transport.loseConnection()
-        await client.lost
+        await client.closed
         await factory.wait_closed()
         crashed = self.flushLoggedErrors(UnicodeDecodeError)
         self.assertEqual(crashed, [], "an exception escaped the SMTP server protocol")

@@ -22,7 +22,6 @@ import time
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
@@ -34,21 +33,10 @@ from mtasts_twisted.store import MemoryStore
 from mtasts_twisted.testing.memory import FakeFetcher, FakeResolver
 from mtasts_twisted.testing.smtp import Behaviour, Reply, Stage
 from tests.test_faults import Harness, RawSMTP, policy_text, tally
+from tests.clients import RawClient
 from twisted.trial import unittest
 
 ENFORCE = "version: STSv1\nmode: enforce\nmx: mx1.example.com\nmax_age: 86400\n"
-
-
-class _Client(Protocol):
-    def __init__(self) -> None:
-        self.data = b""
-        self.lost: Deferred[None] = Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: object = None) -> None:
-        self.lost.callback(None)
 
 
 async def _wait(condition, seconds: float = 3.0) -> bool:
@@ -81,13 +69,13 @@ class SocketmapLimitTests(TestCase):
         self.addCleanup(lambda: Deferred.fromCoroutine(all_closed()))
         return factory
 
-    async def connect(self) -> _Client:
-        client = await connectProtocol(self.endpoint, _Client())
+    async def connect(self) -> RawClient:
+        client = await connectProtocol(self.endpoint, RawClient())
 
         async def close() -> None:
             if client.transport.connected:
                 client.transport.loseConnection()
-            await client.lost
+            await client.closed
 
         self.addCleanup(lambda: Deferred.fromCoroutine(close()))
         return client
@@ -100,7 +88,7 @@ class SocketmapLimitTests(TestCase):
         self.assertTrue(await _wait(lambda: client.data))
         self.assertTrue(client.data.startswith(b"PERM ", client.data.index(b":") + 1))
         client.transport.write(encode_netstring(b"postfix " + b"a" * 9993))
-        await client.lost
+        await client.closed
         self.assertEqual(self.factory.counts["broken"], 1)
         tally("limit_case")
 
@@ -109,7 +97,7 @@ class SocketmapLimitTests(TestCase):
         self.serve()
         client = await self.connect()
         client.transport.write(b"99999999999999999999")
-        await client.lost
+        await client.closed
         self.assertEqual(client.data, b"")
         tally("limit_case")
 
@@ -119,10 +107,10 @@ class SocketmapLimitTests(TestCase):
         clients = [await self.connect() for _ in range(3)]
         self.assertTrue(await _wait(lambda: self.factory.connections == 3))
         extra = await self.connect()
-        await extra.lost
+        await extra.closed
         self.assertEqual(self.factory.counts["refused"], 1)
         clients[0].transport.loseConnection()
-        await clients[0].lost
+        await clients[0].closed
         self.assertTrue(await _wait(lambda: self.factory.connections == 2))
         again = await self.connect()
         again.transport.write(encode_netstring(b"postfix example.com"))
@@ -133,7 +121,7 @@ class SocketmapLimitTests(TestCase):
         self.serve(idle_timeout=0.3)
         client = await self.connect()
         started = time.monotonic()
-        await client.lost
+        await client.closed
         self.assertLess(time.monotonic() - started, 2)
         self.assertEqual(self.factory.counts["idle"], 1)
         tally("limit_case")
@@ -153,7 +141,7 @@ class SocketmapLimitTests(TestCase):
                 break
             client.transport.write(bytes([byte]))
             await deferLater(reactor, 0.1, lambda: None)
-        self.assertTrue(await _wait(lambda: client.lost.called, 2.0))
+        self.assertTrue(await _wait(lambda: client.closed.called, 2.0))
         self.assertLess(time.monotonic() - started, 1.5)
         self.assertEqual(self.factory.counts["idle"], 1)
         tally("limit_case")
@@ -311,14 +299,14 @@ class RelaySlowlorisTests(TestCase):
     async def test_trickled_command_line_closed(self) -> None:
         """One byte of a command every 0.1 s never completes a line: closed at the idle timeout."""
         factory = await self.listen(idle_timeout=0.5)
-        client = await connectProtocol(self.endpoint, _Client())
+        client = await connectProtocol(self.endpoint, RawClient())
         started = time.monotonic()
         for byte in b"EHLO a-very-slow-client.test":  # bounded, never sends CRLF
-            if client.lost.called:
+            if client.closed.called:
                 break
             client.transport.write(bytes([byte]))
             await deferLater(reactor, 0.1, lambda: None)
-        self.assertTrue(await _wait(lambda: client.lost.called, 2.0))
+        self.assertTrue(await _wait(lambda: client.closed.called, 2.0))
         self.assertLess(time.monotonic() - started, 1.5)
         self.assertIn(b"421 ", client.data)
         await factory.wait_closed()
@@ -327,10 +315,10 @@ class RelaySlowlorisTests(TestCase):
     async def test_many_slow_clients_capped_per_ip(self) -> None:
         """Slow clients cannot hold more than max_connections_per_ip connections."""
         factory = await self.listen(idle_timeout=5.0, max_connections_per_ip=3)
-        clients = [await connectProtocol(self.endpoint, _Client()) for _ in range(5)]
-        self.assertTrue(await _wait(lambda: sum(c.lost.called for c in clients) == 2))
+        clients = [await connectProtocol(self.endpoint, RawClient()) for _ in range(5)]
+        self.assertTrue(await _wait(lambda: sum(c.closed.called for c in clients) == 2))
         self.assertEqual(factory.connections, 3)
-        refused = [c for c in clients if c.lost.called]
+        refused = [c for c in clients if c.closed.called]
         self.assertTrue(all(b"421 4.7.0" in c.data for c in refused))
         for client in clients:
             client.transport.loseConnection()

@@ -9,56 +9,19 @@ C{test_relay.IntakeTests.test_too_many_recipients}.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.protocol import ClientFactory
 from twisted.internet.task import Clock, deferLater
-from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from mtasts_twisted.queue import Queue
+from tests.clients import RawClient
 from mtasts_twisted.relay import RelaySettings, RelaySMTPFactory
-
-
-class RawClient(Protocol):
-    """Collects what the server sends; writes what the test says."""
-
-    def __init__(self) -> None:
-        self.data = b""
-        self.closed: Deferred[None] = Deferred()
-        self._waiting: list[tuple[re.Pattern[bytes], Deferred[re.Match[bytes]]]] = []
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-        for item in list(self._waiting):
-            match = item[0].search(self.data)
-            if match:
-                self._waiting.remove(item)
-                item[1].callback(match)
-
-    def connectionLost(self, reason: Failure) -> None:
-        for _, d in self._waiting:
-            d.errback(AssertionError(f"closed before the expected reply; got {self.data!r}"))
-        self._waiting = []
-        self.closed.callback(None)
-
-    def expect(self, pattern: bytes, timeout: float = 5) -> Deferred[re.Match[bytes]]:
-        compiled = re.compile(pattern, re.MULTILINE)
-        d: Deferred[re.Match[bytes]] = Deferred()
-        match = compiled.search(self.data)
-        if match:
-            d.callback(match)
-        else:
-            self._waiting.append((compiled, d))
-        return d.addTimeout(timeout, reactor)
-
-    def send(self, data: bytes) -> None:
-        self.transport.write(data)
 
 
 class LimitTests(TestCase):

@@ -385,6 +385,14 @@ class ConnectionTracker(WrappingFactory):
 
     protocol = TrackedConnection
 
+    def abort_all(self) -> Deferred[None]:
+        """Abort every open connection; fire when all are gone."""
+        waits = []
+        for connection in list(self.protocols):
+            waits.append(connection.closed)
+            connection.transport.abortConnection()
+        return gatherResults(waits).addCallback(lambda _: None)
+
 
 class PolicyServer:
     """
@@ -516,7 +524,5 @@ class PolicyServer:
             waits.append(maybeDeferred(self._listening.stopListening))
             self._listening = None
         if self._tracker is not None:
-            for connection in list(self._tracker.protocols):
-                waits.append(connection.closed)
-                connection.transport.abortConnection()
+            waits.append(self._tracker.abort_all())
         return gatherResults(waits).addCallback(lambda _: None)

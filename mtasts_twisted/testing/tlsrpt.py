@@ -168,9 +168,7 @@ class ReportReceiver:
             waits.append(maybeDeferred(self._listening.stopListening))
             self._listening = None
         if self._tracker is not None:
-            for connection in list(self._tracker.protocols):
-                waits.append(connection.closed)
-                connection.transport.abortConnection()
+            waits.append(self._tracker.abort_all())
         return gatherResults(waits).addCallback(lambda _: None)
 
 
