@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 import attrs
 from twisted.application.service import Service
@@ -561,18 +561,33 @@ class PolicyCache:
         self._confirmed.pop(key, None)
         return bool(await self._shelf.delete(key))
 
-    async def entries(self) -> list[CacheEntry]:
-        """Every readable cache entry, in key order (for the refresher and CLI)."""
-        out = []
-        for key, row in await self._shelf.items():
-            try:
-                entry = CacheEntry.from_json(row)
+    async def entry_pages(self, size: int = 500) -> AsyncIterator[list[CacheEntry]]:
+        """
+        Every readable cache entry, in key order, a page at a time: the
+        refresher walks a cache of any size without loading all of it.
+        """
+        after = None
+        while True:
+            rows = await self._shelf.items(after=after, limit=size)
+            page = []
+            for key, row in rows:
+                try:
+                    entry = CacheEntry.from_json(row)
+                except (KeyError, TypeError, ValueError, MTASTSError) as e:
+                    log.warn("ignoring unreadable cache entry for {domain}: {error}", domain=key, error=e)
+                    continue
                 if self._pending_use.get(key, 0) > entry.last_use:
                     entry = attrs.evolve(entry, last_use=self._pending_use[key])
-                out.append(entry)
-            except (KeyError, TypeError, ValueError, MTASTSError) as e:
-                log.warn("ignoring unreadable cache entry for {domain}: {error}", domain=key, error=e)
-        return out
+                page.append(entry)
+            if page:
+                yield page
+            if len(rows) < size:
+                return
+            after = rows[-1][0]
+
+    async def entries(self) -> list[CacheEntry]:
+        """Every readable cache entry, in key order (for the CLI)."""
+        return [entry async for page in self.entry_pages() for entry in page]
 
 
 @attrs.frozen
@@ -637,25 +652,28 @@ class PolicyRefresher(Service):
     async def _run(self) -> dict[str, int]:
         now = self._clock.seconds()
         summary = {"entries": 0, "deleted": 0, "scheduled": 0}
-        for entry in await self._cache.entries():
-            summary["entries"] += 1
-            if now - entry.last_use > self.settings.unused_after:
-                await self._cache.delete(entry.domain)
-                summary["deleted"] += 1
-                continue
-            if entry.policy is None:
-                if not entry.in_backoff(now):
-                    await self._cache.delete(entry.domain)  # a backoff that ended
-                    summary["deleted"] += 1
-                continue
-            if now - entry.last_update >= self.settings.stale_after and entry.domain not in self._scheduled:
-                delay = self._random.uniform(0, self.settings.spread)
-                self._scheduled[entry.domain] = self._clock.callLater(delay, self._refresh, entry.domain)
-                summary["scheduled"] += 1
+        async for page in self._cache.entry_pages():
+            for entry in page:
+                await self._visit(entry, now, summary)
         self.runs.append(summary)
         log.info("policy refresher: {entries} entries, {deleted} deleted, {scheduled} refreshes scheduled",
                  **summary)
         return summary
+
+    async def _visit(self, entry: CacheEntry, now: float, summary: dict[str, int]) -> None:
+        """Delete C{entry} if unused or an ended backoff; schedule its refresh if stale."""
+        summary["entries"] += 1
+        if now - entry.last_use > self.settings.unused_after:
+            await self._cache.delete(entry.domain)
+            summary["deleted"] += 1
+        elif entry.policy is None:
+            if not entry.in_backoff(now):
+                await self._cache.delete(entry.domain)  # a backoff that ended
+                summary["deleted"] += 1
+        elif now - entry.last_update >= self.settings.stale_after and entry.domain not in self._scheduled:
+            delay = self._random.uniform(0, self.settings.spread)
+            self._scheduled[entry.domain] = self._clock.callLater(delay, self._refresh, entry.domain)
+            summary["scheduled"] += 1
 
     def _refresh(self, domain: str) -> Deferred:
         self._scheduled.pop(domain, None)

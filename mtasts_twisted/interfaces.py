@@ -62,8 +62,12 @@ class IShelf(Interface):
     def delete(key):
         """Remove C{key}; fire with C{True} if it was there, else C{False}."""
 
-    def items():
-        """Fire with a list of every C{(key, value)} pair, in key order."""
+    def items(after=None, limit=None):
+        """
+        Fire with a list of the C{(key, value)} pairs in key (code point)
+        order: every pair, or with C{after} only keys after it, and with
+        C{limit} at most that many (to read a large table page by page).
+        """
 
     def update(key, function):
         """

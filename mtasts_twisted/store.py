@@ -147,6 +147,9 @@ class _Dialect:
 
     dbapi: ModuleType
     url: str
+    #: Appended to a key comparison so that SQL orders keys by code point,
+    #: as Python does (SQLite's default BINARY collation already does).
+    binary_collation = ""
 
     def where(self) -> str:
         """Name the database for messages: a file path or a URL."""
@@ -355,6 +358,9 @@ class _SQLite(_Dialect):
 
 
 class _PostgreSQL(_Dialect):
+    # The "C" collation compares UTF-8 bytes: code point order.
+    binary_collation = ' COLLATE "C"'
+
     def __init__(self, url: str, dsn: str) -> None:
         try:
             import psycopg2
@@ -806,22 +812,35 @@ class Shelf:
         )
         return txn.rowcount
 
-    def items(self) -> "Deferred[list[tuple[str, JSONDict]]]":
+    def items(
+        self, after: Optional[str] = None, limit: Optional[int] = None
+    ) -> "Deferred[list[tuple[str, JSONDict]]]":
         """
-        Read the whole table.
+        Read the table, or one page of it.
 
-        @return: L{Deferred} firing with every C{(key, value)} pair, sorted by
+        @param after: only keys after this one (to read page by page).
+        @param limit: at most this many pairs.
+        @return: L{Deferred} firing with the C{(key, value)} pairs, sorted by
             key in code point order (the same on every backend).
         """
-        return Deferred.fromCoroutine(self._items())
+        return Deferred.fromCoroutine(self._items(after, limit))
 
-    async def _items(self) -> list[tuple[str, JSONDict]]:
-        rows = await self._store._run(self._select_all)
+    async def _items(self, after: Optional[str], limit: Optional[int]) -> list[tuple[str, JSONDict]]:
+        rows = await self._store._run(self._select_page, after, limit)
         return [(key, json.loads(text)) for key, text in sorted(rows)]
 
-    def _select_all(self, txn: Any) -> list[tuple[str, str]]:
+    def _select_page(self, txn: Any, after: Optional[str], limit: Optional[int]) -> list[tuple[str, str]]:
         # Placeholder rows (value NULL) are never committed; skip them anyway.
-        txn.execute(f'SELECT key, value FROM "{self.name}" WHERE value IS NOT NULL')
+        collate = self._dialect.binary_collation
+        statement = f'SELECT key, value FROM "{self.name}" WHERE value IS NOT NULL'
+        args: list[Any] = []
+        if after is not None:
+            statement += f" AND key{collate} > ?"
+            args.append(after)
+        if limit is not None:
+            statement += f" ORDER BY key{collate} LIMIT ?"
+            args.append(int(limit))
+        txn.execute(self._dialect.sql(statement), tuple(args))
         return [(key, text) for key, text in txn.fetchall()]
 
     def update(self, key: str, function: UpdateFunction) -> "Deferred[Optional[JSONDict]]":
@@ -888,9 +907,12 @@ class MemoryShelf:
         """See L{IShelf.delete}."""
         return succeed(self.rows.pop(key, None) is not None)
 
-    def items(self) -> Deferred:
+    def items(self, after: str | None = None, limit: int | None = None) -> Deferred:
         """See L{IShelf.items}."""
-        return succeed([(k, json.loads(v)) for k, v in sorted(self.rows.items())])
+        keys = sorted(k for k in self.rows if after is None or k > after)
+        if limit is not None:
+            keys = keys[:limit]
+        return succeed([(k, json.loads(self.rows[k])) for k in keys])
 
     def update(self, key: str, function: Callable[[dict | None], dict | None]) -> Deferred:
         """See L{IShelf.update}."""

@@ -308,6 +308,22 @@ class RefresherTests(CacheTestCase):
         self.assertEqual(len(times), 21)
         self.assertGreater(times[-1] - times[0], 3600)  # not all at once
 
+    def test_pages_through_a_large_cache(self):
+        """A run visits every entry, reading the store a page at a time."""
+        shelf = self.store.shelf("policies")
+        row = self.successResultOf(shelf.get("example.com"))
+        for i in range(1200):
+            self.successResultOf(shelf.put(f"d{i:04}.example", dict(row, domain=f"d{i:04}.example",
+                                                                    alabel=f"d{i:04}.example")))
+        pages = []
+        real_items = shelf.items
+        self.patch(shelf, "items", lambda after=None, limit=None: pages.append(limit) or real_items(after, limit))
+        self.clock.advance(12 * 3600)
+        summary = self.successResultOf(self.refresher.run())
+        self.assertEqual((summary["entries"], summary["scheduled"]), (1201, 1201))
+        self.assertEqual(pages, [500, 500, 500])
+        self.refresher.stopService()
+
     def test_new_id_fetched(self):
         self.clock.advance(12 * 3600)
         self.publish(record_id="2", text=ENFORCE2)

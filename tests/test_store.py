@@ -141,6 +141,26 @@ class _StoreTestsMixin:
         self.assertEqual([k for k, _ in items], sorted(keys))
         self.assertEqual(dict(items), {k: {"i": i} for i, k in enumerate(keys)})
 
+    async def test_items_paged(self) -> None:
+        """items(after, limit) pages through the table in the same code point order."""
+        shelf = (await self.open()).shelf("policies")
+        keys = ["ä.example", "b.example", "Z.example", "a.example", "日本.example", "ab", "bücher.example"]
+        for i, key in enumerate(keys):
+            await shelf.put(key, {"i": i})
+        seen: list[str] = []
+        after = None
+        while True:
+            page = await shelf.items(after=after, limit=3)
+            self.assertLessEqual(len(page), 3)
+            seen += [k for k, _ in page]
+            if len(page) < 3:
+                break
+            after = page[-1][0]
+        self.assertEqual(seen, sorted(keys))
+        self.assertEqual(await shelf.items(after="b.example"), [(k, {"i": keys.index(k)})
+                                                                for k in sorted(keys) if k > "b.example"])
+        self.assertEqual(await shelf.items(limit=0), [])
+
     async def test_update_creates(self) -> None:
         """update of an absent key passes None and stores the result."""
         shelf = (await self.open()).shelf("policies")
