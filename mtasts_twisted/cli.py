@@ -103,7 +103,7 @@ async def run_lookup(reactor: Any, args: argparse.Namespace, out: TextIO, err: T
         failure, 64 on bad usage, 73 when the cache cannot be opened.
     """
     from mtasts_twisted.cache import PolicyCache, PolicyLookupTemporaryError
-    from mtasts_twisted.dns import DNSHostnameResolver, DNSResolver
+    from mtasts_twisted.dns import DNSResolver
     from mtasts_twisted.fetch import PolicyFetcher
     from mtasts_twisted.policy import DomainError, is_address_literal, to_alabel
     from mtasts_twisted.store import MemoryStore, StoreError, default_database_url, open_store
@@ -129,7 +129,7 @@ async def run_lookup(reactor: Any, args: argparse.Namespace, out: TextIO, err: T
         return usage(f"--ca-file {args.ca_file}: no such file")
     try:
         fetcher = PolicyFetcher(reactor, trust_roots=args.ca_file, timeout=min(60.0, args.timeout * 6),
-                                name_resolver=DNSHostnameResolver(resolver), port=policy_port)
+                                resolver=resolver, port=policy_port)
     except (ValueError, OSError, MTASTSError) as e:
         return usage(f"--ca-file {args.ca_file}: {e}")
     if args.no_cache:

@@ -75,7 +75,7 @@ from treq.client import HTTPClient
 from zope.interface import implementer
 
 from mtasts_twisted import __version__
-from mtasts_twisted.dns import DNSNoRecordError, reactor_with_resolver
+from mtasts_twisted.dns import DNSHostnameResolver, DNSNoRecordError, DNSTemporaryError, reactor_with_resolver
 from mtasts_twisted.policy import (  # MAX_POLICY_SIZE: 65536, DESIGN.md
     NoRecordError,
     STSRecord,
@@ -535,6 +535,7 @@ class PolicyFetcher:
         max_size: int = MAX_POLICY_SIZE,
         name_resolver: IHostnameResolver | None = None,
         port: int = 443,
+        resolver: Any = None,
     ) -> None:
         """
         @param reactor: provides C{IReactorTCP}, C{IReactorTime} and, unless
@@ -548,7 +549,15 @@ class PolicyFetcher:
         @param name_resolver: resolves policy host names (e.g. through
             configured nameservers); by default the reactor's.
         @param port: the TCP port to connect to (443; tests use others).
+        @param resolver: an L{mtasts_twisted.interfaces.IDNSResolver}: the
+            policy host is looked up with it first, so that a host that
+            does not exist (no policy served) is told apart from a
+            temporary DNS failure; it also resolves for the connection
+            unless C{name_resolver} is given.
         """
+        if resolver is not None and name_resolver is None:
+            name_resolver = DNSHostnameResolver(resolver)
+        self._dns = resolver
         self._reactor = reactor
         self._connect_reactor = (
             reactor if name_resolver is None else reactor_with_resolver(reactor, name_resolver)
@@ -617,6 +626,14 @@ class PolicyFetcher:
 
     async def _fetch(self, attempt: _Attempt, host: str) -> FetchedPolicy:
         url = attempt.url
+        if self._dns is not None:
+            try:
+                await self._dns.lookup_addresses(host)
+            except DNSNoRecordError:
+                # RFC 8461 §3.3 / DESIGN.md: no policy host, no policy served.
+                raise NoPolicyServedError(url, f"policy host {host} does not exist") from None
+            except DNSTemporaryError as e:
+                raise PolicyFetchError(url, f"temporary DNS failure for {host}: {e.detail or e}") from None
         endpoint = _PolicyHostEndpoint(
             self._connect_reactor, self._reactor, host, self._port, attempt
         )

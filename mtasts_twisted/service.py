@@ -435,7 +435,7 @@ async def open_runtime(config: Any, reactor: Any, stats: ServiceStats | None = N
         raise StartupError(f"no usable nameserver (give --nameserver): {e}") from None
     name_resolver = DNSHostnameResolver(resolver)
     fetcher = MeteredFetcher(
-        PolicyFetcher(reactor, trust_roots=config["ca-file"], name_resolver=name_resolver), stats)
+        PolicyFetcher(reactor, trust_roots=config["ca-file"], resolver=resolver, name_resolver=name_resolver), stats)
     try:
         store = await open_store(config["database"], reactor, tables=_tables(config))
     except (StoreError, OSError, ValueError) as e:

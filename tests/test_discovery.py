@@ -65,6 +65,17 @@ class DiscoverTests(WorldTestCase):
             await discover(self.world.resolver, self.world.fetcher, "doesnotexist.example")
         self.assertEqual(self.world.https.request_count(), 0)
 
+    async def test_policy_host_dns_failure_is_not_no_policy(self):
+        """A temporary DNS failure for mta-sts.<domain> is cannot-fetch-policy, not no-policy-served."""
+        self.world.publish("example.com", ENFORCE)
+        self.world.dns.set_behaviour("mta-sts.example.com", Behaviour.SERVFAIL)
+        with self.assertRaises(PolicyFetchError) as caught:
+            await self.world.fetcher.fetch("example.com")
+        self.assertNotIsInstance(caught.exception, NoPolicyServedError)
+        self.assertEqual(caught.exception.reason, "cannot-fetch-policy")
+        self.assertIn("temporary DNS failure", str(caught.exception))
+        self.assertEqual(self.world.https.request_count(), 0)
+
     async def test_dns_servfail(self):
         self.world.dns.set_behaviour("_mta-sts.example.com", Behaviour.SERVFAIL)
         with self.assertRaises(DNSTemporaryError):

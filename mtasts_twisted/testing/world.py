@@ -57,7 +57,7 @@ class LoopbackWorld:
             reactor,
             trust_roots=self.pki.ca_pem,
             timeout=fetch_timeout,
-            name_resolver=self.name_resolver,
+            resolver=self.resolver,
             port=self.https.port,
         )
 
