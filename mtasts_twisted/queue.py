@@ -432,6 +432,9 @@ class Queue:
         self._writers: set[MessageWriter] = set()
         self._cache: dict[str, tuple[tuple[int, int, int], QueuedMessage]] = {}
         self._sizes: dict[str, int] | None = None
+        # The last full listing, kept up to date by this process's own
+        # commits, updates and removals (see list(fresh=False)).
+        self._known: dict[str, QueuedMessage] | None = None
         os.makedirs(self.directory, exist_ok=True)
 
     # -- bookkeeping ----------------------------------------------------
@@ -455,6 +458,8 @@ class Queue:
     def _committed(self, writer: MessageWriter, message: QueuedMessage) -> None:
         self._writers.discard(writer)
         self._index()[message.id] = message.size
+        if self._known is not None:
+            self._known[message.id] = message
 
     def _check_room(self, size: int) -> None:
         sizes = self._index()
@@ -563,6 +568,8 @@ class Queue:
             _write_durably(tmp, _encode(message))
             os.rename(tmp, os.path.join(path, _ENVELOPE))
             _fsync_dir(path)
+            if self._known is not None:
+                self._known[message.id] = message
         except OSError as e:
             try:
                 os.unlink(tmp)
@@ -588,6 +595,8 @@ class Queue:
         shutil.rmtree(gone, ignore_errors=True)
         self._cache.pop(ident, None)
         self._index().pop(ident, None)
+        if self._known is not None:
+            self._known.pop(ident, None)
         log.info("removed {id} from the queue", id=ident)
 
     # -- reading --------------------------------------------------------
@@ -624,11 +633,25 @@ class Queue:
         except FileNotFoundError:
             raise UnknownMessageError(ident) from None
 
-    def list(self) -> list[QueuedMessage]:
+    def list(self, fresh: bool = True) -> list[QueuedMessage]:
         """
         The queued messages, oldest first.  Envelopes that do not parse are
         skipped here (logged); L{recover} quarantines them.
+
+        @param fresh: read the directory (C{True}); or, when C{False}, answer
+            from the last full listing as changed since by this object's own
+            commits, updates and removals — without seeing changes made by
+            other processes (C{mtasts-twisted queue retry/delete}) until the
+            next fresh listing.  The relay uses it between its periodic polls,
+            so that a large backlog is not re-read for every message.
         """
+        if not fresh and self._known is not None:
+            return [self._known[ident] for ident in sorted(self._known)]
+        messages = self._read_all()
+        self._known = {m.id: m for m in messages}
+        return messages
+
+    def _read_all(self) -> list[QueuedMessage]:
         messages = []
         try:
             names = sorted(os.listdir(self.directory))

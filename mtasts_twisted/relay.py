@@ -623,7 +623,7 @@ class RelayService(Service):
         """Recover the queue, then poll it every C{poll_interval}."""
         Service.startService(self)
         self.queue.recover()
-        self._loop = LoopingCall(self.tick)
+        self._loop = LoopingCall(self.tick, fresh=True)
         self._loop.clock = self.clock
         self._loop.start(self.settings.poll_interval, now=True)
 
@@ -645,7 +645,7 @@ class RelayService(Service):
     def wake(self, *ignored: Any) -> None:
         """Scan the queue soon (new mail, a finished delivery)."""
         if self.running and (self._wake_call is None or not self._wake_call.active()):
-            self._wake_call = self.clock.callLater(0, self.tick)
+            self._wake_call = self.clock.callLater(0, self.tick, fresh=False)
 
     def wait_idle(self) -> Deferred[Any]:
         """Fire when the deliveries in flight now have ended (for tests)."""
@@ -655,10 +655,16 @@ class RelayService(Service):
 
     # -- scheduling --------------------------------------------------------
 
-    def tick(self) -> None:
-        """Start every due delivery the concurrency limits allow."""
+    def tick(self, fresh: bool = True) -> None:
+        """
+        Start every due delivery the concurrency limits allow.
+
+        @param fresh: re-read the queue directory (the periodic poll, which
+            also sees what C{mtasts-twisted queue} changed); a wake-up after
+            new mail or a finished delivery uses the in-memory listing.
+        """
         now = float(self.clock.seconds())
-        messages = self.queue.list()
+        messages = self.queue.list(fresh=fresh)
         self._update_stats(messages, now)
         for message in messages:
             if message.id in self.unwritten:

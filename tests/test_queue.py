@@ -46,6 +46,23 @@ class QueueTests(SynchronousTestCase):
     def entries(self) -> list[str]:
         return sorted(os.listdir(self.dir))
 
+    def test_list_not_fresh(self) -> None:
+        """list(fresh=False) follows this queue's own writes without reading
+        the directory; another process's changes appear on a fresh listing."""
+        first = self.queue.enqueue("a@example.org", ["b@example.com"], BODY)
+        self.assertEqual(self.queue.list(), [first])
+        second = self.queue.enqueue("a@example.org", ["c@example.com"], BODY)
+        updated = attrs.evolve(first, attempts=3)
+        self.queue.update(updated)
+        no_listing = self.patch(os, "listdir", lambda path: self.fail("read the directory"))
+        self.assertEqual(self.queue.list(fresh=False), [updated, second])
+        self.queue.remove(second.id)
+        self.assertEqual(self.queue.list(fresh=False), [updated])
+        no_listing.restore()
+        Queue(self.dir).remove(updated.id)  # as `mtasts-twisted queue delete` would
+        self.assertEqual(self.queue.list(fresh=False), [updated])
+        self.assertEqual(self.queue.list(), [])
+
     def test_enqueue_layout_and_read_back(self) -> None:
         m = self.queue.enqueue(
             "a@example.org", ["b@example.com", "c@example.net"], BODY
