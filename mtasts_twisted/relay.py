@@ -905,6 +905,19 @@ class RelayService(Service):
                         state, state=RecipientStatus.PENDING, next_attempt=retry_at
                     )
                 )
+        if not message.pending and not any(k[0] == message.id for k in self.in_flight):
+            # Every recipient is final: removing the message (an fsynced
+            # rename) records that durably, so writing its envelope first
+            # would only cost another fsync.
+            try:
+                self.queue.remove(message.id)
+            except QueueError:
+                pass  # already gone
+            except OSError:
+                log.failure("cannot remove {id}; recording its outcomes instead", id=message.id)
+            else:
+                self.unwritten.pop(message.id, None)
+                return
         try:
             self.queue.update(message)
         except QueueFullError as e:
