@@ -14,7 +14,7 @@ peer, --ca-file for us); both daemons listen on loopback; bench/loadgen.py
 (a separate process) drives the same load against each, alternating runs.
 Every load run is bounded in time and request count.
 
-Phases (--only): cached, coalesce, sqlite, backoff, cold, rss, profile.
+Phases (--only): cached, coalesce, sqlite, backoff, cold, rss, relay, profile.
 Results: a table on stdout, and the raw JSON in $WORKDIR/results.json
 (the path is printed).
 """
@@ -39,7 +39,10 @@ PEER_DAEMON = os.path.join(PEER_VENV, "bin", "mta-sts-daemon")
 PY = sys.executable
 CONTROL = 9999
 NS_ENV = "MTASTS_BENCH_IN_NAMESPACE"
-PHASES = ("cached", "coalesce", "sqlite", "backoff", "cold", "rss", "profile", "profile-cold")
+PHASES = ("cached", "coalesce", "sqlite", "backoff", "cold", "rss", "relay", "profile", "profile-cold")
+SINK_CONTROL = 9998
+RELAY_INTAKE = 2525      # ours: twistd -n mtasts --smtp
+POSTFIX_INTAKE = 10025   # Postfix's smtpd (on 127.0.0.2: see PostfixRelay)
 
 
 # --- outside the namespace ---------------------------------------------------------
@@ -236,6 +239,192 @@ def control(request: dict) -> dict:
     return json.loads(data)
 
 
+def cpu_ticks(pid: int, children: bool = False) -> int:
+    """utime+stime (and with children, cutime+cstime: reaped children) of pid, in clock ticks."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks
+
+
+def tree_cpu_ticks(root: int) -> int:
+    """CPU of a Postfix master: its own, its reaped children's, and its live children's."""
+    total = cpu_ticks(root, children=True)
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[1]) == root:
+                total += int(fields[11]) + int(fields[12])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+_POSTFIX_MASTER_CF = """\
+{listen} inet  n       -       n       -       -       smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+proxywrite unix -       -       n       -       1       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+local     unix  -       n       n       -       -       local
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+"""
+
+# Postfix 3.7 as a relay: mail from loopback to any domain, MX lookups through the
+# system resolver (/etc/resolv.conf, bind-mounted to the bench DNS), TLS policy from
+# the peer over socketmap, default "may" elsewhere.  Every other setting is Postfix's
+# default (default_destination_concurrency_limit 20, no TLS connection reuse).
+_POSTFIX_MAIN_CF = """\
+compatibility_level = 3.6
+config_directory = {conf}
+queue_directory = {queue}
+data_directory = {data}
+daemon_directory = /usr/lib/postfix/sbin
+command_directory = /usr/sbin
+meta_directory = /etc/postfix
+mail_owner = postfix
+setgid_group = postdrop
+maillog_file = {log}
+maillog_file_prefixes = {base}
+syslog_name = postfix-bench
+myhostname = relay-host.bench.test
+mydomain = bench.test
+myorigin = $myhostname
+mydestination =
+inet_interfaces = 127.0.0.2
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+smtpd_relay_restrictions = permit_mynetworks, reject
+smtpd_peername_lookup = no
+biff = no
+alias_maps =
+alias_database =
+local_recipient_maps =
+relayhost =
+smtp_tls_security_level = may
+smtp_tls_policy_maps = socketmap:inet:127.0.0.1:{peer_port}:postfix
+smtp_tls_CAfile = {ca}
+smtp_tls_loglevel = 1
+smtpd_tls_security_level = none
+"""
+
+
+class PostfixRelay:
+    """
+    A Postfix 3.7 instance in DIR relaying to the MX through the peer's socketmap.
+
+    Its smtpd listens on 127.0.0.2 (phase_relay adds that address to the namespace's
+    lo): with inet_interfaces = 127.0.0.1, Postfix's smtp(8) would refuse the MX at
+    127.0.0.1 as itself ("mail for ... loops back to myself").
+    """
+
+    def __init__(self, directory: str, peer_port: int, ca: str, port: int = POSTFIX_INTAKE) -> None:
+        self.directory = directory
+        self.conf = os.path.join(directory, "conf")
+        self.queue = os.path.join(directory, "queue")
+        self.log = os.path.join(directory, "maillog")
+        self.port = port
+        self.peer_port = peer_port
+        self.ca = ca
+        self.started = False
+
+    def run(self, *args, timeout=60.0):
+        return subprocess.run(["/usr/sbin/postfix", "-c", self.conf, *args], capture_output=True, text=True,
+                              timeout=timeout, env={"PATH": "/usr/sbin:/usr/bin:/bin", "LANG": "C"})
+
+    def start(self) -> "PostfixRelay":
+        for path in (self.directory, self.conf, self.queue):  # data_directory: made by postfix, owned by it
+            os.makedirs(path, exist_ok=True)
+            os.chmod(path, 0o755)
+        with open(os.path.join(self.conf, "main.cf"), "w") as f:
+            f.write(_POSTFIX_MAIN_CF.format(conf=self.conf, queue=self.queue, data=os.path.join(self.directory, "data"),
+                                            log=self.log, base=self.directory, peer_port=self.peer_port, ca=self.ca))
+        with open(os.path.join(self.conf, "master.cf"), "w") as f:
+            f.write(_POSTFIX_MASTER_CF.format(listen=f"127.0.0.2:{self.port}"))
+        done = self.run("start")
+        if done.returncode != 0:
+            try:
+                with open(self.log, errors="replace") as f:
+                    tail = f.read()[-2000:]
+            except OSError:
+                tail = ""
+            raise SystemExit(f"postfix start failed: {done.stderr}{done.stdout}{tail}")
+        self.started = True
+        wait_banner("127.0.0.2", self.port, None, 60)
+        return self
+
+    def master_pid(self) -> int | None:
+        try:
+            with open(os.path.join(self.queue, "pid", "master.pid")) as f:
+                pid = int(f.read().strip())
+            os.kill(pid, 0)
+            return pid
+        except (OSError, ValueError):
+            return None
+
+    def stop(self) -> None:
+        if not self.started:
+            return
+        self.started = False
+        for command in ("stop", "abort"):
+            try:
+                self.run(command, timeout=20)
+            except subprocess.TimeoutExpired:
+                pass
+            for _ in range(100):
+                if self.master_pid() is None:
+                    return
+                time.sleep(0.1)
+        pid = self.master_pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+
+    def log_count(self, needle: str) -> int:
+        try:
+            with open(self.log, errors="replace") as f:
+                return sum(needle in line for line in f)
+        except OSError:
+            return 0
+
+
+def wait_banner(host: str, port: int, proc, timeout: float) -> None:
+    """Wait until an SMTP server on host:port sends its 220 greeting."""
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"process {proc.args[:3]} exited with {proc.returncode}")
+        try:
+            with socket.create_connection((host, port), timeout=5) as s:
+                if s.recv(100).startswith(b"220"):
+                    s.sendall(b"QUIT\r\n")
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"no SMTP greeting on {host}:{port} after {timeout} s")
+
+
 # --- phases ---------------------------------------------------------------------------
 
 
@@ -252,6 +441,9 @@ class Bench:
         self.backoff_window = 20.0 if q else 300.0
         self.rss_policies = 100000
         self.rss_window = 10.0 if q else 60.0
+        self.relay_messages = 300 if q else 2000
+        self.relay_rounds = 1 if q else 2
+        self.relay_timeout = 120.0 if q else 300.0
         self.results: dict = {"runs": []}
         self.port = 18460
         self.world = None
@@ -419,6 +611,123 @@ class Bench:
         print(f"    {self.results['rss']}", flush=True)
         o.stop()
 
+    def submit(self, port: int, tag: str) -> dict:
+        argv = [PY, os.path.join(HERE, "relay.py"), "submit", "--port", str(port), "--count",
+                str(self.relay_messages), "--tag", tag, "--conns", "4", "--timeout", str(self.relay_timeout),
+                "--control", str(SINK_CONTROL)]
+        if port == POSTFIX_INTAKE:
+            argv += ["--host", "127.0.0.2"]
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=self.relay_timeout + 60)
+        if out.returncode != 0:
+            raise SystemExit(f"relay submit failed: {out.stderr}")
+        return json.loads(out.stdout)
+
+    def relay_ours(self, tag: str) -> dict:
+        data_dir = os.path.join(self.workdir, tag)
+        twistd = [os.path.join(os.path.dirname(PY), "twistd")]
+        argv = twistd + ["-n", "--pidfile=", "mtasts", "--data-dir", data_dir,
+                "--smtp", f"tcp:{RELAY_INTAKE}:interface=127.0.0.1", "--socketmap", "none",
+                "--nameserver", "127.0.0.1:53", "--ca-file", os.path.join(self.workdir, "ca.pem"), "--no-reports"]
+        log = os.path.join(self.workdir, f"{tag}.log")
+        proc = subprocess.Popen(argv, stdout=open(log, "ab"), stderr=subprocess.STDOUT, cwd=self.workdir)
+        try:
+            wait_banner("127.0.0.1", RELAY_INTAKE, proc, 60)
+            before = cpu_ticks(proc.pid)
+            res = self.submit(RELAY_INTAKE, tag)
+            res["cpu_ticks"] = cpu_ticks(proc.pid) - before
+            with open(log, errors="replace") as f:  # our delivery's debug line per TLS session
+                res["verified_tls_sessions"] = sum("TLS to mx.relay.bench.test" in line and "verified=True" in line
+                                                   for line in f)
+            if self.args.relay_profile and tag not in self.results.get("relay_py_spy", {}) \
+                    and not any(t.startswith(tag[:-1]) for t in self.results.get("relay_py_spy", {})):
+                self.py_spy(proc.pid, tag)  # the first run of ours and of the fix column
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return res
+
+    def py_spy(self, pid: int, tag: str) -> None:
+        """py-spy record of our relay over a second, identical load (the first run's figures stand)."""
+        py_spy = os.path.join(os.path.dirname(PY), "py-spy")
+        out = os.path.join(self.workdir, f"{tag}-py-spy.txt")
+        spy = subprocess.Popen([py_spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "200",
+                                "--nonblocking", "--output", out, "--duration", str(int(self.relay_timeout))],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)
+        try:
+            res = self.submit(RELAY_INTAKE, tag + "spy")
+            print(f"    profiled run: {res['msgs_per_s']} msgs/s", flush=True)
+        finally:
+            spy.send_signal(signal.SIGINT)
+            try:
+                spy.wait(30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                spy.wait()
+        self.results.setdefault("relay_py_spy", {})[tag] = out
+        print(f"    py-spy raw stacks: {out}", flush=True)
+
+    def relay_postfix(self, tag: str) -> dict:
+        peer = self.peer(f"peer-{tag}")
+        pf = PostfixRelay(os.path.join(self.workdir, tag), peer.port, os.path.join(self.workdir, "ca.pem"))
+        try:
+            pf.start()
+            master = pf.master_pid()
+            before = tree_cpu_ticks(master)
+            peer_before = cpu_ticks(peer.pid)
+            res = self.submit(POSTFIX_INTAKE, tag)
+            res["cpu_ticks_postfix"] = tree_cpu_ticks(master) - before
+            res["cpu_ticks_peer"] = cpu_ticks(peer.pid) - peer_before
+            res["cpu_ticks"] = res["cpu_ticks_postfix"] + res["cpu_ticks_peer"]
+            res["verified_tls_sessions"] = pf.log_count("Verified TLS connection established to mx.relay.bench.test")
+            res["sent"] = pf.log_count("status=sent")
+        finally:
+            pf.stop()
+            peer.stop()
+        return res
+
+    def phase_relay(self):
+        n = self.relay_messages
+        print(f"phase relay: {n} messages to relay.bench.test (enforce) via ours and via Postfix 3.7 + the peer",
+              flush=True)
+        sink = subprocess.Popen([PY, os.path.join(HERE, "relay.py"), "sink", "--cert",
+                                 os.path.join(self.workdir, "mx-relay.pem"), "--key",
+                                 os.path.join(self.workdir, "mx-relay.key"), "--port", "25",
+                                 "--control", str(SINK_CONTROL)],
+                                stdout=subprocess.PIPE, stderr=open(os.path.join(self.workdir, "sink.log"), "ab"))
+        try:
+            addrs = subprocess.run(["ip", "-o", "addr", "show", "dev", "lo"], capture_output=True, text=True).stdout
+            if "127.0.0.2/" not in addrs:
+                subprocess.run(["ip", "addr", "add", "127.0.0.2/8", "dev", "lo"], check=True)
+            if b"READY" not in sink.stdout.readline():
+                raise SystemExit("relay sink did not start; see sink.log")
+            hz = os.sysconf("SC_CLK_TCK")
+            for r in range(self.relay_rounds):
+                # No "fix" column here: the queue fix it measured is in the package.
+                for name in ("ours", "postfix"):
+                    tag = f"{name}{r}"
+                    res = self.relay_ours(tag) if name != "postfix" else self.relay_postfix(tag)
+                    res["cpu_ms_per_msg"] = round(res["cpu_ticks"] * 1000.0 / hz / max(1, res["received"]), 2)
+                    if "cpu_ticks_postfix" in res:
+                        res["cpu_ms_per_msg_postfix_only"] = round(
+                            res["cpu_ticks_postfix"] * 1000.0 / hz / max(1, res["received"]), 2)
+                    res.pop("t_first", None)
+                    self.record("relay", name, dict(res, rps=res["msgs_per_s"]))
+                    print(f"    {name}: {res['received']}/{n} over TLS ({res['plain']} plain) in {res['total_s']} s "
+                          f"(submitted in {res['submit_s']} s): {res['msgs_per_s']} msgs/s, "
+                          f"CPU {res['cpu_ms_per_msg']} ms/msg"
+                          + (f" (Postfix alone {res['cpu_ms_per_msg_postfix_only']}); status=sent {res['sent']}"
+                             if name == "postfix" else "")
+                          + f"; verified TLS sessions in its log {res['verified_tls_sessions']}"
+                          + (f"; errors {res['errors']}" if res["errors"] else ""), flush=True)
+        finally:
+            sink.terminate()
+            sink.wait()
+
     def phase_profile(self):
         print("phase profile: cProfile of our daemon under cached load, 8 connections", flush=True)
         prof = os.path.join(self.workdir, "ours-cached.prof")
@@ -558,6 +867,19 @@ def table(results: dict, bench: Bench) -> str:
         served = r["first_https"] == 0 and r["first_kinds"] == {"OK": 1}
         row("after restart, first lookup served from disk (no HTTPS)", "yes" if served else "no", None, "yes",
             lambda v, ratio: v == "yes")
+    rl = [r for r in runs if r["figure"] == "relay"]
+    if rl:
+        n = rl[0]["count"]
+        row(f"relay msgs/s to enforce MX over verified TLS ({n} msgs, vs Postfix 3.7 + peer)",
+            fig("relay", "ours", "msgs_per_s"), fig("relay", "postfix", "msgs_per_s"), ">= 0.5x", at_least(0.5),
+            fig("relay", "fix", "msgs_per_s"), fmt="{:.1f}")
+        row("relay daemon CPU ms per message (Postfix: all its processes + the peer)",
+            fig("relay", "ours", "cpu_ms_per_msg"), fig("relay", "postfix", "cpu_ms_per_msg"), "(info)", None,
+            fig("relay", "fix", "cpu_ms_per_msg"), fmt="{:.2f}")
+        row("relay messages received over TLS / sent (all runs)",
+            f"{sum(r['received'] for r in rl if r['daemon'] == 'ours')}/{sum(r['count'] for r in rl if r['daemon'] == 'ours')}",
+            f"{sum(r['received'] for r in rl if r['daemon'] == 'postfix')}/{sum(r['count'] for r in rl if r['daemon'] == 'postfix')}",
+            "(info)")
     if "ours_rss_kb_cached" in results:
         fix = results.get("fix_rss_kb_cached")
         row(f"RSS MB after the cached phase ({bench.n_cached} domains)", results["ours_rss_kb_cached"] / 1024,
@@ -598,6 +920,8 @@ def main() -> None:
     parser.add_argument("--no-fix", dest="fix", action="store_false",
                         help="skip the third column: bench/daemon.py with bench/prototype.py's proposed fixes")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--relay-profile", action="store_true",
+                        help="relay phase: py-spy record our relay (and the fix column) over an extra load after the first run")
     args = parser.parse_args()
     if os.environ.get(NS_ENV) != "1":
         enter_namespace()
@@ -606,6 +930,7 @@ def main() -> None:
         if p not in PHASES:
             raise SystemExit(f"unknown phase {p}")
     workdir = tempfile.mkdtemp(prefix="mtasts-bench-")
+    os.chmod(workdir, 0o755)  # Postfix's daemons (user postfix) must reach the relay phase's instance
     setup_namespace(workdir)
     bench = Bench(args, workdir)
     print(f"work directory {workdir}; {machine()}", flush=True)
@@ -613,7 +938,7 @@ def main() -> None:
         bench.start_world()
         if "backoff" in phases:
             bench.start_backoff()
-        for p in ("cached", "coalesce", "sqlite", "cold", "rss", "profile", "profile-cold"):
+        for p in ("cached", "coalesce", "sqlite", "cold", "rss", "relay", "profile", "profile-cold"):
             if p in phases:
                 try:
                     getattr(bench, "phase_" + p.replace("-", "_"))()

@@ -16,8 +16,12 @@ Domains (all under bench.test, every policy in enforce mode):
   - rN.rss.bench.test any N: synthesised on the fly (TXT, MX, A), no policy
     served: the RSS test pre-seeds these into the cache, so an HTTPS request
     for one of them means the cache was not read
+  - relay.bench.test: the relay phase's enforce domain, MX
+    mx.relay.bench.test -> 127.0.0.1 (bench/relay.py's sink on :25)
 
-Writes W/ca.pem (the private CA) and prints READY when listening.
+Writes W/ca.pem (the private CA), W/mx-relay.pem and W/mx-relay.key (a
+certificate chain and key for mx.relay.bench.test from that CA, for the relay
+sink) and prints READY when listening.
 
 The test servers of mtasts_twisted.testing listen on ephemeral ports; here a
 reactor proxy maps their first UDP listen and the HTTPS listen to 53/443,
@@ -47,6 +51,7 @@ from mtasts_twisted.testing.pki import PKI, IssuedCertificate
 
 ZONE = "bench.test"
 RSS_ZONE = "rss." + ZONE
+RELAY_DOMAIN = "relay." + ZONE
 LOOPBACK = "127.0.0.1"
 TTL = 300
 SPECIAL = 20
@@ -157,6 +162,12 @@ class World:
         domains = [f"d{i}.{ZONE}" for i in range(args.cached)]
         domains += [f"c{i}.{ZONE}" for i in range(args.cold)]
         domains += [f"coal{i}.{ZONE}" for i in range(SPECIAL)]
+        domains.append(RELAY_DOMAIN)
+        mx = self.pki.valid(f"mx.{RELAY_DOMAIN}")
+        with open(os.path.join(args.workdir, "mx-relay.pem"), "wb") as f:
+            f.write(mx.chain_pem)
+        with open(os.path.join(args.workdir, "mx-relay.key"), "wb") as f:
+            f.write(mx.key_pem)
         failing = [f"fail{i}.{ZONE}" for i in range(SPECIAL)]
         routes = {}
         for domain in domains + failing:
