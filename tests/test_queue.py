@@ -51,6 +51,7 @@ class QueueTests(SynchronousTestCase):
         the directory; another process's changes appear on a fresh listing."""
         first = self.queue.enqueue("a@example.org", ["b@example.com"], BODY)
         self.assertEqual(self.queue.list(), [first])
+        self.clock.advance(1)  # ids of one instant order by their random part
         second = self.queue.enqueue("a@example.org", ["c@example.com"], BODY)
         updated = attrs.evolve(first, attempts=3)
         self.queue.update(updated)

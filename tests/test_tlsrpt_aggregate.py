@@ -111,8 +111,8 @@ class CountingShelf:
     def delete(self, key):
         return self._shelf.delete(key)
 
-    def items(self):
-        return self._shelf.items()
+    def items(self, after=None, limit=None):
+        return self._shelf.items(after, limit)
 
     def update(self, key, function):
         self.updates[key] += 1
