@@ -33,6 +33,8 @@ import sys
 import tempfile
 import time
 
+from mtasts_twisted.testing.postfix import MASTER_CF  # the same master.cf as the Postfix tests
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 PEER_VENV = os.path.join(HERE, ".peer-venv")
 PEER_DAEMON = os.path.join(PEER_VENV, "bin", "mta-sts-daemon")
@@ -265,31 +267,6 @@ def tree_cpu_ticks(root: int) -> int:
     return total
 
 
-_POSTFIX_MASTER_CF = """\
-{listen} inet  n       -       n       -       -       smtpd
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-tlsmgr    unix  -       -       n       1000?   1       tlsmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-proxywrite unix -       -       n       -       1       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-local     unix  -       n       n       -       -       local
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
 
 # Postfix 3.7 as a relay: mail from loopback to any domain, MX lookups through the
 # system resolver (/etc/resolv.conf, bind-mounted to the bench DNS), TLS policy from
@@ -361,7 +338,7 @@ class PostfixRelay:
             f.write(_POSTFIX_MAIN_CF.format(conf=self.conf, queue=self.queue, data=os.path.join(self.directory, "data"),
                                             log=self.log, base=self.directory, peer_port=self.peer_port, ca=self.ca))
         with open(os.path.join(self.conf, "master.cf"), "w") as f:
-            f.write(_POSTFIX_MASTER_CF.format(listen=f"127.0.0.2:{self.port}"))
+            f.write(MASTER_CF.format(listen=f"127.0.0.2:{self.port}"))
         done = self.run("start")
         if done.returncode != 0:
             try:

@@ -54,7 +54,7 @@ META_DIRECTORY = "/etc/postfix"
 
 # master.cf: no chroot (the instance has no chroot tree), one smtpd on the
 # loopback port, and the services a local delivery needs.
-_MASTER_CF = """\
+MASTER_CF = """\
 # service type  private unpriv  chroot  wakeup  maxproc command + args
 {listen} inet  n       -       n       -       -       smtpd
 pickup    unix  n       -       n       60      1       pickup
@@ -255,7 +255,7 @@ class PostfixServer:
                 key=key,
             ),
         )
-        self._write(os.path.join(self._conf, "master.cf"), _MASTER_CF.format(listen=f"127.0.0.1:{self.port}"))
+        self._write(os.path.join(self._conf, "master.cf"), MASTER_CF.format(listen=f"127.0.0.1:{self.port}"))
 
     def _run(self, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
