@@ -394,6 +394,21 @@ class ConnectionTracker(WrappingFactory):
         return gatherResults(waits).addCallback(lambda _: None)
 
 
+def stop_server(listening: IListeningPort | None, tracker: ConnectionTracker | None) -> Deferred[None]:
+    """
+    Stop a test server: stop listening and abort every open connection.
+
+    @return: a L{Deferred} that fires when the port is closed and every
+        connection is gone.
+    """
+    waits: list[Deferred[Any]] = []
+    if listening is not None:
+        waits.append(maybeDeferred(listening.stopListening))
+    if tracker is not None:
+        waits.append(tracker.abort_all())
+    return gatherResults(waits).addCallback(lambda _: None)
+
+
 class PolicyServer:
     """
     An HTTPS server for any number of policy hosts on 127.0.0.1.
@@ -519,10 +534,5 @@ class PolicyServer:
         @return: a L{Deferred} that fires when the port is closed and every
             connection is gone.
         """
-        waits: list[Deferred[Any]] = []
-        if self._listening is not None:
-            waits.append(maybeDeferred(self._listening.stopListening))
-            self._listening = None
-        if self._tracker is not None:
-            waits.append(self._tracker.abort_all())
-        return gatherResults(waits).addCallback(lambda _: None)
+        listening, self._listening = self._listening, None
+        return stop_server(listening, self._tracker)

@@ -28,12 +28,12 @@ import json
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, fail, gatherResults, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.interfaces import IListeningPort
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from mtasts_twisted.testing.https import ConnectionTracker, StaticHostnameResolver
+from mtasts_twisted.testing.https import ConnectionTracker, StaticHostnameResolver, stop_server
 from mtasts_twisted.testing.pki import PKI
 
 __all__ = ["MailFailure", "ReceivedRequest", "RecordingMailer", "ReportReceiver", "SentMail"]
@@ -163,13 +163,8 @@ class ReportReceiver:
 
     def stop(self) -> Deferred[None]:
         """Stop listening and abort open connections; fires when all are gone."""
-        waits: list[Deferred[Any]] = []
-        if self._listening is not None:
-            waits.append(maybeDeferred(self._listening.stopListening))
-            self._listening = None
-        if self._tracker is not None:
-            waits.append(self._tracker.abort_all())
-        return gatherResults(waits).addCallback(lambda _: None)
+        listening, self._listening = self._listening, None
+        return stop_server(listening, self._tracker)
 
 
 @attrs.frozen
