@@ -146,11 +146,12 @@ async def sink_main(args) -> None:
     await asyncio.Event().wait()
 
 
-def sink_stats(port: int, tag: str) -> dict:
+def json_request(port: int, request: dict, timeout: float = 30) -> dict:
+    """Send one JSON line to a loopback control port; return its one-line JSON answer."""
     import socket
 
-    with socket.create_connection((HOST, port), timeout=10) as s:
-        s.sendall(json.dumps({"op": "stats", "tag": tag}).encode() + b"\n")
+    with socket.create_connection((HOST, port), timeout=timeout) as s:
+        s.sendall(json.dumps(request).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):
             chunk = s.recv(65536)
@@ -158,6 +159,10 @@ def sink_stats(port: int, tag: str) -> dict:
                 break
             data += chunk
     return json.loads(data)
+
+
+def sink_stats(port: int, tag: str) -> dict:
+    return json_request(port, {"op": "stats", "tag": tag}, timeout=10)
 
 
 # --- the load -----------------------------------------------------------------------------

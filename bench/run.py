@@ -34,6 +34,7 @@ import tempfile
 import time
 
 from mtasts_twisted.testing.postfix import MASTER_CF  # the same master.cf as the Postfix tests
+from relay import json_request  # bench/relay.py (this script runs from bench/)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PEER_VENV = os.path.join(HERE, ".peer-venv")
@@ -230,15 +231,7 @@ def rss_kb(pid: int, field: str = "VmRSS:") -> int:
 
 
 def control(request: dict) -> dict:
-    with socket.create_connection(("127.0.0.1", CONTROL), timeout=30) as s:
-        s.sendall(json.dumps(request).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return json.loads(data)
+    return json_request(CONTROL, request)
 
 
 def cpu_ticks(pid: int, children: bool = False) -> int:
@@ -705,50 +698,41 @@ class Bench:
             sink.terminate()
             sink.wait()
 
+    def profiled_load(self, o, prof: str, label: str, top: tuple[int, int], **load) -> None:
+        """Run one load on daemon C{o} between SIGUSR1/SIGUSR2 (cProfile on/off); print the profile."""
+        o.proc.send_signal(signal.SIGUSR1)
+        time.sleep(0.2)
+        res = loadgen(o, duration=self.T, **load)
+        o.proc.send_signal(signal.SIGUSR2)
+        for _ in range(100):
+            time.sleep(0.1)
+            if os.path.exists(prof):
+                break
+        time.sleep(0.5)
+        self.record(label, "ours", res)
+        o.stop()
+        import pstats
+
+        stats = pstats.Stats(prof)
+        stats.sort_stats("tottime").print_stats(top[0])
+        stats.sort_stats("cumulative").print_stats(top[1])
+
     def phase_profile(self):
         print("phase profile: cProfile of our daemon under cached load, 8 connections", flush=True)
         prof = os.path.join(self.workdir, "ours-cached.prof")
         o = self.ours("ours-profile", data_dir=os.path.join(self.workdir, "ours-profile"), profile=prof)
         self.warm(o, self.n_cached)
         loadgen(o, conns=8, duration=1, keys="d{i}.bench.test", nkeys=self.n_cached)
-        o.proc.send_signal(signal.SIGUSR1)
-        time.sleep(0.2)
-        res = loadgen(o, conns=8, duration=self.T, keys="d{i}.bench.test", nkeys=self.n_cached)
-        o.proc.send_signal(signal.SIGUSR2)
-        for _ in range(100):
-            time.sleep(0.1)
-            if os.path.exists(prof):
-                break
-        time.sleep(0.5)
-        self.record("profiled c=8", "ours", res)
-        o.stop()
-        import pstats
-
-        stats = pstats.Stats(prof)
-        stats.sort_stats("tottime").print_stats(25)
-        stats.sort_stats("cumulative").print_stats(30)
+        self.profiled_load(o, prof, "profiled c=8", (25, 30), conns=8, keys="d{i}.bench.test",
+                           nkeys=self.n_cached)
         self.results["profile"] = prof
 
     def phase_profile_cold(self):
         print("phase profile-cold: cProfile of our daemon under cold load, 32 connections", flush=True)
         prof = os.path.join(self.workdir, "ours-cold.prof")
         o = self.ours("ours-profile-cold", profile=prof)
-        o.proc.send_signal(signal.SIGUSR1)
-        time.sleep(0.2)
-        res = loadgen(o, conns=32, duration=self.T, keys="c{i}.bench.test", nkeys=self.n_cold, once=True)
-        o.proc.send_signal(signal.SIGUSR2)
-        for _ in range(100):
-            time.sleep(0.1)
-            if os.path.exists(prof):
-                break
-        time.sleep(0.5)
-        self.record("profiled cold c=32", "ours", res)
-        o.stop()
-        import pstats
-
-        stats = pstats.Stats(prof)
-        stats.sort_stats("tottime").print_stats(30)
-        stats.sort_stats("cumulative").print_stats(40)
+        self.profiled_load(o, prof, "profiled cold c=32", (30, 40), conns=32, keys="c{i}.bench.test",
+                           nkeys=self.n_cold, once=True)
 
     def stop_all(self):
         for d in self.daemons:
