@@ -871,3 +871,46 @@ class HostnameResolverTests(LoopbackTestCase):
         endpoint = HostnameEndpoint(proxy, "unknown.example", 443)
         await self.assertFailure(endpoint.connect(Factory.forProtocol(Protocol)), error.DNSLookupError)
         self.assertEqual(self.server.count("unknown.example"), 2)
+
+
+
+class _TakenTCP(FakeReactor):
+    """A FakeReactor whose first C{refusals} TCP binds fail as "address in use"."""
+
+    def __init__(self, refusals: int) -> None:
+        super().__init__()
+        self.refusals = refusals
+        self.tcp: list[int] = []
+
+    def listenTCP(self, port: int, factory: object, backlog: int = 50, interface: str = "") -> object:
+        from twisted.internet.error import CannotListenError
+
+        if self.refusals:
+            self.refusals -= 1
+            raise CannotListenError(interface, port, OSError(98, "Address already in use"))
+        self.tcp.append(port)
+        return object()
+
+
+class ListenUDPAndTCPTests(unittest.SynchronousTestCase):
+    """L{listen_udp_and_tcp} retries when the UDP port's number is taken for TCP."""
+
+    def test_retries_and_closes_the_failed_udp_port(self) -> None:
+        from mtasts_twisted.testing.dns import listen_udp_and_tcp
+
+        reactor = _TakenTCP(refusals=1)
+        udp, tcp, closing = listen_udp_and_tcp(reactor, DatagramProtocol, object(), tries=3)
+        self.assertEqual(len(reactor.ports), 2)
+        self.assertFalse(reactor.ports[0].listening)  # the failed try's UDP port is closed
+        self.assertIs(udp, reactor.ports[1])
+        self.assertEqual(reactor.tcp, [udp.getHost().port])
+        self.assertEqual(len(closing), 1)
+
+    def test_gives_up(self) -> None:
+        from twisted.internet.error import CannotListenError
+
+        from mtasts_twisted.testing.dns import listen_udp_and_tcp
+
+        reactor = _TakenTCP(refusals=10)
+        self.assertRaises(CannotListenError, listen_udp_and_tcp, reactor, DatagramProtocol, object(), tries=3)
+        self.assertEqual([p.listening for p in reactor.ports], [False] * 3)

@@ -50,6 +50,7 @@ from mtasts_twisted.policy import Mode
 from mtasts_twisted.results import PolicyType, Result, ResultType
 from mtasts_twisted.store import MemoryStore
 from mtasts_twisted.testing.dns import Behaviour as DNSBehaviour
+from mtasts_twisted.testing.dns import listen_udp_and_tcp
 from mtasts_twisted.testing.https import PolicyServer, Route
 from mtasts_twisted.testing.smtp import Behaviour, Reply, SMTPTestServer, Stage, StartTLS
 from mtasts_twisted.testing.world import LoopbackWorld
@@ -300,16 +301,16 @@ class RogueDNS:
         self.factory.connections = []
         self.factory.closed = 0
         self.factory.max_frames = max_frames
-        self.udp = reactor.listenUDP(0, _TruncatingUDP(), interface="127.0.0.1")
-        port = self.udp.getHost().port
-        self.tcp = reactor.listenTCP(port, self.factory, interface="127.0.0.1")
-        self.nameserver = f"127.0.0.1:{port}"
+        self.udp, self.tcp, self._closing = listen_udp_and_tcp(reactor, _TruncatingUDP, self.factory)
+        self.nameserver = f"127.0.0.1:{self.udp.getHost().port}"
 
     async def stop(self) -> None:
         for proto in self.factory.connections:
             proto.transport.abortConnection()
         await maybeDeferred(self.udp.stopListening)
         await maybeDeferred(self.tcp.stopListening)
+        for closing in self._closing:
+            await closing
 
 
 class _Trickle(Protocol):

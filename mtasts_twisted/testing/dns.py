@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import collections
 import enum
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import dns.exception
 import dns.flags
@@ -141,6 +141,36 @@ class _TCPServer(Int16StringReceiver):
         self.closed.callback(None)
 
 
+def listen_udp_and_tcp(
+    reactor: Any,
+    make_udp: Callable[[], DatagramProtocol],
+    tcp_factory: Any,
+    interface: str = "127.0.0.1",
+    tries: int = 50,
+) -> tuple[Any, Any, list[defer.Deferred[Any]]]:
+    """
+    Listen on UDP and TCP on the same ephemeral port number (a DNS server's
+    shape), retrying when the port the kernel chose for UDP is taken for TCP.
+
+    @param make_udp: makes a fresh UDP protocol for each try.
+    @return: the UDP port, the TCP port, and the L{Deferred}s of the UDP
+        ports closed after failed tries (wait for them when stopping).
+    @raise error.CannotListenError: no port was free for both in C{tries}.
+    """
+    closing: list[defer.Deferred[Any]] = []
+    last: Exception | None = None
+    for _ in range(tries):
+        udp = reactor.listenUDP(0, make_udp(), interface=interface)
+        try:
+            tcp = reactor.listenTCP(udp.getHost().port, tcp_factory, interface=interface)
+        except error.CannotListenError as e:
+            last = e
+            closing.append(defer.maybeDeferred(udp.stopListening))
+            continue
+        return udp, tcp, closing
+    raise error.CannotListenError(interface, 0, last)
+
+
 class DNSTestServer:
     """
     An in-process authoritative DNS server on loopback for tests.
@@ -184,22 +214,12 @@ class DNSTestServer:
             TCP was found.
         """
         self._interface = interface
-        last: Exception | None = None
-        for _ in range(50):
-            udp = reactor.listenUDP(0, _UDPServer(self), interface=interface)
-            port = udp.getHost().port
-            try:
-                tcp = reactor.listenTCP(
-                    port, Factory.forProtocol(lambda: _TCPServer(self)), interface=interface
-                )
-            except error.CannotListenError as e:
-                last = e
-                self._closing.append(defer.maybeDeferred(udp.stopListening))
-                continue
-            self._udp, self._tcp = udp, tcp
-            self._spare = reactor.listenUDP(0, DatagramProtocol(), interface=interface)
-            return port
-        raise error.CannotListenError(interface, 0, last)
+        self._udp, self._tcp, closing = listen_udp_and_tcp(
+            reactor, lambda: _UDPServer(self), Factory.forProtocol(lambda: _TCPServer(self)), interface
+        )
+        self._closing.extend(closing)
+        self._spare = reactor.listenUDP(0, DatagramProtocol(), interface=interface)
+        return self._udp.getHost().port
 
     def stop(self) -> defer.Deferred[Any]:
         """
