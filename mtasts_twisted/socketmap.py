@@ -15,15 +15,21 @@ answers go out strictly in request order.
 
 Answers (one example per case; "the peer" answers the same unless noted):
 
-  - enforce, MX hosts known::
+  - enforce, exact patterns only (no C{*.}): the patterns, without an MX
+    lookup (Postfix checks the certificate of whichever MX host it reaches
+    against this list, so listing the patterns is exactly as strict)::
 
         OK secure match=mx1.example.com:mx2.example.com servername=hostname
 
-    The peer answers C{match=.example.com} for an C{mx: *.example.com}
-    pattern, but Postfix's C{.example.com} matches any depth of subdomain
+  - enforce with a wildcard pattern, MX hosts known::
+
+        OK secure match=mx1.example.com:mx7.example.net servername=hostname
+
+    The peer answers C{match=.example.net} for an C{mx: *.example.net}
+    pattern, but Postfix's C{.example.net} matches any depth of subdomain
     while an MTA-STS wildcard matches exactly one label (RFC 8461 §4.1).  We
     list the domain's actual MX hosts that match the policy instead, so
-    C{mx.sub.example.com} is never accepted.  The MX answer comes from our
+    C{mx.sub.example.net} is never accepted.  The MX answer comes from our
     resolver (TTL cached) and the rendered answer is memoised per policy
     domain, policy object and record id until the MX TTL ends.
   - enforce, MX lookup failed temporarily: the peer's form, with a warning
@@ -31,7 +37,7 @@ Answers (one example per case; "the peer" answers the same unless noted):
 
         OK secure match=mx1.example.com:.example.com servername=hostname
 
-  - enforce, no MX host matches the policy: the policy's exact (non-wildcard)
+  - enforce with a wildcard, no MX host matches the policy: the policy's exact
     patterns only; Postfix then fails TLS verification with every MX and
     defers the mail, which is what RFC 8461 §5.1 asks for under enforce::
 
@@ -87,20 +93,23 @@ Every lookup's TLSRPT result goes to the optional L{IResultSink}; Postfix
 records the delivery itself.  The hot path of a cached answer is: the frame
 cut from the input, a dict hit for the parsed key, L{PolicyCache.get} (whose
 already-fired L{Deferred} is read without adding callbacks), a dict hit for
-the rendered answer, one C{transport.write}.  Nothing is logged per request.
+the rendered answer, one C{send} on the socket (L{ImmediateWriter}).  Nothing
+is logged per request.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import attrs
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IAddress
+from twisted.internet.interfaces import IAddress, ISSLTransport, ISystemHandle
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -111,6 +120,7 @@ from mtasts_twisted.policy import DomainError, Mode, MTASTSError, Policy, to_ala
 
 __all__ = [
     "ANSWER_KINDS",
+    "ImmediateWriter",
     "MAX_REPLY",
     "MalformedRequestError",
     "NetstringDecoder",
@@ -122,6 +132,7 @@ __all__ = [
     "encode_netstring",
     "parse_key",
     "parse_request",
+    "policy_has_wildcard",
     "render_answer",
     "render_failure",
 ]
@@ -506,9 +517,12 @@ def render_answer(
             return _with_attributes("OK " + settings.testing_level, policy_domain, policy, settings)
         return "NOTFOUND "
     if mx_hosts is None:
-        # The peer's form: Postfix's ".x" admits any depth below x, more than
-        # RFC 8461 §4.1's one label; used only when the MX hosts are unknown.
+        # The patterns themselves.  For a wildcard this is the peer's form:
+        # Postfix's ".x" admits any depth below x, more than RFC 8461 §4.1's
+        # one label; so it is used only when the MX hosts are unknown.
         names = _dedupe(p[1:] if p.startswith("*.") else p for p in policy.mx)
+        if not names:
+            return f"TEMP MTA-STS policy of {policy_domain} lists no MX host"
     else:
         # RFC 8461 §4.1: only MX hosts matching a pattern are candidates.
         names = _dedupe(h.lower().rstrip(".") for h in mx_hosts if policy.matches(h))
@@ -523,6 +537,11 @@ def render_answer(
     if len(answer) > MAX_REPLY:
         return f"TEMP MTA-STS answer for {policy_domain} exceeds the socketmap reply limit"
     return answer
+
+
+def policy_has_wildcard(policy: Policy) -> bool:
+    """Has C{policy} a C{*.} pattern (whose match list needs the MX hosts)?"""
+    return any(pattern.startswith("*.") for pattern in policy.mx)
 
 
 def render_failure(policy_domain: str, reason: str, settings: SocketmapSettings = _DEFAULT_SETTINGS) -> str:
@@ -563,6 +582,68 @@ def _evict(table: dict, size: int) -> None:
 # --- the server ------------------------------------------------------------------
 
 
+class ImmediateWriter:
+    """
+    Writes to a connection's socket at once while nothing is buffered.
+
+    Twisted's socket transports buffer every C{write} and send it on the
+    next reactor turn: two C{epoll_ctl} calls and a second dispatch per
+    answer, about half of the CPU of a cached lookup.  A socketmap answer is
+    small and Postfix waits for it, so this writer calls the socket's
+    C{send} directly (the socket comes from the public
+    L{ISystemHandle.getHandle}).  The first time the kernel does not take a
+    whole answer (a partial send, C{EAGAIN}, or an error such as a reset),
+    the rest goes to C{transport.write} and so does every later write on
+    this connection: the transport's buffer then keeps the bytes in order,
+    and the transport notices and reports a dead connection as usual.
+
+    Used only on plain TCP and UNIX socket transports
+    (L{FileDescriptor}s whose handle is a socket, without TLS); any other
+    transport (a TLS wrapper, a test transport) is written to normally.
+    Everything written on the connection must go through this writer.
+    """
+
+    __slots__ = ("_send", "_transport")
+
+    def __init__(self, transport: Any, send: Any = None) -> None:
+        """
+        @param transport: the connection's transport.
+        @param send: the socket's C{send} (default: found on C{transport} if
+            it is a plain socket transport); tests pass their own.
+        """
+        self._transport = transport
+        if send is None and (
+            isinstance(transport, FileDescriptor)
+            and ISystemHandle.providedBy(transport)
+            and not ISSLTransport.providedBy(transport)
+        ):
+            handle = transport.getHandle()
+            if isinstance(handle, socket.socket):
+                send = handle.send
+        self._send = send
+
+    @property
+    def direct(self) -> bool:
+        """Do writes still go straight to the socket?"""
+        return self._send is not None
+
+    def write(self, data: bytes) -> None:
+        """Send C{data} now if the socket takes all of it, else via the transport."""
+        send = self._send
+        if send is not None:
+            try:
+                sent = send(data)
+            except OSError:
+                # BlockingIOError, or a dead connection: the transport gets the
+                # bytes and finds out about the connection itself.
+                sent = 0
+            if sent == len(data):
+                return
+            self._send = None  # from now on the transport's buffer keeps the order
+            data = data[sent:]
+        self._transport.write(data)
+
+
 class SocketmapProtocol(Protocol):
     """
     One Postfix socketmap connection: netstring requests in, answers out in
@@ -585,9 +666,11 @@ class SocketmapProtocol(Protocol):
         self._timeout = factory.settings.idle_timeout
         self._timer: Any = None
         self._last = 0.0
+        self._write: Any = None
 
     def connectionMade(self) -> None:
         """Count the connection and start the idle timer."""
+        self._write = ImmediateWriter(self.transport).write
         self.factory.connections += 1
         if self._timeout:
             self._last = self._clock.seconds()
@@ -623,13 +706,13 @@ class SocketmapProtocol(Protocol):
             else:
                 if out:
                     # Earlier answers go out first, should this one fire at once.
-                    self.transport.write(b"".join(out))
+                    self._write(b"".join(out))
                     out = []
                 slot: list[bytes | None] = [None]
                 queue.append(slot)
                 answer.addCallback(self._fill, slot)  # type: ignore[union-attr]
         if out:
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            self._write(out[0] if len(out) == 1 else b"".join(out))
         if self._closing and not queue:
             self.transport.loseConnection()
 
@@ -644,7 +727,7 @@ class SocketmapProtocol(Protocol):
         if out:
             if self._timeout:
                 self._last = self._clock.seconds()
-            self.transport.write(b"".join(out))  # type: ignore[arg-type]
+            self._write(b"".join(out))  # type: ignore[arg-type]
         if self._closing and not queue:
             self.transport.loseConnection()
 
@@ -827,6 +910,11 @@ class SocketmapFactory(Factory):
         if parsed.bracketed:
             # Postfix connects to a [host] next hop itself: no MX lookup.
             return self._render(key, domain, lookup, (domain,), _INF)
+        if not policy_has_wildcard(policy):
+            # Exact patterns only: the match list is the patterns themselves,
+            # as safe as any MX-derived list (Postfix verifies the MX host's
+            # certificate against it), so no MX query is needed.
+            return self._render(key, domain, lookup, None, _INF)
         d = self._resolver.lookup_mx(domain)
         if d.called and not d.paused and not isinstance(d.result, Deferred):
             result = d.result

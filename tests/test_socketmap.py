@@ -7,6 +7,8 @@ broken netstrings, idle timeout), and over a real loopback TCP port.
 
 from __future__ import annotations
 
+import socket
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter
@@ -28,6 +30,7 @@ from mtasts_twisted.interfaces import IResultSink
 from mtasts_twisted.policy import parse_policy
 from mtasts_twisted.results import PolicyType
 from mtasts_twisted.socketmap import (
+    ImmediateWriter,
     MAX_REPLY,
     MalformedRequestError,
     NetstringDecoder,
@@ -400,6 +403,13 @@ class AnswerTests(ServerTestCase):
         self.resolver.mx["example.com"] = DNSNoRecordError("NXDOMAIN", name="example.com", rdtype="MX")
         self.assertEqual(self.ask("example.com"), ["OK secure match=mx1.example.com servername=hostname"])
 
+    def test_exact_patterns_need_no_mx_lookup(self):
+        exact = "version: STSv1\nmode: enforce\nmx: mx1.example.com\nmx: mx2.example.com\nmax_age: 86400\n"
+        self.publish(text=exact, mx=(("elsewhere.example.net", 10),))
+        self.assertEqual(self.ask("example.com"),
+                         ["OK secure match=mx1.example.com:mx2.example.com servername=hostname"])
+        self.assertEqual(self.resolver.queries[("MX", "example.com")], 0)
+
     def test_wildcard_only_no_match(self):
         self.publish(text=WILDCARD_ONLY, mx=(("mx.sub.example.com", 10),))
         self.assertEqual(self.ask("example.com"), ["TEMP no MX host of example.com matches its MTA-STS policy"])
@@ -641,6 +651,55 @@ class ConnectionTests(ServerTestCase):
         self.assertEqual(self.clock.getDelayedCalls()[0].func, self.proto._check_idle)
 
 
+class ImmediateWriterTests(SynchronousTestCase):
+    def setUp(self):
+        self.transport = StringTransport()
+        self.sent = []
+
+    def send_all(self, data):
+        self.sent.append(data)
+        return len(data)
+
+    def test_whole_writes_go_to_the_socket(self):
+        writer = ImmediateWriter(self.transport, self.send_all)
+        writer.write(b"one")
+        writer.write(b"two")
+        self.assertEqual(self.sent, [b"one", b"two"])
+        self.assertEqual(self.transport.value(), b"")
+        self.assertTrue(writer.direct)
+
+    def test_partial_send_hands_the_rest_and_later_writes_to_the_transport(self):
+        def send_some(data):
+            self.sent.append(data[:2])
+            return 2
+
+        writer = ImmediateWriter(self.transport, send_some)
+        writer.write(b"abcdef")
+        writer.write(b"ghi")
+        self.assertEqual(self.sent, [b"ab"])
+        self.assertEqual(self.transport.value(), b"cdefghi")  # in order, nothing lost
+        self.assertFalse(writer.direct)
+
+    def test_send_error_hands_everything_to_the_transport(self):
+        for error in (BlockingIOError(), ConnectionResetError()):
+            transport = StringTransport()
+
+            def refuse(data, error=error):
+                raise error
+
+            writer = ImmediateWriter(transport, refuse)
+            writer.write(b"abc")
+            writer.write(b"def")
+            self.assertEqual(transport.value(), b"abcdef")
+            self.assertFalse(writer.direct)
+
+    def test_other_transports_are_written_normally(self):
+        writer = ImmediateWriter(self.transport)
+        self.assertFalse(writer.direct)
+        writer.write(b"abc")
+        self.assertEqual(self.transport.value(), b"abc")
+
+
 # --- over loopback TCP ------------------------------------------------------------------
 
 
@@ -722,6 +781,30 @@ class LoopbackTests(TestCase):
         again = client.wait_for(5)
         client.transport.write(netstrings(b"postfix example.com"))
         self.assertEqual((await again)[-1], "OK secure match=mx1.example.com servername=hostname")
+
+    async def test_answer_leaves_without_a_reactor_turn(self):
+        built = []
+        build = self.factory.buildProtocol
+
+        def record(addr):
+            built.append(build(addr))
+            return built[-1]
+
+        self.factory.buildProtocol = record
+        sock = socket.create_connection(("127.0.0.1", self.port.getHost().port), timeout=5)
+        self.addCleanup(sock.close)
+        for _ in range(500):
+            if built:
+                break
+            await deferLater(reactor, 0.01)
+        [proto] = built
+        proto.dataReceived(netstrings(b"postfix example.com"))  # warms the cache
+        sock.settimeout(5)
+        self.assertEqual(sock.recv(4096), netstrings(b"OK secure match=mx1.example.com servername=hostname"))
+        sock.setblocking(False)
+        proto.dataReceived(netstrings(b"postfix [192.0.2.1]"))
+        # No reactor turn in between: the answer is already in the kernel.
+        self.assertEqual(sock.recv(4096), netstrings(b"NOTFOUND "))
 
     async def test_broken_netstring_closes(self):
         client = await self.connect()
