@@ -21,8 +21,11 @@ are absolute, so they load dnspython's top-level C{dns} package.
 from __future__ import annotations
 
 import collections
+import errno
+import functools
 import ipaddress
-import secrets
+import os
+import socket
 from typing import Any, Iterable, Sequence, Union
 
 import attrs
@@ -30,6 +33,7 @@ import dns.exception
 import dns.flags
 import dns.message
 import dns.name
+import dns.opcode
 import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
@@ -47,7 +51,9 @@ from twisted.internet.interfaces import (
     IAddress,
     IHostnameResolver,
     IHostResolution,
+    IReactorFDSet,
     IReactorPluggableNameResolver,
+    IReadDescriptor,
     IResolutionReceiver,
 )
 from twisted.internet.protocol import DatagramProtocol, connectionDone
@@ -353,6 +359,10 @@ def _ip_literal(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | No
     value = text.strip()
     if value.startswith("[") and value.endswith("]"):
         value = value[1:-1]
+    # A host name is neither IPv6 (a colon) nor IPv4 (a final digit: no TLD
+    # is numeric): skip the costly parse for the usual case.
+    if ":" not in value and not value[-1:].isdigit():
+        return None
     try:
         return ipaddress.ip_address(value)
     except ValueError:
@@ -368,6 +378,18 @@ def _to_dns_name(name: str | bytes) -> dns.name.Name:
 
     Labels are converted one by one so that underscore labels
     (C{_mta-sts}, C{_smtp._tls}) pass while U-labels get IDNA 2008 (UTS 46).
+    """
+    return _to_dns_name_and_text(name)[0]
+
+
+#: Characters of a name whose text form needs no escaping (RFC 1035 §5.1).
+_PLAIN_NAME = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.")
+
+
+def _to_dns_name_and_text(name: str | bytes) -> tuple[dns.name.Name, str]:
+    """
+    L{_to_dns_name}, and the name as L{_name_text} would give it, without
+    the cost of formatting it again.
     """
     if isinstance(name, bytes):
         try:
@@ -390,15 +412,25 @@ def _to_dns_name(name: str | bytes) -> dns.name.Name:
             labels.append(idna.encode(label, uts46=True, transitional=False).decode("ascii").lower())
         except (idna.IDNAError, UnicodeError) as e:
             raise DomainError(f"{name!r} is not a valid internationalised name: {e}") from None
+    text = ".".join(labels)
     try:
-        return dns.name.from_text(".".join(labels) + ".")
+        qname = dns.name.from_text(text + ".")
     except dns.exception.DNSException as e:
         raise DomainError(f"{name!r} is not a valid DNS name: {e}") from None
+    if not _PLAIN_NAME.issuperset(text):
+        text = _name_text(qname)  # escapes, as dnspython writes them
+    return qname, text
 
 
 def _name_text(name: dns.name.Name) -> str:
     """A name as lower-case text without the trailing dot."""
     return name.to_text(omit_final_dot=True).lower()
+
+
+@functools.cache
+def _type_text(rdtype: int) -> str:
+    """C{dns.rdatatype.to_text}, once per type (an enum lookup otherwise)."""
+    return dns.rdatatype.to_text(rdtype)
 
 
 # --- the wire: one query to one server ------------------------------------
@@ -412,25 +444,99 @@ class _TryFailed(Exception):
         self.detail = detail
 
 
+# The query wire, built once per (name, type) try with the header and EDNS
+# OPT record taken from a dnspython-built template: dnspython's make_query
+# and to_wire cost ~150 us per query (Message, RRset and OPT objects, enum
+# conversions) for bytes that differ only in the ID, the name and the type.
+# test_dns checks the result byte for byte against make_query.
+_QUERY_FLAGS = dns.flags.RD | dns.flags.AD  # RFC 6840 §5.7: AD asks for the AD bit
+_TEMPLATE = dns.message.make_query(
+    dns.name.root, dns.rdatatype.A, use_edns=0, payload=EDNS_PAYLOAD, id=0, flags=_QUERY_FLAGS
+).to_wire()
+#: Header after the ID: flags, QDCOUNT 1, ANCOUNT 0, NSCOUNT 0, ARCOUNT 1.
+_HEADER_TAIL = _TEMPLATE[2:12]
+#: The additional section: the OPT pseudo-RR (RFC 6891 §6.1.2).  In the
+#: template it follows the root name (1 byte), QTYPE and QCLASS.
+_OPT_RR = _TEMPLATE[12 + 1 + 4 :]
+_IN_CLASS = int(dns.rdataclass.IN).to_bytes(2, "big")
+# rcodes after which dnspython's is_response accepts an empty question.
+_QUESTIONLESS_RCODES = frozenset({dns.rcode.FORMERR, dns.rcode.SERVFAIL, dns.rcode.NOTIMP, dns.rcode.REFUSED})
+
+
+@attrs.frozen
+class _Query:
+    """
+    One query as sent: its ID, question and wire form.
+
+    @ivar id: the random query ID (RFC 5452 §9.2).
+    @ivar qname: the absolute name asked for.
+    @ivar rdtype: the type asked for (class IN).
+    @ivar wire: the message as sent: RD and AD set, EDNS0 with a payload
+        of L{EDNS_PAYLOAD}.
+    """
+
+    id: int
+    qname: dns.name.Name
+    rdtype: int
+    wire: bytes
+
+    @classmethod
+    def make(cls, qname: dns.name.Name, rdtype: int) -> _Query:
+        """A query for C{qname}/C{rdtype} with a fresh random ID."""
+        # RFC 5452 §9.2: an unpredictable ID (with the random port).
+        query_id = int.from_bytes(os.urandom(2), "big")
+        wire = b"".join(
+            (
+                query_id.to_bytes(2, "big"),
+                _HEADER_TAIL,
+                qname.to_wire(),
+                int(rdtype).to_bytes(2, "big"),
+                _IN_CLASS,
+                _OPT_RR,
+            )
+        )
+        return cls(query_id, qname, rdtype, wire)
+
+    def is_response(self, reply: dns.message.Message) -> bool:
+        """
+        Whether C{reply} answers this query: QR set, same ID and opcode
+        (QUERY), and our question (name case-insensitively, type, class IN),
+        the rules of dnspython's C{Message.is_response}: like it, an error
+        reply (FORMERR, SERVFAIL, NOTIMP, REFUSED) may omit the question.
+        """
+        flags = reply.flags
+        if not flags & dns.flags.QR or reply.id != self.id or dns.opcode.from_flags(flags) != dns.opcode.QUERY:
+            return False
+        question = reply.question
+        if not question:
+            return reply.rcode() in _QUESTIONLESS_RCODES
+        # Every question of the reply must be ours and ours must be there:
+        # one distinct question, ours (duplicates of it, as dnspython allows).
+        return all(
+            q.rdclass == dns.rdataclass.IN and q.rdtype == self.rdtype and q.name == self.qname for q in question
+        )
+
+
 def _reply_id(data: bytes) -> int | None:
     if len(data) < 2:
         return None
     return int.from_bytes(data[:2], "big")
 
 
-def _parse_reply(
-    query: dns.message.Message, data: bytes, server: str, transport: str
-) -> dns.message.Message | None:
+def _parse_reply(query: _Query, data: bytes, server: str, transport: str) -> dns.message.Message | None:
     """
     Parse a reply and check it against the question.
 
+    The ID is checked before the (costly) parse; the source address before
+    this is called.  No log event for an ignored datagram: a flood of
+    forged replies must not turn into a flood of log lines.
+
     @return: the reply; L{None} when it does not answer our query (wrong ID
         or question, not a response): such datagrams are ignored and we keep
-        waiting, since anyone can send them.
+        waiting, since anyone can send them (RFC 5452 §9.1).
     @raise _TryFailed: when the reply carries our ID but cannot be parsed.
     """
     if _reply_id(data) != query.id:
-        log.debug("ignored DNS reply over {transport} from {server}: wrong ID", transport=transport, server=server)
         return None
     try:
         reply = dns.message.from_wire(data)
@@ -438,26 +544,33 @@ def _parse_reply(
         raise _TryFailed(f"malformed reply from {server} over {transport}: {e.__class__.__name__}: {e}") from None
     # Checks QR, ID, opcode and the question (name, type and class).
     if not query.is_response(reply):
-        log.debug(
-            "ignored DNS reply over {transport} from {server}: not a response to our question",
-            transport=transport,
-            server=server,
-        )
         return None
     return reply
 
 
+def _same_host(address: Any, host: str) -> bool:
+    """Whether C{address} (as a socket reports it) is the IP text C{host}."""
+    if address == host:
+        return True
+    try:
+        return ipaddress.ip_address(address) == ipaddress.ip_address(host)
+    except (ValueError, TypeError):
+        return False
+
+
 class _UDPExchange(DatagramProtocol):
-    """Receives the reply to one query on one connected UDP socket."""
+    """
+    Receives the reply to one query on one connected UDP socket: either a
+    Twisted UDP port (L{IReactorUDP.listenUDP}) or a L{_UDPSocket}.
+    """
 
     noisy = False  # no "starting/stopping protocol" log lines per query
 
-    def __init__(self, query: dns.message.Message, server: Nameserver) -> None:
+    def __init__(self, query: _Query, server: Nameserver, label: str) -> None:
         self.query = query
         self.server = server
-        self.label = format_nameserver(server)
+        self.label = label
         self.reply: Deferred[dns.message.Message] = Deferred()
-        self._address = ipaddress.ip_address(server[0])
         #: Set before we close the socket ourselves, so that stopProtocol
         #: does not fail a reply the closing coroutine is still handling.
         self.closing = False
@@ -466,13 +579,12 @@ class _UDPExchange(DatagramProtocol):
         if self.reply.called:
             return
         # The socket is connected, so the kernel filters sources already;
-        # check anyway, in case the transport is not.
+        # check anyway, in case the transport is not (RFC 5452 §9.1).
         try:
-            same_source = ipaddress.ip_address(addr[0]) == self._address and addr[1] == self.server[1]
-        except (ValueError, TypeError, IndexError):
+            same_source = addr[1] == self.server[1] and _same_host(addr[0], self.server[0])
+        except (TypeError, IndexError):
             same_source = False
         if not same_source:
-            log.debug("ignored DNS datagram from {source}: expected {server}", source=addr, server=self.label)
             return
         try:
             reply = _parse_reply(self.query, data, self.label, "UDP")
@@ -487,11 +599,105 @@ class _UDPExchange(DatagramProtocol):
         if not self.reply.called:
             self.reply.errback(_TryFailed(f"connection refused by {self.label} (UDP)"))
 
+    def networkError(self, error: OSError) -> None:
+        """The socket reported an error other than a refusal."""
+        if not self.reply.called:
+            self.reply.errback(_TryFailed(f"network error on UDP socket for {self.label}: {error}"))
+
     def stopProtocol(self) -> None:
         # The reactor closes the socket itself on a socket error (an ICMP
         # port unreachable reported as EPOLLERR, for one).
         if not self.reply.called and not self.closing:
             self.reply.errback(_TryFailed(f"UDP socket for {self.label} closed by a network error (unreachable?)"))
+
+
+#: Datagrams read per readiness event: bounded, so that a flood of forged
+#: datagrams cannot keep the reactor in one socket.
+_MAX_READS = 16
+
+
+@implementer(IReadDescriptor)
+class _UDPSocket:
+    """
+    A connected, non-blocking UDP socket for one query, read by the
+    reactor (L{IReactorFDSet}) directly.
+
+    Why not C{listenUDP}: a Twisted UDP port per query costs a C{Port}
+    object, an unconditional "UDP Port Opened/Closed" log event each way,
+    and a close deferred to the next reactor turn; this costs the system
+    calls only.  The port is still fresh and kernel-chosen at random per
+    query (RFC 5452 §9.2): C{connect} on an unbound UDP socket binds it
+    like C{bind} to port 0 does (Linux picks a random ephemeral port).
+    """
+
+    def __init__(self, reactor: Any, server: Nameserver, exchange: _UDPExchange) -> None:
+        """
+        @raise OSError: the socket cannot be made or connected.
+        """
+        host, port = server
+        self._reactor = reactor
+        self._exchange = exchange
+        self._socket = socket.socket(socket.AF_INET6 if _is_ipv6(host) else socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            self._socket.setblocking(False)
+            self._socket.connect((host, port))
+        except OSError:
+            self._socket.close()
+            raise
+        self._fileno = self._socket.fileno()
+        self._reading = False
+
+    def start(self, data: bytes) -> None:
+        """
+        Send C{data} and start reading.
+
+        @raise OSError: sending failed.
+        """
+        self._reactor.addReader(self)
+        self._reading = True
+        self._socket.send(data)
+
+    def close(self) -> None:
+        """Stop reading and close the socket (idempotent)."""
+        if self._reading:
+            self._reading = False
+            # Before close: a closed socket's number may be reused at once.
+            self._reactor.removeReader(self)
+        self._socket.close()
+
+    def fileno(self) -> int:
+        return self._fileno
+
+    def logPrefix(self) -> str:
+        return "DNS-UDP"
+
+    def doRead(self) -> None:
+        exchange = self._exchange
+        for _ in range(_MAX_READS):
+            if exchange.reply.called:
+                return
+            try:
+                data, addr = self._socket.recvfrom(MAX_TCP_REPLY)
+            except BlockingIOError:
+                return
+            except ConnectionRefusedError:
+                # ICMP port unreachable for an earlier datagram.
+                exchange.connectionRefused()
+                return
+            except OSError as e:
+                exchange.networkError(e)
+                return
+            exchange.datagramReceived(data, addr)
+
+    def connectionLost(self, reason: Failure) -> None:
+        # The reactor saw an error condition (EPOLLERR: an ICMP error on the
+        # connected socket) and stopped reading.
+        self._reading = False
+        error = self._socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error == errno.ECONNREFUSED:
+            self._exchange.connectionRefused()
+        else:
+            self._exchange.networkError(OSError(error, os.strerror(error)) if error else OSError(reason.getErrorMessage()))
 
 
 class _TCPExchange(Int16StringReceiver):
@@ -502,7 +708,7 @@ class _TCPExchange(Int16StringReceiver):
 
     MAX_LENGTH = MAX_TCP_REPLY
 
-    def __init__(self, query: dns.message.Message, server: Nameserver) -> None:
+    def __init__(self, query: _Query, server: Nameserver) -> None:
         self.query = query
         self.label = format_nameserver(server)
         self.done: Deferred[dns.message.Message] = Deferred(self._cancel)
@@ -513,7 +719,7 @@ class _TCPExchange(Int16StringReceiver):
             self.transport.abortConnection()
 
     def connectionMade(self) -> None:
-        self.sendString(self.query.to_wire())
+        self.sendString(self.query.wire)
 
     def stringReceived(self, data: bytes) -> None:
         if self._outcome is not None:
@@ -673,6 +879,9 @@ class DNSResolver:
         self._budget = float(budget)
         self._attempts = int(attempts)
         self._cache = _AnswerCache(reactor, cache_size)
+        # Reactors with file descriptors (epoll, poll, select, kqueue) get
+        # plain sockets; others (IOCP) and fakes get listenUDP.
+        self._fd_reactor = IReactorFDSet.providedBy(reactor)
 
     def __repr__(self) -> str:
         servers = ", ".join(format_nameserver(s) for s in self.nameservers)
@@ -727,25 +936,24 @@ class DNSResolver:
     # -- lookups --
 
     async def _lookup_txt(self, name: str) -> TXTAnswer:
-        qname = _to_dns_name(name)
-        records = await self._resolve(qname, dns.rdatatype.TXT)
+        qname, text = _to_dns_name_and_text(name)
+        records = await self._resolve(qname, dns.rdatatype.TXT, text)
         # RFC 8461 §3.1: the character-strings of one TXT RR are concatenated
         # without separator before parsing; RRs stay separate.
         strings = tuple(b"".join(rdata.strings).decode("utf-8", errors="replace") for rdata in records.rdatas)
-        return TXTAnswer(_name_text(qname), strings, records.ttl, records.authenticated)
+        return TXTAnswer(text, strings, records.ttl, records.authenticated)
 
     async def _lookup_mx(self, domain: str) -> MXAnswer:
-        qname = _to_dns_name(domain)
-        text = _name_text(qname)
+        qname, text = _to_dns_name_and_text(domain)
         try:
-            records = await self._resolve(qname, dns.rdatatype.MX)
+            records = await self._resolve(qname, dns.rdatatype.MX, text)
         except DNSNoRecordError as e:
             if e.nxdomain:
                 raise
             # RFC 5321 §5.1: no MX records, but the name has an address:
             # it is its own implicit MX with preference 0.
             try:
-                addresses = await self._addresses(qname)
+                addresses = await self._addresses(qname, text)
             except DNSNoRecordError as e2:
                 raise DNSNoRecordError(
                     f"{text} has no MX records and no A/AAAA records for an implicit MX"
@@ -775,12 +983,12 @@ class DNSResolver:
         literal = _ip_literal(host) if isinstance(host, str) else None
         if literal is not None:
             return AddressAnswer(str(literal), (str(literal),), 0, False)
-        return await self._addresses(_to_dns_name(host))
+        return await self._addresses(*_to_dns_name_and_text(host))
 
-    async def _addresses(self, qname: dns.name.Name) -> AddressAnswer:
-        text = _name_text(qname)
+    async def _addresses(self, qname: dns.name.Name, text: str) -> AddressAnswer:
         types = (dns.rdatatype.AAAA, dns.rdatatype.A)
-        lookups = [Deferred.fromCoroutine(self._resolve(qname, rdtype)) for rdtype in types]
+        # Both types at once (their queries are in flight together).
+        lookups = [Deferred.fromCoroutine(self._resolve(qname, rdtype, text)) for rdtype in types]
         results = await defer.DeferredList(lookups, consumeErrors=True)
         addresses: list[str] = []
         ttls: list[int] = []
@@ -816,10 +1024,12 @@ class DNSResolver:
 
     # -- (name, type) → records, following CNAMEs, through the cache --
 
-    async def _resolve(self, qname: dns.name.Name, rdtype: int) -> _Records:
+    async def _resolve(self, qname: dns.name.Name, rdtype: int, name: str) -> _Records:
+        """
+        @param name: C{qname} as L{_name_text} gives it (for messages).
+        """
         key = (qname, rdtype)
-        name = _name_text(qname)
-        type_text = dns.rdatatype.to_text(rdtype)
+        type_text = _type_text(rdtype)
         cached = self._cache.get(key)
         if cached is not None:
             value, remaining = cached
@@ -924,19 +1134,11 @@ class DNSResolver:
     ) -> dns.message.Message:
         """One server: UDP, then TCP if the reply is truncated."""
         label = format_nameserver(server)
-        query = dns.message.make_query(
-            qname,
-            rdtype,
-            use_edns=0,
-            payload=EDNS_PAYLOAD,
-            id=secrets.randbelow(65536),
-            # RFC 6840 §5.7: AD in a query asks for the AD bit in the reply.
-            flags=dns.flags.RD | dns.flags.AD,
-        )
+        query = _Query.make(qname, rdtype)
         timeout = min(self._timeout, deadline - self._reactor.seconds())
         # No log line per query or per cache hit: under twistd every debug
         # event is written, and these are on the lookup hot path.
-        reply = await self._udp_try(query, server, timeout)
+        reply = await self._udp_try(query, server, label, timeout)
         if reply.flags & dns.flags.TC:
             # RFC 7766 §5 / RFC 1035 §4.2.1: truncated, so ask again over TCP.
             timeout = min(self._timeout, deadline - self._reactor.seconds())
@@ -949,10 +1151,40 @@ class DNSResolver:
             raise _TryFailed(f"{dns.rcode.to_text(rcode)} from {label}")
         return reply
 
-    async def _udp_try(self, query: dns.message.Message, server: Nameserver, timeout: float) -> dns.message.Message:
+    async def _udp_try(self, query: _Query, server: Nameserver, label: str, timeout: float) -> dns.message.Message:
+        exchange = _UDPExchange(query, server, label)
+        if self._fd_reactor:
+            return await self._socket_try(exchange, server, label, timeout)
+        return await self._port_try(exchange, server, label, timeout)
+
+    async def _socket_try(
+        self, exchange: _UDPExchange, server: Nameserver, label: str, timeout: float
+    ) -> dns.message.Message:
+        """A UDP try on a L{_UDPSocket} (reactors with L{IReactorFDSet})."""
+        try:
+            # RFC 5452 §9.2: a fresh socket, so a fresh random source port,
+            # per query.
+            udp = _UDPSocket(self._reactor, server, exchange)
+        except OSError as e:
+            raise _TryFailed(f"cannot open a UDP socket for {label}: {e}") from None
+        try:
+            try:
+                udp.start(exchange.query.wire)
+            except OSError as e:
+                raise _TryFailed(f"network error sending to {label}: {e}") from None
+            return await self._wait(exchange, label, timeout)
+        finally:
+            exchange.closing = True
+            udp.close()
+
+    async def _port_try(
+        self, exchange: _UDPExchange, server: Nameserver, label: str, timeout: float
+    ) -> dns.message.Message:
+        """
+        A UDP try on a Twisted UDP port, for reactors without
+        L{IReactorFDSet} (the IOCP reactor; test fakes).
+        """
         host, port_number = server
-        label = format_nameserver(server)
-        exchange = _UDPExchange(query, server)
         try:
             # Port 0: a fresh, kernel-chosen random source port per query.
             port = self._reactor.listenUDP(0, exchange, interface="::" if _is_ipv6(host) else "")
@@ -961,22 +1193,25 @@ class DNSResolver:
         try:
             try:
                 port.connect(host, port_number)
-                port.write(query.to_wire())
+                port.write(exchange.query.wire)
             except OSError as e:
                 raise _TryFailed(f"network error sending to {label}: {e}") from None
-            waiting = exchange.reply
-            waiting.addTimeout(timeout, self._reactor)
-            try:
-                return await waiting
-            except defer.TimeoutError:
-                raise _TryFailed(f"timeout after {timeout:g}s waiting for {label} (UDP)") from None
+            return await self._wait(exchange, label, timeout)
         finally:
             exchange.closing = True
             stopped = port.stopListening()
             if isinstance(stopped, Deferred):
                 await stopped
 
-    async def _tcp_try(self, query: dns.message.Message, server: Nameserver, timeout: float) -> dns.message.Message:
+    async def _wait(self, exchange: _UDPExchange, label: str, timeout: float) -> dns.message.Message:
+        waiting = exchange.reply
+        waiting.addTimeout(timeout, self._reactor)
+        try:
+            return await waiting
+        except defer.TimeoutError:
+            raise _TryFailed(f"timeout after {timeout:g}s waiting for {label} (UDP)") from None
+
+    async def _tcp_try(self, query: _Query, server: Nameserver, timeout: float) -> dns.message.Message:
         host, port_number = server
         label = format_nameserver(server)
         endpoint_type = TCP6ClientEndpoint if _is_ipv6(host) else TCP4ClientEndpoint
@@ -1028,6 +1263,11 @@ class DNSHostnameResolver:
             answers.
         """
         self._resolver = resolver
+
+    @property
+    def resolver(self) -> IDNSResolver:
+        """The L{IDNSResolver} this resolves through."""
+        return self._resolver
 
     def resolveHostName(
         self,

@@ -34,9 +34,14 @@ import attrs
 from cryptography import x509
 from OpenSSL import SSL, crypto
 from service_identity import CertificateError, VerificationError
-from service_identity.cryptography import verify_certificate_hostname
+from service_identity.cryptography import extract_patterns
+from service_identity.hazmat import DNS_ID, verify_service_identity
 from twisted.internet.defer import CancelledError, Deferred, fail
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+)
 from twisted.internet.error import (
     ConnectingCancelledError,
     ConnectionRefusedError,
@@ -46,14 +51,13 @@ from twisted.internet.error import (
 from twisted.internet.interfaces import (
     IHostnameResolver,
     IOpenSSLClientConnectionCreator,
-    IReactorPluggableNameResolver,
     IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import (
     Certificate,
+    CertificateOptions,
     TLSVersion,
-    optionsForClientTLS,
     platformTrust,
     trustRootFromCertificates,
 )
@@ -299,28 +303,64 @@ def _dns_names(certificate: x509.Certificate) -> str:
     return "names " + ", ".join(names[:10]) if names else "no DNS names"
 
 
+def _client_context(trust_root: Any) -> SSL.Context:
+    """
+    The OpenSSL context of a L{PolicyFetcher}'s connections, built once.
+
+    Building one costs C{SSL_CTX_new}, the cipher list and loading the trust
+    roots (milliseconds for a platform store of a few hundred roots): per
+    fetch, that was the largest part of a cold lookup's CPU.  Everything
+    per host (SNI, the verify callback with its host-name check) is set on
+    each connection instead (L{_RecordingCreator}).
+    """
+    options = CertificateOptions(
+        trustRoot=trust_root,
+        # RFC 8461 §3.3 wants HTTPS; DESIGN.md: TLS 1.2 or newer.
+        raiseMinimumTo=TLSVersion.TLSv1_2,
+    )
+    # Verification is set on the context too (VERIFY_PEER and the roots);
+    # each connection replaces the callback with its own.
+    return options.getContext()
+
+
 @implementer(IOpenSSLClientConnectionCreator)
 class _RecordingCreator:
     """
-    Wraps L{optionsForClientTLS}: same context, SNI and host-name check, but
-    a per-connection verify callback that records why verification failed.
+    Client connections to one policy host on a shared context: SNI, and a
+    per-connection verify callback that does the PKIX verdict of OpenSSL,
+    the host-name check of C{optionsForClientTLS}, and records why
+    verification failed.
+
+    @ivar records: one L{_VerifyRecord} per connection made.
     """
 
-    def __init__(self, hostname: str, trust_root: Any) -> None:
+    def __init__(self, hostname: str, context: SSL.Context) -> None:
+        """
+        @param hostname: the policy host, in A-labels (so ASCII).
+        @param context: from L{_client_context}.
+        """
         self._hostname = hostname
-        self._creator = optionsForClientTLS(
-            hostname,
-            trustRoot=trust_root,
-            # RFC 8461 §3.3 wants HTTPS; DESIGN.md: TLS 1.2 or newer.
-            extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2},
-        )
+        self._server_name = hostname.encode("ascii")
+        # What service_identity's verify_certificate_hostname builds per
+        # call (an IDNA check of the name): once per host instead.
+        try:
+            self._identity: DNS_ID | None = DNS_ID(hostname)
+        except ValueError:
+            # Not a name service_identity accepts: the callback fails the
+            # handshake as verify_certificate_hostname did, by raising.
+            self._identity = None
+        self._context = context
         self.records: list[_VerifyRecord] = []
 
     def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
-        connection = self._creator.clientConnectionForTLS(tlsProtocol)
+        connection = SSL.Connection(self._context, None)
+        connection.set_app_data(tlsProtocol)
+        # RFC 8461 §3.3 (RFC 6066 §3): SNI with the policy host's name.
+        connection.set_tlsext_host_name(self._server_name)
         record = _VerifyRecord()
         self.records.append(record)
         hostname = self._hostname
+        identity = self._identity
 
         def verify(conn: SSL.Connection, cert: Any, errno: int, depth: int, ok: int) -> bool:
             try:
@@ -332,7 +372,10 @@ class _RecordingCreator:
                     # policy host (RFC 6125 via service_identity).
                     leaf = cert.to_cryptography()
                     try:
-                        verify_certificate_hostname(leaf, hostname)
+                        # = verify_certificate_hostname(leaf, hostname)
+                        verify_service_identity(
+                            extract_patterns(leaf), [identity or DNS_ID(hostname)], []
+                        )
                     except (VerificationError, CertificateError):
                         record.host_mismatch = _dns_names(leaf)
                         return False
@@ -342,7 +385,9 @@ class _RecordingCreator:
                 log.failure("while verifying the certificate of {hostname}", hostname=hostname)
                 return False
 
-        # Replaces the callback optionsForClientTLS set on this connection.
+        # Per connection (pyOpenSSL >= 20): the context is shared, the
+        # record and host name are this connection's.  OpenSSL calls it for
+        # every certificate of the chain, the leaf (depth 0) last.
         connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
         return connection
 
@@ -411,14 +456,32 @@ class _Attempt:
 
 @implementer(IStreamClientEndpoint)
 class _PolicyHostEndpoint:
-    """TCP to the policy host (via the reactor's name resolver), then TLS."""
+    """
+    TCP to the policy host, then TLS: to its one address when the fetch
+    looked it up already, else through L{HostnameEndpoint} and the
+    reactor's name resolver (several addresses: RFC 8305 connection
+    attempts in turn).
+    """
 
-    def __init__(self, reactor: Any, clock: Any, host: str, port: int, attempt: _Attempt) -> None:
+    def __init__(
+        self, reactor: Any, clock: Any, host: str, port: int, attempt: _Attempt, address: str | None = None
+    ) -> None:
         self._reactor = reactor
         self._clock = clock
         self._host = host
         self._port = port
         self._attempt = attempt
+        self._address = address
+
+    def _tcp_endpoint(self) -> IStreamClientEndpoint:
+        if self._address is None:
+            return HostnameEndpoint(self._reactor, self._host, self._port)
+        # The address the fetch resolved (and so checked) a moment ago: no
+        # second resolution, and none of HostnameEndpoint's per-connect
+        # machinery for a single address.
+        if ":" in self._address:
+            return TCP6ClientEndpoint(self._reactor, self._address, self._port)
+        return TCP4ClientEndpoint(self._reactor, self._address, self._port)
 
     def connect(self, protocolFactory: Any) -> Deferred[Any]:
         protocolFactory.noisy = False  # one "Starting factory" log per fetch is noise
@@ -427,8 +490,7 @@ class _PolicyHostEndpoint:
         )
         tls.noisy = False
         tracking = _TrackingFactory(tls, self._attempt)
-        endpoint = HostnameEndpoint(self._reactor, self._host, self._port)
-        d = endpoint.connect(tracking)
+        d = self._tcp_endpoint().connect(tracking)
         # tracked connection → TLS protocol → the HTTP protocol Agent wants
         return d.addCallback(lambda tracked: tracked.wrappedProtocol.wrappedProtocol)
 
@@ -442,7 +504,6 @@ class _EndpointFactory:
         return self._endpoint
 
 
-@implementer(IReactorPluggableNameResolver)
 # --- the body, capped while streaming ---------------------------------------
 
 
@@ -523,8 +584,9 @@ class PolicyFetcher:
     """
     Fetches MTA-STS policies (RFC 8461 §3.3).
 
-    Every L{fetch} is independent: a new TLS context, a new connection, no
-    cache.  A fetcher holds no connections between fetches.
+    Every L{fetch} is independent: a new connection, no cache, no TLS
+    session reuse.  A fetcher holds no connections between fetches; its one
+    OpenSSL context (trust roots, TLS >= 1.2, ciphers) is built once.
     """
 
     def __init__(
@@ -555,6 +617,12 @@ class PolicyFetcher:
             temporary DNS failure; it also resolves for the connection
             unless C{name_resolver} is given.
         """
+        #: Connect to the address the pre-resolution found when the
+        #: connection would resolve through the same resolver anyway.
+        self._connect_resolved = resolver is not None and (
+            name_resolver is None
+            or (isinstance(name_resolver, DNSHostnameResolver) and name_resolver.resolver is resolver)
+        )
         if resolver is not None and name_resolver is None:
             name_resolver = DNSHostnameResolver(resolver)
         self._dns = resolver
@@ -563,6 +631,7 @@ class PolicyFetcher:
             reactor if name_resolver is None else reactor_with_resolver(reactor, name_resolver)
         )
         self._trust_root = load_trust_roots(trust_roots)
+        self._tls_context = _client_context(self._trust_root)
         self._timeout = timeout
         self._max_size = max_size
         self._port = port
@@ -582,9 +651,9 @@ class PolicyFetcher:
             return fail()
         host = f"mta-sts.{alabel}"
         url = policy_url(alabel)
-        attempt = _Attempt(_RecordingCreator(host, self._trust_root), host, url, self._timeout)
-        log.debug("fetching MTA-STS policy {url}", url=url)
-
+        attempt = _Attempt(_RecordingCreator(host, self._tls_context), host, url, self._timeout)
+        # No "fetching" event: the outcome is logged once below (one event
+        # per fetch, not two, on the cold-lookup path).
         d = Deferred.fromCoroutine(self._fetch(attempt, host))
 
         def time_out() -> None:
@@ -626,16 +695,19 @@ class PolicyFetcher:
 
     async def _fetch(self, attempt: _Attempt, host: str) -> FetchedPolicy:
         url = attempt.url
+        address = None
         if self._dns is not None:
             try:
-                await self._dns.lookup_addresses(host)
+                answer = await self._dns.lookup_addresses(host)
             except DNSNoRecordError:
                 # RFC 8461 §3.3 / DESIGN.md: no policy host, no policy served.
                 raise NoPolicyServedError(url, f"policy host {host} does not exist") from None
             except DNSTemporaryError as e:
                 raise PolicyFetchError(url, f"temporary DNS failure for {host}: {e.detail or e}") from None
+            if self._connect_resolved and len(answer.addresses) == 1:
+                address = answer.addresses[0]
         endpoint = _PolicyHostEndpoint(
-            self._connect_reactor, self._reactor, host, self._port, attempt
+            self._connect_reactor, self._reactor, host, self._port, attempt, address
         )
         agent = Agent.usingEndpointFactory(
             self._reactor,

@@ -14,7 +14,10 @@ import tempfile
 import attrs
 import dns.flags
 import dns.message
+import dns.name
+import dns.opcode
 import dns.rcode
+import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 from twisted.internet import defer, error, reactor, task
@@ -29,6 +32,7 @@ from twisted.internet.interfaces import (
     IResolutionReceiver,
 )
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -914,3 +918,171 @@ class ListenUDPAndTCPTests(unittest.SynchronousTestCase):
         reactor = _TakenTCP(refusals=10)
         self.assertRaises(CannotListenError, listen_udp_and_tcp, reactor, DatagramProtocol, object(), tries=3)
         self.assertEqual([p.listening for p in reactor.ports], [False] * 3)
+
+
+# --- the query wire and the reply check -----------------------------------
+
+
+class QueryWireTests(unittest.SynchronousTestCase):
+    """L{_Query}: the wire dnspython would build, and dnspython's response rules."""
+
+    NAMES = ("_mta-sts.example.com", "mta-sts.xn--bcher-kva.example", "_smtp._tls.a.b.c.example", "x")
+
+    def test_wire_is_make_query(self) -> None:
+        from mtasts_twisted.dns import EDNS_PAYLOAD, _Query
+
+        for text in self.NAMES:
+            qname = dns.name.from_text(text + ".")
+            for rdtype in (dns.rdatatype.TXT, dns.rdatatype.MX, dns.rdatatype.A, dns.rdatatype.AAAA):
+                query = _Query.make(qname, rdtype)
+                expected = dns.message.make_query(
+                    qname,
+                    rdtype,
+                    use_edns=0,
+                    payload=EDNS_PAYLOAD,
+                    id=query.id,
+                    flags=dns.flags.RD | dns.flags.AD,
+                )
+                self.assertEqual(query.wire, expected.to_wire(), (text, rdtype))
+                parsed = dns.message.from_wire(query.wire)
+                self.assertEqual((parsed.id, parsed.edns, parsed.payload), (query.id, 0, EDNS_PAYLOAD))
+
+    def test_random_ids(self) -> None:
+        from mtasts_twisted.dns import _Query
+
+        qname = dns.name.from_text("example.com.")
+        ids = {_Query.make(qname, dns.rdatatype.TXT).id for _ in range(64)}
+        self.assertGreater(len(ids), 32)
+
+    def test_is_response_as_dnspython(self) -> None:
+        """Every variation is judged as dnspython's Message.is_response judges it."""
+        from mtasts_twisted.dns import _Query
+
+        qname = dns.name.from_text("_mta-sts.example.com.")
+        query = _Query.make(qname, dns.rdatatype.TXT)
+        reference = dns.message.from_wire(query.wire)
+
+        def reply(**changes) -> dns.message.Message:
+            message = dns.message.make_response(reference)
+            for name, value in changes.items():
+                if name == "rcode":
+                    message.set_rcode(value)
+                elif name == "opcode":
+                    message.set_opcode(value)
+                else:
+                    setattr(message, name, value)
+            return dns.message.from_wire(message.to_wire())
+
+        def question(name: str, rdtype: int = dns.rdatatype.TXT, rdclass: int = dns.rdataclass.IN):
+            return dns.rrset.RRset(dns.name.from_text(name), rdclass, rdtype)
+
+        cases = {
+            "answer": reply(),
+            "other id": reply(id=(query.id + 1) % 65536),
+            "not a response": reply(flags=dns.flags.RD),
+            "other opcode": reply(opcode=dns.opcode.STATUS),
+            "name in other case": reply(question=[question("_MTA-STS.Example.COM.")]),
+            "other name": reply(question=[question("_mta-sts.example.net.")]),
+            "other type": reply(question=[question("_mta-sts.example.com.", dns.rdatatype.A)]),
+            "other class": reply(question=[question("_mta-sts.example.com.", rdclass=dns.rdataclass.CH)]),
+            "ours and another": reply(question=[question("_mta-sts.example.com."), question("other.example.")]),
+            "no question, NOERROR": reply(question=[]),
+            "no question, NXDOMAIN": reply(question=[], rcode=dns.rcode.NXDOMAIN),
+        }
+        for rcode in (dns.rcode.SERVFAIL, dns.rcode.REFUSED, dns.rcode.FORMERR, dns.rcode.NOTIMP):
+            cases[f"no question, {dns.rcode.to_text(rcode)}"] = reply(question=[], rcode=rcode)
+        verdicts = {name: query.is_response(message) for name, message in cases.items()}
+        self.assertEqual(verdicts, {name: reference.is_response(message) for name, message in cases.items()})
+        self.assertTrue(verdicts["answer"] and verdicts["name in other case"])
+        self.assertFalse(verdicts["other id"] or verdicts["other name"] or verdicts["ours and another"])
+
+    def test_name_text(self) -> None:
+        """The text given with a name is what formatting the name gives."""
+        from mtasts_twisted.dns import _name_text, _to_dns_name_and_text
+
+        for name in ("Example.COM.", "_mta-sts.example.com", "bücher.example", "a b.example", 'q"uote.example'):
+            qname, text = _to_dns_name_and_text(name)
+            self.assertEqual(text, _name_text(qname), name)
+
+    def test_ip_literal(self) -> None:
+        from mtasts_twisted.dns import _ip_literal
+
+        for literal in ("192.0.2.1", "::1", "[2001:db8::1]", " 10.0.0.1 "):
+            self.assertIsNotNone(_ip_literal(literal), literal)
+        for name in ("example.com", "host1", "1.2.3.4.example", "mta-sts.example", "[example]", ""):
+            self.assertIsNone(_ip_literal(name), name)
+
+
+class _Recorder(DatagramProtocol):
+    """A nameserver that answers every query with one TXT record and notes where queries came from."""
+
+    def __init__(self) -> None:
+        self.sources: list[tuple[str, int]] = []
+
+    def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.sources.append(addr)
+        query = dns.message.from_wire(data)
+        response = dns.message.make_response(query)
+        response.answer.append(dns.rrset.from_text(query.question[0].name, 0, "IN", "TXT", '"ok"'))
+        self.transport.write(response.to_wire(), addr)
+
+
+class UDPSocketTests(unittest.TestCase):
+    """With a file-descriptor reactor, each query has a socket of its own, closed after."""
+
+    def setUp(self) -> None:
+        self.recorder = _Recorder()
+        self.port = reactor.listenUDP(0, self.recorder, interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+        self.resolver = DNSResolver(reactor, [f"127.0.0.1:{self.port.getHost().port}"], cache_size=0, **FAST)
+
+    async def test_fresh_port_per_query(self) -> None:
+        """RFC 5452 §9.2: a new random source port per query; nothing left open."""
+        from mtasts_twisted.dns import _UDPSocket
+
+        await self.resolver.lookup_txt("warm-up.example")  # the reactor's own descriptors
+        fds = set(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+        self.recorder.sources.clear()
+        for i in range(12):
+            answer = await self.resolver.lookup_txt(f"n{i}.example")
+            self.assertEqual(answer.strings, ("ok",))
+        ports = [port for _, port in self.recorder.sources]
+        self.assertEqual(len(ports), 12)
+        self.assertGreater(len(set(ports)), 8)  # the kernel picks at random
+        self.assertNotIn(self.port.getHost().port, ports)
+        self.assertEqual([r for r in reactor.getReaders() if isinstance(r, _UDPSocket)], [])
+        if fds is not None:
+            self.assertEqual(set(os.listdir("/proc/self/fd")), fds)
+
+    async def test_concurrent(self) -> None:
+        names = [f"c{i}.example" for i in range(20)]
+        answers = await defer.gatherResults([self.resolver.lookup_txt(n) for n in names])
+        self.assertEqual([a.name for a in answers], names)
+        self.assertEqual(len({port for _, port in self.recorder.sources}), 20)
+
+    def test_no_listen_udp(self) -> None:
+        """The real reactor's sockets are used directly, not through listenUDP."""
+        self.assertTrue(self.resolver._fd_reactor)
+        self.assertFalse(DNSResolver(FakeReactor(), ["127.0.0.1"])._fd_reactor)
+
+    async def test_no_log_events(self) -> None:
+        """A lookup logs nothing: no "UDP Port Opened/Closed", no debug events."""
+        from twisted.logger import globalLogPublisher
+
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for _ in range(2):
+            await self.resolver.lookup_txt("quiet.example")
+        self.assertEqual(events, [])
+
+    async def test_error_on_socket(self) -> None:
+        """An error the reactor reports (EPOLLERR) fails the try, naming the server."""
+        from mtasts_twisted.dns import _Query, _UDPExchange, _UDPSocket
+
+        exchange = _UDPExchange(_Query.make(dns.name.from_text("x."), 16), ("127.0.0.1", 9), "127.0.0.1:9")
+        udp = _UDPSocket(reactor, ("127.0.0.1", 9), exchange)
+        self.addCleanup(udp.close)
+        udp.connectionLost(Failure(error.ConnectionLost()))
+        failure = self.failureResultOf(exchange.reply)
+        self.assertIn("127.0.0.1:9", failure.value.detail)

@@ -9,7 +9,7 @@ import time
 
 from OpenSSL import SSL
 from twisted.internet import reactor
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import (
@@ -657,3 +657,134 @@ class ConformanceTests(_LoopbackMixin, TestCase):
         self.assertEqual(result.policy.max_age, 1)
         self.assertEqual(result.policy.mx, ())
         self.assertEqual(result.text, v["body"])
+
+
+class SharedContextTests(_LoopbackMixin, TestCase):
+    """
+    One OpenSSL context per fetcher, built once; SNI, the verify callback
+    and its record are per connection, so verification stays per host.
+    """
+
+    async def test_one_context_per_fetcher(self) -> None:
+        from mtasts_twisted import fetch as fetch_module
+
+        built: list[object] = []
+        real = fetch_module._client_context
+
+        def counting(trust_root: object) -> SSL.Context:
+            built.append(trust_root)
+            return real(trust_root)
+
+        self.patch(fetch_module, "_client_context", counting)
+        for domain in ("a.example", "b.example"):
+            self.serve(domain, Route.policy(POLICY))
+        fetcher = self.fetcher()
+        self.assertEqual(len(built), 1)
+        for domain in ("a.example", "b.example", "a.example"):
+            result = await fetcher.fetch(domain)
+            self.assertEqual(result.text, POLICY)
+        self.assertEqual(len(built), 1)
+        self.assertEqual(
+            self.server.servernames, ["mta-sts.a.example", "mta-sts.b.example", "mta-sts.a.example"]
+        )
+
+    async def test_verification_per_connection(self) -> None:
+        """Good and bad hosts through one fetcher, in turn and at once: each is judged alone."""
+        self.serve("good.example", Route.policy(POLICY))
+        self.serve("wrong.example", Route.policy(POLICY), certificate=self.pki.valid("mta-sts.good.example"))
+        self.serve("expired.example", Route.policy(POLICY), certificate=self.pki.expired("mta-sts.expired.example"))
+        self.serve("untrusted.example", Route.policy(POLICY), certificate=self.pki.untrusted("mta-sts.untrusted.example"))
+        fetcher = self.fetcher()
+
+        async def outcome(domain: str) -> str:
+            try:
+                await fetcher.fetch(domain)
+            except PolicyFetchError as e:
+                return e.reason
+            return "ok"
+
+        expected = {
+            "good.example": "ok",
+            "wrong.example": "certificate-host-mismatch",
+            "expired.example": "certificate-expired",
+            "untrusted.example": "certificate-not-trusted",
+        }
+        for domain in ["good.example", "wrong.example", "good.example", "expired.example", "untrusted.example", "good.example"]:
+            self.assertEqual(await outcome(domain), expected[domain], domain)
+        domains = list(expected) * 2
+        results = await gatherResults([Deferred.fromCoroutine(outcome(d)) for d in domains])
+        self.assertEqual(results, [expected[d] for d in domains])
+
+
+class _CountingResolver:
+    """An IDNSResolver that counts address lookups."""
+
+    def __init__(self, resolver: object) -> None:
+        self._resolver = resolver
+        self.address_lookups: list[str] = []
+
+    def lookup_addresses(self, host: str) -> Deferred:
+        self.address_lookups.append(host)
+        return self._resolver.lookup_addresses(host)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._resolver, name)
+
+
+class PreResolvedTests(TestCase):
+    """The policy host's address, looked up before connecting, is the one connected to."""
+
+    def setUp(self) -> None:
+        from mtasts_twisted.testing.world import LoopbackWorld
+
+        self.world = LoopbackWorld.start(reactor)
+        self.addCleanup(self.world.stop)
+        self.world.publish("example.com", POLICY)
+        self.counting = _CountingResolver(self.world.resolver)
+
+    def fetcher(self, **kwargs) -> PolicyFetcher:
+        return PolicyFetcher(
+            reactor, trust_roots=self.world.pki.ca_pem, resolver=self.counting, port=self.world.https.port, timeout=5, **kwargs
+        )
+
+    async def test_one_lookup(self) -> None:
+        """One address: connected to without resolving again."""
+        from mtasts_twisted.dns import DNSHostnameResolver
+
+        for fetcher in (self.fetcher(), self.fetcher(name_resolver=DNSHostnameResolver(self.counting))):
+            self.counting.address_lookups.clear()
+            result = await fetcher.fetch("example.com")
+            self.assertEqual(result.text, POLICY)
+            self.assertEqual(self.counting.address_lookups, ["mta-sts.example.com"])
+
+    async def test_other_name_resolver_used(self) -> None:
+        """A name resolver of its own is still what the connection resolves with."""
+        static = StaticHostnameResolver()
+        static.add("mta-sts.example.com", "127.0.0.1")
+        result = await self.fetcher(name_resolver=static).fetch("example.com")
+        self.assertEqual(result.text, POLICY)
+        self.assertEqual(static.lookups, ["mta-sts.example.com"])
+        self.assertEqual(self.counting.address_lookups, ["mta-sts.example.com"])
+
+    async def test_several_addresses(self) -> None:
+        """Several addresses: HostnameEndpoint tries them in turn (::1 has no server)."""
+        self.world.dns.add_aaaa("mta-sts.example.com", "::1")
+        result = await self.fetcher().fetch("example.com")
+        self.assertEqual(result.text, POLICY)
+        self.assertEqual(self.counting.address_lookups, ["mta-sts.example.com"] * 2)
+
+
+class FetchLogTests(_LoopbackMixin, TestCase):
+    """One log event per fetch: its outcome."""
+
+    async def test_one_event(self) -> None:
+        from twisted.logger import globalLogPublisher
+
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.serve("example.com", Route.policy(POLICY))
+        await self.fetcher().fetch("example.com")
+        ours = [e for e in events if e.get("log_namespace", "").startswith("mtasts_twisted")]
+        self.assertEqual(len(ours), 1, ours)
+        self.assertIn("fetched MTA-STS policy", ours[0]["log_format"])
