@@ -118,7 +118,7 @@ from mtasts_twisted.dns import DNSError, DNSNoRecordError, MXHost
 from mtasts_twisted.policy import DomainError, Mode, Policy, to_alabel
 from mtasts_twisted.results import FailureDetails, PolicyDescriptor, Result, ResultType
 from mtasts_twisted.tls import (
-    MXConnectionCreator,
+    MXTLSOptionsCache,
     VerifyMode,
     load_trust_root,
     mx_mismatch_details,
@@ -601,6 +601,7 @@ class Deliverer:
         self._resolver = resolver
         self._cache = cache
         self._trust_root = load_trust_root(trust_root)
+        self._tls_options = MXTLSOptionsCache(self._trust_root)
         self._sink = sink
         self.settings = settings
         self._rng: Any = rng if rng is not None else random
@@ -653,6 +654,10 @@ class Deliverer:
             results=tuple(results),
         )
         for outcome in result.outcomes:
+            if outcome.status is Status.DELIVERED:
+                # The caller has the result, the TLS layer logged the
+                # session: no second event per delivered recipient.
+                continue
             log.info(
                 "{recipient}: {status} via {mx_host} ({tls}): {code} {message}",
                 recipient=outcome.recipient,
@@ -1067,8 +1072,10 @@ class Deliverer:
             return extensions
         if proto.injected:
             raise _SessionError("plaintext data after the 220 reply to STARTTLS (command injection)")
-        creator = MXConnectionCreator(
-            host, self._trust_root, mode=VerifyMode.VERIFY if plan.enforce else VerifyMode.RECORD_ONLY
+        # One creator (one recorder) per session; the OpenSSL context under
+        # it is cached per MX host (no context or trust store per session).
+        creator = self._tls_options.creator(
+            host, VerifyMode.VERIFY if plan.enforce else VerifyMode.RECORD_ONLY
         )
         transport = proto.transport
         assert transport is not None

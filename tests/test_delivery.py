@@ -15,6 +15,7 @@ import os
 import random
 from typing import Any
 
+import attrs
 from twisted.internet import reactor
 from twisted.trial import unittest
 from zope.interface import implementer
@@ -751,3 +752,39 @@ class APITests(DeliveryWorld):
         self.assertEqual(result.results, ())
         self.assertEqual(server.sessions, [])
         self.flushLoggedErrors(RuntimeError)
+
+
+class TLSContextReuseTests(DeliveryWorld):
+    """One OpenSSL context per MX host for all sessions of a L{Deliverer}."""
+
+    async def test_context_built_once_per_host(self) -> None:
+        """
+        Three sessions to one MX host build its client TLS options once;
+        an enforce session to a host with a bad certificate is still
+        refused and its outcome recorded after sessions that verified.
+        """
+        from mtasts_twisted import tls as tls_module
+
+        built: list[str] = []
+        real = tls_module.ssl.optionsForClientTLS
+
+        def counting(hostname: str, *args: Any, **kwargs: Any) -> Any:
+            built.append(hostname)
+            return real(hostname, *args, **kwargs)
+
+        self.patch(tls_module.ssl, "optionsForClientTLS", counting)
+        first = self.server(Behaviour(certificate=_CERTS["valid"]), host=MX1, preference=10)
+        self.policy("enforce")
+        deliverer = self.deliverer()
+        for _ in range(3):
+            result = await deliverer.deliver(SENDER, [BOB], io.BytesIO(MESSAGE))
+            self.assertEqual((result.outcomes[0].status, result.outcomes[0].verified), (Status.DELIVERED, True))
+        self.assertEqual(len(first.messages), 3)
+        self.assertEqual(built, [MX1])
+        # The same host now presents an expired certificate: refused.
+        first.behaviour = attrs.evolve(first.behaviour, certificate=_CERTS["expired"])
+        result = await deliverer.deliver(SENDER, [BOB], io.BytesIO(MESSAGE))
+        self.assertEqual(result.outcomes[0].status, Status.TRANSIENT)
+        self.assertEqual(self.failures(result), [(ResultType.CERTIFICATE_EXPIRED, "X509_V_ERR_CERT_HAS_EXPIRED")])
+        self.assertEqual(len(first.messages), 3)
+        self.assertEqual(built, [MX1])

@@ -19,6 +19,7 @@ from twisted.trial import unittest
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from mtasts_twisted import tls as tls_module
 from mtasts_twisted.results import FailureDetails, ResultType
 from mtasts_twisted.testing.pki import PKI, IssuedCertificate
 from mtasts_twisted.testing.smtp import (
@@ -30,6 +31,7 @@ from mtasts_twisted.testing.smtp import (
 )
 from mtasts_twisted.tls import (
     MXConnectionCreator,
+    MXTLSOptionsCache,
     TLSOutcome,
     TLSVerificationError,
     VerifyMode,
@@ -119,6 +121,7 @@ class LoopbackTLSMixin:
         mode: VerifyMode,
         hostname: str = MX,
         trust: Any = None,
+        cache: MXTLSOptionsCache | None = None,
     ) -> _Connection:
         """
         Listen with C{server_tls} (an L{IssuedCertificate} or server TLS
@@ -130,7 +133,10 @@ class LoopbackTLSMixin:
         factory = _ServerFactory()
         port = reactor.listenSSL(0, factory, server_tls, interface="127.0.0.1")
         self.addCleanup(port.stopListening)  # type: ignore[attr-defined]
-        creator = MXConnectionCreator(hostname, _PKI.ca_pem if trust is None else trust, mode=mode)
+        if cache is not None:
+            creator = cache.creator(hostname, mode)
+        else:
+            creator = MXConnectionCreator(hostname, _PKI.ca_pem if trust is None else trust, mode=mode)
         endpoint = endpoints.wrapClientTLS(
             creator, endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
         )
@@ -329,6 +335,67 @@ class ConnectionTests(LoopbackTLSMixin, unittest.TestCase):
         self.assertIsNot(creator.recorders[0], creator.recorders[1])
         self.assertIs(creator.recorder, creator.recorders[1])
         self.assertTrue(all(r.outcome().verified for r in creator.recorders))
+
+
+class OptionsCacheTests(LoopbackTLSMixin, unittest.TestCase):
+    """
+    L{MXTLSOptionsCache}: one OpenSSL context per MX host, shared by its
+    connections, and verification per connection as strict as without it.
+    """
+
+    def setUp(self) -> None:
+        self.built: list[str] = []
+        real = tls_module.ssl.optionsForClientTLS
+
+        def counting(hostname: str, *args: Any, **kwargs: Any) -> Any:
+            self.built.append(hostname)
+            return real(hostname, *args, **kwargs)
+
+        self.patch(tls_module.ssl, "optionsForClientTLS", counting)
+        self.cache = MXTLSOptionsCache(_PKI.ca_pem)
+
+    async def test_shared_and_strict(self) -> None:
+        """
+        Valid, wrong-name, expired and untrusted servers through one cache,
+        in both modes: each connection is classified as with a fresh
+        creator, and the options were built once per host name.
+        """
+        valid = _PKI.valid(MX)
+        for mode in (VerifyMode.VERIFY, VerifyMode.RECORD_ONLY, VerifyMode.VERIFY):
+            conn = await self.connect(valid, mode, cache=self.cache)
+            self.assertTrue(conn.outcome.verified)
+            self.assertTrue(conn.client.completed)
+            self.assertEqual(conn.server.protocols[0].sni, MX)
+        for name in ("wrong_name", "expired", "untrusted"):
+            issue, result_type, _, _ = _FAILURES[name]
+            for mode in VerifyMode:
+                conn = await self.connect(issue(MX), mode, cache=self.cache)
+                self.assertFalse(conn.outcome.verified, name)
+                self.assertEqual(conn.outcome.classify()[0], result_type, name)
+                self.assertEqual(conn.client.completed, mode is VerifyMode.RECORD_ONLY, name)
+        # The name checked is the creator's host, not the first cached one.
+        conn = await self.connect(valid, VerifyMode.VERIFY, hostname="mx2.example.com", cache=self.cache)
+        self.assertEqual(conn.outcome.classify()[0], ResultType.CERTIFICATE_HOST_MISMATCH)
+        self.assertFalse(conn.client.completed)
+        conn = await self.connect(valid, VerifyMode.VERIFY, cache=self.cache)
+        self.assertTrue(conn.outcome.verified)
+        self.assertEqual(self.built, [MX, "mx2.example.com"])
+
+    def test_lru_bound(self) -> None:
+        """At most C{max_hosts} host names are kept, least recently used dropped."""
+        cache = MXTLSOptionsCache(_PKI.ca_pem, max_hosts=2)
+        a = cache.options("a.example")
+        cache.options("b.example")
+        self.assertIs(cache.options("a.example"), a)
+        cache.options("c.example")  # drops b
+        self.assertIs(cache.options("a.example"), a)
+        cache.options("b.example")
+        self.assertEqual(self.built, ["a.example", "b.example", "c.example", "b.example"])
+
+    def test_trust_root_or_cache(self) -> None:
+        """A creator takes its trust root from the cache, never both."""
+        self.assertRaises(ValueError, MXConnectionCreator, MX, _PKI.ca_pem, cache=self.cache)
+        self.assertRaises(ValueError, self.cache.creator, "127.0.0.1")
 
 
 def _memory_handshake(server_context: SSL.Context, client_minimum: int) -> str:
