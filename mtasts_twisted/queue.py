@@ -5,7 +5,8 @@ Layout under the queue directory (e.g. C{<data-dir>/queue/})::
 
     <id>/message        the message, written once, never modified
     <id>/envelope.json  sender, recipients and their delivery state
-    tmp-<token>/        a message being received (not yet accepted)
+    tmp-<token>/        a message being committed, or received when larger
+                        than C{BUFFERED_SIZE} (not yet accepted)
     del-<id>/           a message being removed
     quarantine/         whatever L{Queue.recover} found broken
 
@@ -26,10 +27,15 @@ Durability (what is fsynced when):
 
 File I/O here is synchronous, in the caller's (the reactor's) thread: the
 files are small or streamed in chunks, and the cost is the fsync latency
-(milliseconds on local disks).  This keeps the queue single-threaded and
-the ordering of writes obvious; a deployment on slow storage can wrap the
-calls with C{deferToThread} as long as one message is handled by one
-thread at a time.
+(milliseconds on local disks).  Except, given a C{threads} reactor (the
+relay's): L{MessageWriter.commit_deferred}, which the SMTP intake uses,
+runs the commit's file work (temp directory, body, envelope, four fsyncs,
+the rename) in the reactor's thread pool, one thread per message, while
+the reactor goes on; the queue's bookkeeping (limits, ids, the listing)
+stays in the reactor thread, and the caller learns the id (the client
+gets 250) only after the same fsyncs as L{MessageWriter.commit}.  And
+L{Queue.remove} leaves its fsync and deletion to the pool (a power loss
+right after can only bring a message back, never lose one).
 """
 
 from __future__ import annotations
@@ -42,11 +48,14 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Iterable
-from typing import IO, Any, BinaryIO
+from collections.abc import Callable, Iterable
+from typing import IO, Any, BinaryIO, NoReturn
 
 import attrs
+from twisted.internet.defer import Deferred, fail, maybeDeferred
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 __all__ = [
     "MessageTooLargeError",
@@ -68,6 +77,8 @@ log = Logger()
 
 #: Bytes copied at a time when a message is given as a file.
 CHUNK_SIZE = 64 * 1024
+#: A message body up to this size is held in memory until its commit.
+BUFFERED_SIZE = 64 * 1024
 #: Envelope format version written into every envelope.
 ENVELOPE_VERSION = 1
 
@@ -284,6 +295,12 @@ def _write_durably(path: str, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _delete_removed(directory: str, gone: str) -> None:
+    # Make the rename to del-<id> durable, then delete the files.
+    _fsync_dir(directory)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
 def _is_full(error: OSError) -> bool:
     return error.errno in _FULL_ERRNOS
 
@@ -301,9 +318,16 @@ class MessageWriter:
         self._sender = sender
         self._recipients = recipients
         self._tmpdir = tmpdir
-        self._file: IO[bytes] | None = open(os.path.join(tmpdir, _BODY), "xb")  # noqa: SIM115 - closed in commit/abort
+        # A body up to BUFFERED_SIZE stays in memory until the commit, which
+        # then writes it with the fsyncs (in a thread with commit_deferred):
+        # no file system work per message on the reactor thread.  A larger
+        # one goes to C{tmp-<token>/message} as it arrives.
+        self._buffer = bytearray()
+        self._file: IO[bytes] | None = None
         self.size = 0
         self._done = False
+        self._committing = False
+        self._renamed = False
 
     def write(self, data: bytes) -> None:
         """
@@ -314,7 +338,7 @@ class MessageWriter:
         @raise QueueFullError: the disk is full (the partial message is
             removed).
         """
-        if self._file is None:
+        if self._done or self._committing:
             raise QueueError("message writer is closed")
         self.size += len(data)
         if self.size > self._queue.max_message_size:
@@ -323,12 +347,23 @@ class MessageWriter:
                 f"message exceeds {self._queue.max_message_size} octets"
             )
         try:
+            if self._file is None:
+                self._buffer += data
+                if len(self._buffer) <= BUFFERED_SIZE:
+                    return
+                self._create()
+                data, self._buffer = bytes(self._buffer), bytearray()
+            assert self._file is not None
             self._file.write(data)
         except OSError as e:
             self.abort()
             if _is_full(e):
                 raise QueueFullError(f"disk full: {e}") from e
             raise
+
+    def _create(self) -> None:
+        os.mkdir(self._tmpdir)
+        self._file = open(os.path.join(self._tmpdir, _BODY), "xb")  # noqa: SIM115 - closed in commit/abort
 
     def commit(self) -> QueuedMessage:
         """
@@ -337,54 +372,111 @@ class MessageWriter:
 
         @raise QueueFullError: the queue's limits or a full disk.
         """
-        if self._file is None or self._done:
+        message = self._prepare()
+        try:
+            self._make_durable(message)
+        except BaseException as e:  # noqa: BLE001 - _failed cleans up and re-raises it
+            self._failed(e)
+        return self._finish(message)
+
+    def commit_deferred(self) -> Deferred[QueuedMessage]:
+        """
+        As L{commit}, with the file system work (the fsyncs and the rename)
+        in the queue's thread pool when it has one (see L{Queue}), so the
+        reactor goes on meanwhile.  The L{Deferred} fires once the message
+        is as durable as after L{commit}; it fails as L{commit} raises.
+        While it runs, L{abort} does nothing: the commit decides.
+        """
+        threads = self._queue._threads
+        if threads is None:
+            return maybeDeferred(self.commit)
+        try:
+            message = self._prepare()
+        except BaseException:  # noqa: BLE001 - the caller gets it from the Deferred
+            return fail()
+        d = deferToThreadPool(threads, threads.getThreadPool(), self._make_durable, message)
+
+        def failed(failure: Failure) -> QueuedMessage:
+            self._failed(failure.value)
+            raise AssertionError("unreachable")  # pragma: no cover
+
+        d.addCallbacks(lambda _: self._finish(message), failed)
+        return d
+
+    def _prepare(self) -> QueuedMessage:
+        # In the reactor thread: limits, id and envelope.
+        if self._done or self._committing:
             raise QueueError("message writer is closed")
         queue = self._queue
         try:
             queue._check_room(self.size)
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
-            now = queue._now()
-            ident = queue._new_id(now)
-            message = QueuedMessage(
-                id=ident,
-                sender=self._sender,
-                recipients=tuple(
-                    RecipientState(address=r, next_attempt=now)
-                    for r in self._recipients
-                ),
-                created=now,
-                size=self.size,
-            )
-            _write_durably(os.path.join(self._tmpdir, _ENVELOPE), _encode(message))
-            _fsync_dir(self._tmpdir)
-            os.rename(self._tmpdir, os.path.join(queue.directory, ident))
-            self._done = True
-            _fsync_dir(queue.directory)
-        except OSError as e:
-            if not self._done:
-                self.abort()
-            if _is_full(e):
-                raise QueueFullError(f"disk full: {e}") from e
-            raise
         except BaseException:
             self.abort()
             raise
-        queue._committed(self, message)
+        self._committing = True
+        now = queue._now()
+        return QueuedMessage(
+            id=queue._new_id(now),
+            sender=self._sender,
+            recipients=tuple(
+                RecipientState(address=r, next_attempt=now) for r in self._recipients
+            ),
+            created=now,
+            size=self.size,
+        )
+
+    def _make_durable(self, message: QueuedMessage) -> None:
+        # Any one thread: touches only this writer's files, and the queue
+        # directory by one rename and one fsync (module docstring).
+        if self._file is None:
+            self._create()
+            assert self._file is not None
+            self._file.write(self._buffer)
+        f = self._file
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        _write_durably(os.path.join(self._tmpdir, _ENVELOPE), _encode(message))
+        _fsync_dir(self._tmpdir)
+        os.rename(self._tmpdir, os.path.join(self._queue.directory, message.id))
+        self._renamed = True  # the commit point
+        _fsync_dir(self._queue.directory)
+
+    def _finish(self, message: QueuedMessage) -> QueuedMessage:
+        self._committing = False
+        self._done = True
+        self._file = None
+        self._buffer = bytearray()
+        self._queue._committed(self, message)
         log.info(
             "queued {id} from <{sender}> to {count} recipient(s), {size} octets",
-            id=ident,
+            id=message.id,
             sender=message.sender,
             count=len(message.recipients),
             size=message.size,
         )
         return message
 
+    def _failed(self, error: BaseException) -> NoReturn:
+        self._committing = False
+        if self._renamed:
+            # In the queue but not known durable: no 250; a fresh listing
+            # finds it (at worst a duplicate when the client sends again).
+            self._done = True
+            self._file = None
+            self._queue._writers.discard(self)
+        else:
+            self.abort()
+        if isinstance(error, OSError) and _is_full(error):
+            raise QueueFullError(f"disk full: {error}") from error
+        raise error
+
     def abort(self) -> None:
-        """Forget the message: close and remove what was written.  Idempotent."""
-        if self._done:
+        """
+        Forget the message: close and remove what was written.  Idempotent;
+        nothing while L{commit_deferred} runs.
+        """
+        if self._done or self._committing:
             return
         self._done = True
         if self._file is not None:
@@ -393,6 +485,7 @@ class MessageWriter:
             except OSError:
                 pass
             self._file = None
+        self._buffer = bytearray()
         shutil.rmtree(self._tmpdir, ignore_errors=True)
         self._queue._writers.discard(self)
 
@@ -419,23 +512,47 @@ class Queue:
         max_messages: int = 10_000,
         max_bytes: int = 2 * 1024 * 1024 * 1024,
         clock: Any = None,
+        threads: Any = None,
     ) -> None:
         """
         @param clock: has C{seconds()} (an C{IReactorTime}); C{time.time}
             when L{None}.
+        @param threads: an C{IReactorThreads} (the reactor) whose thread
+            pool runs the fsyncs of L{MessageWriter.commit_deferred};
+            L{None}: they run in the caller's thread.
         """
         self.directory = os.path.abspath(directory)
         self.max_message_size = max_message_size
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         self._clock = clock
+        self._threads = threads
         self._writers: set[MessageWriter] = set()
         self._cache: dict[str, tuple[tuple[int, int, int], QueuedMessage]] = {}
         self._sizes: dict[str, int] | None = None
+        self._total = 0
         # The last full listing, kept up to date by this process's own
         # commits, updates and removals (see list(fresh=False)).
         self._known: dict[str, QueuedMessage] | None = None
+        self._observers: list[Callable[[str, QueuedMessage | None], None]] = []
         os.makedirs(self.directory, exist_ok=True)
+
+    def add_observer(self, observer: Callable[[str, QueuedMessage | None], None]) -> None:
+        """
+        Call C{observer(id, message)} after each commit and update made
+        through this object, and C{observer(id, None)} after each removal.
+        Changes made by other processes are not observed (only a fresh
+        L{list} sees them).  The change is durable when it is called; an
+        exception it raises is logged, never reported to the writer.
+        """
+        self._observers.append(observer)
+
+    def _notify(self, ident: str, message: QueuedMessage | None) -> None:
+        for observer in self._observers:
+            try:
+                observer(ident, message)
+            except Exception:  # noqa: BLE001 - the change is durable; never fail the writer
+                log.failure("queue observer failed on {id}", id=ident)
 
     # -- bookkeeping ----------------------------------------------------
 
@@ -452,14 +569,22 @@ class Queue:
 
     def _index(self) -> dict[str, int]:
         if self._sizes is None:
-            self._sizes = {m.id: m.size for m in self.list()}
+            self._set_index(self.list())
+        assert self._sizes is not None
         return self._sizes
+
+    def _set_index(self, messages: list[QueuedMessage]) -> None:
+        self._sizes = {m.id: m.size for m in messages}
+        self._total = sum(self._sizes.values())  # kept up to date: O(1) checks
 
     def _committed(self, writer: MessageWriter, message: QueuedMessage) -> None:
         self._writers.discard(writer)
-        self._index()[message.id] = message.size
+        sizes = self._index()
+        self._total += message.size - sizes.get(message.id, 0)
+        sizes[message.id] = message.size
         if self._known is not None:
             self._known[message.id] = message
+        self._notify(message.id, message)
 
     def _check_room(self, size: int) -> None:
         sizes = self._index()
@@ -467,7 +592,7 @@ class Queue:
             raise QueueFullError(
                 f"queue holds {len(sizes)} messages (limit {self.max_messages})"
             )
-        if sum(sizes.values()) + size > self.max_bytes:
+        if self._total + size > self.max_bytes:
             raise QueueFullError(f"queue would exceed {self.max_bytes} octets")
 
     @property
@@ -478,14 +603,15 @@ class Queue:
     @property
     def total_bytes(self) -> int:
         """Body octets in the queue."""
-        return sum(self._index().values())
+        self._index()
+        return self._total
 
     def has_room(self) -> bool:
         """Whether a new (small) message would be taken now."""
         sizes = self._index()
         return (
             len(sizes) + len(self._writers) < self.max_messages
-            and sum(sizes.values()) < self.max_bytes
+            and self._total < self.max_bytes
         )
 
     # -- writing --------------------------------------------------------
@@ -506,17 +632,10 @@ class Queue:
             raise QueueFullError(
                 f"queue holds {len(sizes)} messages (limit {self.max_messages})"
             )
-        if sum(sizes.values()) >= self.max_bytes:
+        if self._total >= self.max_bytes:
             raise QueueFullError(f"queue holds {self.max_bytes} octets or more")
         tmpdir = os.path.join(self.directory, "tmp-" + secrets.token_hex(8))
-        try:
-            os.mkdir(tmpdir)
-            writer = MessageWriter(self, sender, recipients, tmpdir)
-        except OSError as e:
-            shutil.rmtree(tmpdir, ignore_errors=True)
-            if _is_full(e):
-                raise QueueFullError(f"disk full: {e}") from e
-            raise
+        writer = MessageWriter(self, sender, recipients, tmpdir)
         self._writers.add(writer)
         return writer
 
@@ -578,10 +697,16 @@ class Queue:
             if _is_full(e):
                 raise QueueFullError(f"disk full: {e}") from e
             raise
+        self._notify(message.id, message)
 
     def remove(self, ident: str) -> None:
         """
         Remove a message (atomically: rename away, fsync, then delete).
+        With C{threads} (see L{Queue}), the fsync and the deletion run in
+        the thread pool after this returns: the rename is the removal, and
+        should a power loss undo it before the fsync, the message is only
+        delivered again, never lost (L{recover} deletes a leftover
+        C{del-} directory).
 
         @raise UnknownMessageError: no such message.
         """
@@ -591,13 +716,20 @@ class Queue:
             os.rename(path, gone)
         except FileNotFoundError:
             raise UnknownMessageError(ident) from None
-        _fsync_dir(self.directory)
-        shutil.rmtree(gone, ignore_errors=True)
+        threads = self._threads
+        if threads is None:
+            _delete_removed(self.directory, gone)
         self._cache.pop(ident, None)
-        self._index().pop(ident, None)
+        self._total -= self._index().pop(ident, 0)
         if self._known is not None:
             self._known.pop(ident, None)
-        log.info("removed {id} from the queue", id=ident)
+        if threads is not None:
+            deferToThreadPool(
+                threads, threads.getThreadPool(), _delete_removed, self.directory, gone
+            ).addErrback(
+                lambda f: log.failure("deleting removed {id} failed", f, id=ident)
+            )
+        self._notify(ident, None)
 
     # -- reading --------------------------------------------------------
 
@@ -706,7 +838,7 @@ class Queue:
         if changed:
             _fsync_dir(self.directory)
         messages = self.list()
-        self._sizes = {m.id: m.size for m in messages}
+        self._set_index(messages)
         log.info("queue recovered: {count} message(s)", count=len(messages))
         return messages
 

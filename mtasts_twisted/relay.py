@@ -51,6 +51,7 @@ window, RFC 1047); a crash there can also duplicate a DSN.
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 import socket
 from collections import Counter
@@ -60,7 +61,8 @@ from typing import Any, BinaryIO, Protocol
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.protocol import ServerFactory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -166,13 +168,18 @@ class RelaySettings:
         )
 
     def make_queue(self, directory: str, clock: Any = None) -> Queue:
-        """A L{Queue} in C{directory} with these limits."""
+        """
+        A L{Queue} in C{directory} with these limits.  When C{clock} is a
+        reactor with threads (C{IReactorThreads}), the intake's commit
+        fsyncs run in its thread pool (L{MessageWriter.commit_deferred}).
+        """
         return Queue(
             directory,
             max_message_size=self.max_message_size,
             max_messages=self.max_queue_messages,
             max_bytes=self.max_queue_bytes,
             clock=clock,
+            threads=clock if IReactorThreads.providedBy(clock) else None,
         )
 
 
@@ -199,8 +206,9 @@ def _address_text(address: Address | User) -> str:
 class _QueueMessage:
     """The one C{IMessage} of a transaction: streams lines into the queue."""
 
-    def __init__(self, writer: MessageWriter) -> None:
+    def __init__(self, writer: MessageWriter, protocol: RelaySMTP) -> None:
         self._writer = writer
+        self._protocol = protocol
 
     def lineReceived(self, line: bytes) -> None:
         try:
@@ -213,10 +221,13 @@ class _QueueMessage:
             raise SMTPServerError(452, b"4.3.1 Insufficient system storage")
 
     def eomReceived(self) -> Deferred[QueuedMessage]:
-        try:
-            return succeed(self._writer.commit())
-        except Exception:  # noqa: BLE001 - reported to the client by _messageHandled
-            return fail()
+        # Failures are reported to the client by RelaySMTP._messageHandled.
+        d = self._writer.commit_deferred()
+        if not d.called:
+            # Replies keep their order (RFC 2920 §3.1): pipelined commands
+            # after this dot wait until it is answered.
+            self._protocol.hold_input()
+        return d
 
     def connectionLost(self) -> None:
         self._writer.abort()
@@ -255,7 +266,7 @@ class _Transaction:
             writer = self.intake.queue.begin(self.sender, self.recipients)
         except QueueFullError:
             raise SMTPServerError(452, b"4.3.1 Insufficient system storage")
-        return _QueueMessage(writer)
+        return _QueueMessage(writer, self.intake.protocol)
 
 
 @implementer(IMessageDelivery)
@@ -332,6 +343,43 @@ class RelaySMTP(ESMTP):
     _counted_ip: str | None = None
     _session_call: Any = None
     _refused = False
+    #: Lines received while an end of data is being committed (None: none is).
+    _held: list[bytes] | None = None
+
+    def hold_input(self) -> None:
+        """
+        Keep further lines unprocessed (and stop reading) until the end of
+        data being committed is answered: a pipelining client (RFC 2920)
+        must get its replies in order, and twisted.mail's server would
+        otherwise answer the next MAIL before the dot.
+        """
+        if self._held is None:
+            self._held = []
+            if self.transport is not None:
+                self.transport.pauseProducing()
+
+    def lineReceived(self, line: bytes) -> Any:
+        """Process a line, or keep it while an end of data is pending."""
+        if self._held is not None:
+            self._held.append(line)
+            return None
+        return ESMTP.lineReceived(self, line)
+
+    def _release_input(self) -> None:
+        held, self._held = self._held, None
+        if held is None:
+            return
+        self.transport.resumeProducing()
+        tls = self.startedTLS
+        while held and not self.transport.disconnecting:
+            self.lineReceived(held.pop(0))
+            if self.startedTLS and not tls:
+                # Sent in the clear before the handshake: never treat it as
+                # protected (RFC 3207 §4.2; no command injection).
+                return
+            if self._held is not None:
+                self._held[:0] = held  # another dot is being committed
+                return
 
     def lookupMethod(self, command: bytes | str) -> Any:
         """
@@ -413,6 +461,7 @@ class RelaySMTP(ESMTP):
         if self._session_call is not None and self._session_call.active():
             self._session_call.cancel()
         self._session_call = None
+        self._held = None
         if not self._refused:
             ESMTP.connectionLost(self, reason)
         else:
@@ -479,6 +528,12 @@ class RelaySMTP(ESMTP):
 
     def _messageHandled(self, resultList: list[tuple[bool, Any]]) -> None:
         """Answer the final dot: 250 only when the queue has committed it."""
+        try:
+            self._answer_data(resultList)
+        finally:
+            self._release_input()
+
+    def _answer_data(self, resultList: list[tuple[bool, Any]]) -> None:
         queued = [r for ok, r in resultList if ok and isinstance(r, QueuedMessage)]
         failures = [r for ok, r in resultList if not ok]
         if not failures and queued:
@@ -587,6 +642,15 @@ class RelayService(Service):
     """
     Delivery workers over a L{Queue} (see the module docstring).
 
+    Scheduling costs O(log n) per started delivery, not O(backlog): the
+    service keeps every queued message's envelope in memory (kept current
+    by the queue's observer for this process's own writes, and by the
+    periodic fresh listing for other processes' C{mtasts-twisted queue
+    retry/delete}), a heap of (due time, id) — due is the earliest
+    C{next_attempt} of a pending recipient not in flight, or the expiry
+    time — and, per recipient domain at its concurrency limit, the due
+    messages waiting for a slot in arrival order.
+
     @ivar stats: metrics: C{queue_messages}, C{queue_bytes},
         C{oldest_age} (seconds), C{in_flight}, C{deliveries} (a C{Counter}
         by outcome: C{delivered}, C{transient}, C{permanent}, C{expired},
@@ -610,6 +674,18 @@ class RelayService(Service):
         #: is looked at, so a delivered recipient is not delivered again
         #: every poll while the disk is full.
         self.unwritten: dict[str, QueuedMessage] = {}
+        #: Every queued message by id, oldest first (see the class docstring).
+        self._messages: dict[str, QueuedMessage] = {}
+        self._bytes = 0
+        #: (due, id) entries; one is current per id, the one in _due_at:
+        #: superseded entries are skipped when they come up (lazy deletion).
+        self._heap: list[tuple[float, str]] = []
+        self._due_at: dict[str, float] = {}
+        #: Per domain at its limit: id -> due time of messages waiting for
+        #: a slot (an insertion-ordered dict as a FIFO set).
+        self._waiting: dict[str, dict[str, float]] = {}
+        #: Domains of finished deliveries that have messages waiting.
+        self._freed: set[str] = set()
         self.stats: dict[str, Any] = {
             "queue_messages": 0,
             "queue_bytes": 0,
@@ -618,6 +694,7 @@ class RelayService(Service):
             "deliveries": Counter(),
             "dsn_queued": 0,
         }
+        queue.add_observer(self._observed)
 
     def startService(self) -> None:
         """Recover the queue, then poll it every C{poll_interval}."""
@@ -643,7 +720,7 @@ class RelayService(Service):
         return None
 
     def wake(self, *ignored: Any) -> None:
-        """Scan the queue soon (new mail, a finished delivery)."""
+        """Look for due work soon (new mail, a finished delivery)."""
         if self.running and (self._wake_call is None or not self._wake_call.active()):
             self._wake_call = self.clock.callLater(0, self.tick, fresh=False)
 
@@ -653,7 +730,95 @@ class RelayService(Service):
 
         return DeferredList(list(self._running_deliveries))
 
-    # -- scheduling --------------------------------------------------------
+    # -- the schedule ------------------------------------------------------
+
+    def _observed(self, ident: str, message: QueuedMessage | None) -> None:
+        # The queue committed, updated or removed a message (durably).
+        if message is None:
+            self._forget(ident)
+        else:
+            self._track(message)
+            if self._due_at.get(ident, float("inf")) <= float(self.clock.seconds()):
+                self.wake()
+
+    def _track(self, message: QueuedMessage) -> None:
+        old = self._messages.get(message.id)
+        if old is not None:
+            self._bytes -= old.size
+        self._messages[message.id] = message
+        self._bytes += message.size
+        self._reschedule(message)
+
+    def _forget(self, ident: str) -> None:
+        old = self._messages.pop(ident, None)
+        if old is not None:
+            self._bytes -= old.size
+        self._due_at.pop(ident, None)
+
+    def _due(self, message: QueuedMessage) -> float | None:
+        """When C{message} needs looking at; L{None}: when a delivery of it ends."""
+        pending = False
+        due: float | None = None
+        for r in message.recipients:
+            if r.state is not RecipientStatus.PENDING:
+                continue
+            pending = True
+            if (message.id, r.domain) in self.in_flight:
+                continue  # looked at again when that delivery ends
+            if due is None or r.next_attempt < due:
+                due = r.next_attempt
+        if not pending:
+            return message.created  # done: remove it (once nothing is in flight)
+        if due is None:
+            return None
+        expires = message.created + self.settings.expiry
+        if expires <= float(self.clock.seconds()):
+            # Already expired: what is left is looked at when due (e.g. a
+            # DSN that could not be queued is tried again at its
+            # next_attempt, not in a busy loop).
+            return due
+        return min(due, expires)
+
+    def _reschedule(self, message: QueuedMessage) -> None:
+        due = self._due(message)
+        if due is None:
+            self._due_at.pop(message.id, None)
+        elif self._due_at.get(message.id) != due:
+            self._due_at[message.id] = due
+            heapq.heappush(self._heap, (due, message.id))
+
+    def _schedule(self, ident: str, due: float) -> None:
+        """Look at C{ident} no later than C{due}."""
+        if self._due_at.get(ident, float("inf")) > due:
+            self._due_at[ident] = due
+            heapq.heappush(self._heap, (due, ident))
+
+    def _reload(self) -> None:
+        """Follow the queue directory (the periodic poll): O(queue)."""
+        listed = self.queue.list(fresh=True)
+        known = self._messages
+        seen = set()
+        for message in listed:
+            seen.add(message.id)
+            if message.id in self.unwritten:
+                continue  # the newer outcomes are in memory
+            old = known.get(message.id)
+            if old is not message and old != message:
+                self._track(message)
+            elif message.id not in self._due_at:
+                # Normally waiting for its delivery to end or for a domain
+                # slot; this also catches a message whose schedule was lost
+                # on an unexpected path (looked at again, at worst once per
+                # poll).
+                self._reschedule(message)
+        for ident in [i for i in known if i not in seen]:
+            self._forget(ident)
+        # Messages waiting for a domain slot may have been retried (then
+        # they are rescheduled above) or deleted (skipped when they come
+        # up); rebuilding the heap drops superseded entries.
+        if len(self._heap) > 2 * len(self._due_at) + 64:
+            self._heap = [(due, ident) for ident, due in self._due_at.items()]
+            heapq.heapify(self._heap)
 
     def tick(self, fresh: bool = True) -> None:
         """
@@ -661,35 +826,79 @@ class RelayService(Service):
 
         @param fresh: re-read the queue directory (the periodic poll, which
             also sees what C{mtasts-twisted queue} changed); a wake-up after
-            new mail or a finished delivery uses the in-memory listing.
+            new mail or a finished delivery uses the in-memory schedule.
         """
         now = float(self.clock.seconds())
-        messages = self.queue.list(fresh=fresh)
-        self._update_stats(messages, now)
-        for message in messages:
-            if message.id in self.unwritten:
-                if not self._write_unwritten(message.id):
-                    continue  # hold its deliveries until its outcomes are on disk
-                message = self.unwritten.pop(message.id)
-            if now - message.created >= self.settings.expiry:
-                self._expire(message, now)
+        if fresh:
+            self._reload()
+        if self.unwritten:
+            for ident in list(self.unwritten):
+                self._write_unwritten(ident)
+        limit = self.settings.concurrency
+        # Messages waiting for a slot of a domain whose delivery ended go
+        # first: they were due before anything still in the heap.
+        while self._freed and len(self.in_flight) < limit:
+            domain = self._freed.pop()
+            waiting = self._waiting.get(domain)
+            while (
+                waiting
+                and len(self.in_flight) < limit
+                and self._per_domain[domain] < self.settings.concurrency_per_domain
+            ):
+                ident = next(iter(waiting))
+                due = waiting.pop(ident)
+                message = self._messages.get(ident)
+                if message is not None and ident not in self.unwritten:
+                    self._consider(message, now, due)
+            if waiting and self._per_domain[domain] < self.settings.concurrency_per_domain:
+                self._freed.add(domain)  # the global limit stopped it
+                break
+            if not waiting:
+                self._waiting.pop(domain, None)
+        heap = self._heap
+        while heap and heap[0][0] <= now and len(self.in_flight) < limit:
+            due, ident = heapq.heappop(heap)
+            if self._due_at.get(ident) != due:
+                continue  # superseded
+            del self._due_at[ident]
+            message = self._messages.get(ident)
+            if message is None or ident in self.unwritten:
+                continue  # gone, or held until its outcomes are on disk
+            self._consider(message, now, due)
+        self._update_stats(now)
+
+    def _consider(self, message: QueuedMessage, now: float, due: float) -> None:
+        """Expire, remove or start the deliveries of a message that came due."""
+        if now - message.created >= self.settings.expiry:
+            self._expire(message, now)
+            return
+        groups: dict[str, list[str]] = {}
+        later: float | None = None
+        for r in message.recipients:
+            if r.state is not RecipientStatus.PENDING:
                 continue
-            if not message.pending:
-                self._finish_if_done(message)
+            if (message.id, r.domain) in self.in_flight:
                 continue
-            groups: dict[str, list[str]] = {}
-            for r in message.pending:
-                if (
-                    r.next_attempt <= now
-                    and (message.id, r.domain) not in self.in_flight
-                ):
-                    groups.setdefault(r.domain, []).append(r.address)
-            for domain, recipients in groups.items():
-                if len(self.in_flight) >= self.settings.concurrency:
-                    return
-                if self._per_domain[domain] >= self.settings.concurrency_per_domain:
-                    continue
-                self._start(message, _Group(message.id, domain, tuple(recipients)))
+            if r.next_attempt <= now:
+                groups.setdefault(r.domain, []).append(r.address)
+            elif later is None or r.next_attempt < later:
+                later = r.next_attempt
+        if not groups and later is None:
+            self._finish_if_done(message)
+            return
+        for domain, recipients in groups.items():
+            if len(self.in_flight) >= self.settings.concurrency:
+                self._schedule(message.id, due)  # first in line for the next slot
+                break
+            if self._per_domain[domain] >= self.settings.concurrency_per_domain:
+                self._waiting.setdefault(domain, {}).setdefault(message.id, due)
+                # Expiry does not wait for the domain's slot.
+                later = min(later if later is not None else float("inf"),
+                            message.created + self.settings.expiry)
+                continue
+            self._start(message, _Group(message.id, domain, tuple(recipients)))
+        if later is not None:
+            self._schedule(message.id, min(later, message.created + self.settings.expiry))
 
     def _write_unwritten(self, ident: str) -> bool:
         try:
@@ -701,12 +910,18 @@ class RelayService(Service):
         except OSError:
             return False
         log.info("outcomes of {id} written after an earlier failure", id=ident)
+        message = self.unwritten.pop(ident)
+        self._track(message)
         return True
 
-    def _update_stats(self, messages: list[QueuedMessage], now: float) -> None:
+    def _update_stats(self, now: float) -> None:
+        messages = self._messages
         self.stats["queue_messages"] = len(messages)
-        self.stats["queue_bytes"] = sum(m.size for m in messages)
-        self.stats["oldest_age"] = max((now - m.created for m in messages), default=0.0)
+        self.stats["queue_bytes"] = self._bytes
+        # Oldest first: the initial listing is sorted by id (arrival
+        # time) and later arrivals are appended.
+        oldest = next(iter(messages.values()), None)
+        self.stats["oldest_age"] = max(0.0, now - oldest.created) if oldest else 0.0
         self.stats["in_flight"] = len(self.in_flight)
 
     def _start(self, message: QueuedMessage, group: _Group) -> None:
@@ -723,6 +938,8 @@ class RelayService(Service):
             self._per_domain[group.domain] -= 1
             if self._per_domain[group.domain] <= 0:
                 del self._per_domain[group.domain]
+            if group.domain in self._waiting:
+                self._freed.add(group.domain)
             self.stats["in_flight"] = len(self.in_flight)
             if isinstance(result, Failure):
                 log.failure(
@@ -736,12 +953,7 @@ class RelayService(Service):
         d.addBoth(done)
 
     async def _deliver(self, message: QueuedMessage, group: _Group) -> None:
-        log.info(
-            "delivering {id} to {count} recipient(s) at {domain}",
-            id=group.message_id,
-            count=len(group.recipients),
-            domain=group.domain,
-        )
+        # No event here: the outcome is logged once per recipient (_apply).
         try:
             body = self.queue.open_body(group.message_id)
         except QueueError:
@@ -946,6 +1158,9 @@ class RelayService(Service):
             self.queue.remove(message.id)
         except QueueError:
             pass
+        except OSError:
+            # Tried again at the next poll (see _reload).
+            log.failure("cannot remove {id}", id=message.id)
 
     def _expire(self, message: QueuedMessage, now: float) -> None:
         if any(k[0] == message.id for k in self.in_flight):

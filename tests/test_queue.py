@@ -21,6 +21,7 @@ from mtasts_twisted.queue import (
     MessageTooLargeError,
     Queue,
     QueuedMessage,
+    QueueError,
     QueueFullError,
     RecipientStatus,
     UnknownMessageError,
@@ -287,3 +288,159 @@ class QueueTests(SynchronousTestCase):
         self.assertRaises(
             ValueError, QueuedMessage.from_json, {**m.to_json(), "version": 99}
         )
+
+
+class _Pool:
+    """A thread pool whose work runs when the test says (in this thread)."""
+
+    def __init__(self) -> None:
+        self.work: list[Any] = []
+
+    def callInThreadWithCallback(self, on_result: Any, f: Any, *args: Any, **kw: Any) -> None:
+        self.work.append((on_result, f, args, kw))
+
+    def run(self) -> None:
+        work, self.work = self.work, []
+        for on_result, f, args, kw in work:
+            try:
+                result = f(*args, **kw)
+            except BaseException:  # noqa: BLE001 - handed on as a Failure, as a pool does
+                from twisted.python.failure import Failure
+
+                on_result(False, Failure())
+            else:
+                on_result(True, result)
+
+
+class _Threads:
+    """An C{IReactorThreads} enough for C{deferToThreadPool}."""
+
+    def __init__(self) -> None:
+        self.pool = _Pool()
+
+    def getThreadPool(self) -> _Pool:
+        return self.pool
+
+    def callFromThread(self, f: Any, *args: Any, **kw: Any) -> None:
+        f(*args, **kw)
+
+
+class CommitInThreadTests(SynchronousTestCase):
+    """L{MessageWriter.commit_deferred} with the fsyncs in a thread pool."""
+
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="mtasts-queue-")
+        self.addCleanup(lambda: __import__("shutil").rmtree(self.dir, ignore_errors=True))
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.threads = _Threads()
+        self.queue = Queue(self.dir, clock=self.clock, threads=self.threads)
+        self.seen: list[Any] = []
+        self.queue.add_observer(lambda ident, m: self.seen.append((ident, m)))
+
+    def test_fires_after_fsyncs(self) -> None:
+        """
+        Nothing is durable, known or reported before the pool ran the work;
+        then the Deferred fires with the message, after every fsync, and
+        the abort of a lost connection meanwhile changes nothing.
+        """
+        synced: list[str] = []
+        real_fsync = os.fsync
+        self.patch(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))[1])
+        writer = self.queue.begin("a@example.org", ["b@example.com"])
+        writer.write(BODY)
+        d = writer.commit_deferred()
+        self.assertNoResult(d)
+        self.assertEqual(synced, [])
+        writer.abort()  # the client went away while committing
+        self.assertEqual((self.queue.count, self.seen), (0, []))
+        self.assertRaises(QueueError, writer.write, b"more")
+        self.threads.pool.run()
+        message = self.successResultOf(d)
+        self.assertEqual(len(synced), 4)  # body, envelope, temp dir, queue dir
+        self.assertEqual(synced[-1], self.dir)
+        self.assertEqual(self.queue.get(message.id), message)
+        self.assertEqual(self.queue.count, 1)
+        self.assertEqual(self.seen, [(message.id, message)])
+        with self.queue.open_body(message.id) as f:
+            self.assertEqual(f.read(), BODY)
+
+    def test_disk_full_in_thread(self) -> None:
+        """ENOSPC in the pool: QueueFullError, nothing left behind, slot freed."""
+
+        def no_space(fd: int) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        writer = self.queue.begin("a@example.org", ["b@example.com"])
+        writer.write(BODY)
+        d = writer.commit_deferred()
+        self.patch(os, "fsync", no_space)
+        self.threads.pool.run()
+        self.failureResultOf(d, QueueFullError)
+        self.assertEqual(sorted(os.listdir(self.dir)), [])
+        self.assertEqual(self.queue._writers, set())
+
+    def test_limits_checked_before_thread(self) -> None:
+        """The byte limit fails the commit at once; no work reaches the pool."""
+        q = Queue(self.dir, clock=self.clock, threads=self.threads, max_bytes=len(BODY) - 1)
+        writer = q.begin("a@example.org", ["b@example.com"])
+        writer.write(BODY)
+        self.failureResultOf(writer.commit_deferred(), QueueFullError)
+        self.assertEqual(self.threads.pool.work, [])
+        self.assertEqual(sorted(os.listdir(self.dir)), [])
+
+    def test_without_threads_synchronous(self) -> None:
+        q = Queue(self.dir, clock=self.clock)
+        writer = q.begin("a@example.org", ["b@example.com"])
+        writer.write(BODY)
+        message = self.successResultOf(writer.commit_deferred())
+        self.assertEqual(q.get(message.id), message)
+
+    def test_small_body_no_file_until_commit(self) -> None:
+        """
+        A body up to BUFFERED_SIZE touches the disk only in the commit (in
+        the pool); a larger one is streamed to its temp directory at once.
+        """
+        from mtasts_twisted.queue import BUFFERED_SIZE
+
+        small = self.queue.begin("a@example.org", ["b@example.com"])
+        small.write(b"x" * BUFFERED_SIZE)
+        self.assertEqual(os.listdir(self.dir), [])
+        big = self.queue.begin("a@example.org", ["b@example.com"])
+        big.write(b"y" * BUFFERED_SIZE)
+        big.write(b"y")
+        [tmp] = os.listdir(self.dir)
+        self.assertTrue(tmp.startswith("tmp-"))
+        d1, d2 = small.commit_deferred(), big.commit_deferred()
+        self.threads.pool.run()
+        m1, m2 = self.successResultOf(d1), self.successResultOf(d2)
+        for m, size in ((m1, BUFFERED_SIZE), (m2, BUFFERED_SIZE + 1)):
+            with self.queue.open_body(m.id) as f:
+                self.assertEqual(len(f.read()), size)
+            self.assertEqual(m.size, size)
+        self.assertEqual(sorted(os.listdir(self.dir)), sorted([m1.id, m2.id]))
+        aborted = self.queue.begin("a@example.org", ["b@example.com"])
+        aborted.write(b"z" * (BUFFERED_SIZE + 1))
+        aborted.abort()
+        self.assertEqual(sorted(os.listdir(self.dir)), sorted([m1.id, m2.id]))
+
+    def test_remove_fsync_in_pool(self) -> None:
+        """
+        remove: the rename at once (the message is gone for every reader),
+        the directory fsync and the deletion in the pool.
+        """
+        writer = self.queue.begin("a@example.org", ["b@example.com"])
+        writer.write(BODY)
+        d = writer.commit_deferred()
+        self.threads.pool.run()
+        message = self.successResultOf(d)
+        synced: list[int] = []
+        self.patch(os, "fsync", synced.append)
+        self.queue.remove(message.id)
+        self.assertEqual(os.listdir(self.dir), ["del-" + message.id])
+        self.assertEqual((synced, self.queue.count, self.queue.total_bytes), ([], 0, 0))
+        self.assertEqual(self.seen[-1], (message.id, None))
+        self.assertRaises(UnknownMessageError, self.queue.get, message.id)
+        self.threads.pool.run()
+        self.assertEqual(len(synced), 1)
+        self.assertEqual(os.listdir(self.dir), [])

@@ -348,3 +348,209 @@ class WorkerTests(SynchronousTestCase):
         self.assertEqual(len(self.deliverer.calls), 2)
         self.deliverer.fire(1, Status.DELIVERED)
         self.assertRaises(KeyError, service2.queue.get, m.id)
+
+
+class ScheduleTests(SynchronousTestCase):
+    """
+    The due-time schedule: a wake-up costs O(started deliveries), not
+    O(backlog), and keeps the limits, order, expiry and the poll.
+    """
+
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="mtasts-relay-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.deliverer = FakeDeliverer()
+
+    def start(self, **kw: Any) -> RelayService:
+        kw.setdefault("poll_interval", 10)
+        s = settings(**kw)
+        self.queue = s.make_queue(self.dir, clock=self.clock)
+        self.service = RelayService(self.queue, self.deliverer, s, self.clock)
+        self.addCleanup(self.service.stopService)
+        return self.service
+
+    def count_considered(self) -> list[str]:
+        seen: list[str] = []
+        real = self.service._consider
+
+        def consider(message: Any, now: float, due: float) -> None:
+            seen.append(message.id)
+            real(message, now, due)
+
+        self.service._consider = consider  # type: ignore[method-assign]
+        return seen
+
+    def test_wake_does_not_scan_backlog(self) -> None:
+        """
+        With 300 messages waiting for one domain's slot, a finished delivery
+        looks at one waiting message, and never lists the queue directory.
+        """
+        self.start(concurrency_per_domain=1)
+        ids = [
+            self.queue.enqueue("a@example.org", [f"r{i}@example.com"], MESSAGE).id
+            for i in range(300)
+        ]
+        self.service.startService()
+        self.assertEqual(len(self.deliverer.calls), 1)
+        seen = self.count_considered()
+        listings: list[bool] = []
+        real_list = self.queue.list
+        self.queue.list = lambda fresh=True: listings.append(fresh) or real_list(fresh)  # type: ignore[method-assign]
+        for i in range(5):
+            self.deliverer.fire(i, Status.DELIVERED)
+            self.clock.advance(0)
+        self.assertEqual(listings, [])
+        self.assertEqual(seen, sorted(ids)[1:6])  # queue (id) order, one per slot
+        self.assertEqual(len(self.deliverer.calls), 6)
+        self.assertEqual(self.service.stats["queue_messages"], 295)
+
+    def test_new_mail_looks_at_new_mail_only(self) -> None:
+        self.start(concurrency_per_domain=1)
+        for i in range(50):
+            self.queue.enqueue("a@example.org", [f"r{i}@example.com"], MESSAGE)
+        self.service.startService()
+        seen = self.count_considered()
+        m = self.queue.enqueue("a@example.org", ["x@example.net"], MESSAGE)
+        self.clock.advance(0)
+        self.assertEqual(seen, [m.id])
+        self.assertEqual(self.deliverer.calls[-1][1], ["x@example.net"])
+
+    def test_retry_time_respected_without_poll(self) -> None:
+        """A transient failure is retried at its time, not before, by the schedule."""
+        self.start(retry_base=30, poll_interval=1000)
+        self.queue.enqueue("a@example.org", ["b@example.com"], MESSAGE)
+        self.service.startService()
+        self.deliverer.fire(0, Status.TRANSIENT, 421, "4.7.0 later")
+        seen = self.count_considered()
+        self.clock.advance(29)
+        self.service.wake()
+        self.clock.advance(0)
+        self.assertEqual((seen, len(self.deliverer.calls)), ([], 1))
+        self.clock.advance(1)
+        self.service.wake()
+        self.clock.advance(0)
+        self.assertEqual(len(self.deliverer.calls), 2)
+
+    def test_waiting_message_expires(self) -> None:
+        """A message waiting for a domain slot still expires on time."""
+        self.start(concurrency_per_domain=1, expiry=100)
+        first = self.queue.enqueue("a@example.org", ["b@example.com"], MESSAGE)
+        second = self.queue.enqueue("a@example.org", ["c@example.com"], MESSAGE)
+        self.service.startService()
+        self.assertEqual(len(self.deliverer.calls), 1)
+        # Ids of one instant order by their random part: either may go first.
+        waiting = second if self.deliverer.calls[0][1] == ["b@example.com"] else first
+        self.clock.advance(100)
+        # the other one expired while waiting: its DSN went out instead
+        self.assertNotIn(waiting.id, [m.id for m in self.queue.list()])
+        self.assertEqual(
+            [c[:2] for c in self.deliverer.calls[1:]], [("", ["a@example.org"])]
+        )
+
+    def test_other_process_retry_and_delete(self) -> None:
+        """
+        The periodic poll sees C{mtasts-twisted queue retry} and C{delete}
+        made through another L{Queue} object (another process).
+        """
+        from mtasts_twisted.queue import queue_delete, queue_retry
+
+        self.start(retry_base=3600, poll_interval=5, concurrency_per_domain=1)
+        m = self.queue.enqueue("a@example.org", ["b@example.com"], MESSAGE)
+        self.clock.advance(1)
+        gone = self.queue.enqueue("a@example.org", ["c@example.com"], MESSAGE)
+        self.service.startService()
+        self.deliverer.fire(0, Status.TRANSIENT, 421, "4.7.0 later")
+        self.clock.advance(0)
+        self.assertEqual(self.deliverer.calls[1][1], ["c@example.com"])
+        other = Queue(self.dir, clock=self.clock)
+        queue_retry(other, m.id)
+        self.clock.advance(5)
+        self.assertEqual(len(self.deliverer.calls), 2)  # domain slot taken
+        queue_delete(other, gone.id)
+        self.deliverer.fire(1, Status.DELIVERED)  # its outcome finds it gone
+        self.clock.advance(0)
+        self.assertEqual(self.deliverer.calls[2][1], ["b@example.com"])
+        self.clock.advance(5)
+        self.assertEqual(self.service.stats["queue_messages"], 1)
+        self.assertEqual(len(self.deliverer.calls), 3)
+
+    def test_dsn_failure_at_expiry_not_busy(self) -> None:
+        """An expired message whose DSN cannot be queued is tried again later, not at once."""
+        self.start(expiry=100, retry_base=50, max_queue_messages=1)
+        m = self.queue.enqueue("a@example.org", ["b@example.com"], MESSAGE)
+        self.service.startService()
+        self.deliverer.fire(0, Status.TRANSIENT, 421, "4.7.0 later")
+        seen = self.count_considered()
+        self.clock.advance(100)
+        self.clock.advance(0)
+        self.clock.advance(0)
+        self.assertEqual(seen, [m.id])  # the DSN found the queue full
+        self.assertEqual(self.queue.get(m.id).pending[0].next_attempt, self.clock.seconds() + 50)
+        self.flushLoggedErrors()
+
+
+class PipelinedCommitTests(TestCase):
+    """
+    The intake with the commit's fsyncs in a thread pool: replies keep
+    their order for a pipelining client (RFC 2920) and 250 comes only once
+    the commit is done.
+    """
+
+    def setUp(self) -> None:
+        from tests.test_queue import _Threads
+
+        self.dir = tempfile.mkdtemp(prefix="mtasts-relay-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.threads = _Threads()
+        s = settings()
+        self.queue = Queue(self.dir, threads=self.threads)
+        self.queue.recover()
+        factory = RelaySMTPFactory(self.queue, s, reactor)
+        self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+        self.factory = factory
+
+    async def wait_for(self, predicate: Any) -> None:
+        for _ in range(500):
+            if predicate():
+                return
+            await deferLater(reactor, 0.01)
+        self.fail("timed out")
+
+    async def test_replies_in_order(self) -> None:
+        from twisted.internet.protocol import ClientFactory, Protocol
+
+        class Client(Protocol):
+            data = b""
+
+            def dataReceived(self, data: bytes) -> None:
+                self.data += data
+
+        client = Client()
+        factory = ClientFactory.forProtocol(lambda: client)
+        reactor.connectTCP("127.0.0.1", self.port.getHost().port, factory)
+        await self.wait_for(lambda: b"220 " in client.data)
+        envelope = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n"
+        client.transport.write(b"EHLO client.test\r\n" + envelope)
+        await self.wait_for(lambda: b"354 " in client.data)
+        client.transport.write(b"Subject: one\r\n\r\nHi.\r\n.\r\n" + envelope)
+        await self.wait_for(lambda: self.threads.pool.work)
+        await deferLater(reactor, 0.1)
+        # The dot is being committed: no reply after the 354 yet.
+        self.assertTrue(client.data.split(b"\r\n")[-2].startswith(b"354 "), client.data)
+        self.assertEqual(self.queue.list(), [])
+        self.threads.pool.run()
+        await self.wait_for(lambda: client.data.count(b"354 ") == 2)
+        client.transport.write(b"Subject: two\r\n\r\nHi.\r\n.\r\nQUIT\r\n")
+        await self.wait_for(lambda: self.threads.pool.work)
+        self.threads.pool.run()
+        await self.wait_for(lambda: b"221 " in client.data)
+        codes = [line[:3] for line in client.data.split(b"\r\n") if line[3:4] == b" "]
+        self.assertEqual(
+            codes,
+            [b"220", b"250", b"250", b"250", b"354", b"250", b"250", b"250", b"354", b"250", b"221"],
+        )
+        self.assertEqual(len(self.queue.list()), 2)
+        await self.factory.wait_closed()
