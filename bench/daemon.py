@@ -32,9 +32,6 @@ async def start(args):
     fetcher = PolicyFetcher(reactor, trust_roots=args.ca_file, name_resolver=DNSHostnameResolver(resolver))
     os.makedirs(args.data_dir, exist_ok=True)
     store = await open_store(default_database_url(args.data_dir), reactor)
-    if args.prototype:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from prototype import DirectWriteFactory as SocketmapFactory  # noqa: F811
     cache = PolicyCache(store, resolver, fetcher, reactor)
     cache.start()
     factory = SocketmapFactory(cache, resolver, reactor)
@@ -48,7 +45,6 @@ def main() -> None:
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--nameserver", action="append", required=True)
     parser.add_argument("--ca-file", required=True)
-    parser.add_argument("--prototype", action="store_true", help="use bench/prototype.py's direct socket writes")
     parser.add_argument("--profile", help="write cProfile statistics here on exit")
     args = parser.parse_args()
 

@@ -157,9 +157,8 @@ class Daemon:
 class Ours(Daemon):
     name = "ours"
 
-    def __init__(self, port, workdir, tag, data_dir, mode="daemon", profile=None, prototype=False):
+    def __init__(self, port, workdir, tag, data_dir, mode="daemon", profile=None):
         super().__init__(port, workdir, tag)
-        self.prototype = prototype
         self.data_dir = data_dir
         self.mode = mode
         self.profile = profile
@@ -176,8 +175,6 @@ class Ours(Daemon):
                     "--nameserver", "127.0.0.1:53", "--ca-file", ca]
             if self.profile:
                 argv += ["--profile", self.profile]
-            if self.prototype:
-                argv.append("--prototype")
         return argv, dict(os.environ)
 
 
@@ -423,13 +420,11 @@ class Bench:
         self.port += 1
         return self.port
 
-    def ours(self, tag, data_dir=None, profile=None, fix=False) -> Ours:
-        """Our daemon: per --ours; with fix, bench/daemon.py --prototype (the proposed fixes)."""
+    def ours(self, tag, data_dir=None, profile=None) -> Ours:
+        """Our daemon: per --ours (bench/daemon.py when profiling)."""
         data_dir = data_dir or os.path.join(self.workdir, tag)
-        mode = "daemon" if (fix or profile) else self.args.ours
-        d = Ours(self.next_port(), self.workdir, tag, data_dir, mode, profile, fix or self.args.prototype)
-        if fix:
-            d.name = "fix"
+        mode = "daemon" if profile else self.args.ours
+        d = Ours(self.next_port(), self.workdir, tag, data_dir, mode, profile)
         self.daemons.append(d)
         return d.start()
 
@@ -475,9 +470,6 @@ class Bench:
         self.o1 = self.ours("ours-cached")
         self.p1 = self.peer("peer-internal")
         group = [self.o1, self.p1]
-        if self.args.fix:
-            self.f1 = self.ours("fix-cached", fix=True)
-            group.append(self.f1)
         for d in group:
             self.warm(d, self.n_cached)
         self.alternate("cached", group, [1, 8])
@@ -499,13 +491,11 @@ class Bench:
 
     def phase_sqlite(self):
         print("phase sqlite: cached lookups, peer with its sqlite cache; ours restarted on its SQLite file", flush=True)
-        for d in (getattr(self, "o1", None), getattr(self, "p1", None), getattr(self, "f1", None)):
+        for d in (getattr(self, "o1", None), getattr(self, "p1", None)):
             if d is not None:
                 d.stop()
         group = [self.ours("ours-sqlite", data_dir=os.path.join(self.workdir, "ours-cached")),
                  self.peer("peer-sqlite", cache="sqlite")]
-        if self.args.fix:
-            group.append(self.ours("fix-sqlite", data_dir=os.path.join(self.workdir, "fix-cached"), fix=True))
         for d in group:
             self.warm(d, self.n_cached)
         self.alternate("sqlite", group, [1, 8])
@@ -610,7 +600,7 @@ class Bench:
                                                    for line in f)
             if self.args.relay_profile and tag not in self.results.get("relay_py_spy", {}) \
                     and not any(t.startswith(tag[:-1]) for t in self.results.get("relay_py_spy", {})):
-                self.py_spy(proc.pid, tag)  # the first run of ours and of the fix column
+                self.py_spy(proc.pid, tag)  # the first run of ours
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -677,7 +667,6 @@ class Bench:
                 raise SystemExit("relay sink did not start; see sink.log")
             hz = os.sysconf("SC_CLK_TCK")
             for r in range(self.relay_rounds):
-                # No "fix" column here: the queue fix it measured is in the package.
                 for name in ("ours", "postfix"):
                     tag = f"{name}{r}"
                     res = self.relay_ours(tag) if name != "postfix" else self.relay_postfix(tag)
@@ -751,7 +740,7 @@ def median(values):
 
 
 def table(results: dict, bench: Bench) -> str:
-    """Markdown table: ours (per --ours), the peer, the ratio, target, met; then ours with the proposed fixes."""
+    """Markdown table: ours (per --ours), the peer, the ratio, the target, and whether it is met."""
     runs = results["runs"]
 
     def fig(figure, daemon, key):
@@ -764,13 +753,10 @@ def table(results: dict, bench: Bench) -> str:
             return "-"
         return fmt.format(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
 
-    def row(label, ours, peer, target, check=None, fix=None, fmt="{:.0f}"):
+    def row(label, ours, peer, target, check=None, fmt="{:.0f}"):
         ratio = ours / peer if isinstance(ours, (int, float)) and isinstance(peer, (int, float)) and peer else None
-        fratio = fix / peer if isinstance(fix, (int, float)) and isinstance(peer, (int, float)) and peer else None
         met = "-" if check is None else ("yes" if check(ours, ratio) else "NO")
-        fmet = "-" if check is None or fix is None else ("yes" if check(fix, fratio) else "NO")
-        rows.append((label, f(ours, fmt), f(peer, fmt), "-" if ratio is None else f"{ratio:.2f}x", target, met,
-                     f(fix, fmt), "-" if fratio is None else f"{fratio:.2f}x", fmet))
+        rows.append((label, f(ours, fmt), f(peer, fmt), "-" if ratio is None else f"{ratio:.2f}x", target, met))
 
     def at_least(k):
         return lambda v, ratio: ratio is not None and ratio >= k
@@ -782,25 +768,23 @@ def table(results: dict, bench: Bench) -> str:
         key = f"cached c={conns}"
         if fig(key, "ours", "rps") is not None:
             row(f"cached lookups/s, {conns} conn", fig(key, "ours", "rps"), fig(key, "peer", "rps"), ">= 1.5x",
-                at_least(1.5), fig(key, "fix", "rps"))
+                at_least(1.5))
     for conns in (1, 8):
         key = f"cached c={conns}"
         if fig(key, "ours", "rps") is not None:
             row(f"daemon CPU us per cached lookup, {conns} conn", fig(key, "ours", "cpu_per_lookup_us"),
-                fig(key, "peer", "cpu_per_lookup_us"), "<= 0.6x", at_most(0.6), fig(key, "fix", "cpu_per_lookup_us"),
-                fmt="{:.1f}")
+                fig(key, "peer", "cpu_per_lookup_us"), "<= 0.6x", at_most(0.6), fmt="{:.1f}")
     for conns in (1, 8):
         key = f"cached c={conns}"
         if fig(key, "ours", "rps") is not None:
             row(f"cached p50 / p99 latency ms, {conns} conn",
                 f"{fig(key, 'ours', 'p50_ms')} / {fig(key, 'ours', 'p99_ms')}",
-                f"{fig(key, 'peer', 'p50_ms')} / {fig(key, 'peer', 'p99_ms')}", "(info)", None,
-                None if fig(key, "fix", "p50_ms") is None else f"{fig(key, 'fix', 'p50_ms')} / {fig(key, 'fix', 'p99_ms')}")
+                f"{fig(key, 'peer', 'p50_ms')} / {fig(key, 'peer', 'p99_ms')}", "(info)")
     for conns in (1, 8):
         key = f"sqlite c={conns}"
         if fig(key, "ours", "rps") is not None:
             row(f"cached lookups/s, SQLite cache, {conns} conn", fig(key, "ours", "rps"), fig(key, "peer", "rps"),
-                ">= 5x", at_least(5), fig(key, "fix", "rps"))
+                ">= 5x", at_least(5))
     co = {r["daemon"]: r for r in runs if r["figure"] == "coalesce"}
     if co:
         row("100 conns, 1 uncached domain: TXT queries", co["ours"]["txt_queries"], co["peer"]["txt_queries"],
@@ -833,20 +817,18 @@ def table(results: dict, bench: Bench) -> str:
         n = rl[0]["count"]
         row(f"relay msgs/s to enforce MX over verified TLS ({n} msgs, vs Postfix 3.7 + peer)",
             fig("relay", "ours", "msgs_per_s"), fig("relay", "postfix", "msgs_per_s"), ">= 0.5x", at_least(0.5),
-            fig("relay", "fix", "msgs_per_s"), fmt="{:.1f}")
+            fmt="{:.1f}")
         row("relay daemon CPU ms per message (Postfix: all its processes + the peer)",
             fig("relay", "ours", "cpu_ms_per_msg"), fig("relay", "postfix", "cpu_ms_per_msg"), "(info)", None,
-            fig("relay", "fix", "cpu_ms_per_msg"), fmt="{:.2f}")
+            fmt="{:.2f}")
         row("relay messages received over TLS / sent (all runs)",
             f"{sum(r['received'] for r in rl if r['daemon'] == 'ours')}/{sum(r['count'] for r in rl if r['daemon'] == 'ours')}",
             f"{sum(r['received'] for r in rl if r['daemon'] == 'postfix')}/{sum(r['count'] for r in rl if r['daemon'] == 'postfix')}",
             "(info)")
     if "ours_rss_kb_cached" in results:
-        fix = results.get("fix_rss_kb_cached")
         row(f"RSS MB after the cached phase ({bench.n_cached} domains)", results["ours_rss_kb_cached"] / 1024,
-            results["peer_rss_kb_cached"] / 1024, "(info)", None, None if fix is None else fix / 1024, fmt="{:.1f}")
-    header = ("figure", f"ours ({bench.args.ours})", "peer", "ours/peer", "target", "met",
-              "ours+fixes", "fixes/peer", "met")
+            results["peer_rss_kb_cached"] / 1024, "(info)", None, fmt="{:.1f}")
+    header = ("figure", f"ours ({bench.args.ours})", "peer", "ours/peer", "target", "met")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     lines = []
     for r in [header] + rows:
@@ -876,13 +858,9 @@ def main() -> None:
                         help=f"comma-separated phases of {', '.join(PHASES)}")
     parser.add_argument("--ours", choices=("daemon", "twistd"), default="twistd",
                         help="'twistd -n mtasts' (default) or bench/daemon.py (the same objects, no twistd)")
-    parser.add_argument("--prototype", action="store_true",
-                        help="run our daemon everywhere as bench/daemon.py with bench/prototype.py's fixes")
-    parser.add_argument("--no-fix", dest="fix", action="store_false",
-                        help="skip the third column: bench/daemon.py with bench/prototype.py's proposed fixes")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--relay-profile", action="store_true",
-                        help="relay phase: py-spy record our relay (and the fix column) over an extra load after the first run")
+                        help="relay phase: py-spy record our relay over an extra load after the first run")
     args = parser.parse_args()
     if os.environ.get(NS_ENV) != "1":
         enter_namespace()
