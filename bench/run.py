@@ -596,8 +596,9 @@ class Bench:
             res = self.submit(RELAY_INTAKE, tag)
             res["cpu_ticks"] = cpu_ticks(proc.pid) - before
             with open(log, errors="replace") as f:  # our delivery's debug line per TLS session
-                res["verified_tls_sessions"] = sum("TLS to mx.relay.bench.test" in line and "verified=True" in line
-                                                   for line in f)
+                sessions = [line for line in f if "TLS to mx.relay.bench.test" in line]
+            res["tls_sessions"] = len(sessions)
+            res["verified_tls_sessions"] = sum("verified=True" in line for line in sessions)
             if self.args.relay_profile and tag not in self.results.get("relay_py_spy", {}) \
                     and not any(t.startswith(tag[:-1]) for t in self.results.get("relay_py_spy", {})):
                 self.py_spy(proc.pid, tag)  # the first run of ours
@@ -643,6 +644,7 @@ class Bench:
             res["cpu_ticks_postfix"] = tree_cpu_ticks(master) - before
             res["cpu_ticks_peer"] = cpu_ticks(peer.pid) - peer_before
             res["cpu_ticks"] = res["cpu_ticks_postfix"] + res["cpu_ticks_peer"]
+            res["tls_sessions"] = pf.log_count("TLS connection established to mx.relay.bench.test")
             res["verified_tls_sessions"] = pf.log_count("Verified TLS connection established to mx.relay.bench.test")
             res["sent"] = pf.log_count("status=sent")
         finally:
@@ -681,7 +683,7 @@ class Bench:
                           f"CPU {res['cpu_ms_per_msg']} ms/msg"
                           + (f" (Postfix alone {res['cpu_ms_per_msg_postfix_only']}); status=sent {res['sent']}"
                              if name == "postfix" else "")
-                          + f"; verified TLS sessions in its log {res['verified_tls_sessions']}"
+                          + f"; TLS sessions in its log {res['tls_sessions']}, verified {res['verified_tls_sessions']}"
                           + (f"; errors {res['errors']}" if res["errors"] else ""), flush=True)
         finally:
             sink.terminate()
@@ -825,6 +827,14 @@ def table(results: dict, bench: Bench) -> str:
             f"{sum(r['received'] for r in rl if r['daemon'] == 'ours')}/{sum(r['count'] for r in rl if r['daemon'] == 'ours')}",
             f"{sum(r['received'] for r in rl if r['daemon'] == 'postfix')}/{sum(r['count'] for r in rl if r['daemon'] == 'postfix')}",
             "(info)")
+
+        def sessions(daemon):
+            runs_ = [r for r in rl if r["daemon"] == daemon]
+            return (f"{sum(r.get('verified_tls_sessions', 0) for r in runs_)}"
+                    f"/{sum(r.get('tls_sessions', r.get('verified_tls_sessions', 0)) for r in runs_)}")
+
+        row("relay TLS sessions to the MX: verified / all (all runs)", sessions("ours"), sessions("postfix"),
+            "all verified", lambda v, ratio: v.split("/")[0] == v.split("/")[1] != "0")
     if "ours_rss_kb_cached" in results:
         row(f"RSS MB after the cached phase ({bench.n_cached} domains)", results["ours_rss_kb_cached"] / 1024,
             results["peer_rss_kb_cached"] / 1024, "(info)", None, fmt="{:.1f}")
