@@ -22,7 +22,8 @@ What it does (RFC 8461 §4–§5, RFC 5321 §5):
   3. Per MX host, per address (IPv6 first, then IPv4; both capped), one
      connection to the address itself: greeting, EHLO, STARTTLS, EHLO again,
      one transaction (MAIL, one RCPT per recipient, DATA) for every
-     recipient still pending, QUIT.
+     recipient still pending, QUIT (or a parked session first, see
+     "Session reuse").
   4. Policy C{enforce}: MX hosts outside the policy are skipped; STARTTLS
      is required and the certificate must verify (L{VerifyMode.VERIFY}:
      the handshake is aborted otherwise, so nothing of the message is
@@ -59,6 +60,36 @@ TLSRPT accounting (RFC 8460 §4): the results are the lookup's result
     result type for them and they say nothing about TLS.  The plaintext
     retry after a failed handshake is not counted either (its handshake
     already was).
+
+Session reuse (connection caching; off unless
+L{DeliverySettings.reuse_idle_time} is set): after a transaction whose
+replies are all in, a session that negotiated TLS is parked instead of
+closed, for at most C{reuse_idle_time} seconds, C{reuse_max_transactions}
+transactions and C{reuse_max_age} seconds after connecting (Postfix:
+C{smtp_connection_cache_time_limit}, C{smtp_connection_reuse_count_limit},
+C{smtp_connection_reuse_time_limit}).  A later delivery reuses it only
+when that is exactly as safe as a new session:
+
+  - the same policy domain, MX host and port, and the same policy (mode,
+    MX patterns, policy text, TXT id): a changed policy never inherits a
+    session checked against the old one, and a C{testing} session never
+    carries C{enforce} mail;
+  - under C{enforce}, only a session verified with verification required
+    (its handshake would have been aborted otherwise) to a host the
+    policy lists;
+  - the host is one the MX loop reaches in its normal order (a parked
+    session may only move its host first among hosts of equal
+    preference), at one of the addresses it would try; plaintext
+    sessions and the plaintext retry are never kept.
+
+A parked session is probed with RSET (RFC 5321 §4.1.1.5) before reuse;
+anything from the server while parked (a 421, §3.8), a lost connection, a
+failed RSET or a failure before the end of data leave the recipients
+pending for a new connection as if there had been no parked session (no
+TLSRPT result, no error in the outcome).  A reused session adds no TLSRPT
+result: RFC 8460 §4 counts TLS sessions, and it was counted once when it
+was negotiated.  L{Deliverer.close} (the relay's C{stopService}) says QUIT
+to the parked sessions.
 
 Replies: a 5xx to RCPT makes that recipient L{Status.PERMANENT}, a 4xx
 L{Status.TRANSIENT}; accepted recipients go on to DATA in the same
@@ -98,7 +129,7 @@ from __future__ import annotations
 import collections
 import enum
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, BinaryIO
 
 import attrs
@@ -117,6 +148,7 @@ from mtasts_twisted.cache import PolicyLookupTemporaryError
 from mtasts_twisted.dns import DNSError, DNSNoRecordError, MXHost
 from mtasts_twisted.policy import DomainError, Mode, Policy, to_alabel
 from mtasts_twisted.results import FailureDetails, PolicyDescriptor, Result, ResultType
+from mtasts_twisted.sessions import SessionPool
 from mtasts_twisted.tls import (
     MXTLSOptionsCache,
     VerifyMode,
@@ -147,6 +179,9 @@ QUIT_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 5.0
 #: Errors of failed attempts kept for a transient outcome's message.
 MAX_ERRORS_SHOWN = 4
+#: Longest wait for the reply to the RSET that probes a parked session
+#: before reuse (RFC 5321 §4.5.3.2 sets none; Postfix's smtp_rset_timeout).
+RSET_TIMEOUT = 20.0
 
 
 class Status(enum.Enum):
@@ -182,6 +217,17 @@ class DeliverySettings:
     @ivar session_timeout: seconds one connection may last in total.
     @ivar max_mx_hosts: MX hosts tried at most, by preference.
     @ivar max_addresses_per_host: addresses of one MX host tried at most.
+    @ivar reuse_idle_time: seconds a session is kept open for reuse after
+        a transaction (like Postfix's C{smtp_connection_cache_time_limit});
+        C{0} (the default here) closes every session with QUIT.  A
+        L{Deliverer} that reuses sessions must be closed
+        (L{Deliverer.close}); the relay sets 2 s.  See "Session reuse" in
+        the module docstring.
+    @ivar reuse_max_transactions: transactions one session carries at most.
+    @ivar reuse_max_age: seconds after connecting when a session is no
+        longer reused.
+    @ivar reuse_max_idle_sessions: sessions kept open for reuse at most, for
+        all destinations together (the oldest is closed first).
     """
 
     helo_name: str = "localhost"
@@ -192,6 +238,10 @@ class DeliverySettings:
     max_mx_hosts: int = 10
     max_addresses_per_host: int = 4
     port_for: Mapping[str, int] = attrs.field(factory=dict, hash=False)
+    reuse_idle_time: float = 0.0
+    reuse_max_transactions: int = 100
+    reuse_max_age: float = 300.0
+    reuse_max_idle_sessions: int = 50
 
     def port_of(self, host: str) -> int:
         """The port to connect to on MX host C{host}."""
@@ -396,11 +446,48 @@ class _ClientProtocol(LineReceiver):
         self.switching = False
         #: Input that followed the reply to STARTTLS in plaintext.
         self.injected = b""
+        #: Set while the session is parked for reuse: called (once) when
+        #: anything arrives or the connection is lost meanwhile.
+        self.parked_hook: Callable[[], None] | None = None
 
     @property
     def gone(self) -> bool:
         """Whether the connection is lost or being aborted."""
         return self._error is not None
+
+    @property
+    def idle(self) -> bool:
+        """
+        Whether the session is between commands with nothing unread: no
+        reply awaited, queued or half received.  Only such a session may be
+        parked; anything else means client and server are out of step.
+        """
+        return (
+            self._error is None
+            and self._waiter is None
+            and not self._replies
+            and not self._lines
+            and not self._buffer
+            and not self.switching
+            and not self.closed.called
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        hook = self.parked_hook
+        if hook is not None:
+            # RFC 5321 has no unsolicited replies except a 421 before the
+            # server closes (§3.8): whatever it is, the parked session is
+            # not reused (and the input is not read as a later reply).
+            self.parked_hook = None
+            self.drop(_SessionError("input from the server while the session was idle"))
+            hook()
+            return
+        super().dataReceived(data)
+
+    def drop(self, error: _SessionError) -> None:
+        """Mark the session unusable (its close then skips QUIT)."""
+        if self._error is None:
+            self._error = error
 
     def lineReceived(self, line: bytes) -> None:
         if self._error is not None:
@@ -437,6 +524,9 @@ class _ClientProtocol(LineReceiver):
             self._error = _SessionError(f"connection lost: {reason.getErrorMessage()}")
         self._fail_waiter()
         self.closed.callback(None)
+        hook, self.parked_hook = self.parked_hook, None
+        if hook is not None:
+            hook()
 
     def expire(self, error: _SessionError) -> None:
         """End the session now with C{error} (timeouts, protocol errors)."""
@@ -522,6 +612,7 @@ class _Plan:
     domain: str
     policy: Policy | None
     descriptor: PolicyDescriptor
+    record_id: str | None = None
 
     @property
     def mode(self) -> Mode | None:
@@ -539,6 +630,16 @@ class _Plan:
     def matches(self, host: str) -> bool:
         """Does MX host C{host} pass the policy (always, without an sts policy)?"""
         return not self.sts or self.policy.matches(host)  # type: ignore[union-attr]
+
+    def reuse_key(self, host: str, port: int) -> tuple[Any, ...]:
+        """
+        What a parked session must have been made under to carry mail of
+        this plan to C{host}: the same policy domain, MX host and port,
+        and the same policy (mode, MX patterns, the policy text via the
+        descriptor, and the TXT record id), so a changed policy never
+        inherits a session checked against the old one.
+        """
+        return (self.domain, host, port, self.mode, self.policy, self.descriptor, self.record_id)
 
 
 @attrs.define
@@ -559,6 +660,31 @@ class _Attempt:
         self.outcomes[recipient] = RecipientOutcome(
             recipient, status, code, message, self.host, self.tls_version, self.verified
         )
+
+
+@attrs.define(eq=False)
+class _Connection:
+    """
+    An open SMTP session past its (TLS) setup, as parked for reuse.
+
+    @ivar key: its L{_Plan.reuse_key}.
+    @ivar created: when it connected (the clock's seconds).
+    @ivar verify_mode: the L{VerifyMode} its handshake ran under.
+    @ivar extensions: the EHLO keywords after STARTTLS.
+    @ivar transactions: transactions it has carried.
+    """
+
+    proto: _ClientProtocol
+    timer: Any
+    key: tuple[Any, ...]
+    host: str
+    ip: str
+    created: float
+    verify_mode: VerifyMode
+    tls_version: str | None
+    verified: bool
+    extensions: dict[str, str]
+    transactions: int = 0
 
 
 def _status_of(reply: _Reply) -> Status:
@@ -608,6 +734,14 @@ class Deliverer:
         self._helo = settings.helo_name.encode("ascii")
         #: QUIT-and-close of finished sessions, still running in the background.
         self._closing: set[Deferred[None]] = set()
+        #: Sessions parked for reuse (None: reuse is off).
+        self._pool: SessionPool[_Connection] | None = None
+        if settings.reuse_idle_time > 0:
+            self._pool = SessionPool(
+                reactor, settings.reuse_idle_time, settings.reuse_max_idle_sessions, self._close_parked
+            )
+        #: Set by L{close}: sessions are no longer parked.
+        self._shut = False
 
     def deliver(self, sender: str, recipients: Sequence[str], message: BinaryIO) -> Deferred[DeliveryResult]:
         """
@@ -722,7 +856,7 @@ class Deliverer:
                 results,
             )
         results.append(lookup.result)
-        plan = _Plan(domain, lookup.policy, lookup.result.policy)
+        plan = _Plan(domain, lookup.policy, lookup.result.policy, getattr(lookup, "record_id", None))
 
         try:
             mx = await self._resolver.lookup_mx(domain)
@@ -758,7 +892,15 @@ class Deliverer:
         errors: list[str] = []
         last_host: str | None = None
         last_code: int | None = None
-        hosts = order_mx_hosts(mx.hosts, self._rng)[: self.settings.max_mx_hosts]
+        hosts = order_mx_hosts(mx.hosts, self._rng)
+        if self._pool:
+            # RFC 5321 §5.1 orders by preference and leaves equal ones to
+            # us: among those, a host with a parked session comes first.
+            # Never a less preferred host before a more preferred one.
+            hosts.sort(
+                key=lambda h: (h.preference, plan.reuse_key(h.host, self.settings.port_of(h.host)) not in self._pool)  # type: ignore[operator]
+            )
+        hosts = hosts[: self.settings.max_mx_hosts]
         try:
             for mx_host in hosts:
                 if not pending:
@@ -776,7 +918,23 @@ class Deliverer:
                 except DNSError as e:
                     errors.append(f"{host}: {e}")
                     continue
-                for ip in answer.addresses[: self.settings.max_addresses_per_host]:
+                ips = answer.addresses[: self.settings.max_addresses_per_host]
+                while pending and self._pool:
+                    # A parked session to this host, if one is exactly as
+                    # good as a new one (see _take); a dead one falls back
+                    # to a new connection below, unreported.
+                    conn = self._take(plan, host, ips)
+                    if conn is None:
+                        break
+                    reused = await self._reused_session(conn, plan, reverse_path, pending, addresses, message, info)
+                    if reused is None:
+                        continue
+                    outcomes.update(reused.outcomes)
+                    pending = [r for r in pending if r not in outcomes]
+                    break
+                for ip in ips:
+                    if not pending:
+                        break
                     attempt = await self._session(plan, host, ip, reverse_path, pending, addresses, message, info, True)
                     if attempt.result is not None:
                         results.append(attempt.result)
@@ -845,6 +1003,7 @@ class Deliverer:
         endpoint_type = TCP6ClientEndpoint if ":" in ip else TCP4ClientEndpoint
         port = self.settings.port_of(host)
         endpoint = endpoint_type(self._reactor, ip, port, timeout=self.settings.connect_timeout)
+        created = self._reactor.seconds()
         try:
             await connectProtocol(endpoint, proto)
         except Exception as e:
@@ -855,8 +1014,22 @@ class Deliverer:
             proto.expire,
             _SessionError(f"session timed out after {self.settings.session_timeout:g} s"),
         )
+        conn: _Connection | None = None
         try:
-            await self._converse(proto, attempt, plan, reverse_path, pending, addresses, message, info, use_tls)
+            extensions = await self._open(proto, attempt, plan, use_tls)
+            conn = _Connection(
+                proto,
+                timer,
+                plan.reuse_key(host, port),
+                host,
+                ip,
+                created,
+                VerifyMode.VERIFY if plan.enforce else VerifyMode.RECORD_ONLY,
+                attempt.tls_version,
+                attempt.verified,
+                extensions,
+            )
+            await self._transaction(conn, attempt, plan, reverse_path, pending, addresses, message, info)
         except _SessionError as e:
             attempt.error = str(e)
             attempt.code = e.code
@@ -864,20 +1037,158 @@ class Deliverer:
             log.failure("SMTP session with {host} [{ip}] failed", host=host, ip=ip)
             attempt.error = f"internal error: {e!r}"
         if attempt.error is None:
-            # The outcomes are final once the transaction's replies are in:
-            # report them now, and say QUIT and close in the background, so a
-            # relay records a delivery without waiting for a slow peer (which
-            # would widen its window for duplicates after a crash).
-            closing = Deferred.fromCoroutine(self._close(proto, timer))
-            self._closing.add(closing)
-            closing.addBoth(lambda _: self._closing.discard(closing))
+            assert conn is not None
+            self._release(conn, plan, use_tls)
         else:
             await self._close(proto, timer)
         return attempt
 
+    # -- session reuse --
+
+    def _reusable(self, conn: _Connection, plan: _Plan, use_tls: bool = True) -> bool:
+        """
+        May C{conn}, which just carried a transaction of C{plan} (or is
+        parked under C{plan}'s key), carry the next one?
+        """
+        settings = self.settings
+        if (
+            not use_tls  # the plaintext retry: a new session tries STARTTLS first
+            or conn.tls_version is None  # only sessions with TLS are kept
+            or not conn.proto.idle
+            or conn.transactions >= settings.reuse_max_transactions
+            or self._reactor.seconds() - conn.created >= settings.reuse_max_age
+            or conn.key != plan.reuse_key(conn.host, settings.port_of(conn.host))
+        ):
+            return False
+        if plan.enforce:
+            # RFC 8461 §5: only a session verified (PKIX and the MX host
+            # name, §4.1) with verification required, to a host the policy
+            # lists; the key's policy makes this hold already.
+            return conn.verified and conn.verify_mode is VerifyMode.VERIFY and plan.matches(conn.host)
+        return True
+
+    def _release(self, conn: _Connection, plan: _Plan, use_tls: bool) -> None:
+        """
+        After a transaction whose replies are all in: park the session for
+        reuse, or say QUIT and close it in the background.  Either way the
+        outcomes are reported now, so a relay records a delivery without
+        waiting for a slow peer (which would widen its window for
+        duplicates after a crash).
+        """
+        if self._pool is not None and not self._shut and self._reusable(conn, plan, use_tls):
+            conn.proto.parked_hook = lambda: self._parked_event(conn)
+            self._pool.park(conn.key, conn)
+        else:
+            self._close_in_background(conn.proto, conn.timer)
+
+    def _take(self, plan: _Plan, host: str, ips: Sequence[str]) -> _Connection | None:
+        """
+        A parked session that may carry C{plan}'s mail to C{host} now (at
+        one of the addresses a new session would use), or L{None}.
+        """
+        assert self._pool is not None
+        key = plan.reuse_key(host, self.settings.port_of(host))
+        while (conn := self._pool.take(key)) is not None:
+            conn.proto.parked_hook = None
+            if conn.ip in ips and self._reusable(conn, plan):
+                return conn
+            self._close_in_background(conn.proto, conn.timer)
+        return None
+
+    async def _reused_session(
+        self,
+        conn: _Connection,
+        plan: _Plan,
+        reverse_path: tuple[bytes, bool],
+        pending: list[str],
+        addresses: Mapping[str, tuple[bytes, bool]],
+        message: BinaryIO,
+        info: MessageInfo,
+    ) -> _Attempt | None:
+        """
+        One transaction on a parked session.  L{None} when the session
+        turned out dead before the transaction began (the caller goes on
+        as if it had never been parked).  A session that fails before the
+        end of data leaves its undecided recipients pending for a new
+        connection, like any failed session.  No TLSRPT result: RFC 8460
+        §4 counts TLS sessions, and this one was counted when it was made.
+        """
+        proto = conn.proto
+        # RFC 5321 §4.1.1.5: RSET aborts whatever the last transaction left
+        # (e.g. all recipients refused) and, answered 250, shows the server
+        # still has the session (Postfix probes cached sessions the same way).
+        try:
+            reply = await proto.command(b"RSET", min(self.settings.reply_timeout, RSET_TIMEOUT))
+        except _SessionError as e:
+            reply, why = None, str(e)
+        else:
+            why = str(reply)
+        if reply is None or reply.code != 250:
+            log.debug("parked session to {host} [{ip}] is gone ({why}); connecting anew",
+                      host=conn.host, ip=conn.ip, why=why)
+            if reply is not None:
+                proto.drop(_SessionError(f"RSET: {reply}", reply.code))
+            self._close_in_background(proto, conn.timer)
+            return None
+        log.debug(
+            "reusing the session to {host} [{ip}] ({tls_version}, verified={verified}) for transaction {number}",
+            host=conn.host,
+            ip=conn.ip,
+            tls_version=conn.tls_version,
+            verified=conn.verified,
+            number=conn.transactions + 1,
+        )
+        attempt = _Attempt(conn.host, conn.ip, tls_version=conn.tls_version, verified=conn.verified)
+        try:
+            await self._transaction(conn, attempt, plan, reverse_path, pending, addresses, message, info)
+        except _SessionError as e:
+            attempt.error = str(e)
+            attempt.code = e.code
+        except Exception as e:  # noqa: BLE001 - a bug here must not lose the delivery
+            log.failure("SMTP session with {host} [{ip}] failed", host=conn.host, ip=conn.ip)
+            attempt.error = f"internal error: {e!r}"
+        if attempt.error is None:
+            self._release(conn, plan, True)
+        else:
+            log.debug("reused session to {host} [{ip}] failed ({error}); connecting anew",
+                      host=conn.host, ip=conn.ip, error=attempt.error)
+            await self._close(proto, conn.timer)
+        return attempt
+
+    def _parked_event(self, conn: _Connection) -> None:
+        """Input or a lost connection while parked: the session is not reused."""
+        if self._pool is not None:
+            self._pool.discard(conn)
+        self._close_in_background(conn.proto, conn.timer)
+
+    def _close_parked(self, conn: _Connection) -> None:
+        """The pool gives C{conn} up (idle time over, pool full): QUIT."""
+        conn.proto.parked_hook = None
+        self._close_in_background(conn.proto, conn.timer)
+
+    def _close_in_background(self, proto: _ClientProtocol, timer: Any) -> None:
+        closing = Deferred.fromCoroutine(self._close(proto, timer))
+        self._closing.add(closing)
+        closing.addBoth(lambda _: self._closing.discard(closing))
+
     def wait_closed(self) -> Deferred[None]:
-        """Fire when every session's QUIT-and-close has finished."""
+        """
+        Say QUIT on every parked session, and fire when every session's
+        QUIT-and-close has finished.
+        """
+        if self._pool is not None:
+            for conn in self._pool.clear():
+                self._close_parked(conn)
         return gatherResults(list(self._closing), consumeErrors=True).addCallback(lambda _: None)
+
+    def close(self) -> Deferred[None]:
+        """
+        Stop keeping sessions for reuse, then L{wait_closed}.  Deliveries
+        still work afterwards (and may be in flight); each of their
+        sessions is closed after its transaction.
+        """
+        self._shut = True
+        return self.wait_closed()
 
     async def _close(self, proto: _ClientProtocol, timer: Any) -> None:
         try:
@@ -914,19 +1225,8 @@ class Deliverer:
             reply = helo
         raise _SessionError(f"EHLO refused: {reply}", reply.code)
 
-    async def _converse(
-        self,
-        proto: _ClientProtocol,
-        attempt: _Attempt,
-        plan: _Plan,
-        reverse_path: tuple[bytes, bool],
-        pending: list[str],
-        addresses: Mapping[str, tuple[bytes, bool]],
-        message: BinaryIO,
-        info: MessageInfo,
-        use_tls: bool,
-    ) -> None:
-        host = attempt.host
+    async def _open(self, proto: _ClientProtocol, attempt: _Attempt, plan: _Plan, use_tls: bool) -> dict[str, str]:
+        """Greeting, EHLO, STARTTLS and EHLO again; return the extensions to use."""
         timeout = self.settings.reply_timeout
         greeting = await proto.reply(timeout, "the greeting")
         if greeting.code != 220:
@@ -940,6 +1240,27 @@ class Deliverer:
         if plan.enforce and not attempt.verified:
             # _starttls raised already; this guards the promise itself.
             raise _SessionError("not verified: refusing to send under enforce")
+        return extensions
+
+    async def _transaction(
+        self,
+        conn: _Connection,
+        attempt: _Attempt,
+        plan: _Plan,
+        reverse_path: tuple[bytes, bool],
+        pending: list[str],
+        addresses: Mapping[str, tuple[bytes, bool]],
+        message: BinaryIO,
+        info: MessageInfo,
+    ) -> None:
+        if plan.enforce and not (conn.verified and conn.verify_mode is VerifyMode.VERIFY):
+            # Guards the promise for new and reused sessions alike.
+            raise _SessionError("not verified: refusing to send under enforce")
+        conn.transactions += 1
+        proto = conn.proto
+        extensions = conn.extensions
+        host = attempt.host
+        timeout = self.settings.reply_timeout
 
         # -- what the message and addresses need (RFC 6152, RFC 6531, RFC 1870)
         params = b""
@@ -1138,6 +1459,9 @@ def deliver(
     **kwargs).deliver(sender, recipients, message)}.
 
     Make one L{Deliverer} and reuse it when delivering many messages (it
-    loads the trust roots once).
+    loads the trust roots once, and can reuse sessions).  Here the session
+    is always closed: nothing would close a parked one.
     """
+    settings = kwargs.pop("settings", DeliverySettings())
+    kwargs["settings"] = attrs.evolve(settings, reuse_idle_time=0.0)
     return Deliverer(reactor, resolver, cache, **kwargs).deliver(sender, recipients, message)

@@ -708,7 +708,10 @@ class RelayService(Service):
         """
         Stop picking new work.  Deliveries in flight go on and record
         their outcomes; a process that exits before they end retries them
-        at the next start (at-least-once).
+        at the next start (at-least-once).  A deliverer with C{close}
+        (L{mtasts_twisted.delivery.Deliverer.close}) stops keeping SMTP
+        sessions for reuse and says QUIT to the parked ones; the returned
+        L{Deferred} fires when they are closed.
         """
         Service.stopService(self)
         if self._loop is not None and self._loop.running:
@@ -717,7 +720,11 @@ class RelayService(Service):
         if self._wake_call is not None and self._wake_call.active():
             self._wake_call.cancel()
         self._wake_call = None
-        return None
+        close = getattr(self.deliverer, "close", None)
+        if close is None:
+            return None
+        # Parked sessions would otherwise stay open until their idle timer.
+        return close()
 
     def wake(self, *ignored: Any) -> None:
         """Look for due work soon (new mail, a finished delivery)."""

@@ -90,7 +90,12 @@ DEFAULTS: dict[str, Any] = {
     "report-dkim-selector": None,
     "helo-name": None,  # socket.getfqdn()
     "delivery-port": "25",
+    "session-reuse": "2",
 }
+
+#: The longest --session-reuse: RFC 5321 §4.5.3.2.7 lets a server drop an
+#: idle client after 5 minutes.
+MAX_SESSION_REUSE = 300.0
 
 _FLAGS = ("no-reports", "strict-testing", "tlsrpt-attributes", "fail-open")
 _LISTENERS = ("smtp", "socketmap", "metrics")
@@ -131,6 +136,17 @@ def _port_number(text: str, what: str) -> int:
     if not 0 < port < 65536:
         raise usage.UsageError(f"--delivery-port {what!r}: not a TCP port (1 to 65535)")
     return port
+
+
+def _session_reuse(value: str) -> float:
+    """Parse C{--session-reuse}: seconds from 0 to L{MAX_SESSION_REUSE}."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= MAX_SESSION_REUSE:  # also rejects nan
+        raise usage.UsageError(f"--session-reuse {value!r}: expected seconds from 0 to {MAX_SESSION_REUSE:g}")
+    return seconds
 
 
 def _delivery_ports(values: list[str]) -> tuple[int, dict[str, int]]:
@@ -190,6 +206,8 @@ class Options(usage.Options):
         ["report-dkim-key", None, None, "PEM private key to DKIM-sign mailed reports"],
         ["report-dkim-selector", None, None, "DKIM selector of --report-dkim-key"],
         ["helo-name", None, None, "name sent in EHLO [default: this host's FQDN]"],
+        ["session-reuse", None, None, "seconds an outbound SMTP session stays open for the next message "
+         f"to the same domain and MX, 0 for never [default: {DEFAULTS['session-reuse']}]"],
     ]
     optFlags = [
         ["no-reports", None, "send no TLSRPT reports (and collect no results)"],
@@ -238,6 +256,10 @@ class Options(usage.Options):
                         isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool)) for v in value):
                     raise usage.UsageError(f"--config {path}: delivery-port must be a port, HOST=PORT or a list")
                 value = [str(v) for v in value]
+            elif name == "session-reuse":
+                if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                    raise usage.UsageError(f"--config {path}: session-reuse must be a number of seconds")
+                value = str(value)
             elif not isinstance(value, str):
                 raise usage.UsageError(f"--config {path}: {key} must be a string")
             settings[name] = value
@@ -291,6 +313,7 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--ca-file {self['ca-file']}: {e}") from None
         if not self["helo-name"]:
             self["helo-name"] = socket.getfqdn()
+        self["session_reuse"] = _session_reuse(self["session-reuse"])
         self["report_settings"] = self._report_settings()
 
     def _report_settings(self) -> Any:
@@ -451,11 +474,16 @@ async def open_runtime(config: Any, reactor: Any, stats: ServiceStats | None = N
 
     port, port_for = config.get("delivery_ports") or (25, {})
     delivery_settings = DeliverySettings(helo_name=config["helo-name"], port=port, port_for=port_for)
+    # The relay keeps sessions for reuse (--session-reuse, 2 s by default
+    # like Postfix's smtp_connection_cache_time_limit); RelayService.stopService
+    # closes them.
+    reuse = config.get("session_reuse", float(DEFAULTS["session-reuse"]))
     deliverer = MeteredDeliverer(
         Deliverer(reactor, resolver, cache, trust_root=config["ca-file"], sink=sink,
-                  settings=delivery_settings), stats)
+                  settings=attrs.evolve(delivery_settings, reuse_idle_time=reuse)), stats)
     # RFC 8460 §5.3: reports are delivered despite MTA-STS failures, and
-    # their own sessions are not reported (§3): no policy, NULL_SINK.
+    # their own sessions are not reported (§3): no policy, NULL_SINK.  One
+    # report per domain and day: nothing to reuse, nothing parked to close.
     mailer = ReportMailer(Deliverer(reactor, resolver, NoPolicyCache(), trust_root=config["ca-file"],
                                     sink=NULL_SINK, settings=delivery_settings))
     if settings is not None:

@@ -12,15 +12,26 @@ outside the policy or with a bad certificate.
 
 from __future__ import annotations
 
+import io
+
+from twisted.internet import reactor
 from twisted.trial import unittest
 
 from mtasts_twisted.cache import FALLBACK
-from mtasts_twisted.delivery import DeliveryResult, Status
+from mtasts_twisted.delivery import Deliverer, DeliveryResult, DeliverySettings, Status
 from mtasts_twisted.policy import Mode
 from mtasts_twisted.results import ResultType
 from mtasts_twisted.testing.https import Route
 from mtasts_twisted.testing.smtp import Behaviour, SMTPTestServer, StartTLS
-from tests.test_faults import Harness, RawSMTP, failures, policy_text, tally
+from tests.test_faults import (
+    MESSAGE,
+    SENDER,
+    Harness,
+    RawSMTP,
+    failures,
+    policy_text,
+    tally,
+)
 
 DOMAIN = "bank.test"
 MX = "mx.bank.test"
@@ -225,3 +236,95 @@ class DowngradeTests(Harness, unittest.TestCase):
         self.assertEqual((result.outcomes[0].status, result.outcomes[0].verified), (Status.DELIVERED, True))
         self.assertTrue(all(m.tls and m.tls_at_mail for m in self.legit.messages))
         self.assertEqual(self.legit.plaintext_transactions(), [])
+
+
+class ReuseDowngradeTests(Harness, unittest.TestCase):
+    """
+    Session reuse (connection caching) under attack: a verified session to
+    the real MX is parked when the attacker acts.  The attacker cannot make
+    the deliverer send over anything but that verified session or a new one
+    that passes every check again.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.world.publish(DOMAIN, ENFORCE, record_id="1", ttl=0)
+        self.legit = self.smtp(Behaviour(certificate=self.pki.valid(MX)), MX, DOMAIN)
+        self.reusing = Deliverer(
+            reactor, self.world.resolver, self.cache, trust_root=self.pki.ca_pem, sink=self.sink,
+            settings=DeliverySettings(port=1, port_for=self.ports, connect_timeout=2, reply_timeout=2,
+                                      session_timeout=10, reuse_idle_time=10.0),
+        )
+        self.addCleanup(self.reusing.close)
+
+    async def send(self) -> DeliveryResult:
+        return await self.reusing.deliver(SENDER, [BOB], io.BytesIO(MESSAGE))
+
+    async def park(self) -> None:
+        result = await self.send()
+        self.assertEqual((result.outcomes[0].status, result.outcomes[0].verified), (Status.DELIVERED, True))
+        self.assertEqual((len(self.legit.sessions), len(self.legit.messages)), (1, 1))
+
+    def assertDeferredNothingLeaked(self, result: DeliveryResult, *servers: SMTPTestServer) -> None:
+        self.assertEqual((result.policy_mode, result.outcomes[0].status), (Mode.ENFORCE, Status.TRANSIENT))
+        for server in servers:
+            self.assertEqual(server.plaintext_transactions(), [])
+            self.assertTrue(all(m.tls and m.tls_at_mail for m in server.messages))
+        tally("downgrade_case")
+
+    async def test_parked_session_reset_then_starttls_stripped(self) -> None:
+        """
+        The attacker resets the parked session (forcing a new one) and strips
+        STARTTLS from the new connection: deferred, nothing in plaintext.
+        """
+        await self.park()
+        self.legit.behaviour = Behaviour(starttls=StartTLS.NOT_OFFERED)
+        [proto] = list(self.legit._live)
+        proto.transport.abortConnection()
+        result = await self.send()
+        self.assertDeferredNothingLeaked(result, self.legit)
+        self.assertEqual(len(self.legit.messages), 1)
+        self.assertEqual(len(self.legit.sessions), 2)
+        self.assertEqual(failures(result.results[1:]),
+                         [(ResultType.STARTTLS_NOT_SUPPORTED.value, "starttls-not-offered")])
+
+    async def test_parked_session_then_untrusted_certificate(self) -> None:
+        """Reset, then an untrusted certificate on the new connection: deferred, no transaction."""
+        await self.park()
+        self.legit.behaviour = Behaviour(certificate=self.pki.untrusted(MX))
+        [proto] = list(self.legit._live)
+        proto.transport.loseConnection()
+        result = await self.send()
+        self.assertDeferredNothingLeaked(result, self.legit)
+        self.assertEqual(len(self.legit.messages), 1)
+        self.assertNotIn("MAIL", [c.verb for c in self.legit.sessions[1].commands])
+
+    async def test_mx_replaced_while_parked(self) -> None:
+        """
+        The MX record is swapped for the attacker's host (outside the policy)
+        while a session to the real MX is parked: the attacker's host is
+        never contacted, and the parked session is not used either (the
+        real MX is no longer a candidate): deferred, as without reuse.
+        """
+        await self.park()
+        self.world.dns.remove(DOMAIN, "MX")
+        evil = self.smtp(Behaviour(certificate=self.pki.valid(EVIL)), EVIL, DOMAIN)
+        self.world.resolver.clear_cache()
+        result = await self.send()
+        self.assertDeferredNothingLeaked(result, self.legit, evil)
+        self.assertEqual(evil.sessions, [])
+        self.assertEqual(len(self.legit.messages), 1)
+        self.assertNotIn("RSET", [c.verb for c in self.legit.sessions[0].commands])
+
+    async def test_policy_turns_to_new_mx_while_parked(self) -> None:
+        """
+        A new policy id that no longer lists the parked session's host: that
+        session is not reused (the real MX is outside the new policy).
+        """
+        await self.park()
+        self.world.publish(DOMAIN, policy_text("enforce", EVIL), record_id="2", ttl=0)
+        self.world.resolver.clear_cache()
+        result = await self.send()
+        self.assertDeferredNothingLeaked(result, self.legit)
+        self.assertEqual(len(self.legit.messages), 1)
+        self.assertEqual(len(self.legit.sessions), 1)

@@ -317,3 +317,27 @@ class EndToEndTests(TestCase):
         self.assertEqual(delivered.recipients, ("bob@good.test",))
         await wait_until(lambda: relay.queue().list() == [], 10, "the queue to drain")
         self.assertEqual(await relay.stop(), (None, signal.SIGTERM))
+
+    async def test_session_reused_and_closed_at_stop(self) -> None:
+        """
+        Messages to one enforce domain, one after another: the relay carries
+        them over one verified TLS session (connection caching), and SIGTERM
+        closes that parked session with QUIT before the process exits.
+        """
+        relay = await self.relay()
+        for n in range(3):
+            message = make_message("alice@sender.test", "bob@good.test", f"reuse {n}", f"e2e-reuse-{n}@sender.test")
+            self.assertEqual(await submit(relay.smtp_port, "alice@sender.test", ["bob@good.test"], message), {})
+            await wait_until(lambda n=n: len(self.good.messages) == n + 1, 20, f"delivery {n}")
+        # One session, unless a slow machine let the 2 s idle time pass
+        # between two deliveries: at least one transaction reused a session.
+        self.assertLess(len(self.good.sessions), 3)
+        self.assertTrue(all(m.tls and m.tls_at_mail and m.accepted and m.sni == "mx.good.test"
+                            for m in self.good.messages))
+        self.assertEqual(self.good.plaintext_transactions(), [])
+        await wait_until(lambda: relay.queue().list() == [], 10, "the queue to drain")
+        self.assertEqual(await relay.stop(), (None, signal.SIGTERM))
+        await wait_until(lambda: all(s.closed for s in self.good.sessions), 5, "the sessions to close")
+        for session in self.good.sessions:
+            self.assertEqual(session.commands[-1].verb, "QUIT")
+        self.assertNotIn(b"Traceback", relay.proto.output)

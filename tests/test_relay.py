@@ -334,6 +334,28 @@ class WorkerTests(SynchronousTestCase):
         self.assertEqual((r.state, r.attempts), (RecipientStatus.PENDING, 1))
         self.flushLoggedErrors(RuntimeError)
 
+    def test_stop_closes_deliverer(self) -> None:
+        """
+        stopService closes a deliverer that has C{close} (its parked SMTP
+        sessions) and returns that L{Deferred}, so twistd waits for the QUITs.
+        """
+        closing: Deferred[None] = Deferred()
+        calls = []
+        self.deliverer.close = lambda: calls.append(1) or closing  # type: ignore[attr-defined]
+        self.start()
+        self.go()
+        d = self.service.stopService()
+        self.assertEqual(calls, [1])
+        self.assertNoResult(d)
+        closing.callback(None)
+        self.assertIsNone(self.successResultOf(d))
+
+    def test_stop_without_close(self) -> None:
+        """A deliverer without C{close}: stopService is synchronous, as before."""
+        self.start()
+        self.go()
+        self.assertIsNone(self.service.stopService())
+
     def test_restart_retries_in_flight(self) -> None:
         """A crash with a delivery in flight: the next start delivers it again."""
         self.start()

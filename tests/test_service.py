@@ -68,6 +68,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(options["nameserver"], [])
         self.assertIsNone(options["report_settings"])
         self.assertFalse(options["strict-testing"])
+        self.assertEqual(options["session_reuse"], 2.0)
 
     def test_config_file_and_precedence(self) -> None:
         """The config file sets everything; the command line wins."""
@@ -117,6 +118,16 @@ class OptionsTests(SynchronousTestCase):
         self.assertUsage("unknown setting 'colour'", *d, "--config", self.config('colour = "blue"'))
         self.assertUsage("must be true or false", *d, "--config", self.config('fail-open = "yes"'))
         self.assertUsage("must be a string", *d, "--config", self.config("smtp = 25"))
+        for bad in ("-1", "301", "nan", "soon"):
+            self.assertUsage(f"--session-reuse {bad!r}", *d, "--session-reuse", bad)
+        self.assertUsage("session-reuse must be a number", *d, "--config", self.config("session-reuse = true"))
+
+    def test_session_reuse(self) -> None:
+        d = ("--data-dir", self.dir)
+        self.assertEqual(parse(*d, "--session-reuse", "0")["session_reuse"], 0.0)
+        self.assertEqual(parse(*d, "--config", self.config("session-reuse = 0.5"))["session_reuse"], 0.5)
+        self.assertEqual(parse(*d, "--config", self.config("session-reuse = 7"), "--session-reuse", "3")
+                         ["session_reuse"], 3.0)
 
     def test_bad_ca_file(self) -> None:
         path = self.config("not a certificate")
@@ -216,8 +227,9 @@ class ServiceTests(TestCase):
 
         from twisted.internet.threads import deferToThread
 
-        svc = self.make("--no-reports", "--socketmap", "none", "--metrics", "none")
+        svc = self.make("--no-reports", "--socketmap", "none", "--metrics", "none", "--session-reuse", "1.5")
         await self.start(svc)
+        self.assertEqual(svc.relay.deliverer.settings.reuse_idle_time, 1.5)
         svc.relay.stopService()  # keep the message queued
         port = svc.listeners["smtp"].port.getHost().port
 
