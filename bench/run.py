@@ -306,8 +306,10 @@ class PostfixRelay:
     127.0.0.1 as itself ("mail for ... loops back to myself").
     """
 
-    def __init__(self, directory: str, peer_port: int, ca: str, port: int = POSTFIX_INTAKE) -> None:
+    def __init__(self, directory: str, peer_port: int, ca: str, port: int = POSTFIX_INTAKE,
+                 tls_reuse: bool = False) -> None:
         self.directory = directory
+        self.tls_reuse = tls_reuse
         self.conf = os.path.join(directory, "conf")
         self.queue = os.path.join(directory, "queue")
         self.log = os.path.join(directory, "maillog")
@@ -327,8 +329,13 @@ class PostfixRelay:
         with open(os.path.join(self.conf, "main.cf"), "w") as f:
             f.write(_POSTFIX_MAIN_CF.format(conf=self.conf, queue=self.queue, data=os.path.join(self.directory, "data"),
                                             log=self.log, base=self.directory, peer_port=self.peer_port, ca=self.ca))
+            if self.tls_reuse:
+                # Postfix >= 3.4: TLS sessions go through tlsproxy(8) and are cached for reuse.
+                f.write("smtp_tls_connection_reuse = yes\n")
         with open(os.path.join(self.conf, "master.cf"), "w") as f:
             f.write(MASTER_CF.format(listen=f"127.0.0.2:{self.port}"))
+            if self.tls_reuse:
+                f.write("tlsproxy  unix  -       -       n       -       0       tlsproxy\n")
         done = self.run("start")
         if done.returncode != 0:
             try:
@@ -582,12 +589,14 @@ class Bench:
             raise SystemExit(f"relay submit failed: {out.stderr}")
         return json.loads(out.stdout)
 
-    def relay_ours(self, tag: str) -> dict:
+    def relay_ours(self, tag: str, reuse: bool = True) -> dict:
         data_dir = os.path.join(self.workdir, tag)
         twistd = [os.path.join(os.path.dirname(PY), "twistd")]
         argv = twistd + ["-n", "--pidfile=", "mtasts", "--data-dir", data_dir,
                 "--smtp", f"tcp:{RELAY_INTAKE}:interface=127.0.0.1", "--socketmap", "none",
                 "--nameserver", "127.0.0.1:53", "--ca-file", os.path.join(self.workdir, "ca.pem"), "--no-reports"]
+        if not reuse:
+            argv += ["--session-reuse", "0"]
         log = os.path.join(self.workdir, f"{tag}.log")
         proc = subprocess.Popen(argv, stdout=open(log, "ab"), stderr=subprocess.STDOUT, cwd=self.workdir)
         try:
@@ -632,9 +641,10 @@ class Bench:
         self.results.setdefault("relay_py_spy", {})[tag] = out
         print(f"    py-spy raw stacks: {out}", flush=True)
 
-    def relay_postfix(self, tag: str) -> dict:
+    def relay_postfix(self, tag: str, tls_reuse: bool = False) -> dict:
         peer = self.peer(f"peer-{tag}")
-        pf = PostfixRelay(os.path.join(self.workdir, tag), peer.port, os.path.join(self.workdir, "ca.pem"))
+        pf = PostfixRelay(os.path.join(self.workdir, tag), peer.port, os.path.join(self.workdir, "ca.pem"),
+                          tls_reuse=tls_reuse)
         try:
             pf.start()
             master = pf.master_pid()
@@ -646,6 +656,7 @@ class Bench:
             res["cpu_ticks"] = res["cpu_ticks_postfix"] + res["cpu_ticks_peer"]
             res["tls_sessions"] = pf.log_count("TLS connection established to mx.relay.bench.test")
             res["verified_tls_sessions"] = pf.log_count("Verified TLS connection established to mx.relay.bench.test")
+            res["reused_tls_sessions"] = pf.log_count("TLS connection reused to mx.relay.bench.test")
             res["sent"] = pf.log_count("status=sent")
         finally:
             pf.stop()
@@ -669,9 +680,13 @@ class Bench:
                 raise SystemExit("relay sink did not start; see sink.log")
             hz = os.sysconf("SC_CLK_TCK")
             for r in range(self.relay_rounds):
-                for name in ("ours", "postfix"):
-                    tag = f"{name}{r}"
-                    res = self.relay_ours(tag) if name != "postfix" else self.relay_postfix(tag)
+                names = ("ours", "postfix") + (("ours-noreuse", "postfix-reuse") if self.args.relay_variants else ())
+                for name in names:
+                    tag = f"{name.replace('-', '')}{r}"  # tags: letters and digits
+                    if name.startswith("ours"):
+                        res = self.relay_ours(tag, reuse=name == "ours")
+                    else:
+                        res = self.relay_postfix(tag, tls_reuse=name == "postfix-reuse")
                     res["cpu_ms_per_msg"] = round(res["cpu_ticks"] * 1000.0 / hz / max(1, res["received"]), 2)
                     if "cpu_ticks_postfix" in res:
                         res["cpu_ms_per_msg_postfix_only"] = round(
@@ -682,7 +697,7 @@ class Bench:
                           f"(submitted in {res['submit_s']} s): {res['msgs_per_s']} msgs/s, "
                           f"CPU {res['cpu_ms_per_msg']} ms/msg"
                           + (f" (Postfix alone {res['cpu_ms_per_msg_postfix_only']}); status=sent {res['sent']}"
-                             if name == "postfix" else "")
+                             if name.startswith("postfix") else "")
                           + f"; TLS sessions in its log {res['tls_sessions']}, verified {res['verified_tls_sessions']}"
                           + (f"; errors {res['errors']}" if res["errors"] else ""), flush=True)
         finally:
@@ -820,6 +835,12 @@ def table(results: dict, bench: Bench) -> str:
         row(f"relay msgs/s to enforce MX over verified TLS ({n} msgs, vs Postfix 3.7 + peer)",
             fig("relay", "ours", "msgs_per_s"), fig("relay", "postfix", "msgs_per_s"), ">= 0.5x", at_least(0.5),
             fmt="{:.1f}")
+        if fig("relay", "ours-noreuse", "msgs_per_s") is not None:
+            row("  same, ours with --session-reuse 0", fig("relay", "ours-noreuse", "msgs_per_s"),
+                fig("relay", "postfix", "msgs_per_s"), "(info)", None, fmt="{:.1f}")
+        if fig("relay", "postfix-reuse", "msgs_per_s") is not None:
+            row("  same, Postfix with smtp_tls_connection_reuse = yes", fig("relay", "ours", "msgs_per_s"),
+                fig("relay", "postfix-reuse", "msgs_per_s"), "(info)", None, fmt="{:.1f}")
         row("relay daemon CPU ms per message (Postfix: all its processes + the peer)",
             fig("relay", "ours", "cpu_ms_per_msg"), fig("relay", "postfix", "cpu_ms_per_msg"), "(info)", None,
             fmt="{:.2f}")
@@ -827,6 +848,7 @@ def table(results: dict, bench: Bench) -> str:
             f"{sum(r['received'] for r in rl if r['daemon'] == 'ours')}/{sum(r['count'] for r in rl if r['daemon'] == 'ours')}",
             f"{sum(r['received'] for r in rl if r['daemon'] == 'postfix')}/{sum(r['count'] for r in rl if r['daemon'] == 'postfix')}",
             "(info)")
+
 
         def sessions(daemon):
             runs_ = [r for r in rl if r["daemon"] == daemon]
@@ -869,6 +891,8 @@ def main() -> None:
     parser.add_argument("--ours", choices=("daemon", "twistd"), default="twistd",
                         help="'twistd -n mtasts' (default) or bench/daemon.py (the same objects, no twistd)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--relay-variants", action="store_true",
+                        help="relay phase: also ours with --session-reuse 0 and Postfix with smtp_tls_connection_reuse")
     parser.add_argument("--relay-profile", action="store_true",
                         help="relay phase: py-spy record our relay over an extra load after the first run")
     args = parser.parse_args()
