@@ -36,6 +36,7 @@ from OpenSSL import SSL, crypto
 from service_identity import CertificateError, VerificationError
 from service_identity.cryptography import extract_patterns
 from service_identity.hazmat import DNS_ID, verify_service_identity
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.endpoints import (
     HostnameEndpoint,
@@ -50,6 +51,7 @@ from twisted.internet.error import (
 )
 from twisted.internet.interfaces import (
     IHostnameResolver,
+    IHostResolution,
     IOpenSSLClientConnectionCreator,
     IStreamClientEndpoint,
 )
@@ -454,34 +456,87 @@ class _Attempt:
         return d
 
 
+@implementer(IHostResolution)
+class _Resolution:
+    """A resolution that is over as soon as it begins."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def cancel(self) -> None:
+        """Nothing to stop."""
+
+
+@implementer(IHostnameResolver)
+class _KnownAddresses:
+    """
+    Resolves the policy host to the addresses its fetch looked up a moment
+    ago, so that L{HostnameEndpoint} does not look them up a second time.
+    """
+
+    def __init__(self, addresses: tuple[str, ...]) -> None:
+        self._addresses = addresses
+
+    def resolveHostName(
+        self,
+        resolutionReceiver: Any,
+        hostName: str,
+        portNumber: int = 0,
+        addressTypes: Any = None,
+        transportSemantics: str = "TCP",
+    ) -> IHostResolution:
+        """Deliver the known addresses of the families asked for."""
+        resolution = _Resolution(hostName)
+        resolutionReceiver.resolutionBegan(resolution)
+        for address in self._addresses:
+            family = IPv6Address if ":" in address else IPv4Address
+            if addressTypes is None or family in addressTypes:
+                resolutionReceiver.addressResolved(family(transportSemantics, address, portNumber))
+        resolutionReceiver.resolutionComplete()
+        return resolution
+
+
 @implementer(IStreamClientEndpoint)
 class _PolicyHostEndpoint:
     """
-    TCP to the policy host, then TLS: to its one address when the fetch
-    looked it up already, else through L{HostnameEndpoint} and the
-    reactor's name resolver (several addresses: RFC 8305 connection
-    attempts in turn).
+    TCP to the policy host, then TLS: to the addresses the fetch looked up
+    already (one: directly; several: through L{HostnameEndpoint}, RFC 8305
+    connection attempts in turn), else through L{HostnameEndpoint} and the
+    reactor's name resolver.
     """
 
     def __init__(
-        self, reactor: Any, clock: Any, host: str, port: int, attempt: _Attempt, address: str | None = None
+        self,
+        reactor: Any,
+        clock: Any,
+        host: str,
+        port: int,
+        attempt: _Attempt,
+        addresses: tuple[str, ...] | None = None,
     ) -> None:
         self._reactor = reactor
         self._clock = clock
         self._host = host
         self._port = port
         self._attempt = attempt
-        self._address = address
+        self._addresses = addresses
 
     def _tcp_endpoint(self) -> IStreamClientEndpoint:
-        if self._address is None:
+        addresses = self._addresses
+        if not addresses:
             return HostnameEndpoint(self._reactor, self._host, self._port)
+        if len(addresses) > 1:
+            # A dual-stack (or multi-homed) host: HostnameEndpoint's
+            # attempts over the addresses found, without resolving again.
+            known = reactor_with_resolver(self._clock, _KnownAddresses(addresses))
+            return HostnameEndpoint(known, self._host, self._port)
         # The address the fetch resolved (and so checked) a moment ago: no
         # second resolution, and none of HostnameEndpoint's per-connect
         # machinery for a single address.
-        if ":" in self._address:
-            return TCP6ClientEndpoint(self._reactor, self._address, self._port)
-        return TCP4ClientEndpoint(self._reactor, self._address, self._port)
+        (address,) = addresses
+        if ":" in address:
+            return TCP6ClientEndpoint(self._reactor, address, self._port)
+        return TCP4ClientEndpoint(self._reactor, address, self._port)
 
     def connect(self, protocolFactory: Any) -> Deferred[Any]:
         protocolFactory.noisy = False  # one "Starting factory" log per fetch is noise
@@ -617,7 +672,7 @@ class PolicyFetcher:
             temporary DNS failure; it also resolves for the connection
             unless C{name_resolver} is given.
         """
-        #: Connect to the address the pre-resolution found when the
+        #: Connect to the addresses the pre-resolution found when the
         #: connection would resolve through the same resolver anyway.
         self._connect_resolved = resolver is not None and (
             name_resolver is None
@@ -695,7 +750,7 @@ class PolicyFetcher:
 
     async def _fetch(self, attempt: _Attempt, host: str) -> FetchedPolicy:
         url = attempt.url
-        address = None
+        addresses = None
         if self._dns is not None:
             try:
                 answer = await self._dns.lookup_addresses(host)
@@ -704,10 +759,10 @@ class PolicyFetcher:
                 raise NoPolicyServedError(url, f"policy host {host} does not exist") from None
             except DNSTemporaryError as e:
                 raise PolicyFetchError(url, f"temporary DNS failure for {host}: {e.detail or e}") from None
-            if self._connect_resolved and len(answer.addresses) == 1:
-                address = answer.addresses[0]
+            if self._connect_resolved:
+                addresses = tuple(answer.addresses)
         endpoint = _PolicyHostEndpoint(
-            self._connect_reactor, self._reactor, host, self._port, attempt, address
+            self._connect_reactor, self._reactor, host, self._port, attempt, addresses
         )
         agent = Agent.usingEndpointFactory(
             self._reactor,

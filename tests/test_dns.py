@@ -956,7 +956,7 @@ class QueryWireTests(unittest.SynchronousTestCase):
 
     def test_is_response_as_dnspython(self) -> None:
         """Every variation is judged as dnspython's Message.is_response judges it."""
-        from mtasts_twisted.dns import _Query
+        from mtasts_twisted.dns import _Query, _Reply
 
         qname = dns.name.from_text("_mta-sts.example.com.")
         query = _Query.make(qname, dns.rdatatype.TXT)
@@ -991,7 +991,15 @@ class QueryWireTests(unittest.SynchronousTestCase):
         }
         for rcode in (dns.rcode.SERVFAIL, dns.rcode.REFUSED, dns.rcode.FORMERR, dns.rcode.NOTIMP):
             cases[f"no question, {dns.rcode.to_text(rcode)}"] = reply(question=[], rcode=rcode)
-        verdicts = {name: query.is_response(message) for name, message in cases.items()}
+        verdicts = {
+            name: query.is_response(_Reply.from_message(message, dns.rdatatype.TXT))
+            for name, message in cases.items()
+        }
+        # The same verdicts on the replies as read from the wire.
+        self.assertEqual(
+            verdicts,
+            {name: query.is_response(_Reply.from_wire(message.to_wire(), query)) for name, message in cases.items()},
+        )
         self.assertEqual(verdicts, {name: reference.is_response(message) for name, message in cases.items()})
         self.assertTrue(verdicts["answer"] and verdicts["name in other case"])
         self.assertFalse(verdicts["other id"] or verdicts["other name"] or verdicts["ours and another"])

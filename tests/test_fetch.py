@@ -767,11 +767,24 @@ class PreResolvedTests(TestCase):
         self.assertEqual(self.counting.address_lookups, ["mta-sts.example.com"])
 
     async def test_several_addresses(self) -> None:
-        """Several addresses: HostnameEndpoint tries them in turn (::1 has no server)."""
+        """
+        Several addresses: HostnameEndpoint tries them in turn (::1 has no
+        server), without looking the host up a second time.
+        """
         self.world.dns.add_aaaa("mta-sts.example.com", "::1")
         result = await self.fetcher().fetch("example.com")
         self.assertEqual(result.text, POLICY)
-        self.assertEqual(self.counting.address_lookups, ["mta-sts.example.com"] * 2)
+        self.assertEqual(self.counting.address_lookups, ["mta-sts.example.com"])
+
+    async def test_several_addresses_other_name_resolver(self) -> None:
+        """With a name resolver of its own, the connection still resolves through it."""
+        self.world.dns.add_aaaa("mta-sts.example.com", "::1")
+        static = StaticHostnameResolver()
+        static.add("mta-sts.example.com", "127.0.0.1")
+        result = await self.fetcher(name_resolver=static).fetch("example.com")
+        self.assertEqual(result.text, POLICY)
+        self.assertEqual(static.lookups, ["mta-sts.example.com"])
+        self.assertEqual(self.counting.address_lookups, ["mta-sts.example.com"])
 
 
 class FetchLogTests(_LoopbackMixin, TestCase):
