@@ -28,8 +28,13 @@ async def start(args):
     from mtasts_twisted.socketmap import SocketmapFactory
     from mtasts_twisted.store import default_database_url, open_store
 
-    resolver = DNSResolver(reactor, args.nameserver)
-    fetcher = PolicyFetcher(reactor, trust_roots=args.ca_file, name_resolver=DNSHostnameResolver(resolver))
+    from mtasts_twisted.cache import CacheSettings
+
+    # As service.open_runtime builds them (same resolver cache size, the
+    # fetcher pre-resolving the policy host through the same resolver).
+    resolver = DNSResolver(reactor, args.nameserver, cache_size=4 * CacheSettings().front_size)
+    fetcher = PolicyFetcher(reactor, trust_roots=args.ca_file, resolver=resolver,
+                            name_resolver=DNSHostnameResolver(resolver))
     os.makedirs(args.data_dir, exist_ok=True)
     store = await open_store(default_database_url(args.data_dir), reactor)
     cache = PolicyCache(store, resolver, fetcher, reactor)
