@@ -157,8 +157,9 @@ class Daemon:
 class Ours(Daemon):
     name = "ours"
 
-    def __init__(self, port, workdir, tag, data_dir, mode="daemon", profile=None):
+    def __init__(self, port, workdir, tag, data_dir, mode="daemon", profile=None, database=None):
         super().__init__(port, workdir, tag)
+        self.database = database
         self.data_dir = data_dir
         self.mode = mode
         self.profile = profile
@@ -170,6 +171,8 @@ class Ours(Daemon):
             argv = [twistd, "-n", "--pidfile=", "mtasts", "--data-dir", self.data_dir,
                     "--socketmap", f"tcp:{self.port}:interface=127.0.0.1", "--smtp", "none",
                     "--nameserver", "127.0.0.1:53", "--ca-file", ca, "--no-reports"]
+            if self.database:
+                argv += ["--database", self.database]
         else:
             argv = [PY, os.path.join(HERE, "daemon.py"), "--port", str(self.port), "--data-dir", self.data_dir,
                     "--nameserver", "127.0.0.1:53", "--ca-file", ca]
@@ -427,11 +430,11 @@ class Bench:
         self.port += 1
         return self.port
 
-    def ours(self, tag, data_dir=None, profile=None) -> Ours:
-        """Our daemon: per --ours (bench/daemon.py when profiling)."""
+    def ours(self, tag, data_dir=None, profile=None, database=None) -> Ours:
+        """Our daemon: per --ours (bench/daemon.py when profiling; C{database} only with twistd)."""
         data_dir = data_dir or os.path.join(self.workdir, tag)
         mode = "daemon" if profile else self.args.ours
-        d = Ours(self.next_port(), self.workdir, tag, data_dir, mode, profile)
+        d = Ours(self.next_port(), self.workdir, tag, data_dir, mode, profile, database)
         self.daemons.append(d)
         return d.start()
 
@@ -540,14 +543,25 @@ class Bench:
     def phase_cold(self):
         print("phase cold: unique uncached domains, 32 connections, fresh daemons", flush=True)
         for r in range(self.cold_rounds):
+            # The figure: both with their default cache (ours SQLite, the peer
+            # internal); then like for like: both in memory, both SQLite.
             makers = [("ours", lambda r=r: self.ours(f"ours-cold{r}")), ("peer", lambda r=r: self.peer(f"peer-cold{r}"))]
+            if self.args.ours == "twistd":
+                makers.append(("ours-memory", lambda r=r: self.ours(f"ours-memory-cold{r}", database="memory:")))
+            makers.append(("peer-sqlite", lambda r=r: self.peer(f"peer-sqlite-cold{r}", cache="sqlite")))
             if r % 2:
                 makers.reverse()
             for name, make in makers:
                 d = make()
+                spy = None
+                if self.args.cold_profile and r == 0 and name.startswith("ours"):
+                    # The profiled run's figures count too: py-spy samples from outside, at 200 Hz.
+                    spy = self.start_py_spy(d.pid, f"{name}-cold", self.T + 30)
                 before = control({"op": "counts"})
                 res = loadgen(d, conns=32, duration=self.T, keys="c{i}.bench.test", nkeys=self.n_cold, once=True)
                 after = control({"op": "counts"})
+                if spy is not None:
+                    self.results.setdefault("cold_py_spy", {})[name] = self.stop_py_spy(spy)
                 res["dns_queries_per_lookup"] = round((after["dns_total"] - before["dns_total"]) / max(1, res["answered"]), 2)
                 self.record("cold c=32", name, res)
                 print(f"    {name}: {res['dns_queries_per_lookup']} DNS queries per cold lookup", flush=True)
@@ -620,26 +634,36 @@ class Bench:
                 proc.wait()
         return res
 
-    def py_spy(self, pid: int, tag: str) -> None:
-        """py-spy record of our relay over a second, identical load (the first run's figures stand)."""
+    def start_py_spy(self, pid: int, tag: str, duration: float) -> tuple:
+        """Start C{py-spy record} (raw stacks, 200 Hz) of process C{pid}; stop it with L{stop_py_spy}."""
         py_spy = os.path.join(os.path.dirname(PY), "py-spy")
         out = os.path.join(self.workdir, f"{tag}-py-spy.txt")
         spy = subprocess.Popen([py_spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "200",
-                                "--nonblocking", "--output", out, "--duration", str(int(self.relay_timeout))],
+                                "--nonblocking", "--output", out, "--duration", str(int(duration))],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)
+        return spy, out
+
+    def stop_py_spy(self, spy: tuple) -> str:
+        proc, out = spy
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        print(f"    py-spy raw stacks: {out}", flush=True)
+        return out
+
+    def py_spy(self, pid: int, tag: str) -> None:
+        """py-spy record of our relay over a second, identical load (the first run's figures stand)."""
+        spy = self.start_py_spy(pid, tag, self.relay_timeout)
         try:
             res = self.submit(RELAY_INTAKE, tag + "spy")
             print(f"    profiled run: {res['msgs_per_s']} msgs/s", flush=True)
         finally:
-            spy.send_signal(signal.SIGINT)
-            try:
-                spy.wait(30)
-            except subprocess.TimeoutExpired:
-                spy.kill()
-                spy.wait()
+            out = self.stop_py_spy(spy)
         self.results.setdefault("relay_py_spy", {})[tag] = out
-        print(f"    py-spy raw stacks: {out}", flush=True)
 
     def relay_postfix(self, tag: str, tls_reuse: bool = False) -> dict:
         peer = self.peer(f"peer-{tag}")
@@ -821,6 +845,13 @@ def table(results: dict, bench: Bench) -> str:
             fmt="{:.1f}")
         row("daemon CPU ms per cold lookup", fig("cold c=32", "ours", "cpu_per_lookup_us") / 1000,
             fig("cold c=32", "peer", "cpu_per_lookup_us") / 1000, "(info)", fmt="{:.1f}")
+        for ours_, peer_, label in (("ours-memory", "peer", "both caches in memory (ours --database memory:)"),
+                                    ("ours", "peer-sqlite", "both caches in SQLite")):
+            if fig("cold c=32", ours_, "rps") is not None and fig("cold c=32", peer_, "rps") is not None:
+                row(f"  cold lookups/s, {label}", fig("cold c=32", ours_, "rps"), fig("cold c=32", peer_, "rps"),
+                    "(info)", fmt="{:.1f}")
+                row("    daemon CPU ms per cold lookup", fig("cold c=32", ours_, "cpu_per_lookup_us") / 1000,
+                    fig("cold c=32", peer_, "cpu_per_lookup_us") / 1000, "(info)", fmt="{:.1f}")
     if "rss" in results:
         r = results["rss"]
         row(f"RSS MB: 100k policies cached (SQLite), after {r['looked_up']} lookups", r["rss_kb_after"] / 1024, None,
@@ -891,6 +922,8 @@ def main() -> None:
     parser.add_argument("--ours", choices=("daemon", "twistd"), default="twistd",
                         help="'twistd -n mtasts' (default) or bench/daemon.py (the same objects, no twistd)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--cold-profile", action="store_true",
+                        help="cold phase: py-spy record our daemons during their first cold run")
     parser.add_argument("--relay-variants", action="store_true",
                         help="relay phase: also ours with --session-reuse 0 and Postfix with smtp_tls_connection_reuse")
     parser.add_argument("--relay-profile", action="store_true",
