@@ -72,11 +72,17 @@ class CacheSettings:
     @ivar backoff: how long a failed fetch is not retried for the same id.
     @ivar front_size: entries kept in the in-memory front.
     @ivar flush_interval: how often batched C{last_use} times are written.
+    @ivar flush_batch: C{last_use} writes in flight at once while flushing
+        (so a flush of many domains holds a bounded amount of memory).
+    @ivar max_pending_use: domains with a batched C{last_use} that start a
+        flush before C{flush_interval} ends.
     """
 
     backoff: float = 5 * 60
     front_size: int = 10000
     flush_interval: float = 60.0
+    flush_batch: int = 256
+    max_pending_use: int = 1024
 
 
 @attrs.frozen
@@ -250,6 +256,7 @@ class PolicyCache:
         self._front = _Front(settings.front_size)
         self._inflight: dict[str, Deferred] = {}
         self._pending_use: dict[str, float] = {}
+        self._early_flush: Deferred[None] | None = None
         # Hot-path memos: normalised names per input, and the TLSRPT result
         # of each cached policy (rebuilt only when the policy changes).
         self._names: dict[str, tuple[str, str]] = {}
@@ -279,9 +286,17 @@ class PolicyCache:
         return self.flush()
 
     def flush(self) -> Deferred:
-        """Write the batched C{last_use} times (one write per domain, not per lookup)."""
+        """
+        Write the batched C{last_use} times (one write per domain, not per
+        lookup), at most C{flush_batch} writes in flight at a time: a minute
+        of lookups of 50,000 distinct domains must not queue 50,000 store
+        operations at once.  A failed write is logged and skipped (the
+        time is only used to expire unused entries).
+        """
         pending, self._pending_use = self._pending_use, {}
+        return Deferred.fromCoroutine(self._flush(pending))
 
+    async def _flush(self, pending: dict[str, float]) -> None:
         def touch(last_use: float) -> Callable[[dict | None], dict | None]:
             def update(row: dict | None) -> dict | None:
                 if row is not None and row.get("last_use", 0) < last_use:
@@ -290,8 +305,24 @@ class PolicyCache:
 
             return update
 
-        calls = [self._shelf.update(domain, touch(t)) for domain, t in pending.items()]
-        return DeferredList(calls, consumeErrors=True).addCallback(lambda _: None)
+        items = list(pending.items())
+        del pending
+        batch = max(1, self.settings.flush_batch)
+        failed: list[Any] = []
+        for start in range(0, len(items), batch):
+            chunk = items[start:start + batch]
+            results = await DeferredList(
+                [self._shelf.update(domain, touch(t)) for domain, t in chunk], consumeErrors=True
+            )
+            failed += [(domain, result) for (domain, _), (ok, result) in zip(chunk, results) if not ok]
+        if failed:
+            # One event per flush, not one per domain (the store may be down).
+            log.failure(
+                "writing last_use failed for {count} domain(s), e.g. {domain}",
+                failed[0][1],
+                count=len(failed),
+                domain=failed[0][0],
+            )
 
     # --- lookups ------------------------------------------------------------------
 
@@ -393,7 +424,17 @@ class PolicyCache:
 
     def _used(self, entry: CacheEntry, now: float) -> None:
         # Batched: the store and entries() see it; the front entry need not.
-        self._pending_use[entry.domain] = now
+        pending = self._pending_use
+        pending[entry.domain] = now
+        if len(pending) >= self.settings.max_pending_use and self._early_flush is None:
+            # Bounded memory between flushes: many distinct domains write
+            # early.  (The hot path adds only confirmed domains, at most
+            # front_size more.)
+            self._early_flush = self.flush()
+            self._early_flush.addBoth(self._early_flushed)
+
+    def _early_flushed(self, result: object) -> None:
+        self._early_flush = None
 
     def _describe(self, alabel: str, entry: CacheEntry) -> Result:
         """The lookup result of a cached policy, memoised per policy."""

@@ -241,6 +241,98 @@ class LastUseTests(CacheTestCase):
         self.assertEqual(row["last_use"], self.clock.seconds())
 
 
+class _HeldUpdates:
+    """A shelf whose update()s wait until the test releases them."""
+
+    def __init__(self, shelf):
+        self._shelf = shelf
+        self.held = []
+        self.most_in_flight = 0
+
+    def __getattr__(self, name):
+        return getattr(self._shelf, name)
+
+    def update(self, key, function):
+        d = Deferred()
+        self.held.append((key, function, d))
+        self.most_in_flight = max(self.most_in_flight, len(self.held))
+        return d
+
+    def release(self, error=None):
+        held, self.held = self.held, []
+        for key, function, d in held:
+            if error is not None:
+                d.errback(error)
+            else:
+                self._shelf.update(key, function).chainDeferred(d)
+
+
+class FlushTests(CacheTestCase):
+    def setUp(self):
+        super().setUp()
+        self.cache = PolicyCache(self.store, self.resolver, self.fetcher, self.clock, CacheSettings(flush_batch=3))
+        self.domains = [f"d{i}.example" for i in range(8)]
+        for domain in self.domains:
+            self.publish(domain=domain)
+            self.get(domain)
+        self.clock.advance(5)
+        for domain in self.domains:
+            self.get(domain)
+        self.shelf = _HeldUpdates(self.cache._shelf)
+        self.cache._shelf = self.shelf
+
+    def test_bounded_batches(self):
+        """A flush keeps at most flush_batch writes in flight and writes every domain."""
+        done = self.cache.flush()
+        rounds = 0
+        while self.shelf.held and rounds < 10:
+            self.assertLessEqual(len(self.shelf.held), 3)
+            self.shelf.release()
+            rounds += 1
+        self.successResultOf(done)
+        self.assertEqual(rounds, 3)  # 8 domains in batches of 3
+        self.assertEqual(self.shelf.most_in_flight, 3)
+        for domain in self.domains:
+            row = self.successResultOf(self.store.shelf("policies").get(domain))
+            self.assertEqual(row["last_use"], self.clock.seconds())
+
+    def test_early_flush_when_many_domains(self):
+        """Pending last_use times of max_pending_use domains are written before the interval ends."""
+        self.cache._shelf = self.shelf._shelf
+        self.successResultOf(self.cache.flush())
+        self.cache = PolicyCache(self.store, self.resolver, self.fetcher, self.clock,
+                                 CacheSettings(max_pending_use=5, flush_batch=3))
+        shelf = _HeldUpdates(self.cache._shelf)
+        self.cache._shelf = shelf
+        for domain in self.domains[:4]:
+            self.get(domain)
+        self.assertEqual(shelf.held, [])  # 4 < max_pending_use: batched until the interval
+        self.get(self.domains[4])
+        self.assertEqual(len(shelf.held), 3)  # the fifth domain started a flush
+        self.get(self.domains[5])
+        self.assertEqual(self.cache._pending_use.keys(), {self.domains[5]})
+        shelf.release()
+        shelf.release()
+        self.assertEqual(shelf.held, [])
+        self.assertIsNone(self.cache._early_flush)
+
+    def test_failures_logged_once(self):
+        """A store that fails every write gives one log event per flush, not one per domain."""
+        from twisted.logger import globalLogPublisher
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        done = self.cache.flush()
+        for _ in range(3):
+            self.shelf.release(RuntimeError("disk gone"))
+        self.successResultOf(done)
+        failures = [e for e in events if "log_failure" in e and "last_use" in e.get("log_format", "")]
+        self.assertEqual(len(failures), 1)
+        self.assertEqual(failures[0]["count"], 8)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
 class CoalescingTests(CacheTestCase):
     def test_concurrent_gets_share_work(self):
         txt, fetch = Deferred(), Deferred()
