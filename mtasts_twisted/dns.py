@@ -1040,7 +1040,8 @@ class _Negative:
     server: str
 
 
-_CacheKey = tuple[dns.name.Name, int]
+#: (the name as L{_name_text} gives it: lower case, escaped, no final dot; type)
+_CacheKey = tuple[str, int]
 _Cached = Union[_Records, _Negative]
 
 
@@ -1293,9 +1294,10 @@ class DNSResolver:
 
     async def _resolve(self, qname: dns.name.Name, rdtype: int, name: str) -> _Records:
         """
-        @param name: C{qname} as L{_name_text} gives it (for messages).
+        @param name: C{qname} as L{_name_text} gives it (for messages, and
+            as the cache key: a short string costs a quarter of a C{Name}).
         """
-        key = (qname, rdtype)
+        key = (name, rdtype)
         type_text = _type_text(rdtype)
         cached = self._cache.get(key)
         if cached is not None:

@@ -451,9 +451,11 @@ async def open_runtime(config: Any, reactor: Any, stats: ServiceStats | None = N
 
     stats = stats if stats is not None else ServiceStats()
     try:
-        # Room for the TXT, MX and address answers of every policy in the
-        # cache's front, so they are not evicted before their TTL.
-        resolver = DNSResolver(reactor, config["nameserver"] or None, cache_size=4 * CacheSettings().front_size)
+        # As many answers as the cache's front has policies: the hot paths
+        # do not need more (the policy cache keeps confirmed TXT answers and
+        # the socketmap its rendered MX answers until their TTLs end), and
+        # each cached answer costs about 1 KB (100k policies: RSS <= 100 MB).
+        resolver = DNSResolver(reactor, config["nameserver"] or None, cache_size=CacheSettings().front_size)
     except (OSError, ValueError) as e:
         raise StartupError(f"no usable nameserver (give --nameserver): {e}") from None
     name_resolver = DNSHostnameResolver(resolver)
