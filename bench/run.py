@@ -146,12 +146,17 @@ class Daemon:
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, signal.SIGTERM, 15)
+
+
+def stop_process(proc: subprocess.Popen, sig: int, timeout: float) -> None:
+    """Send C{sig}, wait up to C{timeout} seconds, then kill."""
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 class Ours(Daemon):
@@ -626,12 +631,7 @@ class Bench:
                     and not any(t.startswith(tag[:-1]) for t in self.results.get("relay_py_spy", {})):
                 self.py_spy(proc.pid, tag)  # the first run of ours
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, signal.SIGTERM, 15)
         return res
 
     def start_py_spy(self, pid: int, tag: str, duration: float) -> tuple:
@@ -646,12 +646,7 @@ class Bench:
 
     def stop_py_spy(self, spy: tuple) -> str:
         proc, out = spy
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, signal.SIGINT, 30)  # py-spy writes its output on SIGINT
         print(f"    py-spy raw stacks: {out}", flush=True)
         return out
 
