@@ -32,7 +32,7 @@ async def start(args):
 
     # As service.open_runtime builds them (same resolver cache size, the
     # fetcher pre-resolving the policy host through the same resolver).
-    resolver = DNSResolver(reactor, args.nameserver, cache_size=CacheSettings().front_size)
+    resolver = DNSResolver(reactor, args.nameserver, cache_size=CacheSettings().front_size // 2)
     fetcher = PolicyFetcher(reactor, trust_roots=args.ca_file, resolver=resolver,
                             name_resolver=DNSHostnameResolver(resolver))
     os.makedirs(args.data_dir, exist_ok=True)

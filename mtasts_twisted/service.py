@@ -451,11 +451,13 @@ async def open_runtime(config: Any, reactor: Any, stats: ServiceStats | None = N
 
     stats = stats if stats is not None else ServiceStats()
     try:
-        # As many answers as the cache's front has policies: the hot paths
-        # do not need more (the policy cache keeps confirmed TXT answers and
-        # the socketmap its rendered MX answers until their TTLs end), and
-        # each cached answer costs about 1 KB (100k policies: RSS <= 100 MB).
-        resolver = DNSResolver(reactor, config["nameserver"] or None, cache_size=CacheSettings().front_size)
+        # Half as many answers as the cache's front has policies: the hot
+        # paths do not need the DNS cache (the policy cache keeps confirmed
+        # TXT answers and the socketmap its rendered MX answers until their
+        # TTLs end); it serves the policy hosts' addresses while fetching and
+        # the MX answers of deliveries.  Each cached answer costs ~0.7 KB
+        # (bench/RESULTS.md: RSS with 100k policies).
+        resolver = DNSResolver(reactor, config["nameserver"] or None, cache_size=CacheSettings().front_size // 2)
     except (OSError, ValueError) as e:
         raise StartupError(f"no usable nameserver (give --nameserver): {e}") from None
     name_resolver = DNSHostnameResolver(resolver)
