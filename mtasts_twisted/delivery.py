@@ -1213,17 +1213,20 @@ class Deliverer:
                 call.cancel()
 
     async def _ehlo(self, proto: _ClientProtocol) -> dict[str, str]:
-        timeout = self.settings.reply_timeout
-        reply = await proto.command(b"EHLO " + self._helo, timeout)
+        reply = await proto.command(b"EHLO " + self._helo, self.settings.reply_timeout)
+        return await self._extensions(proto, reply, "EHLO")
+
+    async def _extensions(self, proto: _ClientProtocol, reply: Any, what: str) -> dict[str, str]:
+        """The extensions an EHLO C{reply} lists, or none after a HELO."""
         if reply.code == 250:
             return _parse_ehlo(reply)
         if reply.kind == 5:
             # RFC 5321 §3.2: a server that does not know EHLO: use HELO.
-            helo = await proto.command(b"HELO " + self._helo, timeout)
+            helo = await proto.command(b"HELO " + self._helo, self.settings.reply_timeout)
             if helo.code == 250:
                 return {}
             reply = helo
-        raise _SessionError(f"EHLO refused: {reply}", reply.code)
+        raise _SessionError(f"{what} refused: {reply}", reply.code)
 
     async def _open(self, proto: _ClientProtocol, attempt: _Attempt, plan: _Plan, use_tls: bool) -> dict[str, str]:
         """Greeting, EHLO, STARTTLS and EHLO again; return the extensions to use."""
@@ -1435,14 +1438,7 @@ class Deliverer:
         attempt.tls_version = outcome.tls_version
         attempt.verified = outcome.verified
         attempt.result = self._session_result(plan, host, ip, outcome.failure_details(ip), True)
-        if reply.code == 250:
-            return _parse_ehlo(reply)
-        if reply.kind == 5:
-            helo = await proto.command(b"HELO " + self._helo, timeout)
-            if helo.code == 250:
-                return {}
-            reply = helo
-        raise _SessionError(f"EHLO after STARTTLS refused: {reply}", reply.code)
+        return await self._extensions(proto, reply, "EHLO after STARTTLS")
 
 
 def deliver(
