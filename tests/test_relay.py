@@ -180,7 +180,9 @@ class FakeDeliverer:
         d.callback(DeliveryResult(recipients[0].split("@")[1], None, outcomes, ()))
 
 
-class WorkerTests(SynchronousTestCase):
+class _ServiceTestCase(SynchronousTestCase):
+    """A RelayService over a queue in a temp directory, a fake clock and a FakeDeliverer."""
+
     def setUp(self) -> None:
         self.dir = tempfile.mkdtemp(prefix="mtasts-relay-")
         self.addCleanup(shutil.rmtree, self.dir, True)
@@ -189,12 +191,15 @@ class WorkerTests(SynchronousTestCase):
         self.deliverer = FakeDeliverer()
 
     def start(self, **kw: Any) -> RelayService:
-        s = settings(poll_interval=10, **kw)
+        kw.setdefault("poll_interval", 10)
+        s = settings(**kw)
         self.queue = s.make_queue(self.dir, clock=self.clock)
         self.service = RelayService(self.queue, self.deliverer, s, self.clock)
         self.addCleanup(self.service.stopService)
         return self.service
 
+
+class WorkerTests(_ServiceTestCase):
     def go(self) -> None:
         self.service.startService()
 
@@ -372,26 +377,11 @@ class WorkerTests(SynchronousTestCase):
         self.assertRaises(KeyError, service2.queue.get, m.id)
 
 
-class ScheduleTests(SynchronousTestCase):
+class ScheduleTests(_ServiceTestCase):
     """
     The due-time schedule: a wake-up costs O(started deliveries), not
     O(backlog), and keeps the limits, order, expiry and the poll.
     """
-
-    def setUp(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="mtasts-relay-")
-        self.addCleanup(shutil.rmtree, self.dir, True)
-        self.clock = Clock()
-        self.clock.advance(1_700_000_000)
-        self.deliverer = FakeDeliverer()
-
-    def start(self, **kw: Any) -> RelayService:
-        kw.setdefault("poll_interval", 10)
-        s = settings(**kw)
-        self.queue = s.make_queue(self.dir, clock=self.clock)
-        self.service = RelayService(self.queue, self.deliverer, s, self.clock)
-        self.addCleanup(self.service.stopService)
-        return self.service
 
     def count_considered(self) -> list[str]:
         seen: list[str] = []
