@@ -214,3 +214,35 @@ class MailtoTests(SynchronousTestCase):
         for uri in ["https://x.example/", "mailto:", "mailto:nobody", "mailto:a%3Cb@x.example"]:
             self.assertRaises(ValueError, mailto_addresses, uri)
 
+
+    def test_unicode_domain_alabel(self):
+        """
+        A U-label rua domain (percent-encoded UTF-8, RFC 6068 §2) comes back
+        as A-labels, so that C{To:} holds a plain address and not an RFC 2047
+        encoded-word, which is not allowed inside an address.
+        """
+        [address] = mailto_addresses("mailto:tlsrpt@b%C3%BCcher.example")
+        self.assertEqual(address, "tlsrpt@xn--bcher-kva.example")
+        data = build_report_message(
+            make_report(), SETTINGS, address, now=NOW, message_id="m1@mail.sender.example")
+        self.assertIn(b"\r\nTo: tlsrpt@xn--bcher-kva.example\r\n", data)
+        self.assertNotIn(b"=?utf-8?", data.lower().split(b"\r\n\r\n", 1)[0])
+
+    def test_bad_domain(self):
+        """A rua domain that is no valid IDN is refused like any unusable address."""
+        self.assertRaises(ValueError, mailto_addresses, "mailto:a@-bad-.example")
+
+    def test_utf8_local_part(self):
+        """
+        A UTF-8 local part has no ASCII form: the header is written as UTF-8
+        (RFC 6532 §3.2), never as an encoded-word, and parses back.
+        """
+        [address] = mailto_addresses("mailto:b%C3%BCro@b%C3%BCcher.example")
+        self.assertEqual(address, "büro@xn--bcher-kva.example")
+        data = build_report_message(
+            make_report(), SETTINGS, address, now=NOW, message_id="m1@mail.sender.example")
+        head = data.split(b"\r\n\r\n", 1)[0]
+        self.assertIn("To: büro@xn--bcher-kva.example\r\n".encode("utf-8"), head)
+        self.assertNotIn(b"=?utf-8?", head.lower())
+        msg = email.message_from_bytes(data, policy=email.policy.default)
+        self.assertEqual(msg["To"], "büro@xn--bcher-kva.example")

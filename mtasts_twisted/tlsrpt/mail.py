@@ -24,6 +24,7 @@ from email.message import EmailMessage, MIMEPart
 
 from twisted.internet.defer import Deferred
 
+from mtasts_twisted.policy import DomainError, to_alabel
 from mtasts_twisted.tlsrpt.report import GZIP_MEDIA_TYPE, Report, ReportSettings
 
 __all__ = [
@@ -58,6 +59,7 @@ DKIM_SIGNED_HEADERS: tuple[str, ...] = (
 # CRLF line ends for SMTP; long lines allowed so the §5.1 file name stays one
 # quoted parameter (the 78-column default would split it per RFC 2231).
 _POLICY = email_policy.SMTP.clone(max_line_length=998)
+_UTF8_POLICY = _POLICY.clone(utf8=True)
 
 
 def load_dkim_key(path: str) -> bytes:
@@ -94,7 +96,24 @@ def mailto_addresses(uri: str) -> list[str]:
     addresses = [a.strip() for a in to.split(",") if a.strip()]
     if not addresses or any("@" not in a or any(c in a for c in "<>\r\n ") for a in addresses):
         raise ValueError(f"no usable address in {uri!r}")
-    return addresses
+    return [_alabel_address(a, uri) for a in addresses]
+
+
+def _alabel_address(address: str, uri: str) -> str:
+    """
+    Write the domain of C{address} as A-labels.
+
+    A U-label domain in a C{To:} header would be written as an RFC 2047
+    encoded-word, which is not allowed inside an address (RFC 2047 §5), and
+    would need SMTPUTF8 in C{RCPT TO}; its A-label form needs neither.  A
+    non-ASCII local part has no such form: the message then goes out as an
+    internationalised message (RFC 6532), see L{build_report_message}.
+    """
+    local, _, domain = address.rpartition("@")
+    try:
+        return f"{local}@{to_alabel(domain)}"
+    except DomainError as e:
+        raise ValueError(f"no usable address in {uri!r}: {e}") from None
 
 
 def _text(report: Report) -> str:
@@ -137,7 +156,10 @@ def build_report_message(
     @raise ImportError: C{dkim_key} given but dkimpy is not installed
         (C{pip install mtasts-twisted[dkim]}).
     """
-    msg = EmailMessage(policy=_POLICY)
+    # RFC 6532 §3.2: an address that is not ASCII (a UTF-8 local part) is
+    # written as UTF-8 in the header, never as an encoded-word.
+    policy = _POLICY if recipient.isascii() and settings.from_address.isascii() else _UTF8_POLICY
+    msg = EmailMessage(policy=policy)
     msg["From"] = settings.from_address
     msg["To"] = recipient
     msg["Date"] = email.utils.format_datetime(
@@ -170,7 +192,7 @@ def build_report_message(
 
     msg.set_payload([text, attachment])
     msg.set_boundary(f"tlsrpt-{report.unique}")
-    data = msg.as_bytes(policy=_POLICY)
+    data = msg.as_bytes(policy=policy)
     if dkim_key is None:
         return data
     if settings.dkim_selector is None:
