@@ -213,6 +213,7 @@ def _signed(text: str, origin: str, key: _Key, bogus: Iterable[tuple[str, str]] 
 
 def _break_signature(zone: dns.zone.Zone, owner: str, rdtype: str) -> None:
     """Flip one bit of every signature over C{owner}/C{rdtype}."""
+    assert zone.origin is not None
     name = dns.name.from_text(owner, zone.origin) if owner != "@" else zone.origin
     covered = dns.rdatatype.from_text(rdtype)
     node = zone.find_node(name)
