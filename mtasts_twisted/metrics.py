@@ -36,20 +36,32 @@ Metric names (all prefixed C{mtasts_}):
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from mtasts_twisted.interfaces import IResultSink
+from mtasts_twisted.results import Result
+
+if TYPE_CHECKING:
+    from mtasts_twisted.cache import PolicyCache
+    from mtasts_twisted.delivery import DeliveryResult
+    from mtasts_twisted.fetch import FetchedPolicy
+    from mtasts_twisted.socketmap import SocketmapFactory
+    from mtasts_twisted.tlsrpt import SendOutcome
 
 __all__ = [
+    "Delivering",
+    "Fetching",
     "MeteredDeliverer",
     "MeteredFetcher",
     "MeteredSink",
@@ -80,8 +92,8 @@ class ServiceStats:
         self.deliveries: collections.Counter[tuple[str, str]] = collections.Counter()
         self.tls_failures: collections.Counter[str] = collections.Counter()
         self.reports: collections.Counter[str] = collections.Counter()
-        self.cache: Any = None
-        self.socketmap: Any = None
+        self.cache: PolicyCache | None = None
+        self.socketmap: SocketmapFactory | None = None
         self.queue_stats: Callable[[], tuple[int, float]] | None = None
 
 
@@ -94,7 +106,7 @@ class StatsCollector(Collector):
         """
         self._stats = stats
 
-    def collect(self) -> Iterable[Any]:
+    def collect(self) -> Iterator[Metric]:
         """Yield the metric families (called by the registry on scrape)."""
         stats = self._stats
         lookups = CounterMetricFamily(
@@ -180,16 +192,30 @@ class MetricsResource(Resource):
         super().__init__()
         self._registry = registry
 
-    def render_GET(self, request: Any) -> bytes:
+    def render_GET(self, request: IRequest) -> bytes:
         """The metrics, for every path."""
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
         return generate_latest(self._registry)
 
 
+class Fetching(Protocol):
+    """What L{MeteredFetcher} wraps: a L{PolicyFetcher<mtasts_twisted.fetch.PolicyFetcher>}."""
+
+    def fetch(self, domain: str) -> Deferred[FetchedPolicy]:
+        """Fetch C{domain}'s policy (RFC 8461 §3.3)."""
+
+
+class Delivering(Protocol):
+    """What L{MeteredDeliverer} wraps: a L{Deliverer<mtasts_twisted.delivery.Deliverer>}."""
+
+    def deliver(self, sender: str, recipients: Sequence[str], message: BinaryIO) -> Deferred[DeliveryResult]:
+        """Deliver C{message} to C{recipients} of one domain."""
+
+
 class MeteredFetcher:
     """A policy fetcher that counts fetches by outcome."""
 
-    def __init__(self, fetcher: Any, stats: ServiceStats) -> None:
+    def __init__(self, fetcher: Fetching, stats: ServiceStats) -> None:
         """
         @param fetcher: has C{fetch(alabel) -> Deferred}.
         @param stats: where to count.
@@ -197,15 +223,15 @@ class MeteredFetcher:
         self._fetcher = fetcher
         self._stats = stats
 
-    def fetch(self, domain: str) -> Deferred[Any]:
+    def fetch(self, domain: str) -> Deferred[FetchedPolicy]:
         """Fetch through the wrapped fetcher, counting the outcome."""
         d = self._fetcher.fetch(domain)
 
-        def ok(result: Any) -> Any:
+        def ok(result: FetchedPolicy) -> FetchedPolicy:
             self._stats.fetches["ok"] += 1
             return result
 
-        def failed(failure: Any) -> Any:
+        def failed(failure: Failure) -> Failure:
             self._stats.fetches[getattr(failure.value, "reason", None) or "error"] += 1
             return failure
 
@@ -216,7 +242,7 @@ class MeteredFetcher:
 class MeteredSink:
     """An L{IResultSink} that counts failures by result type, then passes results on."""
 
-    def __init__(self, sink: Any, stats: ServiceStats) -> None:
+    def __init__(self, sink: IResultSink | None, stats: ServiceStats) -> None:
         """
         @param sink: the next L{IResultSink}, or L{None}.
         @param stats: where to count.
@@ -224,7 +250,7 @@ class MeteredSink:
         self._sink = sink
         self._stats = stats
 
-    def record(self, result: Any, when: float | None = None) -> None:
+    def record(self, result: Result, when: float | None = None) -> None:
         """Count C{result}'s failures and pass it on."""
         for failure in result.failures:
             self._stats.tls_failures[failure.result_type.value] += failure.failed_session_count
@@ -235,7 +261,7 @@ class MeteredSink:
 class MeteredDeliverer:
     """A L{Deliverer<mtasts_twisted.delivery.Deliverer>} wrapper counting outcomes."""
 
-    def __init__(self, deliverer: Any, stats: ServiceStats) -> None:
+    def __init__(self, deliverer: Delivering, stats: ServiceStats) -> None:
         """
         @param deliverer: has C{deliver(sender, recipients, message)}.
         @param stats: where to count.
@@ -246,10 +272,10 @@ class MeteredDeliverer:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._deliverer, name)
 
-    def deliver(self, sender: str, recipients: Any, message: Any) -> Deferred[Any]:
+    def deliver(self, sender: str, recipients: Sequence[str], message: BinaryIO) -> Deferred[DeliveryResult]:
         """Deliver through the wrapped deliverer; count each recipient's outcome."""
 
-        def count(result: Any) -> Any:
+        def count(result: DeliveryResult) -> DeliveryResult:
             mode = result.policy_mode.value if result.policy_mode is not None else "no-policy"
             for outcome in result.outcomes:
                 self._stats.deliveries[(outcome.status.value, mode)] += 1
@@ -258,13 +284,13 @@ class MeteredDeliverer:
         return self._deliverer.deliver(sender, recipients, message).addCallback(count)
 
 
-def count_report_outcomes(stats: ServiceStats) -> Callable[[list[Any]], list[Any]]:
+def count_report_outcomes(stats: ServiceStats) -> Callable[[list[SendOutcome]], list[SendOutcome]]:
     """
     A callback for L{ReportScheduler.run_once}'s result counting the
     L{SendOutcome}s by state.
     """
 
-    def count(outcomes: list[Any]) -> list[Any]:
+    def count(outcomes: list[SendOutcome]) -> list[SendOutcome]:
         for outcome in outcomes or ():
             stats.reports[getattr(outcome.state, "value", str(outcome.state))] += 1
         return outcomes

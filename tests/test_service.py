@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 
+import attrs
 import treq
 from prometheus_client.exposition import generate_latest
 from twisted.internet import reactor
@@ -147,6 +148,36 @@ class OptionsTests(SynchronousTestCase):
             self.patch(os, "access", lambda path, mode: False if os.path.abspath(path).startswith(os.path.abspath(self.dir)) else real_access(path, mode))
         self.assertUsage("not writable", "--data-dir", self.dir)
         self.assertUsage("cannot be created", "--data-dir", os.path.join(self.dir, "sub"))
+
+
+class ServiceSettingsTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+
+    def test_frozen_settings_of_options(self) -> None:
+        """Parsed options carry one frozen value with everything the runtime needs."""
+        options = parse("--data-dir", self.dir, "--nameserver", "127.0.0.2", "--metrics", "none",
+                        "--delivery-port", "2525", "--delivery-port", "MX.Example.=26", "--fail-open")
+        settings = options.settings
+        self.assertEqual(settings.data_dir, self.dir)
+        self.assertEqual(settings.database, options["database"])
+        self.assertEqual(settings.nameservers, ("127.0.0.2",))
+        self.assertEqual((settings.delivery_port, dict(settings.delivery_port_for)), (2525, {"mx.example": 26}))
+        self.assertEqual(list(settings.listeners), ["smtp", "socketmap"])
+        self.assertTrue(settings.fail_open)
+        self.assertIsNone(settings.report_settings)
+        self.assertRaises(attrs.exceptions.FrozenInstanceError, setattr, settings, "data_dir", "/")
+        with self.assertRaises(TypeError):
+            settings.delivery_port_for["mx.example"] = 25  # type: ignore[index]
+
+    def test_as_settings(self) -> None:
+        """Settings, parsed options and a dict of their keys give the same settings."""
+        options = parse("--data-dir", self.dir)
+        self.assertIs(service.options.as_settings(options), options.settings)
+        self.assertIs(service.options.as_settings(options.settings), options.settings)
+        self.assertEqual(service.options.as_settings(dict(options)), options.settings)
+        self.assertEqual(service.queue_directory(options.settings), service.queue_directory(options))
 
 
 class _Collect(Protocol):

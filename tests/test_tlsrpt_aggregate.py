@@ -29,8 +29,10 @@ from mtasts_twisted.results import (
 from mtasts_twisted.store import open_store
 from mtasts_twisted.testing.memory import MemoryStore
 from mtasts_twisted.tlsrpt.aggregate import (
+    DEFAULT_FLUSH_INTERVAL,
     NULL_SINK,
     RESULTS_TABLE,
+    AggregatorSettings,
     ResultAggregator,
     decode_results,
     merge_results,
@@ -92,6 +94,18 @@ class MergeTests(SynchronousTestCase):
         self.assertRaises(ValueError, split_key, "nobar")
 
 
+class AggregatorSettingsTests(SynchronousTestCase):
+    def test_defaults(self):
+        settings = AggregatorSettings()
+        self.assertEqual((settings.interval, settings.exclude_domains, settings.table),
+                         (DEFAULT_FLUSH_INTERVAL, frozenset(), RESULTS_TABLE))
+
+    def test_excluded_domains_normalised(self):
+        """Excluded domains are kept lower-case without the trailing dot."""
+        settings = AggregatorSettings(exclude_domains=["Example.NET.", "b.example"])
+        self.assertEqual(settings.exclude_domains, frozenset({"example.net", "b.example"}))
+
+
 @implementer(IShelf)
 class CountingShelf:
     """Wraps a shelf and counts C{update} calls per key; can fail them."""
@@ -145,7 +159,7 @@ class AggregatorTests(SynchronousTestCase):
         self.clock.advance(DAY1 + 3600)
         self.store = CountingStore()
         self.shelf = self.store.shelf(RESULTS_TABLE)
-        self.aggregator = ResultAggregator(self.store, self.clock, interval=60)
+        self.aggregator = ResultAggregator(self.store, self.clock, AggregatorSettings(interval=60))
 
     def stored(self, key):
         return decode_results(self.successResultOf(self.shelf.get(key)))
@@ -231,7 +245,7 @@ class AggregatorTests(SynchronousTestCase):
 
     def test_excluded_domains(self):
         """RFC 8460 §3: results of excluded domains (report recipients) are dropped."""
-        aggregator = ResultAggregator(self.store, self.clock, exclude_domains=["Example.NET."])
+        aggregator = ResultAggregator(self.store, self.clock, AggregatorSettings(exclude_domains=["Example.NET."]))
         aggregator.record(ok())
         aggregator.record(ok(OTHER_DOMAIN))
         self.assertEqual(aggregator.pending_keys, ["2024-05-01|other.example"])

@@ -41,6 +41,7 @@ from mtasts_twisted.tlsrpt.schedule import (
     TABLES,
     NoResultsError,
     ReportScheduler,
+    SchedulerSettings,
     SendState,
 )
 from mtasts_twisted.testing.tlsrpt import RecordingMailer, ReportReceiver
@@ -91,11 +92,10 @@ class SchedulerTestCase(SynchronousTestCase):
         self.mailer = RecordingMailer()
         self.aggregator = ResultAggregator(self.store, self.clock)
 
-    def scheduler(self, settings=SETTINGS, seed=1, **kwargs):
-        kwargs.setdefault("https_sender", self.poster)
-        kwargs.setdefault("send_mail", self.mailer)
+    def scheduler(self, settings=SETTINGS, seed=1, **schedule):
         s = ReportScheduler(self.store, settings, self.resolver, self.clock,
-                            rng=random.Random(seed), **kwargs)
+                            schedule=SchedulerSettings(**schedule), https_sender=self.poster,
+                            send_mail=self.mailer, rng=random.Random(seed))
         self.addCleanup(lambda: self.successResultOf(s.stopService()) if s.running else None)
         return s
 
@@ -120,6 +120,20 @@ class SchedulerTestCase(SynchronousTestCase):
 
     def advance_to(self, when):
         self.clock.advance(when - self.clock.seconds())
+
+
+class SchedulerSettingsTests(SynchronousTestCase):
+    def test_keep_longer_than_catch_up(self):
+        """Finished rows must outlive the catch-up window, or a report could be sent twice."""
+        self.assertRaises(ValueError, SchedulerSettings, catch_up_days=3, keep_days=3)
+        self.assertEqual(SchedulerSettings(catch_up_days=3, keep_days=4).keep_days, 4)
+
+    def test_node(self):
+        """The node name comes from the settings, or is random."""
+        store, resolver = MemoryStore(), FakeResolver()
+        named = ReportScheduler(store, SETTINGS, resolver, Clock(), schedule=SchedulerSettings(node="n1"))
+        self.assertEqual(named.node, "n1")
+        self.assertRegex(ReportScheduler(store, SETTINGS, resolver, Clock()).node, "^[0-9a-f]{8}$")
 
 
 class DailyRunTests(SchedulerTestCase):

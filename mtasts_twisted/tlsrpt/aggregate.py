@@ -14,8 +14,8 @@ nothing.
 
 RFC 8460 §3: the sessions that deliver reports themselves "SHOULD NOT" be
 reported.  The report sender delivers with L{NULL_SINK} (or any sink that
-drops them); as a blunt alternative, C{exclude_domains} drops every result
-of the given policy domains.
+drops them); as a blunt alternative, C{exclude_domains} (L{AggregatorSettings})
+drops every result of the given policy domains.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Any
 import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -36,6 +37,7 @@ from mtasts_twisted.tlsrpt.report import day_of
 
 __all__ = [
     "DEFAULT_FLUSH_INTERVAL",
+    "AggregatorSettings",
     "NULL_SINK",
     "RESULTS_TABLE",
     "NullResultSink",
@@ -148,6 +150,27 @@ class NullResultSink:
 NULL_SINK = NullResultSink()
 
 
+def _domains(domains: Iterable[str]) -> frozenset[str]:
+    return frozenset(d.lower().rstrip(".") for d in domains)
+
+
+@attrs.frozen
+class AggregatorSettings:
+    """
+    How L{ResultAggregator} collects.
+
+    @ivar interval: seconds between flushes.
+    @ivar exclude_domains: policy domains whose results are dropped (e.g.
+        report recipients, RFC 8460 §3); kept lower-case without a trailing
+        dot.
+    @ivar table: the shelf holding the results.
+    """
+
+    interval: float = DEFAULT_FLUSH_INTERVAL
+    exclude_domains: frozenset[str] = attrs.field(default=frozenset(), converter=_domains)
+    table: str = RESULTS_TABLE
+
+
 @implementer(IResultSink)
 class ResultAggregator(Service):
     """
@@ -156,34 +179,32 @@ class ResultAggregator(Service):
     Start it (as a service) to flush every C{interval} seconds; stopping it
     flushes what is left.  L{flush} may also be called at any time.
 
+    @ivar settings: the L{AggregatorSettings}.
     @ivar shelf: the L{IShelf} written to.
-    @ivar interval: seconds between flushes.
     """
 
-    def __init__(
-        self,
-        store: IStore,
-        clock: Any,
-        interval: float = DEFAULT_FLUSH_INTERVAL,
-        exclude_domains: Iterable[str] = (),
-        table: str = RESULTS_TABLE,
-    ) -> None:
+    def __init__(self, store: IStore, clock: IReactorTime,
+                 settings: AggregatorSettings = AggregatorSettings()) -> None:
         """
-        @param store: the store whose C{table} shelf holds the results.
+        @param store: the store whose C{settings.table} shelf holds the
+            results.
         @param clock: an C{IReactorTime} (the reactor, or a C{task.Clock}).
-        @param interval: seconds between flushes.
-        @param exclude_domains: policy domains whose results are dropped
-            (e.g. report recipients, RFC 8460 §3).
-        @param table: the shelf name.
+        @param settings: the flush interval, the excluded domains and the
+            shelf (L{AggregatorSettings}).
         """
-        self.shelf: IShelf = store.shelf(table)
-        self.interval = interval
+        self.settings = settings
+        self.shelf: IShelf = store.shelf(settings.table)
         self._clock = clock
-        self._exclude = frozenset(d.lower().rstrip(".") for d in exclude_domains)
+        self._exclude = settings.exclude_domains
         self._pending: dict[str, list[Result]] = {}
         self._limits: dict[str, int] = {}
         self._lock = DeferredLock()
         self._loop: LoopingCall | None = None
+
+    @property
+    def interval(self) -> float:
+        """Seconds between flushes (C{settings.interval})."""
+        return self.settings.interval
 
     @property
     def pending_keys(self) -> list[str]:

@@ -31,20 +31,22 @@ sent twice.  Results that reach the store after their report was claimed
 than the aggregator's flush interval so that this does not happen in
 practice.
 
-The CLI uses L{ReportScheduler.pending}, L{ReportScheduler.preview} and
-L{ReportScheduler.send_now}.
+L{SchedulerSettings} holds the timings (delays, retries, lease, how long
+rows are kept).  The CLI uses L{ReportScheduler.pending},
+L{ReportScheduler.preview} and L{ReportScheduler.send_now}.
 """
 
 from __future__ import annotations
 
 import enum
 import random
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from mtasts_twisted.dns import DNSNoRecordError, DNSTemporaryError
@@ -81,6 +83,7 @@ __all__ = [
     "PendingReport",
     "ReportPoster",
     "ReportScheduler",
+    "SchedulerSettings",
     "SendOutcome",
     "SendState",
 ]
@@ -141,6 +144,10 @@ class PendingReport:
     last_error: str | None = None
 
 
+def _strings(value: Iterable[str]) -> tuple[str, ...]:
+    return tuple(value)
+
+
 @attrs.frozen
 class SendOutcome:
     """
@@ -157,8 +164,8 @@ class SendOutcome:
     day: str
     policy_domain: str
     state: SendState
-    delivered_to: tuple[str, ...] = attrs.field(default=(), converter=tuple)
-    errors: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    delivered_to: tuple[str, ...] = attrs.field(default=(), converter=_strings)
+    errors: tuple[str, ...] = attrs.field(default=(), converter=_strings)
 
 
 class ReportPoster(Protocol):
@@ -168,11 +175,55 @@ class ReportPoster(Protocol):
         """POST C{report} to C{uri}; fail with L{ReportDeliveryError}."""
 
 
+def _keep_longer(instance: SchedulerSettings, attribute: Any, value: int) -> None:
+    if value <= instance.catch_up_days:
+        raise ValueError("keep_days must be more than catch_up_days")
+
+
+@attrs.frozen
+class SchedulerSettings:
+    """
+    When L{ReportScheduler} sends and retries, in seconds unless said
+    otherwise.
+
+    @ivar send_delay: seconds after 00:00 UTC to start the daily run;
+        L{None} for a random delay in C{[min_delay, max_delay]} per day
+        (RFC 8460 §4.1 suggests up to four hours).
+    @ivar min_delay: the shortest random delay.
+    @ivar max_delay: the longest random delay.
+    @ivar retry_base: the first retry delay; it doubles per attempt.
+    @ivar retry_max: the longest retry delay.
+    @ivar retry_period: seconds after the first attempt to keep retrying
+        (RFC 8460 §5.5: "up to 24hrs").
+    @ivar lease: how long a claim stays valid without an outcome.
+    @ivar catch_up_days: results of days older than this are dropped
+        unsent (e.g. after a long outage).
+    @ivar keep_days: finished sends rows are kept this many days, so a
+        report is never sent twice; more than C{catch_up_days} (else
+        L{ValueError}).
+    @ivar max_sleep: the longest time between two looks at the store.
+    @ivar node: this node's name in claims; random when L{None}.
+    """
+
+    send_delay: float | None = None
+    min_delay: float = 300.0
+    max_delay: float = 14400.0
+    retry_base: float = 300.0
+    retry_max: float = 4 * 3600.0
+    retry_period: float = 86400.0
+    lease: float = 3600.0
+    catch_up_days: int = 7
+    keep_days: int = attrs.field(default=14, validator=_keep_longer)
+    max_sleep: float = 3600.0
+    node: str | None = None
+
+
 class ReportScheduler(Service):
     """
     Sends each policy domain one TLSRPT report per UTC day (RFC 8460).
 
     @ivar settings: the L{ReportSettings}.
+    @ivar schedule: the L{SchedulerSettings}.
     @ivar node: this node's name in claims (for logs and the sends rows).
     """
 
@@ -181,28 +232,19 @@ class ReportScheduler(Service):
         store: IStore,
         settings: ReportSettings,
         resolver: IDNSResolver,
-        clock: Any,
+        clock: IReactorTime,
         *,
+        schedule: SchedulerSettings = SchedulerSettings(),
         https_sender: ReportPoster | None = None,
         send_mail: SendMail | None = None,
         rng: random.Random | None = None,
-        send_delay: float | None = None,
-        min_delay: float = 300.0,
-        max_delay: float = 14400.0,
-        retry_base: float = 300.0,
-        retry_max: float = 4 * 3600.0,
-        retry_period: float = 86400.0,
-        lease: float = 3600.0,
-        catch_up_days: int = 7,
-        keep_days: int = 14,
-        max_sleep: float = 3600.0,
-        node: str | None = None,
     ) -> None:
         """
         @param store: holds the L{TABLES} shelves.
         @param settings: report metadata, DKIM, success-only days, on/off.
         @param resolver: looks up C{_smtp._tls} TXT records.
         @param clock: an C{IReactorTime}.
+        @param schedule: when to send and retry (L{SchedulerSettings}).
         @param https_sender: delivers to C{https:} rua (an
             L{mtasts_twisted.tlsrpt.https.HTTPSReportSender}); without one
             C{https:} rua are skipped.
@@ -210,25 +252,10 @@ class ReportScheduler(Service):
             L{mtasts_twisted.tlsrpt.mail.SendMail}); without one
             C{mailto:} rua are skipped.
         @param rng: randomness for delays, report ids and claims.
-        @param send_delay: seconds after 00:00 UTC to start the daily run;
-            L{None} for a random delay in C{[min_delay, max_delay]} per day
-            (RFC 8460 §4.1 suggests up to four hours).
-        @param retry_base: the first retry delay; it doubles per attempt.
-        @param retry_max: the longest retry delay.
-        @param retry_period: seconds after the first attempt to keep
-            retrying (RFC 8460 §5.5: "up to 24hrs").
-        @param lease: how long a claim stays valid without an outcome.
-        @param catch_up_days: results of days older than this are dropped
-            unsent (e.g. after a long outage).
-        @param keep_days: finished sends rows are kept this many days, so a
-            report is never sent twice; more than C{catch_up_days}.
-        @param max_sleep: the longest time between two looks at the store.
-        @param node: this node's name; random when L{None}.
         @raise OSError, ValueError: the DKIM key file cannot be read.
         """
-        if keep_days <= catch_up_days:
-            raise ValueError("keep_days must be more than catch_up_days")
         self.settings = settings
+        self.schedule = schedule
         self._results = store.shelf(RESULTS_TABLE)
         self._sends = store.shelf(SENDS_TABLE)
         self._resolver = resolver
@@ -236,19 +263,9 @@ class ReportScheduler(Service):
         self._https = https_sender
         self._send_mail = send_mail
         self._rng = rng if rng is not None else random.SystemRandom()
-        self._send_delay = send_delay
-        self._min_delay = min_delay
-        self._max_delay = max_delay
-        self._retry_base = retry_base
-        self._retry_max = retry_max
-        self._retry_period = retry_period
-        self._lease = lease
-        self._catch_up_days = catch_up_days
-        self._keep_days = keep_days
-        self._max_sleep = max_sleep
-        self.node = node or f"{self._rng.getrandbits(32):08x}"
+        self.node = schedule.node or f"{self._rng.getrandbits(32):08x}"
         self._delays: dict[str, float] = {}
-        self._next_wake = max_sleep
+        self._next_wake = schedule.max_sleep
         self._lock = DeferredLock()
         self._timer: IDelayedCall | None = None
         self._dkim_key: bytes | None = None
@@ -265,13 +282,12 @@ class ReportScheduler(Service):
         @param day: C{YYYY-MM-DD}.
         @return: POSIX seconds.
         """
-        if self._send_delay is not None:
-            delay = self._send_delay
-        else:
+        delay = self.schedule.send_delay
+        if delay is None:
             delay = self._delays.get(day)
             if delay is None:
                 # RFC 8460 §4.1: "a random delay of up to four hours".
-                delay = self._delays[day] = self._rng.uniform(self._min_delay, self._max_delay)
+                delay = self._delays[day] = self._rng.uniform(self.schedule.min_delay, self.schedule.max_delay)
         return day_bounds(day)[0] + DAY_SECONDS + delay
 
     def startService(self) -> None:
@@ -336,7 +352,7 @@ class ReportScheduler(Service):
     async def _run(self, force: bool) -> list[SendOutcome]:
         now = self._clock.seconds()
         today = day_of(now)
-        self._next_wake = self._max_sleep
+        self._next_wake = self.schedule.max_sleep
         self._wake_at(self.release_time(today), now)
         outcomes: list[SendOutcome] = []
         sends = dict(await self._sends.items())
@@ -351,11 +367,11 @@ class ReportScheduler(Service):
                         # Late results of a finished report: not reported.
                         await self._results.delete(key)
                     continue
-                if _days_between(day, today) > self._catch_up_days:
+                if _days_between(day, today) > self.schedule.catch_up_days:
                     log.warn(
                         "dropping unsent TLSRPT results of {domain} for {day}: older"
                         " than {days} days",
-                        domain=domain, day=day, days=self._catch_up_days,
+                        domain=domain, day=day, days=self.schedule.catch_up_days,
                     )
                     await self._results.delete(key)
                     continue
@@ -379,7 +395,7 @@ class ReportScheduler(Service):
             try:
                 state = SendState(row["state"])
                 if state in _FINAL:
-                    if _days_between(day, today) > self._keep_days:
+                    if _days_between(day, today) > self.schedule.keep_days:
                         await self._sends.delete(key)
                     continue
                 due = row["next_attempt"] if state is SendState.RETRY else row["lease_until"]
@@ -426,7 +442,7 @@ class ReportScheduler(Service):
                 "state": SendState.SENDING.value,
                 "claim": token,
                 "node": self.node,
-                "lease_until": now + self._lease,
+                "lease_until": now + self.schedule.lease,
                 "attempts": 1,
                 "first_attempt": now,
                 "unique": unique,
@@ -458,7 +474,7 @@ class ReportScheduler(Service):
                 "state": SendState.SENDING.value,
                 "claim": token,
                 "node": self.node,
-                "lease_until": now + self._lease,
+                "lease_until": now + self.schedule.lease,
                 "attempts": old["attempts"] + 1,
             }
 
@@ -557,8 +573,8 @@ class ReportScheduler(Service):
         now = self._clock.seconds()
         update: dict[str, Any]
         if state is None:
-            delay = min(self._retry_base * 2 ** (row["attempts"] - 1), self._retry_max)
-            if now + delay > row["first_attempt"] + self._retry_period:
+            delay = min(self.schedule.retry_base * 2 ** (row["attempts"] - 1), self.schedule.retry_max)
+            if now + delay > row["first_attempt"] + self.schedule.retry_period:
                 # RFC 8460 §5.5: redelivery "for up to 24hrs after the
                 # initial attempt", then give up.
                 state = SendState.FAILED

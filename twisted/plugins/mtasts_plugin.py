@@ -2,7 +2,7 @@
 The C{twistd mtasts} plugin: a lazy L{ServiceMaker}.
 
 Nothing is imported from C{mtasts_twisted} until twistd runs C{mtasts}
-(L{mtasts_twisted.service} holds the options and the service).
+(the package L{mtasts_twisted.service} holds the options and the service).
 """
 
 from twisted.application.service import ServiceMaker

@@ -1,0 +1,425 @@
+"""
+The options of C{twistd mtasts}: the command line, the TOML config file and
+the defaults, checked and turned into one frozen L{ServiceSettings}.
+
+L{Options} is what twistd parses (the plugin names this package); bad
+options, an unreadable config file or an unwritable data directory are a
+C{UsageError} from L{Options.postOptions}, which twistd prints as one line
+with exit status 1.  After parsing, C{options.settings} is the
+L{ServiceSettings} that L{mtasts_twisted.service.runtime} builds the
+components from; the parsed values also stay readable as the option names
+(C{options["data-dir"]}, C{options["report_settings"]}, ...) as twistd
+options always are.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+import attrs
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+
+from mtasts_twisted.policy import MTASTSError
+
+if TYPE_CHECKING:
+    from mtasts_twisted.tlsrpt import ReportSettings
+
+__all__ = [
+    "DEFAULTS",
+    "LISTENERS",
+    "MAX_SESSION_REUSE",
+    "Options",
+    "ServiceSettings",
+    "as_settings",
+]
+
+#: The defaults of the parameters (C{None}: off or computed).
+DEFAULTS: dict[str, Any] = {
+    "data-dir": "./mtasts-data",
+    "database": None,  # sqlite:<data-dir>/mtasts.sqlite
+    "smtp": "tcp:2525:interface=127.0.0.1",
+    "socketmap": "tcp:8461:interface=127.0.0.1",
+    "metrics": "none",
+    "ca-file": None,
+    "report-org": None,
+    "report-from": None,
+    "report-contact": None,
+    "report-submitter": None,
+    "report-dkim-key": None,
+    "report-dkim-selector": None,
+    "helo-name": None,  # socket.getfqdn()
+    "delivery-port": "25",
+    "session-reuse": "2",
+}
+
+#: The longest --session-reuse: RFC 5321 §4.5.3.2.7 lets a server drop an
+#: idle client after 5 minutes.
+MAX_SESSION_REUSE = 300.0
+
+#: The listener options, in the order the service binds them.
+LISTENERS = ("smtp", "socketmap", "metrics")
+
+_FLAGS = ("no-reports", "strict-testing", "tlsrpt-attributes", "fail-open")
+_OFF = ("", "none", "off")
+_DATABASE_SCHEMES = ("sqlite:", "postgresql://", "postgres://", "memory:")
+
+
+def _read_only(ports: Mapping[str, int]) -> Mapping[str, int]:
+    return MappingProxyType(dict(ports))
+
+
+@attrs.frozen
+class ServiceSettings:
+    """
+    Everything C{twistd mtasts} was told, checked: what L{Options} makes of
+    the command line, the config file and the defaults.
+
+    @ivar data_dir: the state directory (C{--data-dir}).
+    @ivar database: the database URL (C{--database}, or SQLite in
+        C{data_dir}).
+    @ivar smtp: the relay intake's endpoint, or L{None} when off.
+    @ivar socketmap: the socketmap server's endpoint, or L{None} when off.
+    @ivar metrics: the metrics page's endpoint, or L{None} when off.
+    @ivar nameservers: C{IP[:PORT]} of the DNS servers; empty for
+        C{/etc/resolv.conf}.
+    @ivar ca_file: PEM CA certificates trusted instead of the system's, or
+        L{None}.
+    @ivar report_settings: the L{ReportSettings}, or L{None} when reports
+        are off.
+    @ivar no_reports: C{--no-reports} was given (reports off on purpose,
+        so no warning).
+    @ivar helo_name: the EHLO name and DSN reporting MTA.
+    @ivar delivery_port: the TCP port of MX hosts.
+    @ivar delivery_port_for: ports of single MX hosts (C{HOST=PORT}), by
+        lower-case A-label host name.
+    @ivar session_reuse: seconds an outbound session stays open for reuse.
+    @ivar strict_testing: socketmap: answer C{testing} like C{enforce}.
+    @ivar tlsrpt_attributes: socketmap: add the Postfix >= 3.10 TLSRPT
+        attributes.
+    @ivar fail_open: socketmap: C{NOTFOUND} instead of C{TEMP} when no
+        policy can be found.
+    """
+
+    data_dir: str
+    database: str
+    helo_name: str
+    smtp: str | None = None
+    socketmap: str | None = None
+    metrics: str | None = None
+    nameservers: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    ca_file: str | None = None
+    report_settings: ReportSettings | None = None
+    no_reports: bool = False
+    delivery_port: int = 25
+    delivery_port_for: Mapping[str, int] = attrs.field(factory=dict, converter=_read_only, hash=False)
+    session_reuse: float = float(DEFAULTS["session-reuse"])
+    strict_testing: bool = False
+    tlsrpt_attributes: bool = False
+    fail_open: bool = False
+
+    @property
+    def listeners(self) -> dict[str, str]:
+        """The endpoints of the listeners that are on, by option name, in L{LISTENERS} order."""
+        endpoints = {"smtp": self.smtp, "socketmap": self.socketmap, "metrics": self.metrics}
+        return {name: endpoint for name in LISTENERS if (endpoint := endpoints[name]) is not None}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> ServiceSettings:
+        """
+        The settings of parsed options.
+
+        @param config: parsed L{Options}, or a mapping with the same keys
+            (the keys L{open_runtime<mtasts_twisted.service.open_runtime>}
+            needs at least: C{database}, C{nameserver}, C{ca-file},
+            C{report_settings}, C{helo-name}).
+        """
+        port, port_for = config.get("delivery_ports") or (25, {})
+        return cls(
+            data_dir=config.get("data-dir", DEFAULTS["data-dir"]),
+            database=config["database"],
+            helo_name=config["helo-name"],
+            smtp=config.get("smtp"),
+            socketmap=config.get("socketmap"),
+            metrics=config.get("metrics"),
+            nameservers=config["nameserver"] or (),
+            ca_file=config["ca-file"],
+            report_settings=config["report_settings"],
+            no_reports=bool(config.get("no-reports", False)),
+            delivery_port=port,
+            delivery_port_for=port_for,
+            session_reuse=config.get("session_reuse", float(DEFAULTS["session-reuse"])),
+            strict_testing=bool(config.get("strict-testing", False)),
+            tlsrpt_attributes=bool(config.get("tlsrpt-attributes", False)),
+            fail_open=bool(config.get("fail-open", False)),
+        )
+
+
+def as_settings(config: ServiceSettings | Mapping[str, Any]) -> ServiceSettings:
+    """
+    The L{ServiceSettings} of C{config}.
+
+    @param config: L{ServiceSettings}, parsed L{Options} (their
+        C{settings}), or a mapping with the keys of parsed options.
+    """
+    if isinstance(config, ServiceSettings):
+        return config
+    settings = getattr(config, "settings", None)
+    if isinstance(settings, ServiceSettings):
+        return settings
+    return ServiceSettings.from_config(config)
+
+
+class _NoReactor:
+    """Stands in for the reactor when only checking an endpoint's syntax."""
+
+
+def _check_endpoint(name: str, description: str) -> None:
+    try:
+        serverFromString(_NoReactor(), description)
+    except Exception as e:
+        raise usage.UsageError(f"--{name} {description!r}: not a valid endpoint ({e})") from None
+
+
+def _check_writable_dir(path: str) -> None:
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise usage.UsageError(f"--data-dir {path}: not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise usage.UsageError(f"--data-dir {path}: not writable by uid {os.geteuid()}")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise usage.UsageError(f"--data-dir {path}: cannot be created ({parent} is not writable)")
+
+
+def _port_number(text: str, what: str) -> int:
+    try:
+        port = int(text.strip())
+    except ValueError:
+        port = 0
+    if not 0 < port < 65536:
+        raise usage.UsageError(f"--delivery-port {what!r}: not a TCP port (1 to 65535)")
+    return port
+
+
+def _session_reuse(value: str) -> float:
+    """Parse C{--session-reuse}: seconds from 0 to L{MAX_SESSION_REUSE}."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= MAX_SESSION_REUSE:  # also rejects nan
+        raise usage.UsageError(f"--session-reuse {value!r}: expected seconds from 0 to {MAX_SESSION_REUSE:g}")
+    return seconds
+
+
+def _delivery_ports(values: list[str]) -> tuple[int, dict[str, int]]:
+    """
+    Parse the C{--delivery-port} values: C{PORT} (the last one wins) and
+    C{HOST=PORT}; return C{(port, port_for)} for L{DeliverySettings}.
+    """
+    port = 25
+    port_for: dict[str, int] = {}
+    for value in values:
+        host, sep, number = value.rpartition("=")
+        if sep:
+            host = host.strip().rstrip(".").lower()
+            if not host:
+                raise usage.UsageError(f"--delivery-port {value!r}: expected PORT or HOST=PORT")
+            try:
+                host = host.encode("idna").decode("ascii")
+            except UnicodeError:
+                raise usage.UsageError(f"--delivery-port {value!r}: not a host name") from None
+            port_for[host] = _port_number(number, value)
+        else:
+            port = _port_number(number, value)
+    return port, port_for
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    """
+    Read and check a C{--config} TOML file.
+
+    @return: the settings by long option name (C{-} for C{_}).
+    @raise usage.UsageError: one line saying what is wrong.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise usage.UsageError(f"--config {path}: cannot read it: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise usage.UsageError(f"--config {path}: not valid TOML: {e}") from None
+    known = set(DEFAULTS) | set(_FLAGS) | {"nameserver"}
+    settings = {}
+    for key, value in data.items():
+        name = key.replace("_", "-")
+        if name not in known:
+            raise usage.UsageError(f"--config {path}: unknown setting {key!r}")
+        if name in _FLAGS:
+            if not isinstance(value, bool):
+                raise usage.UsageError(f"--config {path}: {key} must be true or false")
+        elif name == "nameserver":
+            value = [value] if isinstance(value, str) else value
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise usage.UsageError(f"--config {path}: nameserver must be a string or a list of strings")
+        elif name == "delivery-port":
+            value = [value] if isinstance(value, (str, int)) and not isinstance(value, bool) else value
+            if not isinstance(value, list) or not all(
+                    isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool)) for v in value):
+                raise usage.UsageError(f"--config {path}: delivery-port must be a port, HOST=PORT or a list")
+            value = [str(v) for v in value]
+        elif name == "session-reuse":
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                raise usage.UsageError(f"--config {path}: session-reuse must be a number of seconds")
+            value = str(value)
+        elif not isinstance(value, str):
+            raise usage.UsageError(f"--config {path}: {key} must be a string")
+        settings[name] = value
+    return settings
+
+
+class Options(usage.Options):
+    """
+    The options of C{twistd mtasts}.  C{--config FILE} reads the same
+    settings from TOML (keys are the long option names); options given on
+    the command line win.
+
+    After parsing, L{settings} holds the L{ServiceSettings}; as keys,
+    C{self["report_settings"]} is a L{ReportSettings} or L{None} (reports
+    off), C{self["database"]} the database URL and the listener options are
+    L{None} when off.
+
+    @ivar settings: the L{ServiceSettings}, once parsed.
+    """
+
+    settings: ServiceSettings
+
+    synopsis = "[options]"
+    longdesc = (
+        "MTA-STS (RFC 8461) and TLSRPT (RFC 8460): a Postfix socketmap policy server, "
+        "a local relay, daily TLSRPT reports and Prometheus metrics. Every listener "
+        "binds 127.0.0.1 unless told otherwise; 'none' turns a listener off."
+    )
+    optParameters = [
+        ["config", "c", None, "TOML file with any of these settings (options given here win)"],
+        ["data-dir", "d", None, f"state directory [default: {DEFAULTS['data-dir']}]"],
+        ["database", None, None, "database URL: sqlite:PATH or postgresql://... "
+                                 "[default: sqlite:DATA-DIR/mtasts.sqlite]"],
+        ["smtp", None, None, f"relay SMTP intake endpoint [default: {DEFAULTS['smtp']}]"],
+        ["socketmap", None, None, f"Postfix socketmap endpoint [default: {DEFAULTS['socketmap']}]"],
+        ["metrics", None, None, "Prometheus metrics endpoint, e.g. tcp:9461:interface=127.0.0.1 "
+                                "[default: none]"],
+        ["ca-file", None, None, "PEM CA certificates to trust instead of the system's"],
+        ["report-org", None, None, "TLSRPT organization-name"],
+        ["report-from", None, None, "From address of mailed TLSRPT reports"],
+        ["report-contact", None, None, "TLSRPT contact-info [default: --report-from]"],
+        ["report-submitter", None, None, "TLSRPT submitter domain [default: --report-from's domain]"],
+        ["report-dkim-key", None, None, "PEM private key to DKIM-sign mailed reports"],
+        ["report-dkim-selector", None, None, "DKIM selector of --report-dkim-key"],
+        ["helo-name", None, None, "name sent in EHLO [default: this host's FQDN]"],
+        ["session-reuse", None, None, "seconds an outbound SMTP session stays open for the next message "
+         f"to the same domain and MX, 0 for never [default: {DEFAULTS['session-reuse']}]"],
+    ]
+    optFlags = [
+        ["no-reports", None, "send no TLSRPT reports (and collect no results)"],
+        ["strict-testing", None, "socketmap: answer testing policies like enforce"],
+        ["tlsrpt-attributes", None, "socketmap: add Postfix >= 3.10 TLSRPT attributes"],
+        ["fail-open", None, "socketmap: answer NOTFOUND instead of TEMP when no policy can be found"],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["nameserver"] = []
+        self["delivery-port"] = []
+
+    def opt_delivery_port(self, value: str) -> None:
+        """TCP port of MX hosts [default: 25], for tests and lab setups; HOST=PORT (repeatable) sets one MX host's port"""
+        self["delivery-port"].append(value)
+
+    def opt_nameserver(self, value: str) -> None:
+        """DNS server IP[:PORT] for every lookup (repeatable) [default: /etc/resolv.conf]"""
+        self["nameserver"].append(value)
+
+    def postOptions(self) -> None:
+        """Merge the config file and the defaults; check everything."""
+        config = _read_config(self["config"]) if self["config"] else {}
+        for name, default in DEFAULTS.items():
+            if name == "delivery-port":
+                continue
+            if self[name] is None:
+                self[name] = config.get(name, default)
+        for name in _FLAGS:
+            self[name] = bool(self[name] or config.get(name, False))
+        if not self["nameserver"]:
+            self["nameserver"] = list(config.get("nameserver", []))
+        if not self["delivery-port"]:
+            self["delivery-port"] = list(config.get("delivery-port", [DEFAULTS["delivery-port"]]))
+        self["delivery_ports"] = _delivery_ports(self["delivery-port"])
+
+        _check_writable_dir(self["data-dir"])
+        if self["database"] is None:
+            from mtasts_twisted.store import default_database_url
+
+            self["database"] = default_database_url(self["data-dir"])
+        elif not self["database"].startswith(_DATABASE_SCHEMES):
+            raise usage.UsageError(
+                f"--database {self['database']!r}: expected sqlite:PATH or postgresql://USER@HOST/DB")
+        for name in LISTENERS:
+            if self[name].strip().lower() in _OFF:
+                self[name] = None
+            else:
+                _check_endpoint(name, self[name])
+
+        from mtasts_twisted.dns import parse_nameserver
+
+        for server in self["nameserver"]:
+            try:
+                parse_nameserver(server)
+            except ValueError as e:
+                raise usage.UsageError(f"--nameserver: {e}") from None
+        if self["ca-file"] is not None:
+            from mtasts_twisted.fetch import load_trust_roots
+
+            try:
+                load_trust_roots(self["ca-file"])
+            except OSError as e:
+                raise usage.UsageError(f"--ca-file {self['ca-file']}: cannot read it: {e.strerror}") from None
+            except ValueError as e:
+                raise usage.UsageError(f"--ca-file {self['ca-file']}: {e}") from None
+        if not self["helo-name"]:
+            self["helo-name"] = socket.getfqdn()
+        self["session_reuse"] = _session_reuse(self["session-reuse"])
+        self["report_settings"] = self._report_settings()
+        self.settings = ServiceSettings.from_config(self)
+
+    def _report_settings(self) -> ReportSettings | None:
+        if self["no-reports"]:
+            return None
+        org, sender = self["report-org"], self["report-from"]
+        if not org and not sender:
+            return None
+        if not org or not sender:
+            raise usage.UsageError("--report-org and --report-from go together (or give --no-reports)")
+        from mtasts_twisted.tlsrpt import ReportSettings
+
+        submitter = self["report-submitter"] or sender.rpartition("@")[2]
+        try:
+            return ReportSettings(
+                organization=org,
+                submitter_domain=submitter,
+                contact=self["report-contact"] or sender,
+                from_address=sender,
+                dkim_key_file=self["report-dkim-key"],
+                dkim_selector=self["report-dkim-selector"],
+            )
+        except (ValueError, MTASTSError) as e:
+            raise usage.UsageError(f"report settings: {e}") from None

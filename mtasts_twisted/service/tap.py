@@ -1,0 +1,219 @@
+"""
+The C{twistd mtasts} service: L{MTASTSService} and L{makeService}.
+
+  - listeners (bound in C{privilegedStartService}, so C{twistd -u/-g}
+    drops privileges after binding): the Postfix socketmap policy server
+    (C{--socketmap}), the relay's SMTP intake (C{--smtp}, when the relay
+    module is installed) and the Prometheus metrics page (C{--metrics});
+  - once the store is open (asynchronously, right after start, by
+    L{open_runtime<mtasts_twisted.service.runtime.open_runtime>}): the
+    L{PolicyCache} with its L{PolicyRefresher}, the TLSRPT
+    L{ResultAggregator} and L{ReportScheduler}, and the relay workers.
+
+A failure at start (a port in use, a database that cannot be opened) is
+logged as one line and the process exits with status 1.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, cast
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IProtocolFactory
+from twisted.logger import Logger
+from twisted.web.server import Site
+
+from mtasts_twisted.cache import PolicyRefresher
+from mtasts_twisted.metrics import MetricsResource, ServiceStats, make_registry
+from mtasts_twisted.service.listeners import LateFactory, ListenerService, address
+from mtasts_twisted.service.options import ServiceSettings, as_settings
+from mtasts_twisted.service.runtime import IServiceReactor, Runtime, StartupError, open_runtime
+
+if TYPE_CHECKING:
+    from mtasts_twisted.relay import RelayService
+
+__all__ = ["MTASTSService", "makeService", "queue_directory"]
+
+log = Logger()
+
+
+def _exit_later(reactor: IServiceReactor, code: int) -> None:
+    """Stop the reactor, and exit with C{code} once twistd has cleaned up."""
+
+    def exit_now() -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(code)
+
+    atexit.register(exit_now)
+    reactor.callLater(0, _stop, reactor)
+
+
+def _stop(reactor: IServiceReactor) -> None:
+    from twisted.internet.error import ReactorNotRunning
+
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        pass
+
+
+class MTASTSService(MultiService):
+    """
+    The C{twistd mtasts} service (see the module docstring).
+
+    @ivar config: the parsed L{Options} (or settings) it was made with.
+    @ivar settings: the L{ServiceSettings}.
+    @ivar stats: the L{ServiceStats} behind the metrics.
+    @ivar registry: the service's own Prometheus C{CollectorRegistry}.
+    @ivar listeners: the L{ListenerService}s by option name.
+    @ivar runtime: the L{Runtime} once started, else L{None}.
+    @ivar relay: the L{RelayService} (delivery workers) once started with
+        C{--smtp}, else L{None}.
+    @ivar ready: after C{startService}, a L{Deferred} firing with C{True}
+        once everything runs, or C{False} after a startup failure (logged).
+    """
+
+    def __init__(self, config: ServiceSettings | Mapping[str, Any], reactor: IServiceReactor,
+                 fatal: Callable[[int], None] | None = None) -> None:
+        """
+        @param config: parsed L{Options}, or their L{ServiceSettings}.
+        @param reactor: the reactor.
+        @param fatal: called with an exit code after a startup failure was
+            logged; by default stops the reactor and exits with that code.
+        """
+        super().__init__()
+        self.config = config
+        self.settings = as_settings(config)
+        self._reactor = reactor
+        self._fatal = fatal if fatal is not None else (lambda code: _exit_later(reactor, code))
+        self.stats = ServiceStats()
+        self.registry = make_registry(self.stats)
+        self.listeners: dict[str, ListenerService] = {}
+        self.runtime: Runtime | None = None
+        self.ready: Deferred[bool] | None = None
+        self.relay: RelayService | None = None
+        self._late: dict[str, LateFactory] = {}
+        for name, description in self.settings.listeners.items():
+            factory: IProtocolFactory
+            if name == "metrics":
+                site = Site(MetricsResource(self.registry))
+                site.noisy = False
+                site.displayTracebacks = False
+                factory = site
+            else:
+                factory = self._late[name] = LateFactory(name)
+            listener = ListenerService(name, description, serverFromString(reactor, description), factory)
+            listener.setServiceParent(self)
+            self.listeners[name] = listener
+
+    def startService(self) -> None:
+        """Start the listeners, then open the store and start the rest."""
+        super().startService()
+        self.ready = Deferred.fromCoroutine(self._start())
+
+    async def _start(self) -> bool:
+        try:
+            for listener in list(self.listeners.values()):
+                await listener.listening()
+            if self.settings.report_settings is None and not self.settings.no_reports:
+                log.warn("TLSRPT reports are off: give --report-org and --report-from (or --no-reports)")
+            runtime = self.runtime = await open_runtime(self.settings, self._reactor, self.stats)
+            if not self.running:
+                await runtime.close()
+                return False
+            self._wire(runtime)
+        except (StartupError, OSError) as e:
+            log.critical("mtasts: {error}", error=str(e))
+            self._fatal(1)
+            return False
+        except Exception:
+            log.failure("mtasts: cannot start")
+            self._fatal(1)
+            return False
+        log.info("mtasts started: {listening}", listening=", ".join(
+            f"{name} on {address(listener.port)}" for name, listener in self.listeners.items()) or "no listeners")
+        return True
+
+    def _wire(self, runtime: Runtime) -> None:
+        settings = self.settings
+        runtime.cache.start()
+        PolicyRefresher(runtime.cache, self._reactor).setServiceParent(self)
+        if runtime.aggregator is not None:
+            runtime.aggregator.setServiceParent(self)
+        if runtime.scheduler is not None:
+            runtime.scheduler.setServiceParent(self)
+        if "socketmap" in self._late:
+            from mtasts_twisted.socketmap import SocketmapFactory, SocketmapSettings
+
+            factory = SocketmapFactory(
+                runtime.cache, runtime.resolver, self._reactor,
+                settings=SocketmapSettings(strict_testing=settings.strict_testing,
+                                           tlsrpt_attributes=settings.tlsrpt_attributes,
+                                           fail_open=settings.fail_open),
+                sink=runtime.sink,
+            )
+            self.stats.socketmap = factory
+            self._late["socketmap"].set(factory)
+        if "smtp" in self._late:
+            self._wire_relay(runtime)
+
+    def _wire_relay(self, runtime: Runtime) -> None:
+        from mtasts_twisted.relay import RelayService, RelaySettings, RelaySMTPFactory
+
+        assert runtime.deliverer is not None, "open_runtime builds the relay's deliverer"
+        settings = RelaySettings(reporting_mta=self.settings.helo_name)
+        queue = settings.make_queue(queue_directory(self.settings), self._reactor)
+        workers = self.relay = RelayService(queue, runtime.deliverer, settings, self._reactor)
+        self.stats.queue_stats = lambda: (workers.stats["queue_messages"], workers.stats["oldest_age"])
+        workers.setServiceParent(self)
+        self._late["smtp"].set(RelaySMTPFactory(queue, settings, self._reactor, on_message=workers.wake))
+
+    def stopService(self) -> Deferred[None]:
+        """Stop everything; then flush the cache and close the store."""
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        if self.ready is not None and not self.ready.called:
+            await self.ready
+        await super().stopService()
+        runtime, self.runtime = self.runtime, None
+        if runtime is not None:
+            await runtime.close()
+
+
+def queue_directory(config: ServiceSettings | Mapping[str, Any]) -> str:
+    """
+    The relay queue's directory: C{DATA-DIR/queue}.
+
+    @param config: the L{ServiceSettings}, or parsed L{Options}.
+    """
+    data_dir = config.data_dir if isinstance(config, ServiceSettings) else config["data-dir"]
+    return os.path.join(data_dir, "queue")
+
+
+def makeService(options: ServiceSettings | Mapping[str, Any], reactor: IServiceReactor | None = None,
+                fatal: Callable[[int], None] | None = None) -> MTASTSService:
+    """
+    Build the C{twistd mtasts} service from parsed L{Options}.
+
+    @param options: parsed L{Options} (or their L{ServiceSettings}).
+    @param reactor: the reactor (the global one by default).
+    @param fatal: see L{MTASTSService}.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        # Typed as Twisted's common reactor interfaces only; every reactor
+        # twistd installs also provides UDP, threads and name resolvers.
+        reactor = cast(IServiceReactor, global_reactor)
+    return MTASTSService(options, reactor, fatal)
