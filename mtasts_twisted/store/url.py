@@ -118,7 +118,7 @@ async def _open(
     url: str, reactor: StoreReactor, tables: Iterable[str], pool_size: int
 ) -> IStore:
     if url == "memory:":
-        return MemoryStore()
+        return MemoryStore(_check_tables(tables))
     dialect = _dialect_for(url)
     names = _check_tables(tables)
     pool = dialect.make_pool(reactor, pool_size)
