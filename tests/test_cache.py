@@ -1,5 +1,5 @@
 """
-Tests for L{mtasts_twisted.cache}: every row of DESIGN.md's policy cache
+Tests for L{mtasts_twisted.cache}: every row of docs/design.rst's policy cache
 table, coalescing, backoff, downgrade resistance and the refresher, with a
 fake clock and in-memory fakes (the loopback end-to-end tests are in
 C{tests.test_discovery_cache}).
@@ -502,3 +502,32 @@ class ConfirmedAnswerTests(CacheTestCase):
         self.successResultOf(self.cache.flush())
         row = self.successResultOf(self.store.shelf("policies").get("example.com"))
         self.assertEqual(row["last_use"], self.clock.seconds())
+
+
+class ReportingTests(SynchronousTestCase):
+    """The TLSRPT helpers of mtasts_twisted.cache.reporting."""
+
+    def test_fallback(self):
+        """_fallback marks a failure as answered by the cached policy."""
+        from mtasts_twisted.cache import FALLBACK
+        from mtasts_twisted.cache.reporting import _fallback
+        from mtasts_twisted.results import FailureDetails
+
+        detail = FailureDetails(ResultType.STS_POLICY_FETCH_ERROR, failure_reason_code="dns-lookup",
+                                additional_information="x")
+        marked = _fallback(detail)
+        self.assertEqual(marked.failure_reason_code, "dns-lookup" + FALLBACK)
+        self.assertEqual(marked.additional_information, "x")
+        self.assertEqual(_fallback(FailureDetails(ResultType.STS_POLICY_FETCH_ERROR)).failure_reason_code,
+                         FALLBACK)
+
+
+class FakeTests(SynchronousTestCase):
+    """The shipped fakes these tests use provide the interfaces they stand in for."""
+
+    def test_fake_resolver(self):
+        from zope.interface.verify import verifyObject
+
+        from mtasts_twisted.interfaces import IDNSResolver
+
+        self.assertTrue(verifyObject(IDNSResolver, FakeResolver()))

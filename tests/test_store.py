@@ -1,6 +1,7 @@
 """
 Tests for L{mtasts_twisted.store}: one behaviour mixin run against SQLite (a
-real file) and PostgreSQL (a real throwaway server), plus each backend's own
+real file), PostgreSQL (a real throwaway server) and the shipped MemoryStore
+(persistence and schema tests only on the databases), plus each backend's own
 cases: bad SQLite files, two processes sharing one file, two PostgreSQL
 "nodes", and the PostgreSQL test fixture.
 """
@@ -29,6 +30,8 @@ from mtasts_twisted.interfaces import IShelf, IStore
 from mtasts_twisted.policy import MTASTSError
 from mtasts_twisted.store import (
     SCHEMA_VERSION,
+    MemoryShelf,
+    MemoryStore,
     Store,
     StoreError,
     _decode,
@@ -72,9 +75,8 @@ def _child_env() -> dict[str, str]:
 
 class _StoreTestsMixin:
     """
-    The store's whole behaviour; subclasses set C{self.url} in C{setUp} and
-    implement C{snapshot()} (the database's bytes or contents, to show a
-    refused database was left untouched).
+    The behaviour of every store L{open_store} opens (database or memory);
+    subclasses set C{self.url} in C{setUp}.
     """
 
     url: str
@@ -83,9 +85,6 @@ class _StoreTestsMixin:
         store = await open_store(url or self.url, reactor, tables=tables)
         self.addCleanup(store.close)
         return store
-
-    async def snapshot(self) -> Any:
-        raise NotImplementedError()
 
     async def test_interfaces(self) -> None:
         """The store and its shelves provide IStore and IShelf."""
@@ -249,6 +248,55 @@ class _StoreTestsMixin:
         error = self.assertRaises(KeyError, store.shelf, "nope")
         self.assertIn("nope", str(error))
 
+    async def test_bad_keys_and_values(self) -> None:
+        """Values that JSON would change, and non-str keys, are refused."""
+        shelf = (await self.open()).shelf("policies")
+        for value in (
+            ["not a dict"],
+            {"t": (1, 2)},
+            {1: "int key"},
+            {"nan": float("nan")},
+            {"inf": float("inf")},
+            {"obj": object()},
+        ):
+            with self.assertRaises((TypeError, ValueError), msg=repr(value)):
+                await shelf.put("k", value)
+        for key in (b"bytes", 1, None):
+            with self.assertRaises(TypeError):
+                await shelf.get(key)
+        for key in ("nul\x00", "\ud800"):
+            with self.assertRaises(ValueError):
+                await shelf.put(key, {})
+        self.assertEqual(await shelf.items(), [])
+
+    async def test_bad_table_names(self) -> None:
+        """Table names are plain lower-case identifiers, not reserved ones."""
+        for tables in (("Policies",), ("a-b",), ("schema_version",), ("x; DROP",)):
+            with self.assertRaises(ValueError):
+                await self.open(tables=tables)
+
+    async def test_closed(self) -> None:
+        """After close, operations fail with StoreError; close twice is fine."""
+        store = await self.open()
+        shelf = store.shelf("policies")
+        await store.close()
+        with self.assertRaises(StoreError) as caught:
+            await shelf.get("a")
+        self.assertEqual(caught.exception.reason, "store-closed")
+        self.assertIsNone(await store.close())
+
+
+class _DatabaseStoreTestsMixin(_StoreTestsMixin):
+    """
+    The behaviour of a database store on top: persistence and the schema.
+    Subclasses also implement C{where()} (how messages name the database)
+    and C{snapshot()} (the database's bytes or contents, to show a refused
+    database was left untouched).
+    """
+
+    async def snapshot(self) -> Any:
+        raise NotImplementedError()
+
     async def test_reopen_persists(self) -> None:
         """Data survives closing; reopening with another table adds it."""
         store = await self.open(tables=("policies",))
@@ -288,43 +336,6 @@ class _StoreTestsMixin:
         self.assertIn(self.where(), str(error))
         self.assertEqual(await self.snapshot(), before)
 
-    async def test_bad_keys_and_values(self) -> None:
-        """Values that JSON would change, and non-str keys, are refused."""
-        shelf = (await self.open()).shelf("policies")
-        for value in (
-            ["not a dict"],
-            {"t": (1, 2)},
-            {1: "int key"},
-            {"nan": float("nan")},
-            {"inf": float("inf")},
-            {"obj": object()},
-        ):
-            with self.assertRaises((TypeError, ValueError), msg=repr(value)):
-                await shelf.put("k", value)
-        for key in (b"bytes", 1, None):
-            with self.assertRaises(TypeError):
-                await shelf.get(key)
-        for key in ("nul\x00", "\ud800"):
-            with self.assertRaises(ValueError):
-                await shelf.put(key, {})
-        self.assertEqual(await shelf.items(), [])
-
-    async def test_bad_table_names(self) -> None:
-        """Table names are plain lower-case identifiers, not reserved ones."""
-        for tables in (("Policies",), ("a-b",), ("schema_version",), ("x; DROP",)):
-            with self.assertRaises(ValueError):
-                await self.open(tables=tables)
-
-    async def test_closed(self) -> None:
-        """After close, operations fail with StoreError; close twice is fine."""
-        store = await self.open()
-        shelf = store.shelf("policies")
-        await store.close()
-        with self.assertRaises(StoreError) as caught:
-            await shelf.get("a")
-        self.assertEqual(caught.exception.reason, "store-closed")
-        self.assertIsNone(await store.close())
-
     async def test_close_waits(self) -> None:
         """close waits for running operations, which complete."""
         store = await self.open()
@@ -337,7 +348,49 @@ class _StoreTestsMixin:
         self.assertEqual(len(await again.shelf("policies").items()), 20)
 
 
-class SQLiteStoreTests(_StoreTestsMixin, TestCase):
+class MemoryStoreTests(_StoreTestsMixin, TestCase):
+    """The store behaviour of the shipped MemoryStore (URL C{memory:})."""
+
+    def setUp(self) -> None:
+        self.url = "memory:"
+
+
+class MemoryStoreFixtureTests(SynchronousTestCase):
+    """MemoryStore made directly, as unit tests of higher layers make it."""
+
+    def test_one_implementation(self) -> None:
+        """mtasts_twisted.testing.memory ships the store's MemoryStore itself."""
+        from mtasts_twisted.testing import memory
+
+        self.assertIs(memory.MemoryStore, MemoryStore)
+        self.assertIs(memory.MemoryShelf, MemoryShelf)
+
+    def test_shelves_on_demand(self) -> None:
+        """Without tables, any shelf is made on first use, once."""
+        store = MemoryStore()
+        self.assertTrue(verifyObject(IStore, store))
+        shelf = store.shelf("anything")
+        self.assertTrue(verifyObject(IShelf, shelf))
+        self.assertIs(store.shelf("anything"), shelf)
+        self.assertEqual(store.tables, ("anything",))
+
+    def test_fixed_tables(self) -> None:
+        """With tables, other shelves are a KeyError, as in a database store."""
+        store = MemoryStore(("policies",))
+        self.assertEqual(store.tables, ("policies",))
+        self.assertRaises(KeyError, store.shelf, "results")
+
+    def test_fires_at_once(self) -> None:
+        """Every operation has fired when it returns; failures fail, not raise."""
+        shelf = MemoryStore().shelf("policies")
+        self.assertIsNone(self.successResultOf(shelf.put("a", {"n": 1})))
+        self.assertEqual(self.successResultOf(shelf.update("a", increment)), {"n": 2})
+        self.failureResultOf(shelf.put("b", {"t": (1, 2)}), TypeError)
+        self.failureResultOf(shelf.update("a", lambda old: 1 / 0), ZeroDivisionError)
+        self.assertEqual(self.successResultOf(shelf.items()), [("a", {"n": 2})])
+
+
+class SQLiteStoreTests(_DatabaseStoreTestsMixin, TestCase):
     """The store behaviour on an SQLite file."""
 
     def setUp(self) -> None:
@@ -353,7 +406,7 @@ class SQLiteStoreTests(_StoreTestsMixin, TestCase):
             return f.read(), sorted(os.listdir(self.directory))
 
 
-class PostgreSQLStoreTests(_StoreTestsMixin, TestCase):
+class PostgreSQLStoreTests(_DatabaseStoreTestsMixin, TestCase):
     """The store behaviour on a real PostgreSQL server."""
 
     def setUp(self) -> None:

@@ -1,8 +1,12 @@
 """
 In-memory fakes for unit tests of code above the DNS, fetch and store layers:
-L{MemoryStore} (an L{IStore}), L{FakeResolver} (an L{IDNSResolver}) and
-L{FakeFetcher} (L{MemoryStore} lives in L{mtasts_twisted.store}).  They count calls so tests can assert how often the network
-would have been used.
+L{FakeResolver} (an L{IDNSResolver}) and L{FakeFetcher}, which count calls so
+tests can assert how often the network would have been used, and
+L{MemoryStore} (an L{IStore}).
+
+L{MemoryStore} and L{MemoryShelf} are not fakes but the shipped in-memory
+store (URL C{memory:}) of L{mtasts_twisted.store.memory}, re-exported here:
+there is one implementation, and the store test mixin runs on it.
 """
 
 from __future__ import annotations
