@@ -26,7 +26,9 @@ The rooms, bottom to top (each imports only those before it):
   - L{cache <mtasts_twisted.dns.cache>}: the TTL answer cache;
   - L{resolver <mtasts_twisted.dns.resolver>}: L{DNSResolver};
   - L{hostname <mtasts_twisted.dns.hostname>}: the C{IHostnameResolver}
-    adapter.
+    adapter;
+  - L{records <mtasts_twisted.dns.records>}: the C{_mta-sts} and
+    C{_smtp._tls} TXT discoveries, over any L{IDNSResolver}.
 
 This package is named C{dns} inside C{mtasts_twisted}; the dnspython imports
 in its modules are absolute, so they load dnspython's top-level C{dns}
@@ -41,6 +43,7 @@ from mtasts_twisted.dns.cache import DEFAULT_CACHE_SIZE, MAX_CACHE_TTL, MAX_NEGA
 from mtasts_twisted.dns.config import DEFAULT_PORT, Nameserver, format_nameserver, parse_nameserver, system_nameservers
 from mtasts_twisted.dns.errors import DNSError, DNSNoRecordError, DNSTemporaryError
 from mtasts_twisted.dns.hostname import DNSHostnameResolver, reactor_with_resolver
+from mtasts_twisted.dns.records import lookup_sts_answer, lookup_sts_record, lookup_tlsrpt_record
 from mtasts_twisted.dns.resolver import (
     DEFAULT_ATTEMPTS,
     DEFAULT_BUDGET,
@@ -63,6 +66,9 @@ __all__ = [
     "MXHost",
     "TXTAnswer",
     "format_nameserver",
+    "lookup_sts_answer",
+    "lookup_sts_record",
+    "lookup_tlsrpt_record",
     "parse_nameserver",
     "reactor_with_resolver",
     "system_nameservers",
