@@ -929,7 +929,7 @@ class QueryWireTests(unittest.SynchronousTestCase):
     NAMES = ("_mta-sts.example.com", "mta-sts.xn--bcher-kva.example", "_smtp._tls.a.b.c.example", "x")
 
     def test_wire_is_make_query(self) -> None:
-        from mtasts_twisted.dns import EDNS_PAYLOAD, _Query
+        from mtasts_twisted.dns.wire import EDNS_PAYLOAD, _Query
 
         for text in self.NAMES:
             qname = dns.name.from_text(text + ".")
@@ -948,7 +948,7 @@ class QueryWireTests(unittest.SynchronousTestCase):
                 self.assertEqual((parsed.id, parsed.edns, parsed.payload), (query.id, 0, EDNS_PAYLOAD))
 
     def test_random_ids(self) -> None:
-        from mtasts_twisted.dns import _Query
+        from mtasts_twisted.dns.wire import _Query
 
         qname = dns.name.from_text("example.com.")
         ids = {_Query.make(qname, dns.rdatatype.TXT).id for _ in range(64)}
@@ -956,7 +956,7 @@ class QueryWireTests(unittest.SynchronousTestCase):
 
     def test_is_response_as_dnspython(self) -> None:
         """Every variation is judged as dnspython's Message.is_response judges it."""
-        from mtasts_twisted.dns import _Query, _Reply
+        from mtasts_twisted.dns.wire import _Query, _Reply
 
         qname = dns.name.from_text("_mta-sts.example.com.")
         query = _Query.make(qname, dns.rdatatype.TXT)
@@ -1006,14 +1006,14 @@ class QueryWireTests(unittest.SynchronousTestCase):
 
     def test_name_text(self) -> None:
         """The text given with a name is what formatting the name gives."""
-        from mtasts_twisted.dns import _name_text, _to_dns_name_and_text
+        from mtasts_twisted.dns.names import _name_text, _to_dns_name_and_text
 
         for name in ("Example.COM.", "_mta-sts.example.com", "bücher.example", "a b.example", 'q"uote.example'):
             qname, text = _to_dns_name_and_text(name)
             self.assertEqual(text, _name_text(qname), name)
 
     def test_ip_literal(self) -> None:
-        from mtasts_twisted.dns import _ip_literal
+        from mtasts_twisted.dns.names import _ip_literal
 
         for literal in ("192.0.2.1", "::1", "[2001:db8::1]", " 10.0.0.1 "):
             self.assertIsNotNone(_ip_literal(literal), literal)
@@ -1046,7 +1046,7 @@ class UDPSocketTests(unittest.TestCase):
 
     async def test_fresh_port_per_query(self) -> None:
         """RFC 5452 §9.2: a new random source port per query; nothing left open."""
-        from mtasts_twisted.dns import _UDPSocket
+        from mtasts_twisted.dns.transport import _UDPSocket
 
         await self.resolver.lookup_txt("warm-up.example")  # the reactor's own descriptors
         fds = set(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
@@ -1086,7 +1086,8 @@ class UDPSocketTests(unittest.TestCase):
 
     async def test_error_on_socket(self) -> None:
         """An error the reactor reports (EPOLLERR) fails the try, naming the server."""
-        from mtasts_twisted.dns import _Query, _UDPExchange, _UDPSocket
+        from mtasts_twisted.dns.transport import _UDPExchange, _UDPSocket
+        from mtasts_twisted.dns.wire import _Query
 
         exchange = _UDPExchange(_Query.make(dns.name.from_text("x."), 16), ("127.0.0.1", 9), "127.0.0.1:9")
         udp = _UDPSocket(reactor, ("127.0.0.1", 9), exchange)

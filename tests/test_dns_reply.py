@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from mtasts_twisted.dns import _Query, _read_reply, _Reply
+from mtasts_twisted.dns.wire import _Query, _read_reply, _Reply
 
 QNAME = dns.name.from_text("_mta-sts.example.com.")
 TARGET = dns.name.from_text("policy.example.net.")
