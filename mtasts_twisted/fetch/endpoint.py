@@ -244,7 +244,8 @@ class PolicyHostEndpoint:
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
         """Connect, and give the HTTP protocol that C{protocolFactory} built."""
-        protocolFactory.noisy = False  # type: ignore[attr-defined]  # one "Starting factory" log per fetch is noise
+        # One "Starting factory" log per fetch is noise.
+        protocolFactory.noisy = False  # type: ignore[attr-defined]
         tls = TLSMemoryBIOFactory(
             # The clock is an IReactorTime (ClientReactor is that, structurally).
             self._attempt.creator, True, protocolFactory, clock=cast(IReactorTime, self._clock)
