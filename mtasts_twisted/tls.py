@@ -7,12 +7,13 @@ domain), and RFC 8460 §4.3 wants a failure reported by kind:
 certificate-expired, certificate-not-trusted, certificate-host-mismatch or
 validation-failure.  L{twisted.internet.ssl.optionsForClientTLS} verifies,
 but a failed connection only says "certificate verify failed".  So
-L{MXConnectionCreator} wraps it: each connection it makes gets a verify
-callback and an info callback of its own that record the OpenSSL verify
-error numbers with their depth, the service_identity outcome, the TLS
-version, the cipher and any TLS alert in a L{TLSOutcomeRecorder}, one per
-C{clientConnectionForTLS} call.  L{TLSOutcome.classify} maps that record to
-an RFC 8460 result type per DESIGN.md.
+L{MXConnectionCreator} wraps it: each connection it makes gets a
+L{TLSOutcomeRecorder} of its own, the package's recording verify callback
+(L{mtasts_twisted.pkix.VerifyRecorder}: the OpenSSL verify error numbers
+with their depth and the service_identity outcome) plus an info callback
+that records the TLS version, the cipher and any TLS alert, one per
+C{clientConnectionForTLS} call.  L{TLSOutcome.classify} maps that record
+to an RFC 8460 result type per docs/design.rst.
 
 Two modes (L{VerifyMode}):
 
@@ -23,73 +24,60 @@ Two modes (L{VerifyMode}):
     handshake completes whatever the certificate; the outcome says
     C{verified=False} and why.
 
-How delivery uses it, with twisted.mail's ESMTP client (Twisted 26)::
+How delivery uses it (L{mtasts_twisted.delivery.Deliverer}, over its own
+SMTP client protocol)::
 
-    roots = load_trust_root(ca_file)     # once, not per connection
-    enforce = policy is not None and policy.mode is Mode.ENFORCE
-    creator = MXConnectionCreator(
-        mx_host, roots,
-        mode=VerifyMode.VERIFY if enforce else VerifyMode.RECORD_ONLY)
-    factory = ESMTPSenderFactory(
-        None, None, sender, recipients, message_file, done,
-        retries=0,                         # MX failover is ours
-        contextFactory=creator,            # becomes ESMTPClient.context
-        requireAuthentication=False,
-        requireTransportSecurity=enforce,  # no plaintext under enforce
-    )
-    reactor.connectTCP(ip, 25, factory)
-    # when done fires or fails:
-    outcome = creator.outcome()   # None: STARTTLS was never started
-    details = outcome.failure_details(receiving_ip=ip)   # None if verified
+    options = MXTLSOptionsCache(load_trust_root(ca_file))  # once per Deliverer
+    # per session, after the MX host's 220 to STARTTLS:
+    creator = options.creator(
+        mx_host, VerifyMode.VERIFY if enforce else VerifyMode.RECORD_ONLY)
+    transport.startTLS(creator)
+    # after the EHLO that follows (or its failure):
+    outcome = creator.outcome()             # None: TLS never started
+    details = outcome.failure_details(ip)   # None if verified
 
-C{ESMTPClient.esmtpState_starttls} calls C{self.transport.startTLS(
-self.context)} when the server offers STARTTLS, and Twisted's
-C{TLSMemoryBIOFactory} takes any L{IOpenSSLClientConnectionCreator}.  Make
-a fresh creator per connection attempt: it names one MX host and
-L{MXConnectionCreator.outcome} reports its latest connection.  What the
-sender's Deferred gets (connected with C{connectTCP}):
+The OpenSSL context is cached per MX host (L{MXTLSOptionsCache}); the
+creator, and so the recorder, is per session.  STARTTLS not offered or
+refused is reported with L{starttls_not_supported_details}, an MX host
+outside the policy with L{mx_mismatch_details} (RFC 8461 §4.1).
 
-  - certificate refused (C{VERIFY}): C{SMTPConnectError} whose
-    C{__cause__} is a L{TLSVerificationError} carrying the L{TLSOutcome};
-    other handshake failures: C{__cause__} is an C{OpenSSL.SSL.Error} and
-    C{creator.outcome()} tells which (e.g. C{tls-alert-protocol-version}).
-  - STARTTLS not offered, with C{requireTransportSecurity}:
-    C{TLSRequiredError}; without it the session goes on in plaintext and
-    C{creator.outcome()} is L{None}.
-  - STARTTLS refused (e.g. 454): C{twisted.mail.smtp.TLSError} with
-    C{.code} 454, even when TLS is not required.  Opportunistic delivery
-    must reconnect without C{contextFactory} (RFC 3207 §4).
-  Report the last two with L{starttls_not_supported_details}; an MX host
-  outside the policy with L{mx_mismatch_details} (RFC 8461 §4.1).
+twisted.mail's C{ESMTPSenderFactory} can take an L{MXConnectionCreator} as
+its C{contextFactory} (C{ESMTPClient.esmtpState_starttls} hands it to
+C{transport.startTLS}; tests/test_tls.py does so): a refused certificate
+then fails the sender with an C{SMTPConnectError} whose C{__cause__} is the
+L{TLSVerificationError}; a 454 to STARTTLS fails it with a
+C{twisted.mail.smtp.TLSError} even when TLS is not required (RFC 3207 §4
+leaves going on without TLS to the client).  The package does not deliver
+through twisted.mail yet; a hook for it is issue 15.
 """
 
 from __future__ import annotations
 
 import enum
-import os
-import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import Callable, Union
 
 import attrs
-from cryptography import x509
-from OpenSSL import SSL, crypto
-from service_identity import CertificateError, VerificationError
-from service_identity.cryptography import verify_certificate_hostname
+from OpenSSL import SSL
 from twisted.internet import ssl
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
-from twisted.python.failure import Failure
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
+from mtasts_twisted.pkix import (
+    TrustRootSpec,
+    VerifyRecorder,
+    classify_verify_error,
+    deciding_verify_error,
+    load_trust_roots,
+    verify_error_name,
+)
 from mtasts_twisted.results import FailureDetails, ResultType
 
 __all__ = [
-    "EXPIRED_ERRORS",
     "MX_MISMATCH_REASON",
-    "NOT_TRUSTED_ERRORS",
     "MXConnectionCreator",
     "MXTLSOptionsCache",
     "TLSOutcome",
@@ -99,47 +87,15 @@ __all__ = [
     "load_trust_root",
     "mx_mismatch_details",
     "starttls_not_supported_details",
-    "verify_error_name",
 ]
 
 log = Logger()
 
-#: OpenSSL verify errors classified as certificate-expired (RFC 8460 §4.3.1):
-#: 9 X509_V_ERR_CERT_NOT_YET_VALID, 10 X509_V_ERR_CERT_HAS_EXPIRED.
-EXPIRED_ERRORS = frozenset({9, 10})
-
-#: OpenSSL verify errors classified as certificate-not-trusted (RFC 8460
-#: §4.3.1): 2 UNABLE_TO_GET_ISSUER_CERT, 18 DEPTH_ZERO_SELF_SIGNED_CERT,
-#: 19 SELF_SIGNED_CERT_IN_CHAIN, 20 UNABLE_TO_GET_ISSUER_CERT_LOCALLY,
-#: 21 UNABLE_TO_VERIFY_LEAF_SIGNATURE, 27 CERT_UNTRUSTED.
-NOT_TRUSTED_ERRORS = frozenset({2, 18, 19, 20, 21, 27})
-
 #: failure-reason-code for an MX host outside the policy (RFC 8461 §4.1).
 MX_MISMATCH_REASON = "mtasts-policy-mx-mismatch"
 
-
-def _verify_error_names() -> dict[int, str]:
-    # pyOpenSSL's public X509VerificationCodes holds the X509_V_ERR_*
-    # numbers of the OpenSSL it was built with; name each after its symbol.
-    names: dict[int, str] = {}
-    for attribute in dir(SSL.X509VerificationCodes):
-        if attribute.startswith("ERR_"):
-            value = getattr(SSL.X509VerificationCodes, attribute)
-            if isinstance(value, int):
-                names.setdefault(value, "X509_V_" + attribute)
-    return names
-
-
-_VERIFY_ERROR_NAMES: Mapping[int, str] = _verify_error_names()
-
-
-def verify_error_name(errnum: int) -> str:
-    """
-    Return the OpenSSL symbol of verify error C{errnum}, e.g.
-    C{"X509_V_ERR_CERT_REVOKED"} for 23, or C{"x509-verify-error-N"} for a
-    number this pyOpenSSL does not name.
-    """
-    return _VERIFY_ERROR_NAMES.get(errnum, f"x509-verify-error-{errnum}")
+#: L{mtasts_twisted.pkix.load_trust_roots}, under the name delivery imports.
+load_trust_root = load_trust_roots
 
 
 # RFC 8446 §6 / RFC 5246 §7.2 AlertDescription values.
@@ -185,56 +141,6 @@ class VerifyMode(enum.Enum):
 
     VERIFY = "verify"
     RECORD_ONLY = "record-only"
-
-
-#: What L{load_trust_root} takes.  C{object} stands for Twisted's
-#: C{IOpenSSLTrustRoot}, which only C{twisted.internet._sslverify} exports.
-TrustRootSpec = Union[ssl.Certificate, bytes, str, "os.PathLike[str]", object, None]
-
-
-def load_trust_root(ca: TrustRootSpec = None) -> object:
-    """
-    Make the trust roots for MX (and policy host) verification.
-
-    @param ca: L{None} for the platform's roots (L{ssl.platformTrust});
-        PEM bytes holding one or more CA certificates; a path (L{str} or
-        path-like) to such a PEM file (C{--ca-file}); a Twisted
-        L{ssl.Certificate}; anything else is taken for an
-        C{IOpenSSLTrustRoot} (e.g. from L{ssl.trustRootFromCertificates})
-        and returned unchanged.
-    @return: an C{IOpenSSLTrustRoot} for C{optionsForClientTLS}.
-    @raise ValueError: when the PEM holds no certificate.
-    """
-    if ca is None:
-        return ssl.platformTrust()
-    if isinstance(ca, ssl.Certificate):
-        return ssl.trustRootFromCertificates([ca])
-    if isinstance(ca, bytes):
-        pem = ca
-    elif isinstance(ca, (str, os.PathLike)):
-        with open(os.fspath(ca), "rb") as f:
-            pem = f.read()
-    else:
-        return ca
-    try:
-        certificates = x509.load_pem_x509_certificates(pem)
-    except ValueError as e:
-        raise ValueError(f"no CA certificate in the trust root PEM: {e}") from None
-    return ssl.trustRootFromCertificates(
-        [ssl.Certificate(crypto.X509.from_cryptography(c)) for c in certificates]
-    )
-
-
-def _certificate_names(certificate: x509.Certificate) -> tuple[str, ...]:
-    try:
-        san = certificate.extensions.get_extension_for_class(
-            x509.SubjectAlternativeName
-        ).value
-    except x509.ExtensionNotFound:
-        return ()
-    names = [str(n) for n in san.get_values_for_type(x509.DNSName)]
-    names += [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
-    return tuple(names)
 
 
 def _ascii_hostname(hostname: str) -> str:
@@ -306,14 +212,14 @@ class TLSOutcome:
     def classify(self) -> tuple[ResultType, str | None] | None:
         """
         Classify a failure as an RFC 8460 §4.3.1 result type and a
-        failure-reason-code, per DESIGN.md "TLS failure → RFC 8460 result
-        type".
+        failure-reason-code, per docs/design.rst "TLS failure → RFC 8460
+        result type".
 
         When several problems were seen, the most fundamental wins: a chain
         that does not lead to a trusted root, then expiry, then other chain
-        errors, then the name.  OpenSSL reports them in the same order, so
-        C{VERIFY} (which stops at the first) and C{RECORD_ONLY} (which sees
-        them all) agree.
+        errors (L{mtasts_twisted.pkix.deciding_verify_error}), then the
+        name.  OpenSSL reports them in the same order, so C{VERIFY} (which
+        stops at the first) and C{RECORD_ONLY} (which sees them all) agree.
 
         @return: L{None} when L{verified}; else C{(result_type, reason)}
             where C{reason} is the deciding OpenSSL symbol, a
@@ -322,14 +228,9 @@ class TLSOutcome:
         """
         if self.verified:
             return None
-        for errnum in self.verify_errors:
-            if errnum in NOT_TRUSTED_ERRORS:
-                return ResultType.CERTIFICATE_NOT_TRUSTED, verify_error_name(errnum)
-        for errnum in self.verify_errors:
-            if errnum in EXPIRED_ERRORS:
-                return ResultType.CERTIFICATE_EXPIRED, verify_error_name(errnum)
-        if self.verify_errors:
-            return ResultType.VALIDATION_FAILURE, verify_error_name(self.verify_errors[0])
+        errnum = deciding_verify_error(self.verify_errors)
+        if errnum is not None:
+            return classify_verify_error(errnum).result_type, verify_error_name(errnum)
         if self.host_mismatch:
             return ResultType.CERTIFICATE_HOST_MISMATCH, None
         if self.internal_error:
@@ -384,12 +285,17 @@ class TLSVerificationError(Exception):
         return f"TLS verification of {self.outcome.hostname} failed: {kind}"
 
 
-class TLSOutcomeRecorder:
+class TLSOutcomeRecorder(VerifyRecorder):
     """
     Records what happens on one TLS connection; made by
     L{MXConnectionCreator.clientConnectionForTLS}.
 
-    Its callbacks run inside OpenSSL; they never raise.
+    The package's recording verify callback (L{VerifyRecorder}: verify
+    errors, the name check, the refusal under C{VERIFY}) plus an info
+    callback for the TLS version, cipher and alerts.  Its callbacks run
+    inside OpenSSL; they never raise.
+
+    @ivar mode: the L{VerifyMode}.
     """
 
     def __init__(self, hostname: str, mode: VerifyMode) -> None:
@@ -397,24 +303,17 @@ class TLSOutcomeRecorder:
         @param hostname: the MX host name (A-labels) to check against.
         @param mode: the L{VerifyMode}.
         """
-        self.hostname = hostname
+        super().__init__(hostname, enforce=mode is VerifyMode.VERIFY)
         self.mode = mode
         self._completed = False
         self._version: str | None = None
         self._cipher: str | None = None
-        self._names: tuple[str, ...] = ()
-        self._errors: list[tuple[int, int]] = []
-        self._checked = False
-        self._mismatch = False
         self._alerts: list[str] = []
-        self._internal_error = False
-        self._failed = False
-        self._protocol: Callable[[], object] | None = None
 
     def outcome(self) -> TLSOutcome:
         """Return what has been recorded so far as a L{TLSOutcome}."""
         errors: list[int] = []
-        for _, errnum in self._errors:
+        for _, errnum in self.errors:
             if errnum not in errors:
                 errors.append(errnum)
         return TLSOutcome(
@@ -423,16 +322,16 @@ class TLSOutcomeRecorder:
             handshake_completed=self._completed,
             tls_version=self._version,
             cipher=self._cipher,
-            peer_certificate_names=self._names,
+            peer_certificate_names=self.names,
             verify_errors=tuple(errors),
-            verify_error_depths=tuple(self._errors),
-            certificate_checked=self._checked,
-            host_mismatch=self._mismatch,
+            verify_error_depths=tuple(self.errors),
+            certificate_checked=self.certificate_checked,
+            host_mismatch=self.host_mismatch,
             alerts=tuple(self._alerts),
-            internal_error=self._internal_error,
+            internal_error=self.internal_error,
         )
 
-    def _attach(self, connection: SSL.Connection, tlsProtocol: object) -> None:
+    def _attach(self, connection: SSL.Connection, tlsProtocol: TLSMemoryBIOProtocol) -> None:
         # Per-connection callbacks (pyOpenSSL Connection.set_verify and
         # set_info_callback): the SSL.Context is shared by every connection
         # of the creator, and pyOpenSSL refuses to mutate a used Context.
@@ -440,65 +339,21 @@ class TLSOutcomeRecorder:
         # (Twisted 26.4+ checks the name in its verify callback; older ones
         # did it in a Context info callback, which a connection's own info
         # callback overrides too); test_record_only_wrong_name pins that.
-        self._protocol = weakref.ref(tlsProtocol)
-        connection.set_verify(
-            SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verify
-        )
+        self.attach(connection, tlsProtocol)
         connection.set_info_callback(self._info)
 
-    def _check_name(self, certificate: crypto.X509) -> None:
-        self._checked = True
-        leaf = certificate.to_cryptography()
-        self._names = _certificate_names(leaf)
-        try:
-            # RFC 8461 §4.1, RFC 6125: the MX host name, SAN dNSName only.
-            verify_certificate_hostname(leaf, self.hostname)
-        except (VerificationError, CertificateError):
-            self._mismatch = True
-
-    def _verify(
-        self,
-        connection: SSL.Connection,
-        certificate: crypto.X509,
-        errnum: int,
-        depth: int,
-        ok: int,
-    ) -> bool:
-        try:
-            if not ok:
-                self._errors.append((depth, errnum))
-            if depth == 0 and not self._checked:
-                self._check_name(certificate)
-            failed = not ok or (depth == 0 and self._mismatch)
-            if self.mode is VerifyMode.RECORD_ONLY:
-                return True
-            if failed:
-                self._fail()
-            return not failed
-        except BaseException:
-            log.failure("while verifying the certificate of {hostname}", hostname=self.hostname)
-            self._internal_error = True
-            if self.mode is VerifyMode.VERIFY:
-                self._fail()
-                return False
-            return True
-
-    def _fail(self) -> None:
-        # As Twisted's own verify callback does: hand the protocol a reason
-        # for connectionLost, then let OpenSSL abort the handshake.
-        if self._failed:
-            return
-        self._failed = True
+    def refusal(self) -> Exception:
+        """
+        Under C{VERIFY}, at the first failure: log it and give the
+        L{TLSVerificationError} the connection is lost with.
+        """
         outcome = self.outcome()
         log.info(
             "TLS to {hostname} refused: {result}",
             hostname=self.hostname,
             result=outcome.classify(),
         )
-        protocol = self._protocol() if self._protocol is not None else None
-        self._protocol = None
-        if protocol is not None:
-            protocol.failVerification(Failure(TLSVerificationError(outcome)))  # type: ignore[attr-defined]
+        return TLSVerificationError(outcome)
 
     def _info(self, connection: SSL.Connection, where: int, ret: int) -> None:
         try:
@@ -519,14 +374,11 @@ class TLSOutcomeRecorder:
                     hostname=self.hostname,
                     version=self._version,
                     cipher=self._cipher,
-                    verified=self._checked
-                    and not self._errors
-                    and not self._mismatch
-                    and not self._internal_error,
+                    verified=self.passed,
                 )
         except BaseException:
             log.failure("while recording TLS state for {hostname}", hostname=self.hostname)
-            self._internal_error = True
+            self.internal_error = True
 
 
 class MXTLSOptionsCache:
@@ -562,7 +414,7 @@ class MXTLSOptionsCache:
         if options is None:
             options = ssl.optionsForClientTLS(
                 hostname,
-                trustRoot=self._trust_root,  # type: ignore[arg-type]
+                trustRoot=self._trust_root,
                 extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2},
             )
             self._options[hostname] = options
@@ -638,7 +490,7 @@ class MXConnectionCreator:
         recorder = self.recorder
         return recorder.outcome() if recorder is not None else None
 
-    def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+    def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         """
         Make the L{SSL.Connection} for one TLS client connection
         (L{IOpenSSLClientConnectionCreator}).

@@ -34,11 +34,10 @@ from mtasts_twisted.fetch import (
     PolicyFetchError,
     PolicyTooLargeError,
     WrongContentTypeError,
-    classify_verify_error,
     fetch_policy,
-    load_trust_roots,
     policy_url,
 )
+from mtasts_twisted.pkix import classify_verify_error, load_trust_roots
 from mtasts_twisted.policy import DomainError, Mode
 from mtasts_twisted.results import ResultType
 from mtasts_twisted.testing.https import (
@@ -666,16 +665,16 @@ class SharedContextTests(_LoopbackMixin, TestCase):
     """
 
     async def test_one_context_per_fetcher(self) -> None:
-        from mtasts_twisted import fetch as fetch_module
+        from mtasts_twisted.fetch import fetcher as fetch_module
 
         built: list[object] = []
-        real = fetch_module._client_context
+        real = fetch_module.client_context
 
         def counting(trust_root: object) -> SSL.Context:
             built.append(trust_root)
             return real(trust_root)
 
-        self.patch(fetch_module, "_client_context", counting)
+        self.patch(fetch_module, "client_context", counting)
         for domain in ("a.example", "b.example"):
             self.serve(domain, Route.policy(POLICY))
         fetcher = self.fetcher()

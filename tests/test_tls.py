@@ -20,6 +20,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mtasts_twisted import tls as tls_module
+from mtasts_twisted.pkix import load_trust_roots as load_trust_root, verify_error_name
 from mtasts_twisted.results import FailureDetails, ResultType
 from mtasts_twisted.testing.pki import PKI, IssuedCertificate
 from mtasts_twisted.testing.smtp import (
@@ -35,10 +36,8 @@ from mtasts_twisted.tls import (
     TLSOutcome,
     TLSVerificationError,
     VerifyMode,
-    load_trust_root,
     mx_mismatch_details,
     starttls_not_supported_details,
-    verify_error_name,
 )
 
 MX = "mx.example.com"

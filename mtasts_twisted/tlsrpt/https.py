@@ -6,23 +6,33 @@ C{application/tlsrpt+gzip} with treq.  Any 2xx answer is success (§5.4:
 "a 'successful' response ... typically a 200 or 201"); anything else, a
 redirect included, is a L{ReportDeliveryError} the scheduler retries.  One
 timeout covers connecting, TLS, the request and reading the answer.
+
+The endpoint's certificate is verified as the policy host's is: one
+OpenSSL context per sender (L{mtasts_twisted.pkix.client_context}) and the
+package's recording verify callback per connection
+(L{mtasts_twisted.pkix.RecordingConnectionCreator}), so a refused
+certificate's error says why.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import cast
 
+from OpenSSL import SSL
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IHostnameResolver, IReactorPluggableNameResolver
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IHostnameResolver, IPushProducer
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
-from twisted.web.iweb import IAgent, IResponse
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IAgent, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
 from mtasts_twisted import __version__
+from mtasts_twisted.dns import reactor_with_resolver
+from mtasts_twisted.fetch.endpoint import ClientReactor
+from mtasts_twisted.pkix import RecordingConnectionCreator, TrustRootSpec, client_context, load_trust_roots
 from mtasts_twisted.policy import MTASTSError
 from mtasts_twisted.tlsrpt.report import GZIP_MEDIA_TYPE, Report
 
@@ -56,20 +66,19 @@ class ReportDeliveryError(MTASTSError):
         self.detail = detail
 
 
-@implementer(IReactorPluggableNameResolver)
-class _ResolvingReactor:
-    """The reactor, with its C{nameResolver} replaced."""
+@implementer(IPolicyForHTTPS)
+class _VerifyingPolicy:
+    """
+    Every https connection of a sender: its one OpenSSL context, SNI, and
+    the recording verify callback checking the endpoint's host.
+    """
 
-    def __init__(self, reactor: Any, resolver: IHostnameResolver) -> None:
-        self._reactor = reactor
-        self.nameResolver = resolver
+    def __init__(self, context: SSL.Context) -> None:
+        self._context = context
 
-    def installNameResolver(self, resolver: IHostnameResolver) -> IHostnameResolver:
-        previous, self.nameResolver = self.nameResolver, resolver
-        return previous
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._reactor, name)
+    def creatorForNetloc(self, hostname: bytes, port: int) -> RecordingConnectionCreator:
+        """A creator for one connection to C{hostname} (A-labels or an address)."""
+        return RecordingConnectionCreator(hostname.decode("ascii"), self._context)
 
 
 class _Drain(Protocol):
@@ -82,9 +91,9 @@ class _Drain(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.received += len(data)
         if self.received > _MAX_ANSWER and self.transport is not None:
-            self.transport.stopProducing()
+            cast(IPushProducer, self.transport).stopProducing()
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         # Whatever ended the body (done, cut off, lost), the status counts.
         if not self.finished.called:
             self.finished.callback(None)
@@ -92,7 +101,7 @@ class _Drain(Protocol):
     def abort(self) -> None:
         """Stop reading (the connection is closed)."""
         if self.transport is not None:
-            self.transport.stopProducing()
+            cast(IPushProducer, self.transport).stopProducing()
 
 
 class HTTPSReportSender:
@@ -106,8 +115,8 @@ class HTTPSReportSender:
 
     def __init__(
         self,
-        reactor: Any,
-        trust_roots: Any = None,
+        reactor: ClientReactor,
+        trust_roots: TrustRootSpec = None,
         name_resolver: IHostnameResolver | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         agent: IAgent | None = None,
@@ -115,7 +124,7 @@ class HTTPSReportSender:
         """
         @param reactor: provides C{IReactorTCP}, C{IReactorTime} and, unless
             C{name_resolver} is given, C{IReactorPluggableNameResolver}.
-        @param trust_roots: see L{mtasts_twisted.fetch.load_trust_roots};
+        @param trust_roots: see L{mtasts_twisted.pkix.load_trust_roots};
             L{None} for the platform's roots.
         @param name_resolver: resolves the endpoints' host names (e.g.
             through configured nameservers); the reactor's by default.
@@ -126,14 +135,11 @@ class HTTPSReportSender:
         self._reactor = reactor
         self._timeout = timeout
         if agent is None:
-            # Imported here: lower layers may import mtasts_twisted.tlsrpt
-            # for the result types, and fetch is one of them.
-            from mtasts_twisted.fetch import load_trust_roots
-
-            connect = reactor if name_resolver is None else _ResolvingReactor(reactor, name_resolver)
+            connect = reactor if name_resolver is None else reactor_with_resolver(reactor, name_resolver)
             agent = Agent(
                 connect,
-                contextFactory=BrowserLikePolicyForHTTPS(trustRoot=load_trust_roots(trust_roots)),
+                # One OpenSSL context per sender, not per POST.
+                contextFactory=_VerifyingPolicy(client_context(load_trust_roots(trust_roots))),
                 connectTimeout=timeout,
                 # One report per connection: nothing to keep open between days.
                 pool=HTTPConnectionPool(reactor, persistent=False),
@@ -162,7 +168,7 @@ class HTTPSReportSender:
 
         timer = self._reactor.callLater(self._timeout, time_out)
 
-        def done(result: Any) -> Any:
+        def done(result: int | Failure) -> int | Failure:
             if timer.active():
                 timer.cancel()
             if isinstance(result, Failure):
@@ -193,15 +199,16 @@ class HTTPSReportSender:
         raise ReportDeliveryError(uri, "not an https: URI", "connection-failed")
 
     async def _send(self, uri: str, report: Report, drain: _Drain) -> int:
+        headers: dict[bytes | str, list[bytes | str]] = {
+            # RFC 8460 §5.4: "the report SHOULD use the media type
+            # application/tlsrpt+gzip" when compressed (§5.2).
+            b"Content-Type": [GZIP_MEDIA_TYPE.encode("ascii")],
+            b"User-Agent": [_USER_AGENT],
+        }
         response: IResponse = await self._client.post(
             uri,
             data=report.gzip_bytes(),
-            headers={
-                # RFC 8460 §5.4: "the report SHOULD use the media type
-                # application/tlsrpt+gzip" when compressed (§5.2).
-                b"Content-Type": [GZIP_MEDIA_TYPE.encode("ascii")],
-                b"User-Agent": [_USER_AGENT],
-            },
+            headers=headers,
             allow_redirects=False,
             unbuffered=True,
         )
@@ -220,5 +227,9 @@ def _describe(failure: Failure) -> str:
     # treq/Agent wrap the interesting error in ResponseNeverReceived etc.
     inner = getattr(failure.value, "reasons", None)
     if inner:
-        return "; ".join(f.getErrorMessage() or f.type.__name__ for f in inner)
-    return failure.getErrorMessage() or failure.type.__name__
+        return "; ".join(_message(f) for f in inner)
+    return _message(failure)
+
+
+def _message(failure: Failure) -> str:
+    return failure.getErrorMessage() or type(failure.value).__name__
