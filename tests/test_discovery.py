@@ -8,7 +8,8 @@ from twisted.trial.unittest import TestCase
 
 from mtasts_twisted.cache import PolicyCache
 from mtasts_twisted.dns import DNSTemporaryError
-from mtasts_twisted.fetch import NoPolicyServedError, PolicyFetchError, discover, lookup_sts_record
+from mtasts_twisted.dns.records import lookup_sts_record
+from mtasts_twisted.fetch import NoPolicyServedError, PolicyFetchError, discover
 from mtasts_twisted.policy import Mode, NoRecordError, select_tlsrpt_record
 from mtasts_twisted.results import PolicyType, ResultType
 from mtasts_twisted.store import open_store

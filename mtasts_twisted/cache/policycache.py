@@ -27,7 +27,8 @@ from mtasts_twisted.cache.lookup import Lookup, PolicyLookupTemporaryError
 from mtasts_twisted.cache.reporting import BACKOFF_REASON, _classify, _fallback, _failure, describe
 from mtasts_twisted.cache.settings import CacheSettings
 from mtasts_twisted.dns import DNSTemporaryError
-from mtasts_twisted.fetch import FetchedPolicy, lookup_sts_answer
+from mtasts_twisted.dns.records import lookup_sts_answer
+from mtasts_twisted.fetch import FetchedPolicy
 from mtasts_twisted.interfaces import IDNSResolver, IStore
 from mtasts_twisted.policy import (
     DomainError,

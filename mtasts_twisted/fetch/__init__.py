@@ -10,18 +10,13 @@ the policy fetched over HTTPS (RFC 8461 §3.1, §3.3).
   - L{mtasts_twisted.fetch.endpoint}: the connection to the policy host
     through our resolver, with the package's recording verify callback
     (L{mtasts_twisted.pkix}).
-  - L{mtasts_twisted.fetch.discovery}: the TXT record lookup and
-    L{discover} (record, then policy; no cache).
+  - L{mtasts_twisted.fetch.discovery}: L{discover} (the TXT record of
+    L{mtasts_twisted.dns.records}, then the policy; no cache).
 
 Every public name is importable from C{mtasts_twisted.fetch}.
 """
 
-from mtasts_twisted.fetch.discovery import (
-    Discovery,
-    discover,
-    lookup_sts_answer,
-    lookup_sts_record,
-)
+from mtasts_twisted.fetch.discovery import Discovery, discover
 from mtasts_twisted.fetch.errors import (
     FetchTimeoutError,
     InvalidPolicyError,
@@ -56,8 +51,6 @@ __all__ = [
     "PolicyFetcher",
     "discover",
     "fetch_policy",
-    "lookup_sts_answer",
-    "lookup_sts_record",
     "policy_url",
     "load_trust_roots",
 ]

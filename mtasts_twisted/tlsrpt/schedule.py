@@ -50,8 +50,9 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from mtasts_twisted.dns import DNSNoRecordError, DNSTemporaryError
+from mtasts_twisted.dns.records import lookup_tlsrpt_record
 from mtasts_twisted.interfaces import IDNSResolver, IStore
-from mtasts_twisted.policy import DomainError, MTASTSError, select_tlsrpt_record
+from mtasts_twisted.policy import DomainError, MTASTSError
 from mtasts_twisted.tlsrpt.aggregate import (
     RESULTS_TABLE,
     decode_results,
@@ -490,11 +491,9 @@ class ReportScheduler(Service):
         errors: list[str] = []
         state: SendState | None = None
         try:
-            # RFC 8460 §3: the reporting policy is at "_smtp._tls.<domain>".
-            answer = await self._resolver.lookup_txt(f"_smtp._tls.{domain}")
             # RFC 8460 §3: not exactly one record: "assume the recipient
-            # domain does not implement TLSRPT".
-            record = select_tlsrpt_record(answer.strings)
+            # domain does not implement TLSRPT" (dropped below).
+            record = await lookup_tlsrpt_record(self._resolver, domain)
         except DNSNoRecordError as e:
             errors.append(f"no TLSRPT record: {e}")
             state = SendState.DROPPED
