@@ -1,6 +1,6 @@
 """
 Tests for SMTP session reuse (connection caching) in
-L{mtasts_twisted.delivery.Deliverer} and for L{mtasts_twisted.sessions}.
+L{mtasts_twisted.delivery.Deliverer} and for L{mtasts_twisted.delivery.sessions}.
 
 The delivery tests run against real loopback SMTP servers (the world of
 L{tests.test_delivery}); the idle timers run on a L{Clock} where the test
@@ -27,7 +27,7 @@ from mtasts_twisted.delivery import (
     deliver,
 )
 from mtasts_twisted.results import ResultType
-from mtasts_twisted.sessions import SessionPool
+from mtasts_twisted.delivery.sessions import SessionPool
 from mtasts_twisted.testing.smtp import Behaviour, Reply, SMTPTestServer, Stage
 from mtasts_twisted.tlsrpt.aggregate import merge_results
 from tests.test_delivery import (

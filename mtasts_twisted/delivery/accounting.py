@@ -1,0 +1,95 @@
+"""
+TLSRPT accounting of delivery (RFC 8460 §4): which L{Result}s a delivery
+reports for the MX hosts it skipped and the sessions it held, and handing
+them to the result sink.
+
+The rules are in "TLSRPT accounting" in the L{mtasts_twisted.delivery}
+docstring; in short, a delivery reports the policy lookup's result, then:
+
+  - L{skip_result}: one failure per MX host skipped under C{enforce} for
+    not matching the policy;
+  - L{session_result}: for each session that reached the STARTTLS decision,
+    under an C{sts} policy one success or failure; without one (or in mode
+    C{none}) only TLS negotiations: a completed handshake, or a failed one.
+
+Sessions that ended before the STARTTLS decision, the plaintext retry after
+a failed handshake and reused sessions add nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from twisted.logger import Logger
+
+from mtasts_twisted.delivery.plan import HostAction, PlannedHost
+from mtasts_twisted.interfaces import IResultSink
+from mtasts_twisted.results import FailureDetails, PolicyDescriptor, Result, ResultType
+from mtasts_twisted.tls import mx_mismatch_details
+
+__all__ = ["record", "session_result", "skip_result"]
+
+log = Logger()
+
+
+def skip_result(descriptor: PolicyDescriptor, target: PlannedHost) -> Result:
+    """
+    The TLSRPT result of an MX host skipped under C{enforce}
+    (L{HostAction.SKIP}): one failure, without C{receiving-ip} (no address
+    was tried).
+    """
+    assert target.skip_reason is not None
+    return Result(descriptor, 0, [target.skip_reason])
+
+
+def session_result(
+    descriptor: PolicyDescriptor,
+    target: PlannedHost,
+    ip: str,
+    failure: FailureDetails | None,
+    negotiated: bool,
+) -> Result | None:
+    """
+    The TLSRPT result of one session that reached the STARTTLS decision,
+    or L{None} when it is not counted.
+
+    @param descriptor: the policy descriptor of the delivery.
+    @param target: the MX host as planned.
+    @param ip: the address the session connected to (C{receiving-ip}).
+    @param failure: why TLS was not negotiated or not verified (STARTTLS
+        not offered or refused, the handshake's or the certificate's
+        failure), or L{None}.
+    @param negotiated: whether the TLS handshake completed.
+    """
+    if target.action is not HostAction.OPPORTUNISTIC:
+        # An sts policy (enforce, testing): every session counts once.
+        if not target.matches_policy:
+            # RFC 8461 §4.1: an MX host outside the policy; this wins over
+            # a TLS failure (testing).
+            return Result(descriptor, 0, [mx_mismatch_details(target.host, ip)])
+        if failure is not None:
+            return Result(descriptor, 0, [failure])
+        return Result(descriptor, 1)
+    # No policy, or mode none: a completed handshake is a success (no
+    # policy asked for verification), a failed one a failure; a session
+    # without TLS had no TLS negotiation to report.
+    if negotiated:
+        return Result(descriptor, 1)
+    if failure is not None and failure.result_type is not ResultType.STARTTLS_NOT_SUPPORTED:
+        return Result(descriptor, 0, [failure])
+    return None
+
+
+def record(sink: IResultSink | None, results: Iterable[Result]) -> None:
+    """
+    Hand C{results} to C{sink} (if any); a sink that fails is logged and
+    never fails the delivery (L{IResultSink.record} must not fail the
+    caller).
+    """
+    if sink is None:
+        return
+    for result in results:
+        try:
+            sink.record(result)
+        except Exception:
+            log.failure("TLSRPT sink failed to record a result")

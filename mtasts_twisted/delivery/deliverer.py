@@ -1,0 +1,497 @@
+"""
+L{Deliverer}: one message to the MX hosts of one recipient domain per call,
+enforcing the domain's MTA-STS policy; and the one-off L{deliver}.
+
+Per delivery it looks the policy and the MX hosts up, plans the hosts
+(L{mtasts_twisted.delivery.plan}), and goes through them: per host a parked
+session if one may carry the mail (L{mtasts_twisted.delivery.sessions}),
+else per address one new session (L{mtasts_twisted.delivery.dialogue}),
+with the opportunistic plaintext retry; it gathers the recipients'
+outcomes and the TLSRPT results (L{mtasts_twisted.delivery.accounting}).
+What all that does, and why, is in the L{mtasts_twisted.delivery}
+docstring.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any, BinaryIO, Protocol
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    connectProtocol,
+)
+from twisted.internet.interfaces import IConnector
+from twisted.internet.protocol import ClientFactory
+from twisted.logger import Logger
+
+from mtasts_twisted.cache import Lookup, PolicyLookupTemporaryError
+from mtasts_twisted.delivery.accounting import record, session_result, skip_result
+from mtasts_twisted.delivery.dialogue import Attempt, Connection, Dialogue
+from mtasts_twisted.delivery.plan import DeliveryPlan, HostAction, PlannedHost, Shuffler, plan_attempts
+from mtasts_twisted.delivery.protocol import ClientProtocol, Clock, SessionError, wire_address
+from mtasts_twisted.delivery.sessions import SessionCache, SessionPool
+from mtasts_twisted.delivery.values import (
+    DeliveryResult,
+    DeliverySettings,
+    Envelope,
+    RecipientOutcome,
+    Status,
+    scan_message,
+)
+from mtasts_twisted.dns import DNSError, DNSNoRecordError
+from mtasts_twisted.interfaces import IDNSResolver, IResultSink
+from mtasts_twisted.policy import DomainError, Mode, to_alabel
+from mtasts_twisted.results import Result
+from mtasts_twisted.tls import MXTLSOptionsCache, load_trust_root
+
+__all__ = ["MAX_ERRORS_SHOWN", "Deliverer", "DeliveryReactor", "PolicySource", "deliver"]
+
+log = Logger()
+
+#: Errors of failed attempts kept for a transient outcome's message.
+MAX_ERRORS_SHOWN = 4
+
+
+class DeliveryReactor(Clock, Protocol):
+    """
+    What delivery needs of a reactor: C{IReactorTime} (L{Clock}: every
+    timeout and the sessions' ages run on it) and C{IReactorTCP} (through
+    Twisted's TCP client endpoints).
+    """
+
+    def connectTCP(
+        self,
+        host: str,
+        port: int,
+        factory: ClientFactory,
+        timeout: float = ...,
+        bindAddress: tuple[str, int] | None = ...,
+        /,
+    ) -> IConnector:
+        """Connect a TCP client."""
+
+
+class PolicySource(Protocol):
+    """
+    Where delivery gets a domain's MTA-STS policy: a
+    L{PolicyCache<mtasts_twisted.cache.PolicyCache>}, or a stand-in with
+    its C{get} (the relay's report mailer answers "no policy").
+    """
+
+    def get(self, domain: str, /) -> Deferred[Lookup]:
+        """
+        The policy of C{domain} (A-labels); fails with
+        L{PolicyLookupTemporaryError} when it cannot be known now.
+        """
+
+
+class Deliverer:
+    """
+    Delivers messages to the MX hosts of one recipient domain per call,
+    enforcing the domain's MTA-STS policy (see the L{mtasts_twisted.delivery}
+    docstring).
+    """
+
+    def __init__(
+        self,
+        reactor: DeliveryReactor,
+        resolver: IDNSResolver,
+        cache: PolicySource,
+        trust_root: object = None,
+        sink: IResultSink | None = None,
+        settings: DeliverySettings = DeliverySettings(),
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        """
+        @param reactor: provides C{IReactorTCP} and C{IReactorTime}; all
+            timeouts use its clock.
+        @param resolver: an L{IDNSResolver}; MX hosts and their addresses
+            are resolved through it only.
+        @param cache: a L{mtasts_twisted.cache.PolicyCache} (anything with
+            its C{get}).
+        @param trust_root: the roots MX certificates must chain to: anything
+            L{load_trust_root} takes (L{None}: the platform's).
+        @param sink: an L{IResultSink} that records every TLSRPT result, or
+            L{None}.
+        @param settings: L{DeliverySettings}.
+        @param rng: shuffles MX hosts of equal preference (has C{shuffle});
+            the C{random} module by default.
+        """
+        self._reactor = reactor
+        self._resolver = resolver
+        self._cache = cache
+        self._trust_root = load_trust_root(trust_root)
+        self._tls_options = MXTLSOptionsCache(self._trust_root)
+        self._sink = sink
+        self.settings = settings
+        self._rng: Shuffler = rng if rng is not None else random
+        self._dialogue = Dialogue(reactor, settings, self._tls_options)
+        #: Finished sessions: parked for reuse, or closing in the background.
+        self._sessions = SessionCache(reactor, settings, self._dialogue.close)
+        #: Sessions parked for reuse (None: reuse is off).
+        self._pool: SessionPool[Connection] | None = self._sessions.pool
+
+    def deliver(self, sender: str, recipients: Sequence[str], message: BinaryIO) -> Deferred[DeliveryResult]:
+        """
+        Deliver one message to recipients of one domain, in one transaction
+        per session.
+
+        @param sender: the reverse-path (C{""} for the null sender).
+        @param recipients: addresses, all of the same domain; a duplicate
+            is delivered (and reported) once.
+        @param message: a seekable binary file holding the message (headers
+            and body), from its current position; streamed, never read
+            whole.  Left positioned where it started.
+        @return: a L{Deferred} firing with a L{DeliveryResult}; it fails
+            only with L{ValueError} for bad arguments (no recipients,
+            several domains, an address literal, a malformed address) and
+            with the file's L{OSError} when the message cannot be read.
+        """
+        return Deferred.fromCoroutine(self._deliver(sender, list(recipients), message))
+
+    def wait_closed(self) -> Deferred[None]:
+        """
+        Say QUIT on every parked session, and fire when every session's
+        QUIT-and-close has finished.
+        """
+        return self._sessions.wait_closed()
+
+    def close(self) -> Deferred[None]:
+        """
+        Stop keeping sessions for reuse, then L{wait_closed}.  Deliveries
+        still work afterwards (and may be in flight); each of their
+        sessions is closed after its transaction.
+        """
+        return self._sessions.close()
+
+    # -- one delivery --
+
+    def _finish(
+        self,
+        domain: str,
+        mode: Mode | None,
+        recipients: list[str],
+        outcomes: Mapping[str, RecipientOutcome],
+        results: list[Result],
+    ) -> DeliveryResult:
+        record(self._sink, results)
+        result = DeliveryResult(
+            domain=domain,
+            policy_mode=mode,
+            outcomes=tuple(outcomes[r] for r in recipients),
+            results=tuple(results),
+        )
+        for outcome in result.outcomes:
+            if outcome.status is Status.DELIVERED:
+                # The caller has the result, the TLS layer logged the
+                # session: no second event per delivered recipient.
+                continue
+            log.info(
+                "{recipient}: {status} via {mx_host} ({tls}): {code} {message}",
+                recipient=outcome.recipient,
+                status=outcome.status.value,
+                mx_host=outcome.mx_host,
+                tls=(outcome.tls_version or "no TLS") + (", verified" if outcome.verified else ""),
+                code=outcome.code,
+                message=outcome.message,
+            )
+        return result
+
+    @staticmethod
+    def _all(
+        recipients: list[str], status: Status, message: str, mx_host: str | None = None
+    ) -> dict[str, RecipientOutcome]:
+        return {r: RecipientOutcome(r, status, None, message, mx_host, None, False) for r in recipients}
+
+    def _domain_of(self, recipients: list[str]) -> str:
+        if not recipients:
+            raise ValueError("no recipients")
+        domains = set()
+        for recipient in recipients:
+            _, at, domain = recipient.rpartition("@")
+            if not at:
+                raise ValueError(f"recipient without a domain: {recipient!r}")
+            try:
+                domains.add(to_alabel(domain))
+            except DomainError as e:
+                # Address literals have no MTA-STS policy and no MX.
+                raise ValueError(f"cannot deliver to {recipient!r}: {e}") from None
+        if len(domains) != 1:
+            raise ValueError(f"recipients of several domains: {sorted(domains)}")
+        return domains.pop()
+
+    async def _deliver(self, sender: str, recipients: list[str], message: BinaryIO) -> DeliveryResult:
+        domain = self._domain_of(recipients)
+        recipients = list(dict.fromkeys(recipients))
+        forward_paths = {r: wire_address(r) for r in recipients}
+        reverse_path = wire_address(sender)
+        results: list[Result] = []
+
+        try:
+            lookup = await self._cache.get(domain)
+        except PolicyLookupTemporaryError as e:
+            results.append(e.result)
+            return self._finish(
+                domain,
+                None,
+                recipients,
+                self._all(recipients, Status.TRANSIENT, f"4.4.3 MTA-STS policy lookup for {domain} failed: {e}"),
+                results,
+            )
+        except Exception as e:
+            # E.g. the store is down.  Never deliver without knowing the
+            # policy (that would fail open): transient.
+            log.failure("MTA-STS policy lookup for {domain} failed", domain=domain)
+            return self._finish(
+                domain,
+                None,
+                recipients,
+                self._all(recipients, Status.TRANSIENT, f"4.3.0 MTA-STS policy lookup for {domain} failed: {e!r}"),
+                results,
+            )
+        results.append(lookup.result)
+        plan = DeliveryPlan(domain, lookup.policy, lookup.result.policy, getattr(lookup, "record_id", None))
+
+        try:
+            mx = await self._resolver.lookup_mx(domain)
+        except DNSNoRecordError as e:
+            return self._finish(
+                domain,
+                plan.mode,
+                recipients,
+                self._all(recipients, Status.PERMANENT, f"5.1.2 {domain} has no mail exchanger: {e}"),
+                results,
+            )
+        except DNSError as e:
+            return self._finish(
+                domain,
+                plan.mode,
+                recipients,
+                self._all(recipients, Status.TRANSIENT, f"4.4.3 MX lookup for {domain} failed: {e}"),
+                results,
+            )
+        if mx.null:
+            # RFC 7505 §4.2: a null MX; the bounce uses 556 5.1.10.
+            return self._finish(
+                domain,
+                plan.mode,
+                recipients,
+                self._all(recipients, Status.PERMANENT, f"5.1.10 {domain} accepts no mail (null MX, RFC 7505)"),
+                results,
+            )
+
+        envelope = Envelope(reverse_path, forward_paths, message, scan_message(message))
+        outcomes: dict[str, RecipientOutcome] = {}
+        pending = list(recipients)
+        errors: list[str] = []
+        last_host: str | None = None
+        last_code: int | None = None
+        # RFC 5321 §5.1: by preference, equal ones shuffled; among those, a
+        # host with a parked session comes first.
+        targets = plan_attempts(
+            plan.policy,
+            mx.hosts,
+            rng=self._rng,
+            max_hosts=self.settings.max_mx_hosts,
+            first=self._sessions.parked_first(plan),
+        )
+        try:
+            for target in targets:
+                if not pending:
+                    break
+                host = target.host
+                last_host = host
+                if target.action is HostAction.SKIP:
+                    # RFC 8461 §4.1: never deliver to an MX host outside an
+                    # enforced policy.
+                    results.append(skip_result(plan.descriptor, target))
+                    errors.append(f"{host}: not an MX host of the MTA-STS policy")
+                    continue
+                try:
+                    answer = await self._resolver.lookup_addresses(host)
+                except DNSError as e:
+                    errors.append(f"{host}: {e}")
+                    continue
+                ips = answer.addresses[: self.settings.max_addresses_per_host]
+                while pending:
+                    # A parked session to this host, if one is exactly as
+                    # good as a new one (see SessionCache.take); a dead one
+                    # falls back to a new connection below, unreported.
+                    conn = self._sessions.take(plan, target, ips)
+                    if conn is None:
+                        break
+                    reused = await self._reused_session(conn, plan, target, envelope, pending)
+                    if reused is None:
+                        continue
+                    outcomes.update(reused.outcomes)
+                    pending = [r for r in pending if r not in outcomes]
+                    break
+                for ip in ips:
+                    if not pending:
+                        break
+                    attempt = await self._session(plan, target, ip, envelope, pending, True)
+                    self._count(results, plan, target, attempt)
+                    if attempt.retry_plaintext and not target.require_tls:
+                        errors.append(f"{host} [{ip}]: {attempt.error}")
+                        log.info("retrying {host} [{ip}] without STARTTLS", host=host, ip=ip)
+                        attempt = await self._session(plan, target, ip, envelope, pending, False)
+                    outcomes.update(attempt.outcomes)
+                    pending = [r for r in pending if r not in outcomes]
+                    if attempt.error is not None:
+                        errors.append(f"{host} [{ip}]: {attempt.error}")
+                        last_code = attempt.code
+                    if not pending:
+                        break
+        finally:
+            message.seek(envelope.info.start)
+
+        if pending:
+            shown = errors[-MAX_ERRORS_SHOWN:] or ["no MX host could be tried"]
+            if plan.enforce:
+                # RFC 8461 §5.1: never permanent before a fresh policy check;
+                # the relay's retry looks the policy up again.
+                text = f"4.7.5 no MX host of {domain} passed MTA-STS (enforce) checks and took the message: "
+            else:
+                text = f"4.4.1 no MX host of {domain} took the message: "
+            for recipient in pending:
+                outcomes[recipient] = RecipientOutcome(
+                    recipient, Status.TRANSIENT, last_code, text + "; ".join(shown), last_host, None, False
+                )
+        return self._finish(domain, plan.mode, recipients, outcomes, results)
+
+    @staticmethod
+    def _count(results: list[Result], plan: DeliveryPlan, target: PlannedHost, attempt: Attempt) -> None:
+        """Add the TLSRPT result of a new session, if it counts."""
+        if attempt.tls_decided:
+            result = session_result(plan.descriptor, target, attempt.ip, attempt.tls_failure, attempt.tls_negotiated)
+            if result is not None:
+                results.append(result)
+
+    # -- one session --
+
+    async def _session(
+        self,
+        plan: DeliveryPlan,
+        target: PlannedHost,
+        ip: str,
+        envelope: Envelope,
+        pending: list[str],
+        use_tls: bool,
+    ) -> Attempt:
+        """One new session with address C{ip} of C{target}."""
+        host = target.host
+        attempt = Attempt(host, ip)
+        proto = ClientProtocol(self._reactor)
+        endpoint_type = TCP6ClientEndpoint if ":" in ip else TCP4ClientEndpoint
+        port = self.settings.port_of(host)
+        endpoint = endpoint_type(self._reactor, ip, port, timeout=self.settings.connect_timeout)
+        created = self._reactor.seconds()
+        try:
+            await connectProtocol(endpoint, proto)
+        except Exception as e:
+            attempt.error = f"cannot connect to port {port}: {e}"
+            return attempt
+        timer = self._reactor.callLater(
+            self.settings.session_timeout,
+            proto.expire,
+            SessionError(f"session timed out after {self.settings.session_timeout:g} s"),
+        )
+        conn: Connection | None = None
+        try:
+            extensions = await self._dialogue.open(proto, attempt, target, use_tls)
+            conn = Connection(
+                proto,
+                timer,
+                plan.reuse_key(host, port),
+                host,
+                ip,
+                created,
+                target.verify,
+                attempt.tls_version,
+                attempt.verified,
+                extensions,
+            )
+            await self._dialogue.transaction(conn, attempt, target, envelope, pending)
+        except SessionError as e:
+            attempt.error = str(e)
+            attempt.code = e.code
+        except Exception as e:
+            log.failure("SMTP session with {host} [{ip}] failed", host=host, ip=ip)
+            attempt.error = f"internal error: {e!r}"
+        if attempt.error is None:
+            assert conn is not None
+            self._sessions.release(conn, plan, target, use_tls)
+        else:
+            await self._dialogue.close(proto, timer)
+        return attempt
+
+    async def _reused_session(
+        self,
+        conn: Connection,
+        plan: DeliveryPlan,
+        target: PlannedHost,
+        envelope: Envelope,
+        pending: list[str],
+    ) -> Attempt | None:
+        """
+        One transaction on a parked session.  L{None} when the session
+        turned out dead before the transaction began (the caller goes on
+        as if it had never been parked).  A session that fails before the
+        end of data leaves its undecided recipients pending for a new
+        connection, like any failed session.  No TLSRPT result: RFC 8460
+        §4 counts TLS sessions, and this one was counted when it was made.
+        """
+        if not await self._sessions.probe(conn):
+            return None
+        log.debug(
+            "reusing the session to {host} [{ip}] ({tls_version}, verified={verified}) for transaction {number}",
+            host=conn.host,
+            ip=conn.ip,
+            tls_version=conn.tls_version,
+            verified=conn.verified,
+            number=conn.transactions + 1,
+        )
+        attempt = Attempt(conn.host, conn.ip, tls_version=conn.tls_version, verified=conn.verified)
+        try:
+            await self._dialogue.transaction(conn, attempt, target, envelope, pending)
+        except SessionError as e:
+            attempt.error = str(e)
+            attempt.code = e.code
+        except Exception as e:  # noqa: BLE001 - a bug here must not lose the delivery
+            log.failure("SMTP session with {host} [{ip}] failed", host=conn.host, ip=conn.ip)
+            attempt.error = f"internal error: {e!r}"
+        if attempt.error is None:
+            self._sessions.release(conn, plan, target, True)
+        else:
+            log.debug("reused session to {host} [{ip}] failed ({error}); connecting anew",
+                      host=conn.host, ip=conn.ip, error=attempt.error)
+            await self._dialogue.close(conn.proto, conn.timer)
+        return attempt
+
+
+def deliver(
+    reactor: DeliveryReactor,
+    resolver: IDNSResolver,
+    cache: PolicySource,
+    sender: str,
+    recipients: Sequence[str],
+    message: BinaryIO,
+    **kwargs: Any,
+) -> Deferred[DeliveryResult]:
+    """
+    Deliver one message once: L{Deliverer}C{(reactor, resolver, cache,
+    **kwargs).deliver(sender, recipients, message)}.
+
+    Make one L{Deliverer} and reuse it when delivering many messages (it
+    loads the trust roots once, and can reuse sessions).  Here the session
+    is always closed: nothing would close a parked one.
+    """
+    settings = kwargs.pop("settings", DeliverySettings())
+    kwargs["settings"] = attrs.evolve(settings, reuse_idle_time=0.0)
+    return Deliverer(reactor, resolver, cache, **kwargs).deliver(sender, recipients, message)

@@ -1,0 +1,394 @@
+"""
+The client's side of one SMTP session with one MX host address, as the
+plan asks (RFC 5321 §3–§4, RFC 3207): the greeting, EHLO (HELO fallback),
+STARTTLS with the certificate checked in the host's L{VerifyMode}, one
+transaction (MAIL, one RCPT per recipient, DATA) for an L{Envelope}, and
+QUIT.
+
+  - L{Dialogue}: says all that over a L{ClientProtocol}; one per
+    L{Deliverer<mtasts_twisted.delivery.Deliverer>}.
+  - L{Attempt}: what one session did: the recipients it decided, why it
+    ended, and what its STARTTLS decision was (for the TLSRPT accounting
+    in L{mtasts_twisted.delivery.accounting}).
+  - L{Connection}: a session past its (TLS) setup, as carried from
+    transaction to transaction when it is reused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from twisted.internet.interfaces import IDelayedCall
+from twisted.protocols.basic import FileSender
+
+from mtasts_twisted.delivery.plan import PlannedHost
+from mtasts_twisted.delivery.protocol import ClientProtocol, Clock, DataEncoder, Reply, SessionError, parse_ehlo
+from mtasts_twisted.delivery.values import DeliverySettings, Envelope, RecipientOutcome, Status
+from mtasts_twisted.results import FailureDetails, ResultType
+from mtasts_twisted.tls import MXTLSOptionsCache, VerifyMode, starttls_not_supported_details
+
+__all__ = ["CLOSE_TIMEOUT", "QUIT_TIMEOUT", "Attempt", "Connection", "Dialogue", "status_of"]
+
+#: Longest wait for the reply to QUIT (RFC 5321 §4.5.3.2 sets none).
+QUIT_TIMEOUT = 10.0
+#: Longest wait for a closed connection to be gone before aborting it.
+CLOSE_TIMEOUT = 5.0
+
+
+@attrs.define
+class Attempt:
+    """
+    What one session with one address of one MX host did.
+
+    @ivar host: the MX host.
+    @ivar ip: the address.
+    @ivar outcomes: the recipients it decided.
+    @ivar error: why it ended without deciding the others, or L{None}.
+    @ivar code: the reply code that ended it, if any.
+    @ivar retry_plaintext: its TLS handshake failed and the plan allows a
+        retry without STARTTLS on a new connection.
+    @ivar tls_version: e.g. C{"TLSv1.3"} once TLS is negotiated.
+    @ivar verified: whether the certificate verified.
+    @ivar tls_decided: whether it reached the STARTTLS decision (STARTTLS
+        not offered, refused, or a handshake, failed or completed).
+    @ivar tls_failure: why TLS was not negotiated or not verified, once
+        decided; L{None} for verified TLS.
+    @ivar tls_negotiated: whether the TLS handshake completed.
+    """
+
+    host: str
+    ip: str
+    outcomes: dict[str, RecipientOutcome] = attrs.field(factory=dict)
+    error: str | None = None
+    code: int | None = None
+    retry_plaintext: bool = False
+    tls_version: str | None = None
+    verified: bool = False
+    tls_decided: bool = False
+    tls_failure: FailureDetails | None = None
+    tls_negotiated: bool = False
+
+    def decide(self, recipient: str, status: Status, code: int | None, message: str) -> None:
+        """Record the outcome for C{recipient}."""
+        self.outcomes[recipient] = RecipientOutcome(
+            recipient, status, code, message, self.host, self.tls_version, self.verified
+        )
+
+    def tls_decision(self, failure: FailureDetails | None, negotiated: bool) -> None:
+        """Record the STARTTLS decision: C{failure} (or L{None}), and whether TLS was negotiated."""
+        self.tls_decided = True
+        self.tls_failure = failure
+        self.tls_negotiated = negotiated
+
+
+@attrs.define(eq=False)
+class Connection:
+    """
+    An open SMTP session past its (TLS) setup, as parked for reuse.
+
+    @ivar proto: its protocol.
+    @ivar timer: its session timeout.
+    @ivar key: its L{DeliveryPlan.reuse_key
+        <mtasts_twisted.delivery.plan.DeliveryPlan.reuse_key>}.
+    @ivar host: the MX host.
+    @ivar ip: the address connected to.
+    @ivar created: when it connected (the clock's seconds).
+    @ivar verify_mode: the L{VerifyMode} its handshake ran under.
+    @ivar tls_version: e.g. C{"TLSv1.3"}, or L{None} without TLS.
+    @ivar verified: whether its certificate verified.
+    @ivar extensions: the EHLO keywords after STARTTLS.
+    @ivar transactions: transactions it has carried.
+    """
+
+    proto: ClientProtocol
+    timer: IDelayedCall
+    key: tuple[Any, ...]
+    host: str
+    ip: str
+    created: float
+    verify_mode: VerifyMode
+    tls_version: str | None
+    verified: bool
+    extensions: dict[str, str]
+    transactions: int = 0
+
+
+def status_of(reply: Reply) -> Status:
+    """A refusal's L{Status}: permanent for 5xx, else transient."""
+    return Status.PERMANENT if reply.kind == 5 else Status.TRANSIENT
+
+
+class Dialogue:
+    """
+    What the client says in one SMTP session, and what it makes of the
+    replies.  Every method runs on one L{ClientProtocol} and raises
+    L{SessionError} when the session ends without deciding the pending
+    recipients.
+    """
+
+    def __init__(self, clock: Clock, settings: DeliverySettings, tls_options: MXTLSOptionsCache) -> None:
+        """
+        @param clock: runs the close timeout.
+        @param settings: the reply timeout and the EHLO name.
+        @param tls_options: makes the TLS connection creator per session.
+        """
+        self._clock = clock
+        self._timeout = settings.reply_timeout
+        self._helo = settings.helo_name.encode("ascii")
+        self._tls_options = tls_options
+
+    async def open(self, proto: ClientProtocol, attempt: Attempt, target: PlannedHost, use_tls: bool) -> dict[str, str]:
+        """
+        Greeting, EHLO, STARTTLS (if C{use_tls}) and EHLO again; return the
+        extensions to use.  Sets C{attempt}'s TLS fields.
+        """
+        timeout = self._timeout
+        greeting = await proto.reply(timeout, "the greeting")
+        if greeting.code != 220:
+            # RFC 5321 §3.1: a 554 (or any non-220) greeting: try another host.
+            raise SessionError(f"greeting: {greeting}", greeting.code)
+        extensions = await self._ehlo(proto)
+
+        if use_tls:
+            extensions = await self._starttls(proto, attempt, target, extensions)
+
+        if target.require_tls and not attempt.verified:
+            # _starttls raised already; this guards the promise itself.
+            raise SessionError("not verified: refusing to send under enforce")
+        return extensions
+
+    async def close(self, proto: ClientProtocol, timer: IDelayedCall) -> None:
+        """QUIT (unless the connection is gone), close, and stop the session timer."""
+        try:
+            await self._quit(proto)
+        finally:
+            if timer.active():
+                timer.cancel()
+
+    async def _quit(self, proto: ClientProtocol) -> None:
+        if not proto.gone:
+            try:
+                await proto.command(b"QUIT", min(self._timeout, QUIT_TIMEOUT))
+            except SessionError:
+                pass
+        if not proto.closed.called:
+            transport = proto.tls_transport
+            transport.loseConnection()
+            call = self._clock.callLater(CLOSE_TIMEOUT, transport.abortConnection)
+            await proto.closed
+            if call.active():
+                call.cancel()
+
+    async def _ehlo(self, proto: ClientProtocol) -> dict[str, str]:
+        reply = await proto.command(b"EHLO " + self._helo, self._timeout)
+        return await self._extensions(proto, reply, "EHLO")
+
+    async def _extensions(self, proto: ClientProtocol, reply: Reply, what: str) -> dict[str, str]:
+        """The extensions an EHLO C{reply} lists, or none after a HELO."""
+        if reply.code == 250:
+            return parse_ehlo(reply)
+        if reply.kind == 5:
+            # RFC 5321 §3.2: a server that does not know EHLO: use HELO.
+            helo = await proto.command(b"HELO " + self._helo, self._timeout)
+            if helo.code == 250:
+                return {}
+            reply = helo
+        raise SessionError(f"{what} refused: {reply}", reply.code)
+
+    async def transaction(
+        self,
+        conn: Connection,
+        attempt: Attempt,
+        target: PlannedHost,
+        envelope: Envelope,
+        pending: list[str],
+    ) -> None:
+        """
+        One transaction on C{conn} for the C{pending} recipients of
+        C{envelope}; decide each of them in C{attempt}, or raise
+        L{SessionError} before the end of data.
+        """
+        if target.require_tls and not (conn.verified and conn.verify_mode is VerifyMode.VERIFY):
+            # Guards the promise for new and reused sessions alike.
+            raise SessionError("not verified: refusing to send under enforce")
+        conn.transactions += 1
+        proto = conn.proto
+        extensions = conn.extensions
+        host = attempt.host
+        timeout = self._timeout
+        info = envelope.info
+        reverse_path = envelope.reverse_path
+        paths = envelope.forward_paths
+
+        # -- what the message and addresses need (RFC 6152, RFC 6531, RFC 1870)
+        params = b""
+        if info.eight_bit:
+            if "8BITMIME" not in extensions:
+                for recipient in pending:
+                    attempt.decide(
+                        recipient,
+                        Status.PERMANENT,
+                        None,
+                        f"5.6.3 the message has 8-bit data and {host} does not support 8BITMIME (RFC 6152)",
+                    )
+                return
+            params += b" BODY=8BITMIME"
+        utf8 = "SMTPUTF8" in extensions
+        if reverse_path.smtputf8 and not utf8:
+            for recipient in pending:
+                attempt.decide(
+                    recipient,
+                    Status.PERMANENT,
+                    None,
+                    f"5.6.7 the sender address needs SMTPUTF8, which {host} does not support (RFC 6531)",
+                )
+            return
+        sendable = []
+        for recipient in pending:
+            if paths[recipient].smtputf8 and not utf8:
+                attempt.decide(
+                    recipient,
+                    Status.PERMANENT,
+                    None,
+                    f"5.6.7 the address needs SMTPUTF8, which {host} does not support (RFC 6531)",
+                )
+            else:
+                sendable.append(recipient)
+        if not sendable:
+            return
+        if reverse_path.smtputf8 or any(paths[r].smtputf8 for r in sendable):
+            params += b" SMTPUTF8"
+        if "SIZE" in extensions:
+            limit = extensions["SIZE"]
+            if limit.isdigit() and int(limit) and info.size > int(limit):
+                for recipient in sendable:
+                    attempt.decide(
+                        recipient,
+                        Status.PERMANENT,
+                        None,
+                        f"5.3.4 the message ({info.size} octets) exceeds the {limit} octets {host} accepts (RFC 1870)",
+                    )
+                return
+            params += b" SIZE=%d" % info.size
+
+        # -- the transaction (RFC 5321 §3.3)
+        reply = await proto.command(b"MAIL FROM:<" + reverse_path.address + b">" + params, timeout)
+        if reply.kind == 5:
+            for recipient in sendable:
+                attempt.decide(recipient, Status.PERMANENT, reply.code, f"MAIL FROM refused: {reply.text}")
+            return
+        if reply.kind != 2:
+            raise SessionError(f"MAIL FROM: {reply}", reply.code)
+        accepted = []
+        for recipient in sendable:
+            reply = await proto.command(b"RCPT TO:<" + paths[recipient].address + b">", timeout)
+            if reply.kind == 2:
+                accepted.append(recipient)
+            else:
+                attempt.decide(recipient, status_of(reply), reply.code, reply.text)
+        if not accepted:
+            return
+        reply = await proto.command(b"DATA", timeout)
+        if reply.code != 354:
+            for recipient in accepted:
+                attempt.decide(recipient, status_of(reply), reply.code, f"DATA refused: {reply.text}")
+            return
+        message = envelope.message
+        message.seek(info.start)
+        encoder = DataEncoder()
+        transport = proto.tls_transport
+        try:
+            await FileSender().beginFileTransfer(message, transport, encoder.encode)
+        except Exception:
+            raise SessionError(f"connection lost while sending the message ({proto.error or 'stopped'})")
+        if proto.gone:
+            raise SessionError(f"connection lost while sending the message ({proto.error})")
+        transport.write(encoder.finish())
+        try:
+            reply = await proto.reply(timeout, "the end of data")
+        except SessionError as e:
+            # The final dot is sent: the server may have taken the message
+            # (RFC 1047); do not send it elsewhere in this call.
+            for recipient in accepted:
+                attempt.decide(
+                    recipient,
+                    Status.TRANSIENT,
+                    None,
+                    f"4.4.2 no reply from {host} after the end of data ({e}); it may have been delivered",
+                )
+            return
+        for recipient in accepted:
+            if reply.kind == 2:
+                attempt.decide(recipient, Status.DELIVERED, reply.code, reply.text)
+            else:
+                attempt.decide(recipient, status_of(reply), reply.code, reply.text)
+
+    async def _starttls(
+        self, proto: ClientProtocol, attempt: Attempt, target: PlannedHost, extensions: dict[str, str]
+    ) -> dict[str, str]:
+        """
+        Negotiate TLS if offered; record the decision in C{attempt}
+        (L{Attempt.tls_decision}, C{.tls_version}, C{.verified}).  Return
+        the extensions to use.
+        """
+        host, ip = attempt.host, attempt.ip
+        timeout = self._timeout
+        if "STARTTLS" not in extensions:
+            attempt.tls_decision(starttls_not_supported_details(host, ip), False)
+            if target.require_tls:
+                # RFC 8461 §5: enforce requires TLS.
+                raise SessionError("STARTTLS not offered")
+            return extensions
+        proto.switching = True
+        reply = await proto.command(b"STARTTLS", timeout)
+        proto.switching = False
+        if reply.code != 220:
+            attempt.tls_decision(starttls_not_supported_details(host, ip, reply_code=reply.code), False)
+            if target.require_tls:
+                raise SessionError(f"STARTTLS refused: {reply}", reply.code)
+            # RFC 3207 §4: the client decides whether to go on; opportunistic
+            # delivery goes on in plaintext on this connection.
+            return extensions
+        if proto.injected:
+            raise SessionError("plaintext data after the 220 reply to STARTTLS (command injection)")
+        # One creator (one recorder) per session; the OpenSSL context under
+        # it is cached per MX host (no context or trust store per session).
+        creator = self._tls_options.creator(host, target.verify)
+        proto.tls_transport.startTLS(creator)
+        # The EHLO is buffered by the TLS layer until the handshake is done,
+        # so under VERIFY it never reaches a server that failed verification.
+        try:
+            reply = await proto.command(b"EHLO " + self._helo, timeout)
+        except SessionError as e:
+            outcome = creator.outcome()
+            if outcome is not None and outcome.handshake_completed:
+                # TLS was negotiated; the session failed afterwards.
+                attempt.tls_version = outcome.tls_version
+                attempt.verified = outcome.verified
+                attempt.tls_decision(outcome.failure_details(ip), True)
+                raise
+            details: FailureDetails | None = None
+            kind = "failed"
+            if outcome is not None:
+                details = outcome.failure_details(ip)
+                classified = outcome.classify()
+                if classified:
+                    kind = f"{classified[0].value} ({classified[1]})"
+            if details is None:
+                details = FailureDetails(
+                    ResultType.VALIDATION_FAILURE,
+                    receiving_mx_hostname=host,
+                    receiving_ip=ip,
+                    failure_reason_code="tls-handshake-failure",
+                )
+            attempt.tls_decision(details, False)
+            attempt.retry_plaintext = not target.require_tls
+            raise SessionError(f"TLS with {host} failed: {kind}; {e}") from None
+        outcome = creator.outcome()
+        assert outcome is not None
+        attempt.tls_version = outcome.tls_version
+        attempt.verified = outcome.verified
+        attempt.tls_decision(outcome.failure_details(ip), True)
+        return await self._extensions(proto, reply, "EHLO after STARTTLS")
+
