@@ -38,8 +38,8 @@ SMTP client protocol)::
 
 The OpenSSL context is cached per MX host (L{MXTLSOptionsCache}); the
 creator, and so the recorder, is per session.  STARTTLS not offered or
-refused is reported with L{starttls_not_supported_details}, an MX host
-outside the policy with L{mx_mismatch_details} (RFC 8461 §4.1).
+refused, and an MX host outside the policy, are reported by
+L{mtasts_twisted.delivery.details}: they are not TLS outcomes.
 
 twisted.mail's C{ESMTPSenderFactory} can take an L{MXConnectionCreator} as
 its C{contextFactory} (C{ESMTPClient.esmtpState_starttls} hands it to
@@ -77,7 +77,6 @@ from mtasts_twisted.pkix import (
 from mtasts_twisted.results import FailureDetails, ResultType
 
 __all__ = [
-    "MX_MISMATCH_REASON",
     "MXConnectionCreator",
     "MXTLSOptionsCache",
     "TLSOutcome",
@@ -85,14 +84,9 @@ __all__ = [
     "TLSVerificationError",
     "VerifyMode",
     "load_trust_root",
-    "mx_mismatch_details",
-    "starttls_not_supported_details",
 ]
 
 log = Logger()
-
-#: failure-reason-code for an MX host outside the policy (RFC 8461 §4.1).
-MX_MISMATCH_REASON = "mtasts-policy-mx-mismatch"
 
 #: L{mtasts_twisted.pkix.load_trust_roots}, under the name delivery imports.
 load_trust_root = load_trust_roots
@@ -505,50 +499,3 @@ class MXConnectionCreator:
         recorder._attach(connection, tlsProtocol)
         self.recorders.append(recorder)
         return connection
-
-
-def starttls_not_supported_details(
-    mx_hostname: str,
-    receiving_ip: str | None = None,
-    *,
-    reply_code: int | None = None,
-    receiving_mx_helo: str | None = None,
-    sending_mta_ip: str | None = None,
-) -> FailureDetails:
-    """
-    Failure-details for an MX host that did not offer STARTTLS or refused
-    it: starttls-not-supported (RFC 8460 §4.3.1).
-
-    @param reply_code: the reply to STARTTLS (e.g. 454), or L{None} when it
-        was not offered; the reason code is C{starttls-not-offered} or
-        C{starttls-refused-<code>}.
-    """
-    reason = "starttls-not-offered" if reply_code is None else f"starttls-refused-{reply_code}"
-    return FailureDetails(
-        result_type=ResultType.STARTTLS_NOT_SUPPORTED,
-        sending_mta_ip=sending_mta_ip,
-        receiving_mx_hostname=mx_hostname,
-        receiving_mx_helo=receiving_mx_helo,
-        receiving_ip=receiving_ip,
-        failure_reason_code=reason,
-    )
-
-
-def mx_mismatch_details(
-    mx_hostname: str,
-    receiving_ip: str | None = None,
-    *,
-    sending_mta_ip: str | None = None,
-) -> FailureDetails:
-    """
-    Failure-details for an MX host that the policy's C{mx} patterns do not
-    match (RFC 8461 §4.1): validation-failure, reason
-    C{mtasts-policy-mx-mismatch}.
-    """
-    return FailureDetails(
-        result_type=ResultType.VALIDATION_FAILURE,
-        sending_mta_ip=sending_mta_ip,
-        receiving_mx_hostname=mx_hostname,
-        receiving_ip=receiving_ip,
-        failure_reason_code=MX_MISMATCH_REASON,
-    )

@@ -24,7 +24,8 @@ from mtasts_twisted.delivery.accounting import session_result, skip_result
 from mtasts_twisted.dns import MXHost
 from mtasts_twisted.policy import Mode, Policy, parse_policy
 from mtasts_twisted.results import FailureDetails, PolicyDescriptor, PolicyType, Result, ResultType
-from mtasts_twisted.tls import MX_MISMATCH_REASON, VerifyMode, starttls_not_supported_details
+from mtasts_twisted.delivery.details import MX_MISMATCH_REASON, starttls_not_supported_details
+from mtasts_twisted.tls import VerifyMode
 
 DOMAIN = "example.com"
 MX1 = MXHost(10, "mx1.example.com")

@@ -36,9 +36,8 @@ from mtasts_twisted.tls import (
     TLSOutcome,
     TLSVerificationError,
     VerifyMode,
-    mx_mismatch_details,
-    starttls_not_supported_details,
 )
+from mtasts_twisted.delivery.details import mx_mismatch_details, starttls_not_supported_details
 
 MX = "mx.example.com"
 _PKI = PKI()

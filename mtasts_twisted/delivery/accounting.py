@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from mtasts_twisted.delivery.plan import HostAction, PlannedHost
 from mtasts_twisted.interfaces import IResultSink
 from mtasts_twisted.results import FailureDetails, PolicyDescriptor, Result, ResultType
-from mtasts_twisted.tls import mx_mismatch_details
+from mtasts_twisted.delivery.details import mx_mismatch_details
 
 __all__ = ["record", "session_result", "skip_result"]
 

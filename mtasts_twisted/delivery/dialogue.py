@@ -26,7 +26,8 @@ from mtasts_twisted.delivery.plan import PlannedHost
 from mtasts_twisted.delivery.protocol import ClientProtocol, Clock, DataEncoder, Reply, SessionError, parse_ehlo
 from mtasts_twisted.delivery.values import DeliverySettings, Envelope, RecipientOutcome, Status
 from mtasts_twisted.results import FailureDetails, ResultType
-from mtasts_twisted.tls import MXTLSOptionsCache, VerifyMode, starttls_not_supported_details
+from mtasts_twisted.delivery.details import starttls_not_supported_details
+from mtasts_twisted.tls import MXTLSOptionsCache, VerifyMode
 
 __all__ = ["CLOSE_TIMEOUT", "QUIT_TIMEOUT", "Attempt", "Connection", "Dialogue", "status_of"]
 

@@ -48,7 +48,8 @@ import attrs
 from mtasts_twisted.dns import MXHost
 from mtasts_twisted.policy import Mode, Policy
 from mtasts_twisted.results import FailureDetails, PolicyDescriptor
-from mtasts_twisted.tls import VerifyMode, mx_mismatch_details
+from mtasts_twisted.delivery.details import mx_mismatch_details
+from mtasts_twisted.tls import VerifyMode
 
 __all__ = [
     "DeliveryPlan",
