@@ -256,7 +256,7 @@ class RelaySMTP(ESMTP):
             if self.transport is not None:
                 self._connection.pauseProducing()
 
-    def lineReceived(self, line: bytes) -> Any:
+    def lineReceived(self, line: bytes) -> object:
         """Process a line, or keep it while an end of data is pending."""
         if self._held is not None:
             self._held.append(line)
@@ -279,7 +279,7 @@ class RelaySMTP(ESMTP):
                 self._held[:0] = held  # another dot is being committed
                 return
 
-    def lookupMethod(self, command: bytes | str) -> Any:
+    def lookupMethod(self, command: bytes | str) -> Callable[[bytes], object] | None:
         """
         Find the handler of a command word; a word that is not ASCII is an
         unknown command (500), not an exception that drops the connection.

@@ -379,7 +379,7 @@ class RelayService(Service):
         d = Deferred.fromCoroutine(self._deliver(message, group))
         self._running_deliveries.add(d)
 
-        def done(result: Any) -> None:
+        def done(result: object) -> None:
             self._running_deliveries.discard(d)
             self.in_flight.discard(key)
             self._per_domain[group.domain] -= 1
