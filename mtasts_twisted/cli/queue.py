@@ -55,7 +55,7 @@ def queue_show(queue: Queue, ident: str) -> dict[str, Any]:
     The full envelope of one message, as JSON-able dict (the summary plus
     per-recipient C{recipients_state}).
 
-    @raise UnknownMessageError: no such message.
+    @raise mtasts_twisted.relay.UnknownMessageError: no such message.
     """
     message = queue.get(ident)
     data = _summary(message, queue.now())
@@ -69,7 +69,7 @@ def queue_retry(queue: Queue, ident: str) -> QueuedMessage:
     picks it up at its next poll (if that message is in flight, the relay's
     own envelope update may win: retry again).
 
-    @raise UnknownMessageError: no such message.
+    @raise mtasts_twisted.relay.UnknownMessageError: no such message.
     """
     from twisted.logger import Logger  # not at import: the other commands need no Twisted
 
@@ -86,7 +86,7 @@ def queue_delete(queue: Queue, ident: str) -> None:
     """
     Remove a message without delivering it and without a DSN.
 
-    @raise UnknownMessageError: no such message.
+    @raise mtasts_twisted.relay.UnknownMessageError: no such message.
     """
     queue.remove(ident)
 
