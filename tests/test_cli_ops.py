@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from mtasts_twisted import cli
 from mtasts_twisted.cache import POLICY_TABLE, CacheEntry
 from mtasts_twisted.policy import parse_policy
-from mtasts_twisted.queue import Queue
+from mtasts_twisted.relay import Queue
 from mtasts_twisted.results import PolicyDescriptor, PolicyType, Result
 from mtasts_twisted.store import default_database_url, open_store
 from mtasts_twisted.testing.dns import DNSTestServer

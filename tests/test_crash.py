@@ -50,7 +50,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from mtasts_twisted.cache import POLICY_TABLE
-from mtasts_twisted.queue import Queue
+from mtasts_twisted.relay import Queue
 from mtasts_twisted.testing.smtp import Behaviour, Reply, SMTPTestServer
 from mtasts_twisted.testing.world import LoopbackWorld
 from mtasts_twisted.tlsrpt.schedule import RESULTS_TABLE
@@ -643,7 +643,7 @@ class UnwritableEnvelopeTests(SynchronousTestCase):
 
     def test_delivered_not_repeated_while_disk_full(self) -> None:
         from mtasts_twisted.delivery import Status
-        from mtasts_twisted.queue import QueueFullError, UnknownMessageError
+        from mtasts_twisted.relay import QueueFullError, UnknownMessageError
         from mtasts_twisted.relay import RelayService, RelaySettings
 
         from .test_relay import MESSAGE, FakeDeliverer

@@ -12,7 +12,7 @@ import io
 import attrs
 from twisted.trial.unittest import SynchronousTestCase
 
-from mtasts_twisted.dsn import build_dsn, needs_dsn, read_headers, status_code_of
+from mtasts_twisted.relay.dsn import build_dsn, needs_dsn, read_headers, status_code_of
 
 
 @attrs.frozen

@@ -37,7 +37,7 @@ from twisted.trial.unittest import TestCase
 
 from mtasts_twisted.cache import POLICY_TABLE, CacheEntry
 from mtasts_twisted.policy import parse_policy
-from mtasts_twisted.queue import Queue
+from mtasts_twisted.relay import Queue
 from mtasts_twisted.store import default_database_url, open_store
 from mtasts_twisted.testing.smtp import Behaviour, Reply, SMTPTestServer
 from mtasts_twisted.testing.world import LoopbackWorld

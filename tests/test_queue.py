@@ -17,7 +17,8 @@ import attrs
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from mtasts_twisted.queue import (
+from mtasts_twisted.cli.queue import queue_delete, queue_list, queue_retry, queue_show
+from mtasts_twisted.relay import (
     MessageTooLargeError,
     Queue,
     QueuedMessage,
@@ -25,10 +26,6 @@ from mtasts_twisted.queue import (
     QueueFullError,
     RecipientStatus,
     UnknownMessageError,
-    queue_delete,
-    queue_list,
-    queue_retry,
-    queue_show,
 )
 
 BODY = b"Subject: hello\r\nFrom: a@example.org\r\n\r\nHi.\r\n"
@@ -401,7 +398,7 @@ class CommitInThreadTests(SynchronousTestCase):
         A body up to BUFFERED_SIZE touches the disk only in the commit (in
         the pool); a larger one is streamed to its temp directory at once.
         """
-        from mtasts_twisted.queue import BUFFERED_SIZE
+        from mtasts_twisted.relay import BUFFERED_SIZE
 
         small = self.queue.begin("a@example.org", ["b@example.com"])
         small.write(b"x" * BUFFERED_SIZE)

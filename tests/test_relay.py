@@ -22,7 +22,7 @@ from twisted.mail.smtp import ESMTPSenderFactory, SMTPClientError, SMTPDeliveryE
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mtasts_twisted.delivery import DeliveryResult, RecipientOutcome, Status
-from mtasts_twisted.queue import Queue, RecipientStatus
+from mtasts_twisted.relay import Queue, RecipientStatus
 from mtasts_twisted.relay import RelayService, RelaySettings, RelaySMTPFactory
 
 MESSAGE = b"From: alice@example.org\r\nTo: bob@example.com\r\nSubject: test\r\n\r\nHello.\r\n.dotted line\r\n"
@@ -466,7 +466,7 @@ class ScheduleTests(_ServiceTestCase):
         The periodic poll sees C{mtasts-twisted queue retry} and C{delete}
         made through another L{Queue} object (another process).
         """
-        from mtasts_twisted.queue import queue_delete, queue_retry
+        from mtasts_twisted.cli.queue import queue_delete, queue_retry
 
         self.start(retry_base=3600, poll_interval=5, concurrency_per_domain=1)
         m = self.queue.enqueue("a@example.org", ["b@example.com"], MESSAGE)

@@ -19,7 +19,7 @@ from twisted.internet.protocol import ClientFactory
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
 
-from mtasts_twisted.queue import Queue
+from mtasts_twisted.relay import Queue
 from tests.clients import RawClient
 from mtasts_twisted.relay import RelaySettings, RelaySMTPFactory
 

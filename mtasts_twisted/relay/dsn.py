@@ -42,9 +42,16 @@ _REPLY_RE = re.compile(r"^[245]\d\d\b")
 
 
 class _Envelope(Protocol):
-    id: str
-    sender: str
-    created: float
+    """What a DSN needs of a queued message (read-only, e.g. a frozen value)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def sender(self) -> str: ...
+
+    @property
+    def created(self) -> float: ...
 
 
 def needs_dsn(sender: str) -> bool:

@@ -1,0 +1,154 @@
+"""
+C{mtasts-twisted lookup DOMAIN}: a domain's MTA-STS policy through the
+persistent cache (or a fresh discovery), its TLSRPT record, and what a
+sender would do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import TYPE_CHECKING, Any, TextIO
+
+from mtasts_twisted.cli.common import EX_CANTCREAT, EX_OK, EX_TEMPFAIL, EX_USAGE, iso
+from mtasts_twisted.policy import MTASTSError, Mode
+
+if TYPE_CHECKING:
+    from mtasts_twisted.cli.common import Reactor
+    from mtasts_twisted.interfaces import IDNSResolver, IStore
+
+__all__ = ["run_lookup"]
+
+
+_ACTIONS = {
+    Mode.ENFORCE: "deliver only over STARTTLS with a verified certificate, to MX hosts the policy names",
+    Mode.TESTING: "deliver as usual, and report what would have failed under enforce",
+    Mode.NONE: "deliver as usual (opportunistic TLS); the domain asks for no enforcement",
+    None: "deliver as usual (opportunistic TLS): no MTA-STS policy applies",
+}
+
+
+async def _tlsrpt_record(resolver: IDNSResolver, alabel: str) -> tuple[dict[str, list[str]] | None, str | None]:
+    """The domain's TLSRPT record as JSON, or the reason there is none."""
+    from mtasts_twisted.dns import DNSError
+    from mtasts_twisted.policy import NoRecordError, select_tlsrpt_record
+
+    try:
+        answer = await resolver.lookup_txt("_smtp._tls." + alabel)
+        record = select_tlsrpt_record(answer.strings)
+    except NoRecordError:
+        return None, None
+    except (DNSError, MTASTSError) as e:
+        if getattr(e, "reason", "") == "dns-no-record":
+            return None, None
+        return None, str(e)
+    return {"rua": list(record.rua)}, None
+
+
+async def run_lookup(reactor: Reactor, args: argparse.Namespace, out: TextIO, err: TextIO, policy_port: int = 443) -> int:
+    """
+    C{mtasts-twisted lookup}: the policy of a domain through the persistent
+    cache in C{--data-dir} (or a fresh discovery with C{--no-cache}).
+
+    @param policy_port: the HTTPS port of policy hosts (tests use others).
+    @return: the exit code: 0 for a definite answer, 75 on a temporary
+        failure, 64 on bad usage, 73 when the cache cannot be opened.
+    """
+    from mtasts_twisted.cache import PolicyCache, PolicyLookupTemporaryError
+    from mtasts_twisted.dns import DNSResolver
+    from mtasts_twisted.fetch import PolicyFetcher
+    from mtasts_twisted.policy import DomainError, is_address_literal, to_alabel
+    from mtasts_twisted.store import MemoryStore, StoreError, default_database_url, open_store
+
+    def usage(message: str) -> int:
+        err.write(f"mtasts-twisted lookup: {message}\n")
+        return EX_USAGE
+
+    if is_address_literal(args.domain):
+        out.write(json.dumps({"domain": args.domain, "policy": None, "fresh": True, "tlsrpt_record": None,
+                              "result": None, "note": "address literals have no MTA-STS policy"}) + "\n"
+                  if args.json else f"{args.domain}: an address literal has no MTA-STS policy\n")
+        return EX_OK
+    try:
+        alabel = to_alabel(args.domain)
+    except DomainError as e:
+        return usage(str(e))
+    try:
+        resolver = DNSResolver(reactor, args.nameserver or None, timeout=args.timeout / 3, budget=args.timeout)
+    except (ValueError, OSError) as e:
+        return usage(f"--nameserver: {e}")
+    if args.ca_file and not os.path.isfile(args.ca_file):
+        return usage(f"--ca-file {args.ca_file}: no such file")
+    try:
+        fetcher = PolicyFetcher(reactor, trust_roots=args.ca_file, timeout=min(60.0, args.timeout * 6),
+                                resolver=resolver, port=policy_port)
+    except (ValueError, OSError, MTASTSError) as e:
+        return usage(f"--ca-file {args.ca_file}: {e}")
+    if args.no_cache:
+        store: IStore = MemoryStore()
+    else:
+        try:
+            os.makedirs(args.data_dir, mode=0o700, exist_ok=True)
+            store = await open_store(default_database_url(args.data_dir), reactor)
+        except (OSError, StoreError) as e:
+            err.write(f"mtasts-twisted lookup: cannot open the policy cache: {e}\n")
+            return EX_CANTCREAT
+    cache = PolicyCache(store, resolver, fetcher, reactor)
+    try:
+        fetches = cache.stats["fetches"]
+        try:
+            lookup = await cache.get(alabel)
+        except PolicyLookupTemporaryError as e:
+            if args.json:
+                out.write(json.dumps({"domain": alabel, "policy": None, "fresh": False, "tlsrpt_record": None,
+                                      "result": e.result.to_json(), "error": str(e)}) + "\n")
+            else:
+                err.write(f"{alabel}: temporary failure, try again later: {e}\n")
+            return EX_TEMPFAIL
+        tlsrpt, tlsrpt_error = await _tlsrpt_record(resolver, alabel)
+        await cache.flush()
+    finally:
+        await cache.stop()
+        await store.close()
+    fetched = cache.stats["fetches"] > fetches
+    policy, entry = lookup.policy, lookup.entry
+    source = "none" if policy is None else ("fetched" if fetched else "cache")
+    if args.json:
+        obj: dict[str, Any] = {
+            "domain": alabel,
+            "policy": None if policy is None else {
+                "mode": policy.mode.value, "mx": list(policy.mx), "max_age": policy.max_age,
+                "id": lookup.record_id, "text": policy.text,
+            },
+            "fresh": lookup.fresh,
+            "source": source,
+            "valid_until": iso(entry.valid_end) if policy is not None and entry else None,
+            "tlsrpt_record": tlsrpt,
+            "result": lookup.result.to_json(),
+            "action": _ACTIONS[policy.mode if policy else None],
+        }
+        if tlsrpt_error:
+            obj["tlsrpt_error"] = tlsrpt_error
+        out.write(json.dumps(obj) + "\n")
+        return EX_OK
+    if policy is None:
+        out.write(f"{alabel}: no MTA-STS policy\n")
+    else:
+        out.write(f"{alabel}: MTA-STS policy, mode {policy.mode.value} (id {lookup.record_id})\n")
+        for pattern in policy.mx:
+            out.write(f"  mx {pattern}\n")
+        state = "confirmed now" if lookup.fresh else "NOT confirmed now, cached copy in use"
+        origin = "fetched now" if fetched else "from the cache"
+        until = iso(entry.valid_end) if entry else "?"
+        out.write(f"  max_age {policy.max_age} s; {origin}, {state}; valid until {until}\n")
+    for failure in lookup.result.failures:
+        out.write(f"  problem: {failure.result_type.value} ({failure.failure_reason_code})\n")
+    if tlsrpt:
+        out.write(f"  TLSRPT reports to: {', '.join(tlsrpt['rua'])}\n")
+    elif tlsrpt_error:
+        out.write(f"  TLSRPT record unusable: {tlsrpt_error}\n")
+    else:
+        out.write("  no TLSRPT record\n")
+    out.write(f"  a sender would {_ACTIONS[policy.mode if policy else None]}\n")
+    return EX_OK

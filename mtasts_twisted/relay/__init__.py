@@ -1,0 +1,79 @@
+"""
+The outbound relay: an SMTP intake that queues mail durably, and delivery
+workers that hand queued mail to a L{Deliverer
+<mtasts_twisted.delivery.Deliverer>}, retry and send DSNs.
+
+The rooms, bottom to top:
+
+  - L{errors <mtasts_twisted.relay.errors>}: the queue's exceptions.
+  - L{envelope <mtasts_twisted.relay.envelope>}: L{QueuedMessage} and
+    L{RecipientState}, frozen values, and their JSON form on disk.
+  - L{spool <mtasts_twisted.relay.spool>}: L{MessageWriter}, one message
+    written and committed durably (the fsyncs), and the file helpers.
+  - L{queue <mtasts_twisted.relay.queue>}: the durable on-disk L{Queue}
+    (layout, limits, listing, crash recovery, quarantine).
+  - L{settings <mtasts_twisted.relay.settings>}: L{RelaySettings}.
+  - L{dsn <mtasts_twisted.relay.dsn>}: the bytes of a DSN (RFC 3464).
+  - L{intake <mtasts_twisted.relay.intake>}: the SMTP server side,
+    L{RelaySMTPFactory} and its L{RelaySMTP} protocol.
+  - L{workers <mtasts_twisted.relay.workers>}: L{RelayService}, the
+    delivery loop (scheduling, retries, expiry, DSNs).
+
+The operator's queue commands (C{mtasts-twisted queue list|show|retry|delete})
+are L{mtasts_twisted.cli.queue}.
+"""
+
+from mtasts_twisted.relay.dsn import (
+    DSN_KINDS,
+    MAX_HEADER_BYTES,
+    FailedRecipient,
+    build_dsn,
+    needs_dsn,
+    read_headers,
+    status_code_of,
+)
+from mtasts_twisted.relay.envelope import (
+    ENVELOPE_VERSION,
+    QueuedMessage,
+    RecipientState,
+    RecipientStatus,
+)
+from mtasts_twisted.relay.errors import (
+    MessageTooLargeError,
+    QueueError,
+    QueueFullError,
+    UnknownMessageError,
+)
+from mtasts_twisted.relay.intake import RelaySMTP, RelaySMTPFactory
+from mtasts_twisted.relay.queue import CHUNK_SIZE, Queue
+from mtasts_twisted.relay.settings import LOOPBACK_NETWORKS, RelaySettings
+from mtasts_twisted.relay.spool import BUFFERED_SIZE, MessageWriter
+from mtasts_twisted.relay.workers import IDeliverer, RelayService
+
+__all__ = [
+    "BUFFERED_SIZE",
+    "CHUNK_SIZE",
+    "DSN_KINDS",
+    "ENVELOPE_VERSION",
+    "LOOPBACK_NETWORKS",
+    "MAX_HEADER_BYTES",
+    "FailedRecipient",
+    "IDeliverer",
+    "MessageTooLargeError",
+    "MessageWriter",
+    "Queue",
+    "QueueError",
+    "QueueFullError",
+    "QueuedMessage",
+    "RecipientState",
+    "RecipientStatus",
+    "RelaySMTP",
+    "RelaySMTPFactory",
+    "RelayService",
+    "RelaySettings",
+    "UnknownMessageError",
+    "build_dsn",
+    "needs_dsn",
+    "read_headers",
+    "status_code_of",
+]
