@@ -31,17 +31,16 @@ _ACTIONS = {
 
 async def _tlsrpt_record(resolver: IDNSResolver, alabel: str) -> tuple[dict[str, list[str]] | None, str | None]:
     """The domain's TLSRPT record as JSON, or the reason there is none."""
-    from mtasts_twisted.dns import DNSError
-    from mtasts_twisted.policy import NoRecordError, select_tlsrpt_record
+    from mtasts_twisted.dns import DNSError, DNSNoRecordError
+    from mtasts_twisted.dns.records import lookup_tlsrpt_record
+    from mtasts_twisted.policy import NoRecordError
 
     try:
-        answer = await resolver.lookup_txt("_smtp._tls." + alabel)
-        record = select_tlsrpt_record(answer.strings)
-    except NoRecordError:
+        record = await lookup_tlsrpt_record(resolver, alabel)
+    except (DNSNoRecordError, NoRecordError):
+        # No TXT at all, or TXT but no TLSRPT record among it: no record.
         return None, None
     except (DNSError, MTASTSError) as e:
-        if getattr(e, "reason", "") == "dns-no-record":
-            return None, None
         return None, str(e)
     return {"rua": list(record.rua)}, None
 
