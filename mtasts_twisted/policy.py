@@ -2,9 +2,13 @@
 The MTA-STS and TLSRPT grammar: TXT records, policy text, MX patterns, domains.
 
 Pure code: no I/O, no reactor.  Everything here follows RFC 8461 §3.1/§3.2/§4.1
-and RFC 8460 §3, with the rulings of the project's DESIGN.md where the RFCs
-leave a choice (duplicate TXT fields keep the first; ``max_age`` is clamped;
-blank lines and a leading BOM in a policy are ignored).
+and RFC 8460 §3, with the rulings of docs/design.rst where the RFCs leave a
+choice.  Rejecting a published record or policy makes a sender act as if the
+domain had none (it fails open), so where a choice exists the rulings keep
+what the publisher meant: a later duplicate field is ignored whatever its
+value; ``v=STSv1 ;`` is a record, but one that starts exactly ``v=STSv1;``
+wins; ``max_age`` is clamped; blank lines and a leading BOM in a policy are
+ignored; an LDH ``xn--`` label is taken as written.
 
 Every error derives from L{MTASTSError} and carries a stable machine reason
 (L{MTASTSError.reason}) that TLSRPT reuses as ``failure-reason-code``.
@@ -15,7 +19,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
-from typing import Iterable
+from typing import Callable, Iterable, TypeVar
 
 import attrs
 import idna
@@ -101,8 +105,12 @@ class Mode(str, enum.Enum):
     NONE = "none"
 
 
-def _pairs(value: Iterable) -> tuple[tuple[str, str], ...]:
+def _pairs(value: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
     return tuple((k, v) for k, v in value)
+
+
+def _strings(value: Iterable[str]) -> tuple[str, ...]:
+    return tuple(value)
 
 
 # --- domains -----------------------------------------------------------------
@@ -129,7 +137,16 @@ def is_address_literal(name: str) -> bool:
 
 
 def _check_alabel_name(name: str) -> str:
-    """Validate an ASCII, lower-case name label by label; return it."""
+    """
+    Validate an ASCII, lower-case name label by label; return it.
+
+    Ruling (RFC 8461 §3.2 ``Domain`` is RFC 5321 §4.1.2's: LDH labels): an
+    ASCII label is checked for its LDH syntax and length only.  An ``xn--``
+    label is an A-label as written; whether its Punycode decodes to code
+    points IDNA 2008 allows is the registry's business (RFC 5891 §5.4 lets
+    a lookup application skip that test), and rejecting it here would drop
+    a published policy (fail open) or refuse mail for a name the DNS serves.
+    """
     if not name:
         raise DomainError("empty domain name")
     if len(name) > MAX_NAME_LENGTH:
@@ -141,11 +158,6 @@ def _check_alabel_name(name: str) -> str:
             raise DomainError(f"label longer than {MAX_LABEL_LENGTH} octets in {name!r}")
         if not _LDH_LABEL.match(label):
             raise DomainError(f"invalid label {label!r} in {name!r}: letters, digits, hyphens")
-        if label.startswith("xn--"):
-            try:
-                idna.decode(label)
-            except idna.IDNAError as e:
-                raise DomainError(f"invalid A-label {label!r} in {name!r}: {e}") from None
     return name
 
 
@@ -153,10 +165,12 @@ def to_alabel(domain: str) -> str:
     """
     Normalise a domain to lower-case A-labels without a trailing dot.
 
-    Unicode input is mapped with UTS 46 and encoded with IDNA 2008.
+    Unicode input is mapped with UTS 46 (non-transitional) and each U-label
+    is encoded with IDNA 2008; ASCII labels, A-labels included, are passed
+    through as written (lower-cased) once their LDH syntax is checked.
 
     @raise DomainError: for an address literal, an empty or over-long name or
-        label, or a name IDNA rejects.
+        label, a label off the LDH syntax, or a U-label IDNA 2008 rejects.
     """
     if not isinstance(domain, str):
         raise DomainError(f"domain must be text, not {type(domain).__name__}")
@@ -168,23 +182,41 @@ def to_alabel(domain: str) -> str:
     if name.isascii():
         return _check_alabel_name(name.lower())
     try:
-        encoded = idna.encode(name, uts46=True, transitional=False).decode("ascii")
+        # UTS 46 §4: map (case, width, the ideographic full stop ...) first,
+        # then encode label by label, so that an A-label among U-labels is
+        # not decoded and judged again.
+        mapped = idna.uts46_remap(name, std3_rules=False, transitional=False)
+        labels = [
+            label if label.isascii() else idna.alabel(label).decode("ascii")
+            for label in mapped.split(".")
+        ]
     except (idna.IDNAError, UnicodeError) as e:
         raise DomainError(f"{domain!r} is not a valid internationalised domain: {e}") from None
-    return _check_alabel_name(encoded.lower())
+    return _check_alabel_name(".".join(labels).lower())
+
+
+def _ulabel(label: str) -> str:
+    """The U-label of an A-label IDNA 2008 can decode; any other label as is."""
+    if not label.startswith("xn--"):
+        return label
+    try:
+        return idna.ulabel(label)
+    except (idna.IDNAError, UnicodeError):
+        return label  # an A-label taken as written (see _check_alabel_name)
 
 
 def to_unicode(domain: str) -> str:
     """
-    Return the U-label form of a domain (for display), lower case, no trailing dot.
+    Return the U-label form of a domain (for display, and as a cache key),
+    lower case, no trailing dot.
+
+    An A-label that IDNA 2008 cannot decode (C{xn--74h}: U+263A is not an
+    IDNA 2008 code point) is kept as an A-label: the result is still one
+    name per L{to_alabel} form.
 
     @raise DomainError: when the name is not a valid domain.
     """
-    alabel = to_alabel(domain)
-    try:
-        return idna.decode(alabel)
-    except idna.IDNAError as e:
-        raise DomainError(f"{domain!r} cannot be shown in Unicode: {e}") from None
+    return ".".join(_ulabel(label) for label in to_alabel(domain).split("."))
 
 
 # --- TXT records (RFC 8461 §3.1, RFC 8460 §3) ----------------------------------
@@ -221,7 +253,7 @@ class TLSRPTRecord:
     @ivar extensions: unknown fields as C{(name, value)} pairs, in order.
     """
 
-    rua: tuple[str, ...] = attrs.field(converter=tuple)
+    rua: tuple[str, ...] = attrs.field(converter=_strings)
     extensions: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_pairs)
 
 
@@ -260,6 +292,9 @@ def parse_sts_record(text: str) -> STSRecord:
     """
     Parse one ``_mta-sts`` TXT record (RFC 8461 §3.1).
 
+    The first occurrence of a field counts; later ones are ignored whatever
+    their value, as long as they are fields of the ABNF (RFC 8461 §3.2).
+
     @param text: the record's strings, already concatenated.
     @raise NotSTSRecordError: C{text} does not start with ``v=STSv1`` and ``;``.
     @raise RecordSyntaxError: a malformed STS record (e.g. no valid C{id}).
@@ -267,13 +302,21 @@ def parse_sts_record(text: str) -> STSRecord:
     seen: dict[str, str] = {}
     extensions = []
     for key, value in _split_fields(text, "v=STSv1", NotSTSRecordError):
+        if key in seen:
+            # RFC 8461 §3.2: "If any non-repeated field ... is duplicated, all
+            # entries except for the first SHALL be ignored."  Ruling: a later
+            # duplicate is ignored whatever its value (``id=a; id=b-c`` is
+            # id=a), but it must still be a field of the §3.1 ABNF: every
+            # name, "id" too, matches sts-ext-name, so it must be an
+            # sts-extension (a value of %x21-3A / %x3C / %x3E-7E).  A record
+            # off the ABNF is syntactically invalid, and §3.1 says what then.
+            _check_ext_value(key, value, text)
+            continue
         if key == "id":
             if not _STS_ID.match(value):
                 raise RecordSyntaxError(f"invalid id {value[:40]!r}: 1-32 letters and digits")
         else:
             _check_ext_value(key, value, text)
-        if key in seen:
-            continue  # RFC 8461 §3.1 (ruling): a duplicate field keeps the first
         seen[key] = value
         if key != "id":
             extensions.append((key, value))
@@ -315,15 +358,38 @@ def parse_tlsrpt_record(text: str) -> TLSRPTRecord:
     return TLSRPTRecord(rua=rua, extensions=extensions)
 
 
-def _select(txt_strings: Iterable[str], parse, kind: str, multiple_reason: str):
-    candidates: list = []
+_Record = TypeVar("_Record", STSRecord, TLSRPTRecord)
+
+
+def _select(
+    txt_strings: Iterable[str],
+    parse: Callable[[str], _Record],
+    version: str,
+    kind: str,
+    multiple_reason: str,
+) -> _Record:
+    # RFC 8461 §3.1 (RFC 8460 §3 alike): "records that do not begin with
+    # "v=STSv1;" are discarded.  If the number of resulting records is not
+    # one, or if the resulting record is syntactically invalid, senders MUST
+    # assume the recipient domain does not have an available MTA-STS Policy."
+    # The ABNF allows WSP before the ";" (sts-field-delim = *WSP ";" *WSP),
+    # so ``v=STSv1 ; id=b`` is a valid record, which the quoted rule would
+    # discard.  Ruling: records beginning exactly ``v=STSv1;`` are counted
+    # first; only when there is none do those with WSP before the ";" count.
+    # So ["v=STSv1; id=a", "v=STSv1 ; id=b"] is id=a (not "multiple records",
+    # which would fail open), and ``v=STSv1 ; id=b`` alone is still a record.
+    exact: list[_Record | RecordSyntaxError] = []
+    spaced: list[_Record | RecordSyntaxError] = []
     for text in txt_strings:
+        candidate: _Record | RecordSyntaxError
         try:
-            candidates.append(parse(text))
+            candidate = parse(text)
         except NotARecordError:
             continue  # RFC 8461 §3.1 / RFC 8460 §3: other TXT records are discarded
         except RecordSyntaxError as e:
-            candidates.append(e)
+            candidate = e
+        (exact if text.startswith(version + ";") else spaced).append(candidate)
+    candidates = exact or spaced
     if not candidates:
         raise NoRecordError(f"no {kind} record")
     if len(candidates) > 1:
@@ -337,23 +403,30 @@ def select_sts_record(txt_strings: Iterable[str]) -> STSRecord:
     """
     Apply RFC 8461 §3.1 to the TXT strings of one ``_mta-sts`` lookup.
 
+    Records that begin exactly ``v=STSv1;`` are counted first; those with
+    white space before the ``;`` only when there is none of those (a ruling:
+    see L{_select}).
+
     @param txt_strings: one text per RR, each RR's strings already concatenated.
     @raise NoRecordError: no string is an STS record.
     @raise MultipleRecordsError: more than one is (reason C{multiple-mta-sts-records}).
     @raise RecordSyntaxError: the one STS record is malformed.
     """
-    return _select(txt_strings, parse_sts_record, "MTA-STS", "multiple-mta-sts-records")
+    return _select(txt_strings, parse_sts_record, "v=STSv1", "MTA-STS", "multiple-mta-sts-records")
 
 
 def select_tlsrpt_record(txt_strings: Iterable[str]) -> TLSRPTRecord:
     """
     Apply RFC 8460 §3 to the TXT strings of one ``_smtp._tls`` lookup.
 
+    As for L{select_sts_record}, records beginning exactly ``v=TLSRPTv1;``
+    are counted first.
+
     @raise NoRecordError: no string is a TLSRPT record.
     @raise MultipleRecordsError: more than one is (reason C{multiple-tlsrpt-records}).
     @raise RecordSyntaxError: the one TLSRPT record is malformed.
     """
-    return _select(txt_strings, parse_tlsrpt_record, "TLSRPT", "multiple-tlsrpt-records")
+    return _select(txt_strings, parse_tlsrpt_record, "v=TLSRPTv1", "TLSRPT", "multiple-tlsrpt-records")
 
 
 # --- policy text (RFC 8461 §3.2) ------------------------------------------------
@@ -415,6 +488,9 @@ def parse_policy(text: str | bytes) -> Policy:
     """
     Parse an MTA-STS policy (RFC 8461 §3.2).
 
+    The first occurrence of a field other than C{mx} counts; later ones are
+    ignored whatever their value, as long as the line is a field at all.
+
     @param text: the body as received (bytes are decoded as UTF-8).
     @return: the L{Policy}, with C{.text} holding the decoded text.
     @raise PolicySyntaxError: the text is over 65536 bytes, not UTF-8, lacks a
@@ -434,6 +510,17 @@ def parse_policy(text: str | bytes) -> Policy:
         key, value = match.groups()
         if not value:
             raise PolicySyntaxError(f"line {number}: empty value for {key!r}")
+        if key in first:
+            # RFC 8461 §3.2: "If any non-repeated field -- i.e., all fields
+            # excepting "mx" -- is duplicated, all entries except for the
+            # first SHALL be ignored."  Ruling: ignored whatever its value
+            # (``mode: testing`` then ``mode: bogus`` is testing), but the
+            # line must still be a field of the ABNF: every field name
+            # matches sts-policy-ext-name, so it must at least be an
+            # sts-policy-extension (a value without CTLs).
+            if not _POLICY_EXT_VALUE.match(value):
+                raise PolicySyntaxError(f"line {number}: {key!r} again, with control characters")
+            continue
         if key == "version":
             if value != "STSv1":
                 raise PolicySyntaxError(f"version {value[:20]!r}: expected STSv1")
@@ -448,8 +535,6 @@ def parse_policy(text: str | bytes) -> Policy:
             continue
         elif not _POLICY_EXT_VALUE.match(value):
             raise PolicySyntaxError(f"extension {key!r}: value has control characters")
-        if key in first:
-            continue  # ruling: the first occurrence of a non-mx field wins
         first[key] = value
         if key not in _KNOWN_FIELDS:
             extensions.append((key, value))
@@ -482,7 +567,7 @@ class Policy:
 
     mode: Mode = attrs.field(converter=Mode)
     max_age: int
-    mx: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    mx: tuple[str, ...] = attrs.field(default=(), converter=_strings)
     extensions: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_pairs)
     text: str = attrs.field(default="", eq=False, repr=False)
 

@@ -1,17 +1,52 @@
 """
-The pure-grammar groups of the shared conformance vectors.
+The pure-grammar groups of the conformance vectors (tests/conformance/).
 
-No vector here contradicts a ruling of DESIGN.md, so C{RULING_EXCEPTIONS} is
-empty; a vector that ever does is listed there by C{vid} with the reason.
+No vector here contradicts a ruling of docs/design.rst (the rulings of
+issue 18 -- later duplicate fields ignored, C{v=STSv1;} records counted
+before C{v=STSv1 ;} ones, A-labels taken as written -- change no vector's
+outcome), so C{RULING_EXCEPTIONS} is empty; a vector that ever does is listed
+there by C{vid} with the reason.
 """
+
+import os
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from mtasts_twisted import policy
-from tests.vectors import load_vectors
+from tests.vectors import VECTORS_PATH, load_vectors
 
-# vid -> why DESIGN.md's ruling overrides the vector's expectation
+# vid -> why docs/design.rst's ruling overrides the vector's expectation
 RULING_EXCEPTIONS: dict[str, str] = {}
+
+#: Every group of vectors.json, with how many vectors it holds.
+GROUPS = {
+    "sts_txt_record": 18,
+    "sts_txt_lookup": 1,
+    "sts_policy": 24,
+    "mx_match": 8,
+    "tlsrpt_txt_record": 31,
+    "tlsrpt_txt_lookup": 1,
+    "policy_fetch": 9,
+}
+
+
+class VectorsFileTests(SynchronousTestCase):
+    """The vectors ship inside tests/, whole: a fresh clone runs them all."""
+
+    def test_inside_the_tests(self):
+        tests = os.path.dirname(os.path.abspath(__file__))
+        self.assertEqual(os.path.dirname(os.path.dirname(VECTORS_PATH)), tests)
+        self.assertTrue(os.path.exists(os.path.join(os.path.dirname(VECTORS_PATH), "README.md")))
+
+    def test_every_group_whole(self):
+        for group, count in GROUPS.items():
+            with self.subTest(group=group):
+                vectors = load_vectors(group)
+                self.assertEqual(len(vectors), count)
+                self.assertEqual(len({v["vid"] for v in vectors}), count)
+
+    def test_unknown_group_is_an_error(self):
+        self.assertRaises(KeyError, load_vectors, "no_such_group")
 
 
 class ConformanceMixin:

@@ -39,19 +39,18 @@ from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial import unittest
-from zope.interface import implementer
 
 from mtasts_twisted.cache import PolicyCache, PolicyLookupTemporaryError
 from mtasts_twisted.delivery import Deliverer, DeliveryResult, DeliverySettings, Status
 from mtasts_twisted.dns import DNSResolver
 from mtasts_twisted.fetch import PolicyFetcher, discover
-from mtasts_twisted.interfaces import IResultSink
 from mtasts_twisted.policy import Mode
 from mtasts_twisted.results import PolicyType, Result, ResultType
 from mtasts_twisted.store import MemoryStore
 from mtasts_twisted.testing.dns import Behaviour as DNSBehaviour
 from mtasts_twisted.testing.dns import listen_udp_and_tcp
 from mtasts_twisted.testing.https import PolicyServer, Route
+from mtasts_twisted.testing.sinks import ListSink
 from mtasts_twisted.testing.smtp import Behaviour, Reply, SMTPTestServer, Stage, StartTLS
 from mtasts_twisted.testing.world import LoopbackWorld
 
@@ -80,17 +79,6 @@ def fuzz_examples(default: int) -> int:
 def policy_text(mode: str, *mx: str, max_age: int = 86400) -> str:
     lines = ["version: STSv1", f"mode: {mode}"] + [f"mx: {m}" for m in mx] + [f"max_age: {max_age}"]
     return "\n".join(lines) + "\n"
-
-
-@implementer(IResultSink)
-class ListSink:
-    """An IResultSink keeping results in a list."""
-
-    def __init__(self) -> None:
-        self.results: list[Result] = []
-
-    def record(self, result: Result, when: float | None = None) -> None:
-        self.results.append(result)
 
 
 def failures(results: tuple[Result, ...] | list[Result]) -> list[tuple[str, str | None]]:

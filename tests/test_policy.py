@@ -1,5 +1,6 @@
 """Tests for L{mtasts_twisted.policy}: the RFC 8461/8460 grammar."""
 
+import idna
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
@@ -41,8 +42,27 @@ class STSRecordTests(SynchronousTestCase):
         record = parse_sts_record("v=STSv1; id=first; x=1; id=second; x=2")
         self.assertEqual((record.id, record.extensions), ("first", (("x", "1"),)))
 
-    def test_duplicate_must_still_be_valid(self):
-        self.assertRaises(RecordSyntaxError, parse_sts_record, "v=STSv1; id=a; id=b-c")
+    def test_later_duplicate_ignored_whatever_its_value(self):
+        """
+        Ruling (RFC 8461 §3.2 "all entries except for the first SHALL be
+        ignored"): a later C{id} that is no valid sts-id is ignored.
+        """
+        for text in ("v=STSv1; id=a; id=b-c", "v=STSv1; id=a; id=" + "b" * 40, "v=STSv1; id=a; x=1; id=!"):
+            with self.subTest(text=text):
+                self.assertEqual(parse_sts_record(text).id, "a")
+
+    def test_later_duplicate_must_still_be_a_field(self):
+        """
+        A later duplicate off the §3.1 ABNF (not even an sts-extension)
+        makes the record syntactically invalid.
+        """
+        for text in ("v=STSv1; id=a; id=", "v=STSv1; id=a; id=b=c", "v=STSv1; id=a; id", "v=STSv1; id=a; x=1; x="):
+            with self.subTest(text=text):
+                self.assertRaises(RecordSyntaxError, parse_sts_record, text)
+
+    def test_first_occurrence_decides(self):
+        """The first C{id} is the one that counts: an invalid one is not replaced by a later one."""
+        self.assertRaises(RecordSyntaxError, parse_sts_record, "v=STSv1; id=b-c; id=a")
 
     def test_id_lengths(self):
         self.assertEqual(parse_sts_record("v=STSv1; id=" + "a" * 32).id, "a" * 32)
@@ -84,6 +104,33 @@ class STSRecordTests(SynchronousTestCase):
     def test_select_malformed(self):
         self.assertRaises(RecordSyntaxError, select_sts_record, ["v=STSv1; id=a;;"])
 
+    def test_select_exact_version_counted_first(self):
+        """
+        Ruling (RFC 8461 §3.1 "records that do not begin with "v=STSv1;" are
+        discarded"): a record with white space before the ";" is counted
+        only when no record begins exactly C{v=STSv1;}.
+        """
+        for txt in (["v=STSv1; id=a", "v=STSv1 ; id=b"], ["v=STSv1\t; id=b", "v=STSv1; id=a", "v=spf1 -all"],
+                    ["v=STSv1; id=a", "v=STSv1 ;"]):
+            with self.subTest(txt=txt):
+                self.assertEqual(select_sts_record(txt).id, "a")
+
+    def test_select_spaced_alone(self):
+        """Ruling: C{v=STSv1 ;} alone is a record (the ABNF allows the WSP)."""
+        self.assertEqual(select_sts_record(["v=STSv1 ; id=b", "v=spf1 -all"]).id, "b")
+        self.assertRaises(RecordSyntaxError, select_sts_record, ["v=STSv1 ; id=b-c"])
+
+    def test_select_spaced_multiple(self):
+        e = self.assertRaises(MultipleRecordsError, select_sts_record, ["v=STSv1 ; id=a", "v=STSv1\t;id=b"])
+        self.assertEqual(e.reason, "multiple-mta-sts-records")
+        self.assertRaises(
+            MultipleRecordsError, select_sts_record, ["v=STSv1; id=a", "v=STSv1; id=b", "v=STSv1 ; id=c"]
+        )
+
+    def test_select_exact_malformed_not_rescued(self):
+        """The one record beginning C{v=STSv1;} is malformed: no policy, whatever the others."""
+        self.assertRaises(RecordSyntaxError, select_sts_record, ["v=STSv1; id=a;;", "v=STSv1 ; id=b"])
+
 
 class TLSRPTRecordTests(SynchronousTestCase):
     def test_percent_encoded(self):
@@ -97,6 +144,13 @@ class TLSRPTRecordTests(SynchronousTestCase):
 
     def test_not_tlsrpt(self):
         self.assertRaises(NotTLSRPTRecordError, parse_tlsrpt_record, "v=STSv1; id=a")
+
+    def test_select_exact_version_counted_first(self):
+        """The same ruling as for STS records (RFC 8460 §3 has the same words)."""
+        record = select_tlsrpt_record(["v=TLSRPTv1 ; rua=mailto:b@r.example", "v=TLSRPTv1;rua=mailto:a@r.example"])
+        self.assertEqual(record.rua, ("mailto:a@r.example",))
+        record = select_tlsrpt_record(["v=TLSRPTv1 ; rua=mailto:b@r.example"])
+        self.assertEqual(record.rua, ("mailto:b@r.example",))
 
     def test_select(self):
         record = select_tlsrpt_record(["v=TLSRPTv1; rua=https://r.example/x", "v=spf1"])
@@ -138,9 +192,44 @@ class ParsePolicyTests(SynchronousTestCase):
         policy = parse_policy(GOOD.replace("mx1.example.com", "xn--bcher-kva.example"))
         self.assertEqual(policy.mx[0], "xn--bcher-kva.example")
 
+    def test_alabel_mx_taken_as_written(self):
+        """
+        Ruling: an LDH A-label is accepted as written, even when its U-label
+        is not IDNA 2008-valid (U+263A, U+2764 are symbols).
+        """
+        text = GOOD.replace("mx1.example.com", "XN--74H.example").replace("*.example.net", "*.xn--i-7iq.ws")
+        policy = parse_policy(text)
+        self.assertEqual(policy.mx, ("xn--74h.example", "*.xn--i-7iq.ws"))
+        self.assertTrue(policy.matches("xn--74h.example"))
+        self.assertTrue(policy.matches("mx.xn--i-7iq.ws."))
+        self.assertFalse(policy.matches("☺.example"))  # not an IDNA 2008 U-label
+
     def test_first_wins(self):
         policy = parse_policy(GOOD + "mode: testing\nmax_age: 1\n")
         self.assertEqual((policy.mode, policy.max_age), (Mode.ENFORCE, 604800))
+
+    def test_later_duplicate_ignored_whatever_its_value(self):
+        """
+        Ruling (RFC 8461 §3.2 "all entries except for the first SHALL be
+        ignored"): a later duplicate that is no valid value of its field is
+        ignored, not a syntax error (which would fail open).
+        """
+        text = "version: STSv1\nmode: testing\nmx: mx.example\nmode: bogus\nmax_age: 86400\n"
+        self.assertEqual(parse_policy(text).mode, Mode.TESTING)
+        policy = parse_policy(GOOD + "mode: bogus\nmax_age: soon\nversion: STSv2\nmax_age: 99999999999\n")
+        self.assertEqual((policy.mode, policy.max_age, policy.extensions), (Mode.ENFORCE, 604800, ()))
+        self.assertEqual(parse_policy(policy.to_text()), policy)
+
+    def test_later_duplicate_must_still_be_a_field(self):
+        """A later duplicate line that is no field of the ABNF at all is still an error."""
+        for tail in ("mode: a\x01b\n", "mode:\n", "mode : testing\n", "max_age:  \n"):
+            with self.subTest(tail=tail):
+                self.assertRaises(PolicySyntaxError, parse_policy, GOOD + tail)
+
+    def test_first_occurrence_decides(self):
+        """The first C{mode} counts: an invalid one is not replaced by a later valid one."""
+        text = "version: STSv1\nmode: bogus\nmode: testing\nmx: mx.example\nmax_age: 86400\n"
+        self.assertRaises(PolicySyntaxError, parse_policy, text)
 
     def test_extensions_kept(self):
         policy = parse_policy(GOOD + "foo: bar baz\nfoo: second\n")
@@ -214,6 +303,43 @@ class DomainTests(SynchronousTestCase):
             with self.subTest(name=name):
                 self.assertRaises(DomainError, to_alabel, name)
 
+    def test_alabel_taken_as_written(self):
+        """
+        Ruling: a syntactically valid LDH A-label passes through unchanged
+        (lower-cased), whatever its Punycode decodes to.
+        """
+        cases = {
+            "xn--74h.example": "xn--74h.example",
+            "XN--I-7IQ.WS.": "xn--i-7iq.ws",
+            "bücher.xn--74h.example": "xn--bcher-kva.xn--74h.example",
+            "xn--zzzzzzzz.example": "xn--zzzzzzzz.example",
+        }
+        for name, alabel in cases.items():
+            with self.subTest(name=name):
+                self.assertEqual(to_alabel(name), alabel)
+
+    def test_ulabels_converted_with_idna2008_uts46(self):
+        """U-labels: UTS 46 mapping (non-transitional), then IDNA 2008."""
+        cases = {
+            "Bücher.Example": "xn--bcher-kva.example",
+            "faß.de": "xn--fa-hia.de",
+            "日本語。JP": "xn--wgv71a119e.jp",
+            "ΑΒΓ.example": "xn--mxacd.example",
+        }
+        for name, alabel in cases.items():
+            with self.subTest(name=name):
+                self.assertEqual(to_alabel(name), alabel)
+                self.assertEqual(to_alabel(name), idna.encode(name, uts46=True, transitional=False).decode().lower())
+        for name in ("☺.example", "i❤.ws", "a\u200db.example"):
+            with self.subTest(name=name):
+                self.assertRaises(DomainError, to_alabel, name)
+
+    def test_to_unicode_keeps_undecodable_alabels(self):
+        """Display (and cache keys): an A-label IDNA 2008 cannot decode is kept."""
+        self.assertEqual(to_unicode("xn--74h.example"), "xn--74h.example")
+        self.assertEqual(to_unicode("XN--BCHER-KVA.xn--74h.example."), "bücher.xn--74h.example")
+        self.assertEqual(to_unicode("ab--cd.example"), "ab--cd.example")
+
     def test_address_literal(self):
         self.assertTrue(is_address_literal("[IPv6:2001:db8::1]"))
         self.assertTrue(is_address_literal("192.0.2.1"))
@@ -258,7 +384,19 @@ def reference_match(patterns, host):
     return False
 
 
+alabels = st.from_regex(r"xn--[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?", fullmatch=True)
+ascii_names = st.lists(st.one_of(labels, alabels, st.sampled_from(["xn--bcher-kva", "xn--74h"])),
+                       min_size=1, max_size=4).map(".".join).filter(lambda n: not is_address_literal(n))
+
+
 class PropertyTests(SynchronousTestCase):
+    @settings(max_examples=300, deadline=None)
+    @given(ascii_names, st.booleans())
+    def test_ascii_names_pass_through(self, name, upper):
+        """Ruling: LDH names, A-labels included, are taken as written (lower-cased)."""
+        self.assertEqual(to_alabel(name.upper() if upper else name), name)
+        self.assertEqual(to_alabel(to_unicode(name)), name)
+
     @settings(max_examples=300, deadline=None)
     @given(st.one_of(st.text(), st.binary()))
     def test_parse_arbitrary_raises_only_syntax_error(self, text):

@@ -1,31 +1,28 @@
 """
-Access to the conformance vectors in ``../shared/conformance/vectors.json``.
+Access to the conformance vectors in ``tests/conformance/vectors.json``.
 
-The file lives beside the repository (CI clones main with ``shared/`` next to
-it); C{MTASTS_CONFORMANCE} may point elsewhere.  Without it, tests that need
-it skip on a developer machine and fail under C{CI=true}.
+The vectors ship with the tests (a copy of the shared conformance data; see
+``tests/conformance/README.md`` for where they come from), so every clone
+runs them.  A missing or unreadable file is an error, never a skip.
 """
+
+from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
-from twisted.trial.unittest import SkipTest
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_CANDIDATES = [
-    os.environ.get("MTASTS_CONFORMANCE", ""),
-    os.path.join(_HERE, "..", "..", "shared", "conformance", "vectors.json"),
-    os.path.join(_HERE, "..", "shared", "conformance", "vectors.json"),
-]
+#: The vectors file, beside this module.
+VECTORS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conformance", "vectors.json")
 
 
-def load_vectors(group: str) -> list[dict]:
-    """Return the vectors of C{group}; skip (or fail under CI) when absent."""
-    for path in _CANDIDATES:
-        if path and os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                return json.load(f)[group]
-    message = "conformance vectors not found (set MTASTS_CONFORMANCE to vectors.json)"
-    if os.environ.get("CI") == "true":
-        raise AssertionError(message)
-    raise SkipTest(message)
+def load_vectors(group: str) -> list[dict[str, Any]]:
+    """
+    Return the vectors of C{group} (e.g. C{"sts_policy"}).
+
+    @raise OSError: the vectors file is missing or unreadable.
+    @raise KeyError: the file has no such group.
+    """
+    with open(VECTORS_PATH, encoding="utf-8") as f:
+        vectors: list[dict[str, Any]] = json.load(f)[group]
+    return vectors

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import collections
 import enum
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 import dns.exception
 import dns.flags
@@ -46,7 +46,10 @@ import dns.rdatatype
 import dns.rdtypes.ANY.TXT
 import dns.rrset
 from twisted.internet import defer, error
-from twisted.internet.protocol import DatagramProtocol, Factory
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IListeningPort, ITCPTransport
+from twisted.internet.protocol import DatagramProtocol, ServerFactory
+from twisted.python.failure import Failure
 from twisted.logger import Logger
 from twisted.protocols.basic import Int16StringReceiver
 
@@ -60,6 +63,29 @@ ANY_NAME = "*"
 _IN = dns.rdataclass.IN
 _MAX_CHASE = 16
 _SPOOF_NAME = dns.name.from_text("spoofed.invalid.")
+
+
+class DNSServerReactor(Protocol):
+    """
+    What a L{DNSTestServer} (and L{listen_udp_and_tcp}) needs of its
+    reactor: C{IReactorUDP.listenUDP} and C{IReactorTCP.listenTCP}, with
+    the defaults every reactor gives them.
+    """
+
+    def listenUDP(
+        self, port: int, protocol: DatagramProtocol, interface: str = "", maxPacketSize: int = 8192
+    ) -> IListeningPort:
+        """C{IReactorUDP.listenUDP}."""
+
+    def listenTCP(self, port: int, factory: ServerFactory, backlog: int = 50, interface: str = "") -> IListeningPort:
+        """C{IReactorTCP.listenTCP}."""
+
+
+def _port_number(listening: IListeningPort) -> int:
+    """The port number a listening port is bound to."""
+    address = listening.getHost()
+    assert isinstance(address, (IPv4Address, IPv6Address)), address
+    return address.port
 
 
 class Behaviour(enum.Enum):
@@ -98,8 +124,8 @@ def _text(name: dns.name.Name) -> str:
     return name.to_text(omit_final_dot=True).lower()
 
 
-def _type(rdtype: str | int) -> int:
-    return dns.rdatatype.from_text(rdtype) if isinstance(rdtype, str) else int(rdtype)
+def _type(rdtype: str | int) -> dns.rdatatype.RdataType:
+    return dns.rdatatype.RdataType.make(rdtype)
 
 
 def _chunks(value: str | bytes) -> list[bytes]:
@@ -116,9 +142,11 @@ class _UDPServer(DatagramProtocol):
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         for spoofed_source, wire in self.server._replies(data, "udp"):
-            if spoofed_source and self.server._spare is not None:
-                self.server._spare.write(wire, addr)
+            spare = self.server._spare_protocol.transport
+            if spoofed_source and self.server._spare is not None and spare is not None:
+                spare.write(wire, addr)
             else:
+                assert self.transport is not None  # called only while listening
                 self.transport.write(wire, addr)
 
 
@@ -136,18 +164,18 @@ class _TCPServer(Int16StringReceiver):
         for _, wire in self.server._replies(data, "tcp"):
             self.sendString(wire)
 
-    def connectionLost(self, reason: Any = None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self.server._connections.discard(self)
         self.closed.callback(None)
 
 
 def listen_udp_and_tcp(
-    reactor: Any,
+    reactor: DNSServerReactor,
     make_udp: Callable[[], DatagramProtocol],
-    tcp_factory: Any,
+    tcp_factory: ServerFactory,
     interface: str = "127.0.0.1",
     tries: int = 50,
-) -> tuple[Any, Any, list[defer.Deferred[Any]]]:
+) -> tuple[IListeningPort, IListeningPort, list[defer.Deferred[Any]]]:
     """
     Listen on UDP and TCP on the same ephemeral port number (a DNS server's
     shape), retrying when the port the kernel chose for UDP is taken for TCP.
@@ -162,7 +190,7 @@ def listen_udp_and_tcp(
     for _ in range(tries):
         udp = reactor.listenUDP(0, make_udp(), interface=interface)
         try:
-            tcp = reactor.listenTCP(udp.getHost().port, tcp_factory, interface=interface)
+            tcp = reactor.listenTCP(_port_number(udp), tcp_factory, interface=interface)
         except error.CannotListenError as e:
             last = e
             closing.append(defer.maybeDeferred(udp.stopListening))
@@ -194,32 +222,35 @@ class DNSTestServer:
         self.queries: collections.Counter[tuple[str, str, str]] = collections.Counter()
         self._zone: dict[dns.name.Name, dict[int, dns.rrset.RRset]] = {}
         self._behaviours: dict[tuple[str, int | None], set[Behaviour]] = {}
-        self._udp: Any = None
-        self._tcp: Any = None
-        self._spare: Any = None
+        self._udp: IListeningPort | None = None
+        self._tcp: IListeningPort | None = None
+        # A second UDP port: replies from a source the resolver did not ask.
+        self._spare_protocol = DatagramProtocol()
+        self._spare: IListeningPort | None = None
         self._interface = "127.0.0.1"
         self._connections: set[_TCPServer] = set()
         self._closing: list[defer.Deferred[Any]] = []
 
     # -- lifecycle --
 
-    def start(self, reactor: Any, interface: str = "127.0.0.1") -> int:
+    def start(self, reactor: DNSServerReactor, interface: str = "127.0.0.1") -> int:
         """
         Listen on UDP and TCP on one ephemeral port of C{interface}.
 
-        @param reactor: a reactor providing C{IReactorUDP} and C{IReactorTCP}.
+        @param reactor: a reactor providing C{IReactorUDP} and C{IReactorTCP}
+            (see L{DNSServerReactor}).
         @param interface: C{"127.0.0.1"} or C{"::1"}.
         @return: the port number.
         @raise error.CannotListenError: when no port free for both UDP and
             TCP was found.
         """
         self._interface = interface
-        self._udp, self._tcp, closing = listen_udp_and_tcp(
-            reactor, lambda: _UDPServer(self), Factory.forProtocol(lambda: _TCPServer(self)), interface
-        )
+        tcp_factory: ServerFactory = ServerFactory()
+        tcp_factory.protocol = lambda: _TCPServer(self)
+        self._udp, self._tcp, closing = listen_udp_and_tcp(reactor, lambda: _UDPServer(self), tcp_factory, interface)
         self._closing.extend(closing)
-        self._spare = reactor.listenUDP(0, DatagramProtocol(), interface=interface)
-        return self._udp.getHost().port
+        self._spare = reactor.listenUDP(0, self._spare_protocol, interface=interface)
+        return _port_number(self._udp)
 
     def stop(self) -> defer.Deferred[Any]:
         """
@@ -235,13 +266,15 @@ class DNSTestServer:
         self._udp = self._tcp = self._spare = None
         for connection in list(self._connections):
             waits.append(connection.closed)
-            connection.transport.abortConnection()
+            ITCPTransport(connection.transport).abortConnection()
         return defer.gatherResults(waits, consumeErrors=True).addCallback(lambda _: None)
 
     @property
     def port(self) -> int:
         """The UDP and TCP port number."""
-        return self._udp.getHost().port
+        if self._udp is None:
+            raise RuntimeError("the DNS test server is not listening")
+        return _port_number(self._udp)
 
     @property
     def nameserver(self) -> str:
@@ -262,7 +295,7 @@ class DNSTestServer:
         rdtype = _type(rdtype)
         self._add(name, dns.rdata.from_text(_IN, rdtype, text), ttl)
 
-    def _add(self, name: str, rdata: Any, ttl: int) -> None:
+    def _add(self, name: str, rdata: dns.rdata.Rdata, ttl: int) -> None:
         owner = _name(name)
         node = self._zone.setdefault(owner, {})
         rrset = node.get(rdata.rdtype)
@@ -366,7 +399,7 @@ class DNSTestServer:
         # non-terminals exist: RFC 8020).
         return any(owner.is_subdomain(name) for owner in self._zone)
 
-    def _lookup(self, qname: dns.name.Name, rdtype: int) -> tuple[int, list[dns.rrset.RRset], bool]:
+    def _lookup(self, qname: dns.name.Name, rdtype: int) -> tuple[dns.rcode.Rcode, list[dns.rrset.RRset], bool]:
         """Return (rcode, answer rrsets, negative?)."""
         answer: list[dns.rrset.RRset] = []
         current = qname.canonicalize()

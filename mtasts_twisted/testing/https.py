@@ -26,20 +26,25 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, Protocol, cast
 
 import attrs
 from OpenSSL import SSL
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.interfaces import (
+    IAddress,
     IHostnameResolver,
     IHostResolution,
     IListeningPort,
     IOpenSSLServerConnectionCreator,
+    IProtocol,
     IPullProducer,
     IResolutionReceiver,
+    ITCPTransport,
+    ITransport,
 )
+from twisted.internet.protocol import connectionDone
 from twisted.internet.ssl import TLSVersion
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
@@ -60,6 +65,35 @@ __all__ = [
 
 #: RFC 8461 §3.3: the policy is served at this path of C{mta-sts.<domain>}.
 WELL_KNOWN_PATH = "/.well-known/mta-sts.txt"
+
+
+class TCPServerReactor(Protocol):
+    """What a loopback test server needs of its reactor: C{IReactorTCP.listenTCP}."""
+
+    # factory is any IProtocolFactory: Twisted annotates ServerFactory, which
+    # the wrapping factories of these servers are not.
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> IListeningPort:
+        """C{IReactorTCP.listenTCP}."""
+
+
+def port_number(address: IAddress) -> int:
+    """
+    The port of a TCP or UDP address (what C{getHost()} of a listening
+    port gives).
+
+    @raise TypeError: for any other kind of address (e.g. a UNIX socket).
+    """
+    if not isinstance(address, (IPv4Address, IPv6Address)):
+        raise TypeError(f"not an IP address: {address!r}")
+    return address.port
+
+
+def abort_connection(transport: ITransport | None) -> None:
+    """
+    Drop a server-side TCP (or TLS over TCP) connection at once, without
+    a clean close: C{ITCPTransport.abortConnection}.
+    """
+    ITCPTransport(transport).abortConnection()
 
 
 # --- host-name resolution --------------------------------------------------
@@ -131,10 +165,12 @@ class StaticHostnameResolver:
         self.lookups.append(hostName)
         resolution = _Resolution(hostName)
         resolutionReceiver.resolutionBegan(resolution)
+        # Twisted's address types name the semantics "TCP" or "UDP".
+        semantics = cast(Literal["TCP", "UDP"], transportSemantics)
         for address in self._hosts.get(self._key(hostName), ()):
             kind = IPv4Address if ipaddress.ip_address(address).version == 4 else IPv6Address
             if addressTypes is None or kind in addressTypes:
-                resolutionReceiver.addressResolved(kind(transportSemantics, address, portNumber))
+                resolutionReceiver.addressResolved(kind(semantics, address, portNumber))
         resolutionReceiver.resolutionComplete()
         return resolution
 
@@ -325,7 +361,7 @@ class _PolicyResource(Resource):
             request.setHeader(name, value)
 
         if route.reset:
-            request.channel.transport.abortConnection()
+            abort_connection(request.channel.transport)
             return NOT_DONE_YET
         if route.stall == "headers":
             return NOT_DONE_YET
@@ -368,16 +404,16 @@ class _SNICreator:
 class TrackedConnection(ProtocolWrapper):
     """Wraps each TCP connection so a test server can abort it and see it go."""
 
-    def __init__(self, factory: WrappingFactory, wrappedProtocol: Any) -> None:
+    def __init__(self, factory: WrappingFactory[TrackedConnection], wrappedProtocol: IProtocol) -> None:
         super().__init__(factory, wrappedProtocol)
         self.closed: Deferred[None] = Deferred()
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
         self.closed.callback(None)
 
 
-class ConnectionTracker(WrappingFactory):
+class ConnectionTracker(WrappingFactory[TrackedConnection]):
     """
     A wrapping factory whose connections are L{TrackedConnection}s (in
     C{protocols}), so test servers can abort them all on stop.
@@ -390,7 +426,7 @@ class ConnectionTracker(WrappingFactory):
         waits = []
         for connection in list(self.protocols):
             waits.append(connection.closed)
-            connection.transport.abortConnection()
+            abort_connection(connection.transport)
         return gatherResults(waits).addCallback(lambda _: None)
 
 
@@ -424,9 +460,9 @@ class PolicyServer:
         client sent none), in order, including failed handshakes.
     """
 
-    def __init__(self, reactor: Any, pki: PKI, *, legacy_tls: bool = False) -> None:
+    def __init__(self, reactor: TCPServerReactor, pki: PKI, *, legacy_tls: bool = False) -> None:
         """
-        @param reactor: an C{IReactorTCP} provider.
+        @param reactor: an C{IReactorTCP} provider (see L{TCPServerReactor}).
         @param pki: issues the default and per-host certificates.
         @param legacy_tls: offer only TLS 1.0 and 1.1 (to test that clients
             refuse TLS < 1.2).
@@ -475,7 +511,7 @@ class PolicyServer:
         self._tracker = ConnectionTracker(tls)
         self._tracker.noisy = False
         self._listening = self._reactor.listenTCP(0, self._tracker, interface="127.0.0.1")
-        self.port = self._listening.getHost().port
+        self.port = port_number(self._listening.getHost())
         return self.port
 
     def set_certificate(self, host: str, certificate: IssuedCertificate) -> None:

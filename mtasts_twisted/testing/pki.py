@@ -2,16 +2,29 @@
 A private PKI for tests: a trusted CA and an untrusted one, made with trustme,
 issuing the certificates that TLS tests need (valid, expired, not yet valid,
 wrong name, untrusted issuer).
+
+Certificates and keys are handed to OpenSSL as C{cryptography} objects:
+pyOpenSSL's own C{X509} and C{PKey} are deprecated as arguments of
+C{SSL.Context}.
 """
 
 from __future__ import annotations
 
 import datetime
+from typing import Any, Union
 
 import attrs
 import trustme
-from OpenSSL import crypto
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from twisted.internet import ssl
+
+#: The private keys OpenSSL can present (C{SSL.Context.use_privatekey}).
+PrivateKey = Union[
+    dsa.DSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey,
+    rsa.RSAPrivateKey,
+]
 
 
 def _now() -> datetime.datetime:
@@ -29,22 +42,33 @@ class IssuedCertificate:
         """Return a Twisted L{ssl.PrivateCertificate} (leaf and key)."""
         return ssl.PrivateCertificate.loadPEM(self.chain_pem + self.key_pem)
 
-    def server_options(self, **kwargs) -> ssl.CertificateOptions:
-        """Return server-side TLS options presenting this certificate."""
-        leaf = crypto.load_certificate(crypto.FILETYPE_PEM, self.chain_pem)
-        key = crypto.load_privatekey(crypto.FILETYPE_PEM, self.key_pem)
-        return ssl.CertificateOptions(
-            certificate=leaf, privateKey=key, extraCertChain=self._intermediates(), **kwargs
-        )
+    def certificates(self) -> list[x509.Certificate]:
+        """The chain: the leaf certificate first, then any intermediates."""
+        return x509.load_pem_x509_certificates(self.chain_pem)
 
-    def _intermediates(self) -> list:
-        blocks = self.chain_pem.split(b"-----END CERTIFICATE-----")[1:]
-        out = []
-        for block in blocks:
-            if b"BEGIN CERTIFICATE" in block:
-                pem = block.strip() + b"\n-----END CERTIFICATE-----\n"
-                out.append(crypto.load_certificate(crypto.FILETYPE_PEM, pem))
-        return out
+    def private_key(self) -> PrivateKey:
+        """The leaf's private key."""
+        key = serialization.load_pem_private_key(self.key_pem, password=None)
+        if not isinstance(key, (dsa.DSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey,
+                                ed448.Ed448PrivateKey, rsa.RSAPrivateKey)):
+            raise TypeError(f"OpenSSL cannot present a {type(key).__name__}")
+        return key
+
+    def server_options(self, **kwargs: Any) -> ssl.CertificateOptions:
+        """
+        Return server-side TLS options presenting this certificate.
+
+        @param kwargs: more keyword arguments of L{ssl.CertificateOptions}.
+        """
+        leaf, *intermediates = self.certificates()
+        key = self.private_key()
+        # CertificateOptions hands these to SSL.Context.use_certificate,
+        # use_privatekey and add_extra_chain_cert, which take cryptography
+        # objects; Twisted's annotations still name pyOpenSSL's deprecated
+        # X509 and PKey.
+        return ssl.CertificateOptions(
+            certificate=leaf, privateKey=key, extraCertChain=intermediates, **kwargs  # type: ignore[arg-type]
+        )
 
 
 class PKI:
@@ -73,7 +97,7 @@ class PKI:
         """The trusted CA as a Twisted certificate, for C{optionsForClientTLS}."""
         return ssl.Certificate.loadPEM(self.ca_pem)
 
-    def _issue(self, ca: trustme.CA, hosts, **kwargs) -> IssuedCertificate:
+    def _issue(self, ca: trustme.CA, hosts: tuple[str, ...], **kwargs: Any) -> IssuedCertificate:
         leaf = ca.issue_cert(*hosts, **kwargs)
         chain = b"".join(blob.bytes() for blob in leaf.cert_chain_pems)
         return IssuedCertificate(chain_pem=chain, key_pem=leaf.private_key_pem.bytes())

@@ -6,7 +6,7 @@ test certificate and virtual(8) delivery to Maildirs in that directory.
 It needs the Debian C{postfix} package (or any Postfix 3.x with the same
 layout) and root: Postfix's master runs as root and its daemons as the
 C{postfix} user.  Installing the package must not start the system
-instance (a C{/usr/sbin/policy-rc.d} that exits 101; see DESIGN.md); this
+instance (a C{/usr/sbin/policy-rc.d} that exits 101; see docs/design.rst); this
 instance never touches C{/etc/postfix} beyond reading C{postfix-files}
 (its C{meta_directory}) and runs with C{-c} on generated files.
 
@@ -38,10 +38,10 @@ import signal
 import socket
 import subprocess
 import time
-from typing import Any
 
 from twisted.internet import task
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 
 from mtasts_twisted.testing.pki import IssuedCertificate
 
@@ -347,7 +347,7 @@ class PostfixServer:
                 out.append(f.read())
         return out
 
-    def wait_for_message(self, reactor: Any, mailbox: str, timeout: float = 30.0) -> Deferred[bytes]:
+    def wait_for_message(self, reactor: IReactorTime, mailbox: str, timeout: float = 30.0) -> Deferred[bytes]:
         """
         Poll (through C{reactor}) until C{mailbox} has a message; fire with
         the first one, or fail with L{PostfixError} after C{timeout} s.

@@ -28,19 +28,18 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Callable
 
 import attrs
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IReactorTCP
+from twisted.internet.interfaces import IAddress, IListeningPort, IOpenSSLServerConnectionCreator, IReactorTCP
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mtasts_twisted.testing.https import abort_connection, port_number
 from mtasts_twisted.testing.pki import IssuedCertificate
 
 __all__ = [
@@ -287,10 +286,10 @@ class _Delivery:
     def __init__(self, proto: _ServerProtocol) -> None:
         self._proto = proto
 
-    def receivedHeader(self, helo: Any, origin: Any, recipients: Any) -> None:
+    def receivedHeader(self, helo: tuple[bytes, bytes], origin: smtp.Address, recipients: list[smtp.User]) -> None:
         return None
 
-    def validateFrom(self, helo: Any, origin: smtp.Address) -> smtp.Address:
+    def validateFrom(self, helo: tuple[bytes, bytes], origin: smtp.Address) -> smtp.Address:
         reply = self._proto.behaviour.replies.get(Stage.MAIL)
         if reply is not None:
             raise smtp.SMTPServerError(reply.code, reply.text)
@@ -301,7 +300,7 @@ class _Delivery:
         )
         return origin
 
-    def validateTo(self, user: smtp.User) -> Any:
+    def validateTo(self, user: smtp.User) -> Callable[[], smtp.IMessage]:
         address = str(user.dest)
         reply = self._proto.behaviour.recipient_replies.get(address.lower())
         if reply is not None and reply.code >= 300:
@@ -320,7 +319,9 @@ class _Delivery:
 class _ServerProtocol(smtp.ESMTP):
     """twisted.mail's ESMTP server, scripted by a L{Behaviour}."""
 
-    timeout = None  # no idle timer: stop() closes what is left
+    # No idle timer: stop() closes what is left.  (None turns TimeoutMixin's
+    # timer off; Twisted's default of 600 makes mypy think it is an int.)
+    timeout = None  # type: ignore[assignment]
     noisy = False
 
     def __init__(self, server: SMTPTestServer, behaviour: Behaviour) -> None:
@@ -470,7 +471,7 @@ class _Factory(protocol.ServerFactory):
     def __init__(self, server: SMTPTestServer) -> None:
         self._server = server
 
-    def buildProtocol(self, addr: Any) -> _ServerProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> _ServerProtocol:
         proto = _ServerProtocol(self._server, self._server.behaviour)
         proto.factory = self
         return proto
@@ -497,20 +498,20 @@ class SMTPTestServer:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
-            reactor = default_reactor  # type: ignore[assignment]
+            reactor = default_reactor
         self._reactor = reactor
         self.behaviour = behaviour if behaviour is not None else Behaviour()
         self.sessions: list[Session] = []
         self.port: int | None = None
-        self._listening: Any = None
+        self._listening: IListeningPort | None = None
         self._live: set[_ServerProtocol] = set()
-        self._tls: dict[int, tuple[Behaviour, Any]] = {}
+        self._tls: dict[int, tuple[Behaviour, ServerTLS | TLS11OnlyServer]] = {}
 
     def start(self) -> int:
         """Listen on 127.0.0.1 (an ephemeral port); return the port."""
-        self._listening = self._reactor.listenTCP(0, _Factory(self), interface=self.host)  # type: ignore[union-attr]
-        self.port = self._listening.getHost().port
-        return self.port  # type: ignore[return-value]
+        self._listening = self._reactor.listenTCP(0, _Factory(self), interface=self.host)
+        self.port = port = port_number(self._listening.getHost())
+        return port
 
     def stop(self) -> defer.Deferred[None]:
         """
@@ -525,7 +526,7 @@ class SMTPTestServer:
             self._listening = None
         for proto in list(self._live):
             waits.append(proto._lost)
-            proto.transport.abortConnection()  # type: ignore[union-attr]
+            abort_connection(proto.transport)
         return defer.gatherResults(waits).addCallback(lambda _: None)
 
     @property
@@ -547,13 +548,13 @@ class SMTPTestServer:
             if c.verb in _TRANSACTION_VERBS
         ]
 
-    def _server_tls(self, behaviour: Behaviour) -> Any:
+    def _server_tls(self, behaviour: Behaviour) -> ServerTLS | TLS11OnlyServer | None:
         # One server TLS object per behaviour, reused by its connections.
         default = behaviour.certificate
         if default is None and behaviour.certificates_by_name:
             default = next(iter(behaviour.certificates_by_name.values()))
         if behaviour.starttls is StartTLS.OFFER and default is not None:
-            make: Any = lambda: ServerTLS(default, behaviour.certificates_by_name)
+            make: Callable[[], ServerTLS | TLS11OnlyServer] = lambda: ServerTLS(default, behaviour.certificates_by_name)
         elif behaviour.starttls is StartTLS.ALERT:
             if default is None:
                 raise ValueError("StartTLS.ALERT needs a certificate")
@@ -568,12 +569,11 @@ class SMTPTestServer:
 
 def _server_context(issued: IssuedCertificate) -> SSL.Context:
     context = SSL.Context(SSL.TLS_METHOD)
-    leaf, *chain = x509.load_pem_x509_certificates(issued.chain_pem)
+    leaf, *chain = issued.certificates()
     context.use_certificate(leaf)
     for extra in chain:
         context.add_extra_chain_cert(extra)
-    key = serialization.load_pem_private_key(issued.key_pem, None)
-    context.use_privatekey(key)  # type: ignore[arg-type]
+    context.use_privatekey(issued.private_key())
     return context
 
 

@@ -33,7 +33,13 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from mtasts_twisted.testing.https import ConnectionTracker, StaticHostnameResolver, stop_server
+from mtasts_twisted.testing.https import (
+    ConnectionTracker,
+    StaticHostnameResolver,
+    TCPServerReactor,
+    port_number,
+    stop_server,
+)
 from mtasts_twisted.testing.pki import PKI
 
 __all__ = ["MailFailure", "ReceivedRequest", "RecordingMailer", "ReportReceiver", "SentMail"]
@@ -76,10 +82,12 @@ class _Receive(Resource):
         super().__init__()
         self._receiver = receiver
 
-    def render(self, request: Request) -> Any:
+    def render(self, request: Request) -> bytes | int:
         receiver = self._receiver
         status = receiver.statuses.pop(0) if receiver.statuses else receiver.status
-        request.content.seek(0)
+        content = request.content
+        assert content is not None  # the body is read before render
+        content.seek(0)
         receiver.requests.append(
             ReceivedRequest(
                 method=request.method.decode("ascii"),
@@ -89,7 +97,7 @@ class _Receive(Resource):
                     for k, values in request.requestHeaders.getAllRawHeaders()
                     for v in values
                 ),
-                body=request.content.read(),
+                body=content.read(),
                 status=status,
             )
         )
@@ -112,9 +120,10 @@ class ReportReceiver:
     @ivar statuses: statuses for the next requests, used first, in order.
     """
 
-    def __init__(self, reactor: Any, pki: PKI, host: str = "reports.example.test") -> None:
+    def __init__(self, reactor: TCPServerReactor, pki: PKI, host: str = "reports.example.test") -> None:
         """
-        @param reactor: an C{IReactorSSL}.
+        @param reactor: an C{IReactorTCP} (see L{TCPServerReactor}): TLS is
+            done in memory, over plain TCP.
         @param pki: issues the server certificate (trust C{pki.ca_pem}).
         @param host: the name in the certificate and in L{url}.
         """
@@ -140,7 +149,7 @@ class ReportReceiver:
         self._tracker = ConnectionTracker(tls)
         self._tracker.noisy = False
         self._listening = self._reactor.listenTCP(0, self._tracker, interface="127.0.0.1")
-        self.port = self._listening.getHost().port
+        self.port = port_number(self._listening.getHost())
         return self.port
 
     def url(self, path: str = "/tlsrpt") -> str:

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any
+from typing import Any, Callable, Protocol
 
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.interfaces import IConnector, IDelayedCall, IListeningPort
+from twisted.internet.protocol import DatagramProtocol
 
 from mtasts_twisted.dns import DNSHostnameResolver, DNSResolver
 from mtasts_twisted.fetch import PolicyFetcher
@@ -28,6 +30,33 @@ from mtasts_twisted.testing.https import PolicyServer, Route
 from mtasts_twisted.testing.pki import PKI
 
 LOOPBACK = "127.0.0.1"
+
+
+class WorldReactor(Protocol):
+    """
+    What a L{LoopbackWorld} needs of its reactor: C{IReactorUDP} and
+    C{IReactorTCP} for its servers, C{IReactorTime} and C{IReactorTCP} for
+    the resolver and the fetcher.  The global reactor has all of them.
+    """
+
+    def listenUDP(
+        self, port: int, protocol: DatagramProtocol, interface: str = "", maxPacketSize: int = 8192
+    ) -> IListeningPort:
+        """C{IReactorUDP.listenUDP}."""
+
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> IListeningPort:
+        """C{IReactorTCP.listenTCP} (any C{IProtocolFactory})."""
+
+    def connectTCP(
+        self, host: str, port: int, factory: Any, timeout: float = 30.0, bindAddress: Any = None
+    ) -> IConnector:
+        """C{IReactorTCP.connectTCP}."""
+
+    def seconds(self) -> float:
+        """C{IReactorTime.seconds}."""
+
+    def callLater(self, delay: float, callable: Callable[..., Any], *args: object, **kwargs: object) -> IDelayedCall:
+        """C{IReactorTime.callLater}."""
 
 
 class LoopbackWorld:
@@ -42,7 +71,14 @@ class LoopbackWorld:
         trusting only the test CA, connecting to C{https}'s port.
     """
 
-    def __init__(self, reactor: Any, fetch_timeout: float = 5.0, dns_timeout: float = 1.0) -> None:
+    def __init__(self, reactor: WorldReactor, fetch_timeout: float = 5.0, dns_timeout: float = 1.0) -> None:
+        """
+        Start the servers on ephemeral loopback ports.
+
+        @param reactor: the reactor (see L{WorldReactor}).
+        @param fetch_timeout: the fetcher's timeout, in seconds.
+        @param dns_timeout: the resolver's timeout per query, in seconds.
+        """
         self.reactor = reactor
         self.pki = PKI()
         self.dns = DNSTestServer()
@@ -62,7 +98,7 @@ class LoopbackWorld:
         )
 
     @classmethod
-    def start(cls, reactor: Any, **kwargs: Any) -> LoopbackWorld:
+    def start(cls, reactor: WorldReactor, **kwargs: Any) -> LoopbackWorld:
         """Start the servers on ephemeral loopback ports; return the world."""
         return cls(reactor, **kwargs)
 
