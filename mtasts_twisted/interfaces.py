@@ -104,3 +104,39 @@ class IResultSink(Interface):
         happened at C{when} (POSIX seconds; the sink's clock when L{None}).
         Must not block and must not fail the caller.
         """
+
+
+class IPolicyFetcher(Interface):
+    """
+    Fetches an MTA-STS policy over HTTPS (RFC 8461 §3.3): the policy cache's
+    source of policies.  Implemented by L{mtasts_twisted.fetch.PolicyFetcher},
+    its metered wrapper, and L{mtasts_twisted.testing.memory.FakeFetcher}.
+    """
+
+    def fetch(domain):
+        """
+        Fetch the policy of C{domain} (an A-label name).
+
+        @return: L{Deferred} firing with a
+            L{mtasts_twisted.fetch.FetchedPolicy}, or failing with a
+            L{mtasts_twisted.fetch.PolicyFetchError} that carries its RFC
+            8460 result type and reason.
+        """
+
+
+class IDeliverer(Interface):
+    """
+    Delivers one message to recipients of one domain: what the relay's
+    workers and the TLSRPT report mailer need of
+    L{mtasts_twisted.delivery.Deliverer} (and of its metered wrapper).
+    """
+
+    def deliver(sender, recipients, message):
+        """
+        Deliver C{message} (a binary file, read from its current position)
+        from C{sender} to C{recipients}, all of one domain.
+
+        @return: L{Deferred} firing with a
+            L{mtasts_twisted.delivery.DeliveryResult}: one outcome per
+            recipient; it fails only on a bug.
+        """

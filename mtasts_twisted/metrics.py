@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -49,7 +49,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
-from mtasts_twisted.interfaces import IResultSink
+from mtasts_twisted.interfaces import IDeliverer, IPolicyFetcher, IResultSink
 from mtasts_twisted.results import Result
 
 if TYPE_CHECKING:
@@ -60,8 +60,6 @@ if TYPE_CHECKING:
     from mtasts_twisted.tlsrpt import SendOutcome
 
 __all__ = [
-    "Delivering",
-    "Fetching",
     "MeteredDeliverer",
     "MeteredFetcher",
     "MeteredSink",
@@ -198,24 +196,11 @@ class MetricsResource(Resource):
         return generate_latest(self._registry)
 
 
-class Fetching(Protocol):
-    """What L{MeteredFetcher} wraps: a L{PolicyFetcher<mtasts_twisted.fetch.PolicyFetcher>}."""
-
-    def fetch(self, domain: str) -> Deferred[FetchedPolicy]:
-        """Fetch C{domain}'s policy (RFC 8461 §3.3)."""
-
-
-class Delivering(Protocol):
-    """What L{MeteredDeliverer} wraps: a L{Deliverer<mtasts_twisted.delivery.Deliverer>}."""
-
-    def deliver(self, sender: str, recipients: Sequence[str], message: BinaryIO) -> Deferred[DeliveryResult]:
-        """Deliver C{message} to C{recipients} of one domain."""
-
-
+@implementer(IPolicyFetcher)
 class MeteredFetcher:
     """A policy fetcher that counts fetches by outcome."""
 
-    def __init__(self, fetcher: Fetching, stats: ServiceStats) -> None:
+    def __init__(self, fetcher: IPolicyFetcher, stats: ServiceStats) -> None:
         """
         @param fetcher: has C{fetch(alabel) -> Deferred}.
         @param stats: where to count.
@@ -258,10 +243,11 @@ class MeteredSink:
             self._sink.record(result, when)
 
 
+@implementer(IDeliverer)
 class MeteredDeliverer:
     """A L{Deliverer<mtasts_twisted.delivery.Deliverer>} wrapper counting outcomes."""
 
-    def __init__(self, deliverer: Delivering, stats: ServiceStats) -> None:
+    def __init__(self, deliverer: IDeliverer, stats: ServiceStats) -> None:
         """
         @param deliverer: has C{deliver(sender, recipients, message)}.
         @param stats: where to count.

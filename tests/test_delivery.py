@@ -42,6 +42,7 @@ from mtasts_twisted.testing.dns import Behaviour as DNSBehaviour
 from mtasts_twisted.testing.dns import DNSTestServer
 from mtasts_twisted.testing.memory import FakeFetcher
 from mtasts_twisted.testing.pki import PKI
+from mtasts_twisted.testing.sinks import ListSink
 from mtasts_twisted.testing.smtp import (
     Behaviour,
     Reply,
@@ -98,17 +99,6 @@ _NO_TLS = {"no_starttls", "refused", "alert"}
 def policy_text(mode: str, *mx: str) -> str:
     lines = ["version: STSv1", f"mode: {mode}"] + [f"mx: {m}" for m in mx] + ["max_age: 86400"]
     return "\n".join(lines) + "\n"
-
-
-@implementer(IResultSink)
-class ListSink:
-    """An IResultSink keeping results in a list."""
-
-    def __init__(self) -> None:
-        self.results: list[Result] = []
-
-    def record(self, result: Result, when: float | None = None) -> None:
-        self.results.append(result)
 
 
 class _ReadSpy(io.BufferedReader):

@@ -23,7 +23,7 @@ The rooms, bottom to top:
 
 from mtasts_twisted.cache.entry import POLICY_TABLE, CacheEntry
 from mtasts_twisted.cache.lookup import Lookup, PolicyLookupTemporaryError
-from mtasts_twisted.cache.policycache import PolicyCache, PolicyFetcherLike
+from mtasts_twisted.cache.policycache import PolicyCache
 from mtasts_twisted.cache.refresher import PolicyRefresher
 from mtasts_twisted.cache.reporting import BACKOFF_REASON, FALLBACK, describe
 from mtasts_twisted.cache.settings import CacheSettings, RefresherSettings
@@ -36,7 +36,6 @@ __all__ = [
     "CacheSettings",
     "Lookup",
     "PolicyCache",
-    "PolicyFetcherLike",
     "PolicyLookupTemporaryError",
     "PolicyRefresher",
     "RefresherSettings",

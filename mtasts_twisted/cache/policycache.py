@@ -12,7 +12,7 @@ and written by L{PolicyCache.flush}.
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Callable, Coroutine, Optional, Protocol, TypeVar
+from typing import Any, AsyncIterator, Callable, Coroutine, Optional, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
@@ -29,7 +29,7 @@ from mtasts_twisted.cache.settings import CacheSettings
 from mtasts_twisted.dns import DNSTemporaryError
 from mtasts_twisted.dns.records import lookup_sts_answer
 from mtasts_twisted.fetch import FetchedPolicy
-from mtasts_twisted.interfaces import IDNSResolver, IStore
+from mtasts_twisted.interfaces import IDNSResolver, IPolicyFetcher, IStore
 from mtasts_twisted.policy import (
     DomainError,
     Mode,
@@ -46,22 +46,12 @@ from mtasts_twisted.policy import (
 from mtasts_twisted.results import PolicyDescriptor, PolicyType, Result, ResultType
 from mtasts_twisted.store import JSONDict, UpdateFunction
 
-__all__ = ["PolicyCache", "PolicyFetcherLike"]
+__all__ = ["PolicyCache"]
 
 # The package is the log namespace, as before the split into modules.
 log = Logger(namespace="mtasts_twisted.cache")
 
 _T = TypeVar("_T")
-
-
-class PolicyFetcherLike(Protocol):
-    """
-    What the cache needs of a policy fetcher: L{PolicyFetcher
-    <mtasts_twisted.fetch.PolicyFetcher>} or a wrapper or fake of it.
-    """
-
-    def fetch(self, domain: str) -> Deferred[FetchedPolicy]:
-        """Fetch the policy of C{domain} (an A-label name; RFC 8461 §3.3)."""
 
 
 class PolicyCache:
@@ -77,7 +67,7 @@ class PolicyCache:
     @param clock: an C{IReactorTime}.
     """
 
-    def __init__(self, store: IStore, resolver: Optional[IDNSResolver], fetcher: Optional[PolicyFetcherLike],
+    def __init__(self, store: IStore, resolver: Optional[IDNSResolver], fetcher: Optional[IPolicyFetcher],
                  clock: IReactorTime, settings: CacheSettings = CacheSettings()) -> None:
         self._shelf = store.shelf(POLICY_TABLE)
         self._resolver = resolver
@@ -281,6 +271,9 @@ class PolicyCache:
     async def _txt(self, alabel: str) -> tuple[STSRecord, int]:
         """The STS record of C{alabel} (RFC 8461 §3.1) and its TTL, or the error why not."""
         self.stats["txt_lookups"] += 1
+        # Only the CLI's cache commands make a cache without a resolver, and
+        # they never look a policy up.
+        assert self._resolver is not None
         return await lookup_sts_answer(self._resolver, alabel)
 
     async def _get(self, key: str, alabel: str) -> Lookup:

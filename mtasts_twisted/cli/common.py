@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, NoReturn, TextIO
 
 if TYPE_CHECKING:
     # The reactor the commands run on: the global one (from task.react),
-    # which provides every reactor interface the components ask for.
-    from twisted.internet.posixbase import PosixReactorBase as Reactor
+    # which provides every reactor interface the components ask for, as
+    # the service's does.
+    from mtasts_twisted.service import IServiceReactor as Reactor
 
 __all__ = [
     "DEFAULT_DATA_DIR",

@@ -71,6 +71,8 @@ async def run_report(reactor: Reactor, args: argparse.Namespace, out: TextIO, er
         return EX_CANTCREAT
     try:
         scheduler = runtime.scheduler
+        # Reports are configured (checked above), so the runtime has a scheduler.
+        assert scheduler is not None
         if args.action == "send":
             outcomes = await scheduler.send_now()
             for outcome in outcomes:

@@ -28,6 +28,7 @@ from twisted.internet.endpoints import (
 from twisted.internet.interfaces import IConnector
 from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from mtasts_twisted.cache import Lookup, PolicyLookupTemporaryError
 from mtasts_twisted.delivery.accounting import record, session_result, skip_result
@@ -44,9 +45,10 @@ from mtasts_twisted.delivery.values import (
     scan_message,
 )
 from mtasts_twisted.dns import DNSError, DNSNoRecordError
-from mtasts_twisted.interfaces import IDNSResolver, IResultSink
+from mtasts_twisted.interfaces import IDeliverer, IDNSResolver, IResultSink
 from mtasts_twisted.policy import DomainError, Mode, to_alabel
 from mtasts_twisted.results import Result
+from mtasts_twisted.pkix import TrustRootSpec
 from mtasts_twisted.tls import MXTLSOptionsCache, load_trust_root
 
 __all__ = ["MAX_ERRORS_SHOWN", "Deliverer", "DeliveryReactor", "PolicySource", "deliver"]
@@ -90,6 +92,7 @@ class PolicySource(Protocol):
         """
 
 
+@implementer(IDeliverer)
 class Deliverer:
     """
     Delivers messages to the MX hosts of one recipient domain per call,
@@ -102,7 +105,7 @@ class Deliverer:
         reactor: DeliveryReactor,
         resolver: IDNSResolver,
         cache: PolicySource,
-        trust_root: object = None,
+        trust_root: TrustRootSpec = None,
         sink: IResultSink | None = None,
         settings: DeliverySettings = DeliverySettings(),
         *,

@@ -52,6 +52,7 @@ from twisted.web.client import (
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+from zope.interface import implementer
 
 from mtasts_twisted import __version__
 from mtasts_twisted.dns import DNSHostnameResolver, DNSNoRecordError, DNSTemporaryError, reactor_with_resolver
@@ -64,7 +65,7 @@ from mtasts_twisted.fetch.errors import (
     PolicyTooLargeError,
     WrongContentTypeError,
 )
-from mtasts_twisted.interfaces import IDNSResolver
+from mtasts_twisted.interfaces import IDNSResolver, IPolicyFetcher
 from mtasts_twisted.pkix import (
     CertificateVerifyError,
     RecordingConnectionCreator,
@@ -190,6 +191,7 @@ def _inner(failure: Failure) -> list[Failure]:
     return [failure]
 
 
+@implementer(IPolicyFetcher)
 class PolicyFetcher:
     """
     Fetches MTA-STS policies (RFC 8461 §3.3).

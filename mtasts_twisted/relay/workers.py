@@ -27,8 +27,7 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
+from typing import Any
 
 import attrs
 from twisted.application.service import Service
@@ -38,30 +37,16 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mtasts_twisted.interfaces import IDeliverer
 from mtasts_twisted.relay.dsn import FailedRecipient, build_dsn, needs_dsn, read_headers, status_code_of
 from mtasts_twisted.relay.envelope import QueuedMessage, RecipientStatus
 from mtasts_twisted.relay.errors import QueueError, QueueFullError
 from mtasts_twisted.relay.queue import Queue
 from mtasts_twisted.relay.settings import RelaySettings
 
-if TYPE_CHECKING:
-    from mtasts_twisted.delivery import DeliveryResult
-
 __all__ = ["IDeliverer", "RelayService"]
 
 log = Logger()
-
-
-class IDeliverer(Protocol):
-    """What the workers need of a L{mtasts_twisted.delivery.Deliverer}."""
-
-    def deliver(
-        self, sender: str, recipients: Sequence[str], message: BinaryIO
-    ) -> Deferred[DeliveryResult]:
-        """
-        Deliver to recipients of one domain; fire with a
-        L{mtasts_twisted.delivery.DeliveryResult}.
-        """
 
 
 #: What a deliverer said about one recipient: (C{"delivered"},

@@ -15,7 +15,7 @@ import io
 from twisted.internet.defer import Deferred, succeed
 
 from mtasts_twisted.cache import Lookup
-from mtasts_twisted.metrics import Delivering
+from mtasts_twisted.interfaces import IDeliverer
 from mtasts_twisted.policy import MTASTSError
 from mtasts_twisted.results import PolicyDescriptor, PolicyType, Result
 
@@ -50,7 +50,7 @@ class ReportMailer:
     no TLSRPT results (RFC 8460 §3).
     """
 
-    def __init__(self, deliverer: Delivering) -> None:
+    def __init__(self, deliverer: IDeliverer) -> None:
         """
         @param deliverer: a L{Deliverer} built with L{NoPolicyCache} and
             L{NULL_SINK<mtasts_twisted.tlsrpt.NULL_SINK>}.

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -156,7 +156,11 @@ async def open_runtime(
     if report_settings is not None:
         aggregator = ResultAggregator(store, reactor)
     sink = MeteredSink(aggregator, stats)
-    from mtasts_twisted.delivery import Deliverer, DeliverySettings
+    from mtasts_twisted.delivery import Deliverer, DeliveryReactor, DeliverySettings
+
+    # IServiceReactor includes IReactorTime and IReactorTCP, which is all
+    # DeliveryReactor asks; mypy cannot match a zope interface to a Protocol.
+    delivery_reactor = cast(DeliveryReactor, reactor)
 
     delivery_settings = DeliverySettings(helo_name=settings.helo_name, port=settings.delivery_port,
                                          port_for=dict(settings.delivery_port_for))
@@ -164,12 +168,12 @@ async def open_runtime(
     # like Postfix's smtp_connection_cache_time_limit); RelayService.stopService
     # closes them.
     deliverer = MeteredDeliverer(
-        Deliverer(reactor, resolver, cache, trust_root=settings.ca_file, sink=sink,
+        Deliverer(delivery_reactor, resolver, cache, trust_root=settings.ca_file, sink=sink,
                   settings=attrs.evolve(delivery_settings, reuse_idle_time=settings.session_reuse)), stats)
     # RFC 8460 §5.3: reports are delivered despite MTA-STS failures, and
     # their own sessions are not reported (§3): no policy, NULL_SINK.  One
     # report per domain and day: nothing to reuse, nothing parked to close.
-    mailer = ReportMailer(Deliverer(reactor, resolver, NoPolicyCache(), trust_root=settings.ca_file,
+    mailer = ReportMailer(Deliverer(delivery_reactor, resolver, NoPolicyCache(), trust_root=settings.ca_file,
                                     sink=NULL_SINK, settings=delivery_settings))
     if report_settings is not None:
         try:

@@ -19,7 +19,7 @@ from zope.interface import implementer
 
 from mtasts_twisted.dns import AddressAnswer, DNSNoRecordError, MXAnswer, MXHost, TXTAnswer
 from mtasts_twisted.fetch import FetchedPolicy
-from mtasts_twisted.interfaces import IDNSResolver
+from mtasts_twisted.interfaces import IDNSResolver, IPolicyFetcher
 from mtasts_twisted.policy import parse_policy
 from mtasts_twisted.store import MemoryShelf, MemoryStore
 
@@ -71,6 +71,7 @@ class FakeResolver:
             host=host, addresses=tuple(v), ttl=self.ttl, authenticated=False))
 
 
+@implementer(IPolicyFetcher)
 class FakeFetcher:
     """
     A policy fetcher answering from a dict of domain → policy text, exception

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from typing import Any, Callable, Protocol
 
 from twisted.internet.defer import Deferred, gatherResults
@@ -57,6 +58,9 @@ class WorldReactor(Protocol):
 
     def callLater(self, delay: float, callable: Callable[..., Any], *args: object, **kwargs: object) -> IDelayedCall:
         """C{IReactorTime.callLater}."""
+
+    def getDelayedCalls(self) -> Sequence[IDelayedCall]:
+        """C{IReactorTime.getDelayedCalls}."""
 
 
 class LoopbackWorld:
