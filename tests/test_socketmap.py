@@ -22,7 +22,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from mtasts_twisted import socketmap
+from mtasts_twisted.socketmap import server as socketmap_server
+from mtasts_twisted.socketmap.answers import ANSWER_KINDS, answer_kind
 from mtasts_twisted.cache import PolicyCache
 from mtasts_twisted.dns import DNSNoRecordError, DNSTemporaryError
 from mtasts_twisted.fetch import FetchedPolicy
@@ -293,6 +294,13 @@ class RenderTests(SynchronousTestCase):
             " mx_host_pattern=mx1.example.com",
         )
 
+    def test_answer_kind(self):
+        self.assertEqual(answer_kind("OK secure match=mx1.example.com servername=hostname"), "ok")
+        self.assertEqual(answer_kind("NOTFOUND "), "notfound")
+        self.assertEqual(answer_kind(render_failure("example.com", "dns-lookup")), "temp")
+        self.assertEqual(answer_kind("PERM empty key"), "perm")
+        self.assertEqual(ANSWER_KINDS, ("ok", "notfound", "temp", "perm"))
+
     def test_failure(self):
         self.assertEqual(
             render_failure("example.com", "dns-lookup"),
@@ -326,7 +334,7 @@ class ServerTestCase(SynchronousTestCase):
         self.registry = CollectorRegistry()
         self.counter = Counter("socketmap_requests", "requests", ["answer"], registry=self.registry)
         self.events = []
-        self.patch(socketmap, "log", Logger(observer=self.events.append))
+        self.patch(socketmap_server, "log", Logger(observer=self.events.append))
         self.factory = self.make_factory(self.settings)
         self.proto, self.transport = self.connect()
 
@@ -811,3 +819,4 @@ class LoopbackTests(TestCase):
         client.transport.write(netstrings(b"postfix example.com") + b"1:ab")
         await client.closed
         self.assertEqual(client.received, ["OK secure match=mx1.example.com servername=hostname"])
+
