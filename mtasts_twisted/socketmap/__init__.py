@@ -22,6 +22,9 @@ The rooms, bottom to top:
   - L{settings<mtasts_twisted.socketmap.settings>}: L{SocketmapSettings};
   - L{answers<mtasts_twisted.socketmap.answers>}: the pure decision from a
     policy (and the MX hosts) to the reply text, with every answer form;
+  - L{deferreds<mtasts_twisted.socketmap.deferreds>}: L{result_now
+    <mtasts_twisted.socketmap.deferreds.result_now>}, reading an
+    already-fired L{Deferred<twisted.internet.defer.Deferred>};
   - L{protocol<mtasts_twisted.socketmap.protocol>}: one connection (request
     order, idle timeout, broken netstrings) and L{ImmediateWriter};
   - L{server<mtasts_twisted.socketmap.server>}: L{SocketmapFactory}, the

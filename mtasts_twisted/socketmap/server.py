@@ -7,7 +7,7 @@ Every lookup's TLSRPT result goes to the optional L{IResultSink}; Postfix
 records the delivery itself.  The hot path of a cached answer is: the frame
 cut from the input, a dict hit for the parsed key, L{PolicyCache.get
 <mtasts_twisted.cache.PolicyCache.get>} (whose already-fired L{Deferred} is
-read without adding callbacks), a dict hit for the rendered
+read by L{result_now} without adding callbacks), a dict hit for the rendered
 answer, one C{send} on the socket (L{ImmediateWriter
 <mtasts_twisted.socketmap.protocol.ImmediateWriter>}).  Nothing is logged
 per request.
@@ -35,6 +35,7 @@ from mtasts_twisted.socketmap.answers import (
     render_answer,
     render_failure,
 )
+from mtasts_twisted.socketmap.deferreds import PENDING, result_now
 from mtasts_twisted.socketmap.netstring import encode_netstring
 from mtasts_twisted.socketmap.protocol import SocketmapProtocol
 from mtasts_twisted.socketmap.request import MalformedRequestError, ParsedKey, parse_key, parse_request
@@ -77,10 +78,6 @@ def _frame(text: str) -> bytes:
 
 _NOTFOUND = _frame("NOTFOUND ")
 _NOTFOUND_ANSWER = ("notfound", _NOTFOUND)
-
-
-def _consume(failure: Failure) -> None:
-    return None
 
 
 def _evict(table: dict, size: int) -> None:
@@ -178,17 +175,15 @@ class SocketmapFactory(Factory):
             return parsed[1]
         try:
             d = self._cache.get(parsed.domain)  # type: ignore[arg-type]
-            if d.called and not d.paused:
-                # Already fired (a hot cache answer): read it without a callback.
-                result = d.result
-                if type(result) is Lookup:
-                    answer = self._answer(result, parsed)
-                    if isinstance(answer, bytes):
-                        return answer
-                    return answer.addErrback(self._internal_error, parsed)
-                if isinstance(result, Failure):
-                    d.addErrback(_consume)
-                    return self._failed(result, parsed)
+            # A hot cache answer has fired already: take it without a callback.
+            result = result_now(d)
+            if type(result) is Lookup:
+                answer = self._answer(result, parsed)
+                if isinstance(answer, bytes):
+                    return answer
+                return answer.addErrback(self._internal_error, parsed)
+            if isinstance(result, Failure):
+                return self._failed(result, parsed)
         except Exception:  # noqa: BLE001 - one bad answer must not stall the connection
             return self._internal_error(Failure(), parsed)
         return d.addCallbacks(self._answer, self._failed, callbackArgs=(parsed,), errbackArgs=(parsed,)).addErrback(
@@ -249,12 +244,10 @@ class SocketmapFactory(Factory):
             # certificate against it), so no MX query is needed.
             return self._render(key, domain, lookup, None, _INF)
         d = self._resolver.lookup_mx(domain)
-        if d.called and not d.paused and not isinstance(d.result, Deferred):
-            result = d.result
-            if isinstance(result, Failure):
-                d.addErrback(_consume)
-            return self._mx_answered(result, key, domain, lookup)
-        return d.addBoth(self._mx_answered, key, domain, lookup)
+        result = result_now(d)
+        if result is PENDING:
+            return d.addBoth(self._mx_answered, key, domain, lookup)
+        return self._mx_answered(result, key, domain, lookup)
 
     def _mx_answered(self, result: object, key: str, domain: str, lookup: Lookup) -> bytes:
         now = self.clock.seconds()
