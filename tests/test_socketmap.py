@@ -7,27 +7,31 @@ broken netstrings, idle timeout), and over a real loopback TCP port.
 
 from __future__ import annotations
 
+import gc
 import socket
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from mtasts_twisted import socketmap
+from mtasts_twisted.socketmap import server as socketmap_server
+from mtasts_twisted.socketmap.answers import ANSWER_KINDS, answer_kind
+from mtasts_twisted.socketmap.deferreds import PENDING, result_now
 from mtasts_twisted.cache import PolicyCache
 from mtasts_twisted.dns import DNSNoRecordError, DNSTemporaryError
 from mtasts_twisted.fetch import FetchedPolicy
 from mtasts_twisted.interfaces import IResultSink
-from mtasts_twisted.policy import parse_policy
+from mtasts_twisted.policy import Mode, parse_policy
 from mtasts_twisted.results import PolicyType
 from mtasts_twisted.socketmap import (
     ImmediateWriter,
@@ -293,6 +297,13 @@ class RenderTests(SynchronousTestCase):
             " mx_host_pattern=mx1.example.com",
         )
 
+    def test_answer_kind(self):
+        self.assertEqual(answer_kind("OK secure match=mx1.example.com servername=hostname"), "ok")
+        self.assertEqual(answer_kind("NOTFOUND "), "notfound")
+        self.assertEqual(answer_kind(render_failure("example.com", "dns-lookup")), "temp")
+        self.assertEqual(answer_kind("PERM empty key"), "perm")
+        self.assertEqual(ANSWER_KINDS, ("ok", "notfound", "temp", "perm"))
+
     def test_failure(self):
         self.assertEqual(
             render_failure("example.com", "dns-lookup"),
@@ -326,7 +337,7 @@ class ServerTestCase(SynchronousTestCase):
         self.registry = CollectorRegistry()
         self.counter = Counter("socketmap_requests", "requests", ["answer"], registry=self.registry)
         self.events = []
-        self.patch(socketmap, "log", Logger(observer=self.events.append))
+        self.patch(socketmap_server, "log", Logger(observer=self.events.append))
         self.factory = self.make_factory(self.settings)
         self.proto, self.transport = self.connect()
 
@@ -811,3 +822,119 @@ class LoopbackTests(TestCase):
         client.transport.write(netstrings(b"postfix example.com") + b"1:ab")
         await client.closed
         self.assertEqual(client.received, ["OK secure match=mx1.example.com servername=hostname"])
+
+
+# --- reading an already-fired Deferred ----------------------------------------------
+
+
+class ResultNowTests(SynchronousTestCase):
+    """
+    L{result_now} gives what a callback added now would get at once, and
+    leaves the L{Deferred} as the public API would: a value stays, a failure
+    is consumed, an unfired Deferred is untouched.
+    """
+
+    def test_value(self):
+        d = succeed("v")
+        self.assertEqual(result_now(d), "v")
+        # The value stays, as after "await d": a later callback receives it.
+        self.assertEqual(self.successResultOf(d), "v")
+
+    def test_failure_is_returned_and_consumed(self):
+        d = fail(ValueError("boom"))
+        failure = result_now(d)
+        self.assertIsInstance(failure, Failure)
+        self.assertIsInstance(failure.value, ValueError)
+        # Consumed: the Deferred goes on with None ...
+        self.assertIsNone(self.successResultOf(d))
+        # ... and nothing is logged as an unhandled error when it is collected.
+        del d
+        gc.collect()
+        self.assertEqual(self.flushLoggedErrors(ValueError), [])
+
+    def test_unconsumed_failure_is_logged(self):
+        """The check above can fail: a dropped failed Deferred is logged."""
+        d = fail(ValueError("boom"))
+        del d
+        gc.collect()
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+    def test_unfired_is_untouched(self):
+        d: Deferred[str] = Deferred()
+        self.assertIs(result_now(d), PENDING)
+        d.callback("later")
+        self.assertEqual(self.successResultOf(d), "later")
+        e: Deferred[str] = Deferred()
+        self.assertIs(result_now(e), PENDING)
+        e.errback(ValueError("later"))
+        self.failureResultOf(e, ValueError)
+
+    def test_waiting_on_another_deferred(self):
+        inner: Deferred[str] = Deferred()
+        d = succeed("first").addCallback(lambda _: inner)
+        self.assertIs(result_now(d), PENDING)
+        inner.callback("inner")
+        self.assertEqual(result_now(d), "inner")
+        self.assertEqual(self.successResultOf(d), "inner")
+
+    def test_paused(self):
+        d = succeed("v")
+        d.pause()
+        self.assertIs(result_now(d), PENDING)
+        d.unpause()
+        self.assertEqual(result_now(d), "v")
+
+    def test_agrees_with_add_both(self):
+        """For every state, the same answer as the public API (a callback added now)."""
+        makers = [
+            lambda: succeed(1),
+            lambda: succeed(None),
+            lambda: fail(KeyError("k")),
+            lambda: Deferred(),
+            lambda: succeed(0).addCallback(lambda _: Deferred()),
+            lambda: succeed(0).addCallback(lambda _: succeed(2)),
+        ]
+        for make in makers:
+            seen: list = []
+            make().addBoth(seen.append)
+            now = result_now(make())
+            if not seen:
+                self.assertIs(now, PENDING)
+            elif isinstance(seen[0], Failure):
+                self.assertIsInstance(now, Failure)
+                self.assertIs(now.type, seen[0].type)
+            else:
+                self.assertEqual(now, seen[0])
+
+    def test_hot_cache_answer_adds_no_callback(self):
+        """The server reads a fired lookup without a callback, and consumes a failure."""
+        clock = Clock()
+        resolver = FakeResolver()
+        fetcher = FakeFetcher()
+        resolver.txt["_mta-sts.example.com"] = ["v=STSv1; id=1"]
+        fetcher.policies["example.com"] = ENFORCE
+        resolver.mx["example.com"] = [(10, "mx1.example.com")]
+        cache = PolicyCache(MemoryStore(), resolver, fetcher, clock)
+        factory = SocketmapFactory(cache, resolver, clock, SocketmapSettings(idle_timeout=None))
+        self.assertIsInstance(factory.respond(b"postfix example.com"), bytes)
+        fired = []
+        get = cache.get
+
+        def watched(domain):
+            d = get(domain)
+            fired.append(d)
+            return d
+
+        cache.get = watched
+        self.assertEqual(
+            factory.respond(b"postfix example.com"),
+            encode_netstring(b"OK secure match=mx1.example.com servername=hostname"),
+        )
+        [d] = fired
+        self.assertIs(self.successResultOf(d).policy.mode, Mode.ENFORCE)
+        cache.get = lambda domain: fail(ValueError("broken cache"))
+        self.assertEqual(factory.respond(b"postfix example.com"),
+                         encode_netstring(b"TEMP MTA-STS policy of example.com unavailable (internal-error)"))
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)  # logged once, by the server
+        gc.collect()
+        self.assertEqual(self.flushLoggedErrors(ValueError), [])

@@ -1,0 +1,66 @@
+"""
+How the socketmap server answers and what it allows a client:
+L{SocketmapSettings}, one frozen value read by the answers, the connection
+protocol and the server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import attrs
+
+__all__ = ["DEFAULT_SETTINGS", "SocketmapSettings"]
+
+
+def _frozen_names(value: Iterable[str] | None) -> frozenset[str] | None:
+    return None if value is None else frozenset(value)
+
+
+@attrs.frozen
+class SocketmapSettings:
+    """
+    How the socketmap server answers.
+
+    @ivar strict_testing: answer a C{testing} policy like C{enforce}.
+    @ivar tlsrpt_attributes: add the Postfix >= 3.10 TLSRPT attributes
+        (C{policy_type}, C{policy_domain}, C{mx_host_pattern},
+        C{policy_string}) to policy answers, and answer C{testing} policies
+        with C{testing_level}.
+    @ivar fail_open: answer C{NOTFOUND } instead of C{TEMP} when the policy
+        cannot be determined now and nothing is cached (Postfix then
+        delivers with its default TLS level instead of deferring).
+    @ivar max_request: the largest request payload, in bytes; a longer
+        netstring closes the connection.
+    @ivar idle_timeout: seconds without a complete request after which a
+        connection with no request in flight is closed (bytes of a partial
+        request do not count, so a slowloris client is closed too);
+        L{None} (or 0) for never.
+    @ivar map_names: the socketmap names accepted (the last field of
+        C{socketmap:inet:host:port:name}); L{None} accepts any.
+    @ivar max_connections: connections served at once; more are closed on
+        accept (default 1024: Postfix opens one per smtp(8) process).
+        L{None} for no limit.
+    @ivar testing_level: the Postfix TLS security level answered for a
+        C{testing} policy when C{tlsrpt_attributes} is on (see
+        L{mtasts_twisted.socketmap.answers}); L{None} answers C{NOTFOUND }.
+    @ivar mx_retry: seconds an answer built without a usable MX answer
+        (lookup failed or no MX) is reused before the MX is looked up again.
+    @ivar memo_size: rendered answers kept, and parsed keys kept (each table
+        evicts its oldest entry when full).
+    """
+
+    strict_testing: bool = False
+    tlsrpt_attributes: bool = False
+    fail_open: bool = False
+    max_request: int = 10000
+    idle_timeout: float | None = 300.0
+    map_names: frozenset[str] | None = attrs.field(default=None, converter=_frozen_names)
+    max_connections: int | None = 1024
+    testing_level: str | None = "may"
+    mx_retry: float = 60.0
+    memo_size: int = 10000
+
+
+#: The settings used when none are given.
+DEFAULT_SETTINGS = SocketmapSettings()
