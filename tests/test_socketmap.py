@@ -21,7 +21,6 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mtasts_twisted.socketmap import server as socketmap_server
@@ -49,6 +48,7 @@ from mtasts_twisted.socketmap import (
     render_failure,
 )
 from mtasts_twisted.testing.memory import FakeFetcher, FakeResolver, MemoryStore
+from mtasts_twisted.testing.sinks import ListSink
 
 ENFORCE = "version: STSv1\nmode: enforce\nmx: mx1.example.com\nmx: *.example.net\nmax_age: 86400\n"
 WILDCARD_ONLY = "version: STSv1\nmode: enforce\nmx: *.example.com\nmax_age: 86400\n"
@@ -313,15 +313,6 @@ class RenderTests(SynchronousTestCase):
 
 
 # --- the protocol over StringTransport --------------------------------------------------
-
-
-@implementer(IResultSink)
-class ListSink:
-    def __init__(self):
-        self.results = []
-
-    def record(self, result, when=None):
-        self.results.append(result)
 
 
 class ServerTestCase(SynchronousTestCase):
