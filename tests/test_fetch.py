@@ -194,7 +194,7 @@ class FetchSuccessTests(_LoopbackMixin, TestCase):
 
 
 class FetchHTTPFailureTests(_LoopbackMixin, TestCase):
-    """HTTP-level failures are classified per DESIGN.md."""
+    """HTTP-level failures are classified per docs/design.rst."""
 
     async def test_not_found(self) -> None:
         self.serve("example.com", Route.status_only(404))

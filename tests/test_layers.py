@@ -133,3 +133,16 @@ class LayerTests(SynchronousTestCase):
         """A new part of the package must be given its place."""
         parts = {_part_of(m) for m in package_modules()} - {TESTING}
         self.assertEqual(parts - set(LAYERS), set())
+
+
+class DocumentedTests(SynchronousTestCase):
+    def test_every_part_documented(self) -> None:
+        """README's Design table and docs/design.rst's module map name every part."""
+        root = os.path.dirname(PACKAGE_DIR)
+        with open(os.path.join(root, "README.rst"), encoding="utf-8") as f:
+            readme = f.read().split("\nDesign\n======\n", 1)[1].split("\nLimits\n======\n", 1)[0]
+        with open(os.path.join(root, "docs", "design.rst"), encoding="utf-8") as f:
+            design = f.read()
+        parts = {_part_of(m) for m in package_modules()} - {"__init__", "__main__"}
+        self.assertEqual({p for p in parts if f"``{p}``" not in readme}, set())
+        self.assertEqual({p for p in parts if f"``{p}``" not in design and f"``{p}/``" not in design}, set())
