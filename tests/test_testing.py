@@ -6,14 +6,15 @@ keeps what it is given.
 
 from __future__ import annotations
 
-import inspect
-
+from twisted.internet import reactor
 from twisted.internet.interfaces import IHostnameResolver, IOpenSSLServerConnectionCreator
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyClass, verifyObject
 
+from mtasts_twisted.delivery import Deliverer
 from mtasts_twisted.fetch import PolicyFetcher
-from mtasts_twisted.interfaces import IDNSResolver, IResultSink, IShelf, IStore
+from mtasts_twisted.interfaces import IDeliverer, IDNSResolver, IPolicyFetcher, IResultSink, IShelf, IStore
+from mtasts_twisted.metrics import MeteredDeliverer, MeteredFetcher, ServiceStats
 from mtasts_twisted.results import FailureDetails, PolicyDescriptor, PolicyType, Result, ResultType
 from mtasts_twisted.testing.https import StaticHostnameResolver
 from mtasts_twisted.testing.memory import FakeFetcher, FakeResolver, MemoryShelf, MemoryStore
@@ -62,15 +63,21 @@ class FakesProvideTheirInterfacesTests(SynchronousTestCase):
         self.assertTrue(verifyObject(IOpenSSLServerConnectionCreator, ServerTLS(issued)))
         self.assertTrue(verifyObject(IOpenSSLServerConnectionCreator, TLS11OnlyServer(issued)))
 
-    def test_fake_fetcher(self) -> None:
+    def test_fetchers(self) -> None:
         """
-        There is no fetcher interface to verify L{FakeFetcher} against (the
-        policy cache's seam is "has C{fetch(alabel)}"): it has the real
-        L{PolicyFetcher}'s C{fetch} signature instead.
+        The fake fetcher, the real one and its metered wrapper provide the
+        policy cache's seam, L{IPolicyFetcher}.
         """
-        fake = inspect.signature(FakeFetcher().fetch)
-        real = inspect.signature(PolicyFetcher.fetch)
-        self.assertEqual(list(fake.parameters), [n for n in real.parameters if n != "self"])
+        real = PolicyFetcher(reactor)
+        self.assertTrue(verifyObject(IPolicyFetcher, FakeFetcher()))
+        self.assertTrue(verifyObject(IPolicyFetcher, real))
+        self.assertTrue(verifyObject(IPolicyFetcher, MeteredFetcher(real, ServiceStats())))
+
+    def test_deliverers(self) -> None:
+        """L{Deliverer} and its metered wrapper provide L{IDeliverer}, the relay's seam."""
+        deliverer = Deliverer(reactor, FakeResolver(), None)
+        self.assertTrue(verifyObject(IDeliverer, deliverer))
+        self.assertTrue(verifyObject(IDeliverer, MeteredDeliverer(deliverer, ServiceStats())))
 
 
 class PKITests(SynchronousTestCase):
