@@ -22,7 +22,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mtasts_twisted.relay.dsn import FailedRecipient, build_dsn, needs_dsn, read_headers, status_code_of
-from mtasts_twisted.relay.envelope import QueuedMessage, RecipientStatus
+from mtasts_twisted.relay.envelope import MAX_TEXT_LENGTH, QueuedMessage, RecipientStatus
 from mtasts_twisted.relay.errors import QueueError, QueueFullError
 from mtasts_twisted.relay.queue import Queue
 from mtasts_twisted.relay.settings import RelaySettings
@@ -115,7 +115,8 @@ class OutcomeRecorder:
             if state.state is not RecipientStatus.PENDING:
                 continue
             status, code, text, mx = outcomes[address]
-            reason = f"{code} {text}" if code is not None else text
+            # As long as an envelope keeps it (what is read back equals what is kept).
+            reason = (f"{code} {text}" if code is not None else text)[:MAX_TEXT_LENGTH]
             self.stats["deliveries"][status] += 1
             if status == "delivered":
                 state = attrs.evolve(
