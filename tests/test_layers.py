@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "policy": 0,
     "results": 0,
     "interfaces": 0,
+    "periodic": 0,
     "dns": 1,
     "pkix": 2,
     "tls": 3,

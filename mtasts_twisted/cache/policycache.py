@@ -17,7 +17,6 @@ from typing import Any, AsyncIterator, Callable, Coroutine, Optional, TypeVar
 import attrs
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -30,6 +29,7 @@ from mtasts_twisted.dns import DNSTemporaryError
 from mtasts_twisted.dns.records import lookup_sts_answer
 from mtasts_twisted.fetch import FetchedPolicy
 from mtasts_twisted.interfaces import IDNSResolver, IPolicyFetcher, IStore
+from mtasts_twisted.periodic import Periodic
 from mtasts_twisted.policy import (
     DomainError,
     Mode,
@@ -86,22 +86,22 @@ class PolicyCache:
         # policy's validity) ends: within it, a new TXT lookup could only
         # come from the resolver's own cache and say the same.
         self._confirmed: dict[str, tuple[float, Lookup]] = {}
-        self._flusher: LoopingCall | None = None
+        self._flusher: Periodic | None = None
         self.stats = {"hits": 0, "misses": 0, "fetches": 0, "txt_lookups": 0}
 
     # --- lifecycle ----------------------------------------------------------------
 
     def start(self) -> None:
-        """Start writing batched C{last_use} times every C{flush_interval}."""
-        self._flusher = LoopingCall(self.flush)
-        self._flusher.clock = self._clock
-        self._flusher.start(self.settings.flush_interval, now=False).addErrback(
-            lambda f: log.failure("last_use flusher stopped", f)
-        )
+        """
+        Start writing batched C{last_use} times every C{flush_interval}; a
+        flush that fails is logged and the flushes go on (L{Periodic}).
+        """
+        self._flusher = Periodic("last_use flush", self.flush, self.settings.flush_interval, self._clock)
+        self._flusher.start(now=False)
 
     def stop(self) -> Deferred[None]:
         """Stop the flusher and write pending C{last_use} times."""
-        if self._flusher is not None and self._flusher.running:
+        if self._flusher is not None:
             self._flusher.stop()
         self._flusher = None
         return self.flush()

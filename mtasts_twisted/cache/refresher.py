@@ -9,12 +9,12 @@ import random
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from mtasts_twisted.cache.entry import CacheEntry
 from mtasts_twisted.cache.policycache import PolicyCache
 from mtasts_twisted.cache.settings import RefresherSettings
+from mtasts_twisted.periodic import Periodic
 
 __all__ = ["PolicyRefresher"]
 
@@ -37,24 +37,25 @@ class PolicyRefresher(Service):
         self._clock = clock
         self.settings = settings
         self._random = rng or random.Random()
-        self._loop: LoopingCall | None = None
+        self._loop: Periodic | None = None
         self._scheduled: dict[str, IDelayedCall] = {}
         self.runs: list[dict[str, int]] = []
 
     def startService(self) -> None:
-        """Start the periodic runs (the first one now)."""
+        """
+        Start the periodic runs (the first one now).  A run that fails (the
+        store is away) is logged and the runs go on (L{Periodic}).
+        """
         super().startService()
-        self._loop = LoopingCall(self.run)
-        self._loop.clock = self._clock
-        self._loop.start(self.settings.interval, now=True).addErrback(
-            lambda f: log.failure("policy refresher stopped", f)
-        )
+        self._loop = Periodic("policy refresher", self.run, self.settings.interval, self._clock)
+        self._loop.start(now=True)
 
     def stopService(self) -> None:
         """Stop running and cancel scheduled refreshes."""
         super().stopService()
-        if self._loop is not None and self._loop.running:
+        if self._loop is not None:
             self._loop.stop()
+        self._loop = None
         for call in self._scheduled.values():
             if call.active():
                 call.cancel()

@@ -16,8 +16,13 @@ The rooms, bottom to top:
   - L{dsn <mtasts_twisted.relay.dsn>}: the bytes of a DSN (RFC 3464).
   - L{intake <mtasts_twisted.relay.intake>}: the SMTP server side,
     L{RelaySMTPFactory} and its L{RelaySMTP} protocol.
+  - L{timetable <mtasts_twisted.relay.timetable>}: L{Timetable}, when
+    each queued message is due (the workers' in-memory schedule).
+  - L{outcomes <mtasts_twisted.relay.outcomes>}: L{OutcomeRecorder}, what
+    a delivery's outcome does (envelope updates, retries, expiry, DSNs).
   - L{workers <mtasts_twisted.relay.workers>}: L{RelayService}, the
-    delivery loop (scheduling, retries, expiry, DSNs).
+    delivery loop (what to start now, within the limits; the periodic
+    poll).
 
 The operator's queue commands (C{mtasts-twisted queue list|show|retry|delete})
 are L{mtasts_twisted.cli.queue}.
@@ -45,9 +50,11 @@ from mtasts_twisted.relay.errors import (
     UnknownMessageError,
 )
 from mtasts_twisted.relay.intake import RelaySMTP, RelaySMTPFactory
+from mtasts_twisted.relay.outcomes import DeliveryGroup, OutcomeRecorder
 from mtasts_twisted.relay.queue import CHUNK_SIZE, Queue
 from mtasts_twisted.relay.settings import LOOPBACK_NETWORKS, RelaySettings
 from mtasts_twisted.relay.spool import BUFFERED_SIZE, MessageWriter
+from mtasts_twisted.relay.timetable import Timetable
 from mtasts_twisted.relay.workers import IDeliverer, RelayService
 
 __all__ = [
@@ -57,10 +64,12 @@ __all__ = [
     "ENVELOPE_VERSION",
     "LOOPBACK_NETWORKS",
     "MAX_HEADER_BYTES",
+    "DeliveryGroup",
     "FailedRecipient",
     "IDeliverer",
     "MessageTooLargeError",
     "MessageWriter",
+    "OutcomeRecorder",
     "Queue",
     "QueueError",
     "QueueFullError",
@@ -71,6 +80,7 @@ __all__ = [
     "RelaySMTPFactory",
     "RelayService",
     "RelaySettings",
+    "Timetable",
     "UnknownMessageError",
     "build_dsn",
     "needs_dsn",

@@ -3,18 +3,32 @@ The envelope of a queued message: L{QueuedMessage} and the
 L{RecipientState} of each recipient, frozen values, and their JSON form
 (C{<id>/envelope.json} in the queue directory, see
 L{mtasts_twisted.relay.queue}).
+
+An envelope is validated when it is read (L{decode_envelope}): types,
+finite times within range, counts and sizes within bounds.  One that is
+not valid raises, and the queue quarantines it like any corrupt file: a
+C{NaN} time would otherwise break the ordering of the workers' schedule
+and stall every delivery.
 """
 
 from __future__ import annotations
 
 import enum
 import json
-from typing import Any
+import math
+from typing import Any, NoReturn
 
 import attrs
 
 __all__ = [
     "ENVELOPE_VERSION",
+    "MAX_ADDRESS_LENGTH",
+    "MAX_ATTEMPTS",
+    "MAX_ENVELOPE_BYTES",
+    "MAX_RECIPIENTS",
+    "MAX_SIZE",
+    "MAX_TEXT_LENGTH",
+    "MAX_TIME",
     "QueuedMessage",
     "RecipientState",
     "RecipientStatus",
@@ -24,6 +38,23 @@ __all__ = [
 
 #: Envelope format version written into every envelope.
 ENVELOPE_VERSION = 1
+
+# Bounds checked when an envelope is read: far beyond anything the relay
+# writes, so that only a damaged or hand-made envelope is refused.
+#: The largest envelope file read, in octets.
+MAX_ENVELOPE_BYTES = 16 * 1024 * 1024
+#: The most recipients of one message.
+MAX_RECIPIENTS = 10_000
+#: The longest address, in characters (the intake's longest command line).
+MAX_ADDRESS_LENGTH = 8192
+#: Longer texts (reasons, last error, MX host names) are cut to this length.
+MAX_TEXT_LENGTH = 8192
+#: The latest time, POSIX seconds (the year 5138); times are never negative.
+MAX_TIME = 1e11
+#: The largest message size, in octets.
+MAX_SIZE = 2**53
+#: The most delivery attempts counted.
+MAX_ATTEMPTS = 1_000_000
 
 
 class RecipientStatus(enum.Enum):
@@ -82,25 +113,58 @@ class RecipientState:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> RecipientState:
-        """Parse the JSON form (raises C{KeyError}/C{ValueError}/C{TypeError})."""
-        address = data["address"]
-        if not isinstance(address, str):
-            raise TypeError("address")
+    def from_json(cls, data: Any) -> RecipientState:
+        """Parse and validate the JSON form (raises C{KeyError}/C{ValueError}/C{TypeError})."""
+        if not isinstance(data, dict):
+            raise TypeError("recipient is not an object")
         return cls(
-            address=address,
+            address=_address(data["address"], "address"),
             state=RecipientStatus(data["state"]),
-            attempts=int(data.get("attempts", 0)),
-            next_attempt=float(data.get("next_attempt", 0.0)),
+            attempts=_count(data.get("attempts", 0), "attempts", MAX_ATTEMPTS),
+            next_attempt=_time(data.get("next_attempt", 0.0), "next_attempt"),
             reason=_opt_str(data.get("reason")),
             status_code=_opt_str(data.get("status_code")),
             remote_mta=_opt_str(data.get("remote_mta")),
         )
 
 
+def _wrong_type(name: str, value: Any) -> NoReturn:
+    raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+
+
+def _time(value: Any, name: str) -> float:
+    """A POSIX time: a finite number in [0, MAX_TIME]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _wrong_type(name, value)
+    if not (math.isfinite(value) and 0 <= value <= MAX_TIME):
+        raise ValueError(f"{name}: {value!r} is not a time")
+    return float(value)
+
+
+def _count(value: Any, name: str, limit: int) -> int:
+    """A whole number in [0, limit]."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        _wrong_type(name, value)
+    if not 0 <= value <= limit:
+        raise ValueError(f"{name}: {value} is out of range")
+    return value
+
+
+def _address(value: Any, name: str) -> str:
+    """An envelope address (C{""} is the null sender)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name}: expected a string, got {type(value).__name__}")
+    if len(value) > MAX_ADDRESS_LENGTH:
+        raise ValueError(f"{name}: longer than {MAX_ADDRESS_LENGTH} characters")
+    return value
+
+
 def _opt_str(value: Any) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
+    """An optional text for display, cut to MAX_TEXT_LENGTH."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value[:MAX_TEXT_LENGTH]
     raise TypeError(f"expected a string, got {type(value).__name__}")
 
 
@@ -171,25 +235,29 @@ class QueuedMessage:
 
     @classmethod
     def from_json(cls, data: Any) -> QueuedMessage:
-        """Parse an envelope (raises C{KeyError}/C{ValueError}/C{TypeError})."""
+        """Parse and validate an envelope (raises C{KeyError}/C{ValueError}/C{TypeError})."""
         if not isinstance(data, dict):
             raise TypeError("envelope is not an object")
         if data.get("version") != ENVELOPE_VERSION:
             raise ValueError(f"unknown envelope version {data.get('version')!r}")
-        recipients = tuple(RecipientState.from_json(r) for r in data["recipients"])
+        listed = data["recipients"]
+        if not isinstance(listed, list):
+            raise TypeError("recipients is not a list")
+        if len(listed) > MAX_RECIPIENTS:
+            raise ValueError(f"more than {MAX_RECIPIENTS} recipients")
+        recipients = tuple(RecipientState.from_json(r) for r in listed)
         if not recipients:
             raise ValueError("no recipients")
-        sender = data["sender"]
         ident = data["id"]
-        if not isinstance(sender, str) or not isinstance(ident, str):
-            raise TypeError("id/sender")
+        if not isinstance(ident, str) or len(ident) > 64:
+            raise TypeError("id")
         return cls(
             id=ident,
-            sender=sender,
+            sender=_address(data["sender"], "sender"),
             recipients=recipients,
-            created=float(data["created"]),
-            size=int(data["size"]),
-            attempts=int(data.get("attempts", 0)),
+            created=_time(data["created"], "created"),
+            size=_count(data["size"], "size", MAX_SIZE),
+            attempts=_count(data.get("attempts", 0), "attempts", MAX_ATTEMPTS),
             last_error=_opt_str(data.get("last_error")),
         )
 
@@ -199,9 +267,25 @@ def encode_envelope(message: QueuedMessage) -> bytes:
     return json.dumps(message.to_json(), sort_keys=True, indent=1).encode("utf-8")
 
 
+def _no_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not a number an envelope may hold")
+
+
 def decode_envelope(data: bytes) -> QueuedMessage:
     """
-    Parse the bytes of an envelope file (raises C{ValueError}, also for
-    JSON that does not parse, C{KeyError} or C{TypeError}).
+    Parse and validate the bytes of an envelope file (see the module
+    docstring).
+
+    @raise ValueError: JSON that does not parse (C{NaN} and C{Infinity}
+        included, or nested too deeply), an envelope over
+        L{MAX_ENVELOPE_BYTES}, or a value out of range.
+    @raise KeyError: a field is missing.
+    @raise TypeError: a field has the wrong type.
     """
-    return QueuedMessage.from_json(json.loads(data))
+    if len(data) > MAX_ENVELOPE_BYTES:
+        raise ValueError(f"envelope larger than {MAX_ENVELOPE_BYTES} octets")
+    try:
+        parsed = json.loads(data, parse_constant=_no_constant)
+    except RecursionError:
+        raise ValueError("envelope nested too deeply") from None
+    return QueuedMessage.from_json(parsed)

@@ -56,7 +56,7 @@ from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from mtasts_twisted.relay.envelope import QueuedMessage, decode_envelope, encode_envelope
+from mtasts_twisted.relay.envelope import MAX_ENVELOPE_BYTES, QueuedMessage, decode_envelope, encode_envelope
 from mtasts_twisted.relay.errors import QueueFullError, UnknownMessageError
 from mtasts_twisted.relay.spool import (
     BODY_NAME,
@@ -333,8 +333,7 @@ class Queue:
         cached = self._cache.get(ident)
         if cached is not None and cached[0] == key:
             return cached[1]
-        with open(path, "rb") as f:
-            message = decode_envelope(f.read())
+        message = _read_envelope(path)
         self._cache[ident] = (key, message)
         return message
 
@@ -444,8 +443,7 @@ class Queue:
         if not os.path.isfile(body):
             return "envelope without body"
         try:
-            with open(envelope, "rb") as f:
-                message = decode_envelope(f.read())
+            message = _read_envelope(envelope)
         except (ValueError, KeyError, TypeError) as e:
             return f"envelope does not parse: {e}"
         if message.id != name:
@@ -474,3 +472,10 @@ class Queue:
             return sorted(os.listdir(os.path.join(self.directory, "quarantine")))
         except FileNotFoundError:
             return []
+
+
+def _read_envelope(path: str) -> QueuedMessage:
+    """Read and validate an envelope file, never more than it may hold."""
+    with open(path, "rb") as f:
+        # One octet more than allowed: decode_envelope refuses the excess.
+        return decode_envelope(f.read(MAX_ENVELOPE_BYTES + 1))

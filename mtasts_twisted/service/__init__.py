@@ -14,6 +14,8 @@ L{Options} and L{makeService} as twistd wants them:
     reports (L{ReportMailer}, L{NoPolicyCache});
   - L{listeners<mtasts_twisted.service.listeners>}: the endpoints, bound
     while privileged, serving once the service is ready;
+  - L{fdlimits<mtasts_twisted.service.fdlimits>}: the file descriptor
+    limit raised at start, and the listeners' connection caps sized under it;
   - L{tap<mtasts_twisted.service.tap>}: L{MTASTSService} and
     L{makeService}.
 

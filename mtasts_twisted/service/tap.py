@@ -10,6 +10,10 @@ The C{twistd mtasts} service: L{MTASTSService} and L{makeService}.
     L{PolicyCache} with its L{PolicyRefresher}, the TLSRPT
     L{ResultAggregator} and L{ReportScheduler}, and the relay workers.
 
+At start the soft file descriptor limit is raised to the hard limit, and
+the socketmap's and the SMTP intake's connection caps are sized well below
+it (L{mtasts_twisted.service.fdlimits}); both are logged.
+
 A failure at start (a port in use, a database that cannot be opened) is
 logged as one line and the process exits with status 1.
 """
@@ -22,6 +26,7 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
+import attrs
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
@@ -30,13 +35,15 @@ from twisted.logger import Logger
 from twisted.web.server import Site
 
 from mtasts_twisted.cache import PolicyRefresher
+from mtasts_twisted.delivery import DeliverySettings
 from mtasts_twisted.metrics import MetricsResource, ServiceStats, make_registry
+from mtasts_twisted.service.fdlimits import ConnectionCaps, FDLimit, raise_fd_limit, size_connection_caps
 from mtasts_twisted.service.listeners import LateFactory, ListenerService, address
 from mtasts_twisted.service.options import ServiceSettings, as_settings
 from mtasts_twisted.service.runtime import IServiceReactor, Runtime, StartupError, open_runtime
 
 if TYPE_CHECKING:
-    from mtasts_twisted.relay import RelayService
+    from mtasts_twisted.relay import RelayService, RelaySettings
 
 __all__ = ["MTASTSService", "makeService", "queue_directory"]
 
@@ -81,6 +88,8 @@ class MTASTSService(MultiService):
         C{--smtp}, else L{None}.
     @ivar ready: after C{startService}, a L{Deferred} firing with C{True}
         once everything runs, or C{False} after a startup failure (logged).
+    @ivar fd_limit: the L{FDLimit} after C{startService} raised it.
+    @ivar caps: the listeners' L{ConnectionCaps}, sized at C{startService}.
     """
 
     def __init__(self, config: ServiceSettings | Mapping[str, Any], reactor: IServiceReactor,
@@ -102,6 +111,8 @@ class MTASTSService(MultiService):
         self.runtime: Runtime | None = None
         self.ready: Deferred[bool] | None = None
         self.relay: RelayService | None = None
+        self.fd_limit: FDLimit | None = None
+        self.caps: ConnectionCaps | None = None
         self._late: dict[str, LateFactory] = {}
         for name, description in self.settings.listeners.items():
             factory: IProtocolFactory
@@ -117,9 +128,45 @@ class MTASTSService(MultiService):
             self.listeners[name] = listener
 
     def startService(self) -> None:
-        """Start the listeners, then open the store and start the rest."""
+        """
+        Raise the file descriptor limit and size the connection caps; start
+        the listeners, then open the store and start the rest.
+        """
+        self.fd_limit = limit = raise_fd_limit()
+        self.caps = caps = self._size_caps(limit.soft)
+        log.info("file descriptors: soft limit {soft} (was {before}; hard {hard}); {sizing}",
+                 soft=limit.soft, before=limit.before, hard="unlimited" if limit.hard is None else limit.hard,
+                 sizing=caps.describe())
+        if caps.scaled:
+            log.warn("file descriptors: a soft limit of {soft} is low for the default connection caps;"  # noqa: G010
+                     " raise the hard limit (ulimit -Hn, LimitNOFILE=)", soft=limit.soft)
         super().startService()
         self.ready = Deferred.fromCoroutine(self._start())
+
+    def _relay_settings(self) -> RelaySettings:
+        from mtasts_twisted.relay import RelaySettings
+
+        settings = RelaySettings(reporting_mta=self.settings.helo_name)
+        if self.caps is not None:
+            settings = attrs.evolve(settings, max_connections=self.caps.smtp,
+                                    max_connections_per_ip=self.caps.smtp_per_ip)
+        return settings
+
+    def _size_caps(self, fd_limit: int) -> ConnectionCaps:
+        """The caps of the listeners that are on, for C{fd_limit}."""
+        socketmap = 0
+        if "socketmap" in self._late:
+            from mtasts_twisted.socketmap import SocketmapSettings
+
+            socketmap = SocketmapSettings().max_connections or 1024
+        if "smtp" not in self._late:
+            return size_connection_caps(fd_limit, socketmap=socketmap, smtp=0, smtp_per_ip=0,
+                                        delivery_slots=0, parked_sessions=0)
+        relay = self._relay_settings()
+        return size_connection_caps(fd_limit, socketmap=socketmap, smtp=relay.max_connections,
+                                    smtp_per_ip=relay.max_connections_per_ip,
+                                    delivery_slots=relay.concurrency,
+                                    parked_sessions=DeliverySettings().reuse_max_idle_sessions)
 
     async def _start(self) -> bool:
         try:
@@ -159,7 +206,8 @@ class MTASTSService(MultiService):
                 runtime.cache, runtime.resolver, self._reactor,
                 settings=SocketmapSettings(strict_testing=settings.strict_testing,
                                            tlsrpt_attributes=settings.tlsrpt_attributes,
-                                           fail_open=settings.fail_open),
+                                           fail_open=settings.fail_open,
+                                           max_connections=self.caps.socketmap if self.caps else 1024),
                 sink=runtime.sink,
             )
             self.stats.socketmap = factory
@@ -168,10 +216,10 @@ class MTASTSService(MultiService):
             self._wire_relay(runtime)
 
     def _wire_relay(self, runtime: Runtime) -> None:
-        from mtasts_twisted.relay import RelayService, RelaySettings, RelaySMTPFactory
+        from mtasts_twisted.relay import RelayService, RelaySMTPFactory
 
         assert runtime.deliverer is not None, "open_runtime builds the relay's deliverer"
-        settings = RelaySettings(reporting_mta=self.settings.helo_name)
+        settings = self._relay_settings()
         queue = settings.make_queue(queue_directory(self.settings), self._reactor)
         workers = self.relay = RelayService(queue, runtime.deliverer, settings, self._reactor)
         self.stats.queue_stats = lambda: (workers.stats["queue_messages"], workers.stats["oldest_age"])

@@ -27,11 +27,11 @@ import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from mtasts_twisted.interfaces import IResultSink, IShelf, IStore
+from mtasts_twisted.periodic import Periodic
 from mtasts_twisted.results import FailureDetails, PolicyDescriptor, Result
 from mtasts_twisted.tlsrpt.report import day_of
 
@@ -199,7 +199,7 @@ class ResultAggregator(Service):
         self._pending: dict[str, list[Result]] = {}
         self._limits: dict[str, int] = {}
         self._lock = DeferredLock()
-        self._loop: LoopingCall | None = None
+        self._loop: Periodic | None = None
 
     @property
     def interval(self) -> float:
@@ -275,16 +275,18 @@ class ResultAggregator(Service):
         log.debug("flushed TLSRPT results: {count} keys", count=written)
 
     def startService(self) -> None:
-        """Flush every C{interval} seconds from now on."""
+        """
+        Flush every C{interval} seconds from now on; a flush that fails is
+        logged and the flushes go on (L{Periodic}).
+        """
         super().startService()
-        self._loop = LoopingCall(self.flush)
-        self._loop.clock = self._clock
-        self._loop.start(self.interval, now=False)
+        self._loop = Periodic("TLSRPT result flush", self.flush, self.interval, self._clock)
+        self._loop.start(now=False)
 
     def stopService(self) -> Deferred[None]:
         """Stop the timer and flush what is left."""
         super().stopService()
-        if self._loop is not None and self._loop.running:
+        if self._loop is not None:
             self._loop.stop()
         self._loop = None
         return self.flush()
