@@ -13,7 +13,7 @@ L{PolicyCache} and its L{PolicyRefresher}, and, with report settings, the
 TLSRPT L{ResultAggregator} and daily L{ReportScheduler} (https rua, and
 mailto rua through twisted.mail's sender with opportunistic TLS and no
 policy: RFC 8460 §5.3, their sessions unreported, §3).  The store opens
-asynchronously after C{startService}; L{MTASTSContext.ready} fires then,
+asynchronously after C{startService}; L{MTASTSContext.when_ready} fires then,
 and L{MTASTSContext.sendmail} waits for it.  C{stopService} stops the
 refresher and the report run, flushes the collected results and the
 cache's batched writes, and closes the store.
@@ -28,7 +28,7 @@ from typing import Any, cast
 
 import attrs
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import (
     IReactorCore,
     IReactorPluggableNameResolver,
@@ -38,6 +38,7 @@ from twisted.internet.interfaces import (
     IReactorUDP,
 )
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mtasts_twisted.cache import POLICY_TABLE, CacheSettings, Lookup, PolicyCache, PolicyRefresher
@@ -153,13 +154,11 @@ class MTASTSContext(MultiService):
     @ivar tls_options: the MX hosts' TLS options (one trust root load).
     @ivar sink: where every TLSRPT result goes (the aggregator and the
         C{sink} given).
-    @ivar store: the open store, once L{ready}.
-    @ivar cache: the L{PolicyCache}, once L{ready}.
-    @ivar aggregator: the L{ResultAggregator}, once L{ready} (with reports).
-    @ivar scheduler: the L{ReportScheduler}, once L{ready} (with reports).
-    @ivar sender: the L{MTASTSSender}, once L{ready}.
-    @ivar ready: after C{startService}, fires when everything runs, or
-        fails with L{ContextError}.
+    @ivar store: the open store, once ready (L{when_ready}).
+    @ivar cache: the L{PolicyCache}, once ready.
+    @ivar aggregator: the L{ResultAggregator}, once ready, with reports.
+    @ivar scheduler: the L{ReportScheduler}, once ready, with reports.
+    @ivar sender: the L{MTASTSSender}, once ready.
     """
 
     def __init__(
@@ -203,14 +202,16 @@ class MTASTSContext(MultiService):
         self.scheduler: ReportScheduler | None = None
         self.sender: MTASTSSender | None = None
         self._report_sender: MTASTSSender | None = None
-        self.ready: Deferred[None] | None = None
+        self._starting: Deferred[None] | None = None
+        self._start_error: BaseException | None = None
+        self._waiting: list[Deferred[None]] = []
 
     # -- the drop-in, once ready --
 
     def sendmail(self, from_addr: str | bytes, to_addrs: Any, msg: Any, senderDomainName: str | bytes | None = None,
                  port: int | None = None, requireTransportSecurity: bool = False) -> Deferred[tuple[int, list[Reply]]]:
         """
-        L{MTASTSSender.sendmail}, once L{ready}: twisted.mail's
+        L{MTASTSSender.sendmail}, once ready (L{when_ready}): twisted.mail's
         C{sendmail} without the host (the recipients' MX hosts, by policy).
         """
         return Deferred.fromCoroutine(self._when_ready()).addCallback(
@@ -219,15 +220,29 @@ class MTASTSContext(MultiService):
 
     def deliver(self, from_addr: str | bytes, to_addrs: Any, msg: Any, senderDomainName: str | bytes | None = None,
                 port: int | None = None, requireTransportSecurity: bool = False) -> Deferred[SendmailResult]:
-        """L{MTASTSSender.deliver} (per-recipient outcomes), once L{ready}."""
+        """L{MTASTSSender.deliver} (per-recipient outcomes), once ready."""
         return Deferred.fromCoroutine(self._when_ready()).addCallback(
             lambda sender: sender.deliver(from_addr, to_addrs, msg, senderDomainName, port,
                                           requireTransportSecurity))
 
+    def when_ready(self) -> Deferred[None]:
+        """
+        A new L{Deferred} that fires once the store is open and everything
+        runs, or fails with L{ContextError} (not started, could not start,
+        or stopped).
+        """
+        if self._starting is None:
+            return fail(ContextError("the MTA-STS context is not started (startService)"))
+        if self._start_error is not None:
+            return fail(self._start_error)
+        if self._starting.called:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._waiting.append(waiter)
+        return waiter
+
     async def _when_ready(self) -> MTASTSSender:
-        if self.ready is None:
-            raise ContextError("the MTA-STS context is not started (startService)")
-        await self.ready
+        await self.when_ready()
         if self.sender is None:
             raise ContextError("the MTA-STS context is stopped")
         return self.sender
@@ -235,14 +250,24 @@ class MTASTSContext(MultiService):
     # -- the service --
 
     def startService(self) -> None:
-        """Open the store, then build and start the rest (L{ready})."""
+        """Open the store, then build and start the rest (L{when_ready})."""
         super().startService()
-        self.ready = Deferred.fromCoroutine(self._start())
-        self.ready.addErrback(self._failed)
+        self._start_error = None
+        self._starting = Deferred.fromCoroutine(self._start())
+        self._starting.addErrback(self._failed).addBoth(self._settled)
 
-    def _failed(self, failure: Any) -> Any:
+    def _failed(self, failure: Failure) -> None:
         log.critical("MTA-STS context cannot start: {error}", error=failure.getErrorMessage())
-        return failure
+        error = failure.value
+        self._start_error = error if isinstance(error, ContextError) else ContextError(f"cannot start: {error!r}")
+
+    def _settled(self, _: object) -> None:
+        waiting, self._waiting = self._waiting, []
+        for waiter in waiting:
+            if self._start_error is not None:
+                waiter.errback(self._start_error)
+            else:
+                waiter.callback(None)
 
     async def _start(self) -> None:
         settings = self.settings
@@ -306,11 +331,10 @@ class MTASTSContext(MultiService):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
-        if self.ready is not None and not self.ready.called:
-            try:
-                await self.ready
-            except Exception:
-                pass
+        try:
+            await self.when_ready()
+        except ContextError:
+            pass
         await super().stopService()
         self.sender = self._report_sender = None
         cache, self.cache = self.cache, None
