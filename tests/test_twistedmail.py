@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from mtasts_twisted.cache import PolicyCache
-from mtasts_twisted.delivery import Deliverer, DeliveryResult, DeliverySettings, HostAction, Status, plan_host
+from mtasts_twisted.delivery import Deliverer, DeliverySettings, HostAction, Status, plan_host
 from mtasts_twisted.dns import MXHost
 from mtasts_twisted.policy import Mode, parse_policy
 from mtasts_twisted.results import PolicyType, Result, ResultType
@@ -350,6 +350,36 @@ class FailoverTests(HookWorld):
         self.assertEqual(result.outcomes[0].mx_host, MX2)
         self.assertEqual(len(second.messages), 1)
 
+    async def test_ipv6_then_ipv4(self) -> None:
+        """AAAA first: ::1 (nothing listens there) fails, 127.0.0.1 delivers; no TLSRPT result for the refusal."""
+        server = self.server(Behaviour(certificate=self.pki.valid(MX1)), MX1, DOMAIN)
+        self.world.dns.add_aaaa(MX1, "::1")
+        self.world.publish(DOMAIN, policy_text("enforce", MX1))
+        route = await Router(self.world.resolver, self.cache, MXTLSOptionsCache(self.pki.ca_pem)).route(DOMAIN)
+        self.assertEqual(route.hosts[0].addresses, ("::1", "127.0.0.1"))
+        result = await self.send(BOB)
+        self.assertEqual((result.outcomes[0].status, result.outcomes[0].verified), (Status.DELIVERED, True))
+        self.assertEqual(len(server.sessions), 1)
+        self.assertEqual([s[2:] for s in summary(result.deliveries[0].results[1:])], [(1, 0, ())])
+
+    async def test_cancel(self) -> None:
+        """Like twisted.mail's sendmail, the Deferred is cancellable: the session is aborted at once."""
+        from twisted.internet.defer import CancelledError
+        from twisted.internet.task import deferLater
+
+        server = self.server(Behaviour(certificate=self.pki.valid(MX1), stall_at=Stage.MAIL), MX1, DOMAIN)
+        d = self.sender().sendmail(SENDER, [BOB], MESSAGE)
+        for _ in range(300):
+            if any(c.verb == "MAIL" for s in server.sessions for c in s.commands):
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        d.cancel()
+        with self.assertRaises(CancelledError):
+            await d
+        await session_closed(server.sessions[0])
+        self.assertTrue(server.sessions[0].closed)
+        self.assertEqual(server.messages, [])
+
     async def test_dot_stuffing_across_chunks(self) -> None:
         """A '.' line at a 16 KiB chunk boundary (twisted.mail stuffs per chunk only) arrives intact."""
         server = self.server(Behaviour(certificate=self.pki.valid(MX1)), MX1, DOMAIN)
@@ -524,10 +554,6 @@ class RequirementsTests(unittest.SynchronousTestCase):
         target = attrs.evolve(self.planned("testing"), require_tls=True)
         self.assertEqual(requirements(target), (True, VerifyMode.VERIFY))
         self.assertIs(self.planned("enforce", "mx.b.test").action, HostAction.SKIP)
-
-    def attempt(self, require_tls: bool) -> SessionAttempt:
-        return SessionAttempt("a.test", self.planned("testing"), "192.0.2.1", 25, require_tls,
-                              VerifyMode.RECORD_ONLY, None if not require_tls else None)
 
     def test_classify_twisted_mail_exceptions(self) -> None:
         """454 to STARTTLS, STARTTLS missing where required, a refused greeting."""
