@@ -41,14 +41,18 @@ creator, and so the recorder, is per session.  STARTTLS not offered or
 refused, and an MX host outside the policy, are reported by
 L{mtasts_twisted.delivery.details}: they are not TLS outcomes.
 
-twisted.mail's C{ESMTPSenderFactory} can take an L{MXConnectionCreator} as
+twisted.mail's C{ESMTPSenderFactory} takes an L{MXConnectionCreator} as
 its C{contextFactory} (C{ESMTPClient.esmtpState_starttls} hands it to
 C{transport.startTLS}; tests/test_tls.py does so): a refused certificate
 then fails the sender with an C{SMTPConnectError} whose C{__cause__} is the
 L{TLSVerificationError}; a 454 to STARTTLS fails it with a
 C{twisted.mail.smtp.TLSError} even when TLS is not required (RFC 3207 §4
-leaves going on without TLS to the client).  The package does not deliver
-through twisted.mail yet; a hook for it is issue 15.
+leaves going on without TLS to the client).  L{mtasts_twisted.twistedmail}
+is the hook that does this for twisted.mail users: per MX host the
+planner's decision, a creator per connection
+(L{SessionAttempt<mtasts_twisted.twistedmail.SessionAttempt>}), and
+twisted.mail's outcomes turned into TLSRPT results
+(L{classify<mtasts_twisted.twistedmail.classify>}).
 """
 
 from __future__ import annotations

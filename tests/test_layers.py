@@ -36,6 +36,7 @@ LAYERS: dict[str, int] = {
     "delivery": 6,
     "relay": 7,
     "socketmap": 7,
+    "twistedmail": 7,
     "metrics": 8,
     "service": 9,
     "cli": 10,
