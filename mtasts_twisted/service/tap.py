@@ -27,10 +27,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
-from twisted.web.server import Site
 
 from mtasts_twisted.cache import PolicyRefresher
-from mtasts_twisted.metrics import MetricsResource, ServiceStats, make_registry
+from mtasts_twisted.metrics import MetricsFactory, ServiceStats, make_registry
 from mtasts_twisted.service.listeners import LateFactory, ListenerService, address
 from mtasts_twisted.service.options import ServiceSettings, as_settings
 from mtasts_twisted.service.runtime import IServiceReactor, Runtime, StartupError, open_runtime
@@ -106,10 +105,7 @@ class MTASTSService(MultiService):
         for name, description in self.settings.listeners.items():
             factory: IProtocolFactory
             if name == "metrics":
-                site = Site(MetricsResource(self.registry))
-                site.noisy = False
-                site.displayTracebacks = False
-                factory = site
+                factory = MetricsFactory(self.registry, reactor)
             else:
                 factory = self._late[name] = LateFactory(name)
             listener = ListenerService(name, description, serverFromString(reactor, description), factory)
