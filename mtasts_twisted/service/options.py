@@ -4,8 +4,9 @@ the defaults, checked and turned into one frozen L{ServiceSettings}.
 
 L{Options} is what twistd parses (the plugin names this package); bad
 options, an unreadable config file or an unwritable data directory are a
-C{UsageError} from L{Options.postOptions}, which twistd prints as one line
-with exit status 1.  After parsing, C{options.settings} is the
+C{UsageError}.  Under twistd, L{Options.parseOptions} turns it into one
+line on stderr and exit status 1 (twistd itself would print its whole usage
+first); parsed by other code, the C{UsageError} is raised as usual.  After parsing, C{options.settings} is the
 L{ServiceSettings} that L{mtasts_twisted.service.runtime} builds the
 components from; the parsed values also stay readable as the option names
 (C{options["data-dir"]}, C{options["report_settings"]}, ...) as twistd
@@ -196,7 +197,9 @@ def _check_writable_dir(path: str) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+    if not os.path.isdir(parent):
+        raise usage.UsageError(f"--data-dir {path}: cannot be created ({parent} is not a directory)")
+    if not os.access(parent, os.W_OK | os.X_OK):
         raise usage.UsageError(f"--data-dir {path}: cannot be created ({parent} is not writable)")
 
 
@@ -348,6 +351,23 @@ class Options(usage.Options):
     def opt_nameserver(self, value: str) -> None:
         """DNS server IP[:PORT] for every lookup (repeatable) [default: /etc/resolv.conf]"""
         self["nameserver"].append(value)
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """
+        Parse C{options}.  As a twistd subcommand (when twistd's options are
+        the C{parent}), a usage error ends the process with one line on
+        stderr and exit status 1, instead of twistd's printing its whole
+        usage on stdout before it.
+
+        @raise usage.UsageError: what is wrong, in one line (not under twistd).
+        @raise SystemExit: with C{"twistd mtasts: <what is wrong>"} (under twistd).
+        """
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if getattr(self, "parent", None) is None:
+                raise
+            raise SystemExit("twistd mtasts: " + " ".join(str(e).split())) from None
 
     def postOptions(self) -> None:
         """Merge the config file and the defaults; check everything."""
