@@ -117,7 +117,7 @@ class CheckPolicyTests(SynchronousTestCase):
 
     def test_missing_file(self):
         code, out, err = self.run_cli("check-policy", self.mktemp())
-        self.assertEqual(code, cli.EX_USAGE)
+        self.assertEqual(code, cli.EX_NOINPUT)
         self.assertIn("cannot read", err)
 
     def test_usage_error(self):
