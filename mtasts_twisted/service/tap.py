@@ -123,6 +123,7 @@ class MTASTSService(MultiService):
                 await listener.listening()
             if self.settings.report_settings is None and not self.settings.no_reports:
                 log.warn("TLSRPT reports are off: give --report-org and --report-from (or --no-reports)")
+            _log_report_mail(self.settings)
             runtime = self.runtime = await open_runtime(self.settings, self._reactor, self.stats)
             if not self.running:
                 await runtime.close()
@@ -185,6 +186,19 @@ class MTASTSService(MultiService):
         runtime, self.runtime = self.runtime, None
         if runtime is not None:
             await runtime.close()
+
+
+def _log_report_mail(settings: ServiceSettings) -> None:
+    """Say at start how reports are mailed, unless they are DKIM-signed (RFC 8460 §3)."""
+    report = settings.report_settings
+    if report is None or report.dkim_key_file is not None:
+        return
+    if settings.mail_reports:
+        log.warn("TLSRPT reports are mailed without a DKIM signature (--report-unsigned): "
+                 "RFC 8460 §3 says receivers MUST ignore them")
+    else:
+        log.warn("TLSRPT reports by mail are off: RFC 8460 §3 requires a DKIM signature; give "
+                 "--report-dkim-key and --report-dkim-selector (or --report-unsigned); https reports are sent")
 
 
 def queue_directory(config: ServiceSettings | Mapping[str, Any]) -> str:
