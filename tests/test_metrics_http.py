@@ -278,6 +278,26 @@ class MetricsProtocolTests(SynchronousTestCase):
         self.assertEqual(transport.value().count(b"200 OK"), 5)
         self.assertEqual(transport.producerState, "producing")
 
+    def test_byte_by_byte_and_empty_lines(self) -> None:
+        """A request in single bytes, after empty lines, is answered once complete."""
+        proto, transport = self.connect()
+        for byte in b"\r\n\r\n" + GET:
+            self.assertEqual(transport.value(), b"")
+            proto.dataReceived(bytes([byte]))
+        self.assertEqual(transport.value().count(b"200 OK"), 1)
+        self.assertFalse(transport.disconnecting)
+
+    def test_input_held_while_paused_is_capped(self) -> None:
+        """A transport that keeps delivering input while paused: aborted past max_input."""
+        proto, transport = self.connect()
+        proto.pauseProducing()
+        proto.dataReceived(GET * (MetricsLimits().max_input // len(GET)))
+        self.assertFalse(transport.disconnecting)
+        proto.resumeProducing()
+        proto.pauseProducing()
+        proto.dataReceived(GET * (MetricsLimits().max_input // len(GET) + 1))
+        self.assertTrue(transport.disconnecting)
+
     def test_head_has_no_body(self) -> None:
         proto, transport = self.connect()
         proto.dataReceived(b"HEAD / HTTP/1.1\r\n\r\n")

@@ -49,6 +49,8 @@ log = Logger()
 
 #: The end of a request head: an empty line (CRLF, or a bare LF, RFC 9112 §2.2).
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
+#: RFC 9112 §2.2: empty lines before a request line are ignored.
+_EMPTY_LINES = re.compile(rb"[\r\n]*")
 #: RFC 9112 §3: request-line = method SP request-target SP HTTP-version.
 _REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) (\S+) HTTP/1\.([01])")
 
@@ -185,18 +187,22 @@ class MetricsProtocol(Protocol):
 
     def _serve(self) -> None:
         limits = self.factory.limits
-        while not self._paused and not self._closing:
-            self._buffer = self._buffer.lstrip(b"\r\n")  # RFC 9112 §2.2: empty lines before a request
-            end = _HEAD_END.search(self._buffer, 0, limits.max_head + 4)
-            if end is None or end.start() > limits.max_head:
-                if len(self._buffer) > limits.max_head:
-                    self._refuse(431, b"request head too large\n")
-                return
-            head, self._buffer = self._buffer[: end.start()], self._buffer[end.end():]
-            self._request(head)
-            if len(self._buffer) > limits.max_input:
-                self._abort()
-                return
+        buffer, start = self._buffer, 0
+        try:
+            while not self._paused and not self._closing:
+                start = _EMPTY_LINES.match(buffer, start).end()  # type: ignore[union-attr]  # always matches
+                end = _HEAD_END.search(buffer, start, start + limits.max_head + 4)
+                if end is None or end.start() - start > limits.max_head:
+                    if len(buffer) - start > limits.max_head:
+                        self._refuse(431, b"request head too large\n")
+                    return
+                head, start = buffer[start:end.start()], end.end()
+                self._request(head)
+        finally:
+            if not self._closing:
+                self._buffer = buffer[start:]
+        if len(self._buffer) > limits.max_input:
+            self._abort()
 
     def _request(self, head: bytes) -> None:
         request_line, *lines = head.replace(b"\r\n", b"\n").split(b"\n")
