@@ -471,14 +471,24 @@ def _decode_policy(text: str | bytes) -> str:
     return decoded[1:] if decoded.startswith("\ufeff") else decoded
 
 
-def _policy_lines(text: str) -> list[tuple[int, str]]:
+#: Called with C{(line number or None, error)} for each error found in a
+#: policy: L{parse_policy} raises the first, L{policy_errors} collects them.
+_Report = Callable[[int | None, "PolicySyntaxError"], None]
+
+
+def _raise(number: int | None, error: PolicySyntaxError) -> None:
+    raise error
+
+
+def _policy_lines(text: str, report: _Report = _raise) -> list[tuple[int, str]]:
     """The non-blank lines of a policy with their line numbers, CR of CRLF removed."""
     lines = []
     for number, line in enumerate(text.split("\n"), 1):
         if line.endswith("\r"):
             line = line[:-1]  # RFC 8461 §3.2: sts-policy-term = LF / CRLF
         if "\r" in line:
-            raise PolicySyntaxError(f"line {number}: bare CR (lines end in LF or CRLF)")
+            report(number, PolicySyntaxError(f"line {number}: bare CR (lines end in LF or CRLF)"))
+            continue
         if line.strip(_WSP):  # ruling: blank lines are ignored
             lines.append((number, line))
     return lines
@@ -494,23 +504,74 @@ def parse_policy(text: str | bytes) -> Policy:
     @param text: the body as received (bytes are decoded as UTF-8).
     @return: the L{Policy}, with C{.text} holding the decoded text.
     @raise PolicySyntaxError: the text is over 65536 bytes, not UTF-8, lacks a
-        required field, or is anywhere else off the §3.2 grammar.
+        required field, or is anywhere else off the §3.2 grammar (the first
+        such error; L{policy_errors} lists them all).
     """
-    decoded = _decode_policy(text)
+    policy = _scan_policy(text, _raise)
+    assert policy is not None, "_raise raised"
+    return policy
+
+
+def policy_errors(text: str | bytes) -> list[tuple[int | None, PolicySyntaxError]]:
+    """
+    Every error of an MTA-STS policy, where L{parse_policy} raises only the
+    first (for C{mtasts-twisted check-policy}).
+
+    After an error the scan goes on with the next line; a field whose value
+    is wrong still counts as present (so it is not also reported missing).
+
+    @param text: the body as received (bytes are decoded as UTF-8).
+    @return: C{(line number or None, error)} pairs in the order of the text
+        (errors of the whole policy, e.g. a missing field, last); empty
+        when L{parse_policy} accepts the text.  The first error is the one
+        L{parse_policy} raises.
+    """
+    errors: list[tuple[int | None, PolicySyntaxError]] = []
+    _scan_policy(text, lambda number, error: errors.append((number, error)))
+    return errors
+
+
+def _scan_policy(text: str | bytes, report: _Report) -> Policy | None:
+    """
+    Check a policy, calling C{report} for each error (L{_raise} stops at the
+    first); the L{Policy}, or L{None} when an error was reported.
+    """
+    try:
+        decoded = _decode_policy(text)
+    except PolicySyntaxError as e:
+        report(None, e)
+        return None
+    errors = 0
+
+    def error(number: int | None, message: str) -> None:
+        nonlocal errors
+        errors += 1
+        report(number, PolicySyntaxError(message))
+
+    def line_error(number: int | None, e: PolicySyntaxError) -> None:
+        nonlocal errors
+        errors += 1
+        report(number, e)
+
     first: dict[str, str] = {}
+    seen: set[str] = set()
     mx: list[str] = []
     extensions: list[tuple[str, str]] = []
-    lines = _policy_lines(decoded)
-    if not lines:
-        raise PolicySyntaxError("policy is empty")
+    lines = _policy_lines(decoded, line_error)
+    if not lines and not errors:
+        error(None, "policy is empty")
+        return None
     for number, line in lines:
         match = _POLICY_LINE.match(line)
         if match is None:
-            raise PolicySyntaxError(f"line {number}: expected 'name: value', got {line[:60]!r}")
+            error(number, f"line {number}: expected 'name: value', got {line[:60]!r}")
+            continue
         key, value = match.groups()
         if not value:
-            raise PolicySyntaxError(f"line {number}: empty value for {key!r}")
-        if key in first:
+            error(number, f"line {number}: empty value for {key!r}")
+            seen.add(key)
+            continue
+        if key in seen and key != "mx":
             # RFC 8461 §3.2: "If any non-repeated field -- i.e., all fields
             # excepting "mx" -- is duplicated, all entries except for the
             # first SHALL be ignored."  Ruling: ignored whatever its value
@@ -519,33 +580,42 @@ def parse_policy(text: str | bytes) -> Policy:
             # matches sts-policy-ext-name, so it must at least be an
             # sts-policy-extension (a value without CTLs).
             if not _POLICY_EXT_VALUE.match(value):
-                raise PolicySyntaxError(f"line {number}: {key!r} again, with control characters")
+                error(number, f"line {number}: {key!r} again, with control characters")
             continue
+        seen.add(key)
         if key == "version":
             if value != "STSv1":
-                raise PolicySyntaxError(f"version {value[:20]!r}: expected STSv1")
+                error(number, f"version {value[:20]!r}: expected STSv1")
+                continue
         elif key == "mode":
             if value not in ("enforce", "testing", "none"):
-                raise PolicySyntaxError(f"mode {value[:20]!r}: expected enforce, testing or none")
+                error(number, f"mode {value[:20]!r}: expected enforce, testing or none")
+                continue
         elif key == "max_age":
             if not _MAX_AGE.match(value):
-                raise PolicySyntaxError(f"max_age {value[:20]!r}: expected 1 to 10 digits")
+                error(number, f"max_age {value[:20]!r}: expected 1 to 10 digits")
+                continue
         elif key == "mx":
-            mx.append(_mx_pattern(value))
+            try:
+                mx.append(_mx_pattern(value))
+            except PolicySyntaxError as e:
+                line_error(number, e)
             continue
         elif not _POLICY_EXT_VALUE.match(value):
-            raise PolicySyntaxError(f"extension {key!r}: value has control characters")
+            error(number, f"extension {key!r}: value has control characters")
+            continue
         first[key] = value
         if key not in _KNOWN_FIELDS:
             extensions.append((key, value))
     for required in ("version", "mode", "max_age"):
-        if required not in first:
-            raise PolicySyntaxError(f"missing required field {required!r}")
-    mode = Mode(first["mode"])
-    if mode is not Mode.NONE and not mx:
-        raise PolicySyntaxError(f"mode {mode.value} requires at least one mx field")
+        if required not in seen:
+            error(None, f"missing required field {required!r}")
+    if "mode" in first and Mode(first["mode"]) is not Mode.NONE and not mx and "mx" not in seen:
+        error(None, f"mode {first['mode']} requires at least one mx field")
+    if errors:
+        return None
     return Policy(
-        mode=mode,
+        mode=Mode(first["mode"]),
         max_age=min(int(first["max_age"]), MAX_MAX_AGE),  # ruling: clamp, don't reject
         mx=mx,
         extensions=extensions,

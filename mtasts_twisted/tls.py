@@ -346,7 +346,7 @@ class TLSOutcomeRecorder(VerifyRecorder):
         L{TLSVerificationError} the connection is lost with.
         """
         outcome = self.outcome()
-        log.info(
+        log.debug(  # the delivery outcome says why, once
             "TLS to {hostname} refused: {result}",
             hostname=self.hostname,
             result=outcome.classify(),

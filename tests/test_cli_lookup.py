@@ -9,7 +9,9 @@ from twisted.internet import reactor, utils
 from twisted.trial.unittest import TestCase
 
 from mtasts_twisted import cli
+from mtasts_twisted.store import default_database_url, open_store
 from mtasts_twisted.testing.dns import Behaviour
+from mtasts_twisted.testing.https import Route
 from mtasts_twisted.testing.world import LoopbackWorld
 
 ENFORCE = "version: STSv1\nmode: enforce\nmx: mx.example.com\nmx: *.example.net\nmax_age: 86400\n"
@@ -21,15 +23,21 @@ class LookupTests(TestCase):
         self.addCleanup(self.world.stop)
         self.data_dir = self.mktemp()
 
-    async def lookup(self, *argv):
+    async def lookup(self, *argv, data_dir=True):
         args = cli.build_parser().parse_args(
             ["lookup", *argv, "--nameserver", self.world.dns.nameserver, "--ca-file", self.world.ca_file,
-             "--data-dir", self.data_dir, "--timeout", "2"])
+             *(["--data-dir", self.data_dir] if data_dir else []), "--timeout", "2"])
         out, err = io.StringIO(), io.StringIO()
         code = await cli.run_lookup(reactor, args, out, err, policy_port=self.world.https.port)
         return code, out.getvalue(), err.getvalue()
 
+    async def make_cache(self):
+        """Create the policy cache in the data directory, as the service does."""
+        store = await open_store(default_database_url(self.data_dir), reactor)
+        await store.close()
+
     async def test_json_policy_then_cache(self):
+        await self.make_cache()
         self.world.publish("example.com", ENFORCE, record_id="20240101")
         self.world.publish_tlsrpt("example.com", "mailto:tlsrpt@example.com", "https://r.example.com/v1")
         code, out, err = await self.lookup("Example.COM.", "--json")
@@ -80,6 +88,41 @@ class LookupTests(TestCase):
         self.world.publish("xn--bcher-kva.example", ENFORCE)
         code, out, err = await self.lookup("bücher.example", "--json")
         self.assertEqual((code, json.loads(out)["domain"]), (cli.EX_OK, "xn--bcher-kva.example"))
+
+    async def test_never_creates_a_cache(self):
+        """
+        Without a cache in the data directory (given, or the default
+        C{./mtasts-data}), a lookup discovers afresh and creates nothing.
+        """
+        self.world.publish("example.com", ENFORCE)
+        code, out, err = await self.lookup("example.com", "--json")
+        self.assertEqual((code, json.loads(out)["source"]), (cli.EX_OK, "fetched"), err)
+        self.assertFalse(os.path.exists(self.data_dir))
+        cwd = os.path.abspath(self.mktemp())
+        os.makedirs(cwd)
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(cwd)
+        code, out, err = await self.lookup("example.com", "--json", data_dir=False)
+        self.assertEqual((code, json.loads(out)["source"]), (cli.EX_OK, "fetched"), err)
+        self.assertEqual(os.listdir(cwd), [])
+
+    async def test_redirect_reason(self):
+        """
+        A failed fetch names its reason (the 301 of a redirect) in the human
+        output, and in full in the JSON C{reason}, however long.
+        """
+        self.world.publish("example.com", ENFORCE)
+        location = "https://elsewhere.example/" + "a" * 300
+        self.world.https.serve("mta-sts.example.com", Route.redirect(location))
+        code, out, err = await self.lookup("example.com")
+        self.assertEqual(code, cli.EX_OK, err)
+        self.assertIn("problem: sts-policy-fetch-error (cannot-fetch-policy): ", out)
+        self.assertIn("HTTP 301 redirect", out)
+        code, out, err = await self.lookup("example.com", "--json", "--no-cache")
+        obj = json.loads(out)
+        self.assertIn(f"HTTP 301 redirect to '{location}' not followed (RFC 8461 §3.3)", obj["reason"])
+        code, out, err = await self.lookup("nothing.example", "--json")
+        self.assertIsNone(json.loads(out)["reason"])
 
     async def test_no_cache(self):
         self.world.publish("example.com", ENFORCE)

@@ -95,7 +95,7 @@ class CacheCommandTests(TestCase):
         code, out, err = await call("report", "send", "--now", *common)
         self.assertEqual(code, 0, err)
         self.assertIn("example.net", out)  # only successes: skipped by default
-        code, out, err = await call("report", "preview", "--data-dir", data)
+        code, out, err = await call("report", "send", "--now", "--data-dir", data)
         self.assertEqual(code, cli.EX_USAGE)
         self.assertIn("not configured", err)
 

@@ -122,3 +122,16 @@ class ServiceCapsTests(TestCase):
         self.assertTrue(any("is low for the default connection caps" in e.get("log_format", "")
                             for e in events))
         await svc.stopService()
+
+
+class MetricsSizingTests(SynchronousTestCase):
+    def test_metrics_connections_counted(self) -> None:
+        """The metrics endpoint's cap comes out of the budget when it is on."""
+        without = size_connection_caps(2422)
+        self.assertFalse(without.scaled)
+        caps = size_connection_caps(2422, metrics=32)
+        self.assertTrue(caps.scaled)
+        self.assertLessEqual(caps.used, 2422)
+        self.assertEqual(caps.used - without.used + (without.socketmap - caps.socketmap) * 2
+                         + (without.smtp - caps.smtp) * 2, 32)
+        self.assertIn("32 metrics", caps.describe())

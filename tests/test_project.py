@@ -42,6 +42,18 @@ class ReadmeTests(SynchronousTestCase):
         self.assertTrue(re.match(r"python -m pip install '\.\[test\]' && ", test_command))
 
 
+    def test_lookup_options_listed(self):
+        """README's synopsis of C{lookup} names every option the command takes."""
+        text = _read("README.rst")
+        synopsis = re.search(r"^``mtasts-twisted lookup [^\n]*``$", text, re.M).group(0)
+        parser = cli.build_parser()
+        lookup = parser._subparsers._group_actions[0].choices["lookup"]
+        options = [o for action in lookup._actions for o in action.option_strings
+                   if o.startswith("--") and o != "--help"]
+        self.assertIn("--timeout", options)
+        for option in options:
+            self.assertIn(option, synopsis)
+
 
 class FirstCommandTests(TestCase):
     timeout = 60
@@ -105,7 +117,7 @@ class CheckPolicyTests(SynchronousTestCase):
 
     def test_missing_file(self):
         code, out, err = self.run_cli("check-policy", self.mktemp())
-        self.assertEqual(code, cli.EX_USAGE)
+        self.assertEqual(code, cli.EX_NOINPUT)
         self.assertIn("cannot read", err)
 
     def test_usage_error(self):

@@ -123,6 +123,24 @@ class OptionsTests(SynchronousTestCase):
             self.assertUsage(f"--session-reuse {bad!r}", *d, "--session-reuse", bad)
         self.assertUsage("session-reuse must be a number", *d, "--config", self.config("session-reuse = true"))
 
+    def test_mail_reports_need_dkim_or_unsigned(self) -> None:
+        """
+        RFC 8460 §3: mailed reports MUST be DKIM-signed; without a key they
+        are mailed only when the operator says --report-unsigned.
+        """
+        d = ("--data-dir", self.dir, "--report-org", "O", "--report-from", "tlsrpt@example.org")
+        self.assertFalse(parse(*d).settings.mail_reports)
+        self.assertIsNotNone(parse(*d).settings.report_settings)  # https: reports still go out
+        self.assertTrue(parse(*d, "--report-unsigned").settings.mail_reports)
+        self.assertTrue(parse(*d, "--config", self.config("report-unsigned = true")).settings.mail_reports)
+        key = self.config("-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n")
+        self.assertTrue(parse(*d, "--report-dkim-key", key, "--report-dkim-selector", "s").settings.mail_reports)
+        self.assertFalse(parse("--data-dir", self.dir, "--report-unsigned").settings.mail_reports)
+        self.assertUsage("--report-dkim-key", *d, "--report-dkim-key", os.path.join(self.dir, "missing.pem"),
+                         "--report-dkim-selector", "s")
+        self.assertUsage("no PEM private key", *d, "--report-dkim-key", self.config("not a key"),
+                         "--report-dkim-selector", "s")
+
     def test_session_reuse(self) -> None:
         d = ("--data-dir", self.dir)
         self.assertEqual(parse(*d, "--session-reuse", "0")["session_reuse"], 0.0)
@@ -251,6 +269,26 @@ class ServiceTests(TestCase):
         await svc.stopService()
         self.assertIsNone(svc.runtime)
         self.assertEqual(self.fatal, [])
+
+    async def test_logs_how_reports_are_mailed(self) -> None:
+        """At start, one warning says mailed reports are off (no DKIM key), or unsigned."""
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        reports = ("--report-org", "Example", "--report-from", "tlsrpt@example.org", "--socketmap", "none",
+                   "--smtp", "none", "--metrics", "none")
+        for extra, expected in [((), "TLSRPT reports by mail are off"),
+                                (("--report-unsigned",), "TLSRPT reports are mailed without a DKIM signature")]:
+            events: list[dict[str, object]] = []
+            globalLogPublisher.addObserver(events.append)
+            try:
+                svc = self.make(*reports, *extra)
+                await self.start(svc)
+            finally:
+                globalLogPublisher.removeObserver(events.append)
+            lines = [formatEvent(e) for e in events if "DKIM" in formatEvent(e)]
+            self.assertEqual(len(lines), 1, lines)
+            self.assertIn(expected, lines[0])
+            await svc.stopService()
 
     async def test_smtp_intake_queues(self) -> None:
         """The relay intake accepts mail from loopback into DATA-DIR/queue."""

@@ -127,14 +127,39 @@ class TwistdTests(TestCase):
         self.assertNotIn(b"Traceback", proto.output)
 
     async def test_bad_option(self) -> None:
-        """A bad option: exit status 1 and one line saying what is wrong."""
+        """A bad option: exit status 1 and one line on stderr saying what is wrong, no usage."""
         out, err, code = await utils.getProcessOutputAndValue(
             sys.executable, self.args("--nameserver", "dns.example")[1:], env=dict(os.environ), path=self.dir)
-        self.assertEqual(code, 1)
-        lines = [line for line in (out + err).decode().splitlines() if "--nameserver:" in line]
-        self.assertEqual(len(lines), 1, out + err)
-        self.assertIn("'dns.example' is not an IP address", lines[0])
-        self.assertNotIn(b"Traceback", out + err)
+        self.assertEqual((code, out), (1, b""), err)
+        self.assertEqual(err.decode().splitlines(),
+                         ["twistd mtasts: --nameserver: invalid nameserver 'dns.example': 'dns.example' is not an IP"
+                          " address (use IP, IP:PORT or [IPv6]:PORT; host names are not allowed)"])
+
+    async def test_startup_errors_are_one_line(self) -> None:
+        """
+        Every error found before the service starts (an unknown option, a
+        config file that is not TOML, a bad endpoint, a data directory that
+        cannot be used) is one line on stderr and exit status 1.
+        """
+        bad_toml = os.path.join(self.dir, "bad.toml")
+        with open(bad_toml, "w") as f:
+            f.write("data-dir = \n")
+        a_file = os.path.join(self.dir, "a-file")
+        with open(a_file, "w") as f:
+            f.write("")
+        for extra, fragment in [
+            (["--bogus"], "--bogus"),
+            (["--config", bad_toml], "not valid TOML"),
+            (["--socketmap", "tcp:notaport"], "--socketmap 'tcp:notaport': not a valid endpoint"),
+            (["--data-dir", a_file], f"--data-dir {a_file}: not a directory"),
+            (["--data-dir", os.path.join(a_file, "sub")], f"{a_file} is not a directory"),
+        ]:
+            out, err, code = await utils.getProcessOutputAndValue(
+                sys.executable, self.args(*extra)[1:], env=dict(os.environ), path=self.dir)
+            lines = err.decode().splitlines()
+            self.assertEqual((code, out, len(lines)), (1, b"", 1), (extra, out + err))
+            self.assertTrue(lines[0].startswith("twistd mtasts: "), lines)
+            self.assertIn(fragment, lines[0])
 
     async def test_port_in_use(self) -> None:
         """A port in use: exit status 1, one line, no traceback."""

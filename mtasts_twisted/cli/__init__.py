@@ -111,8 +111,15 @@ def _add_operations(commands: argparse._SubParsersAction[Parser]) -> None:
         sub.add_argument("--config", metavar="FILE", help="the service's TOML config file")
         sub.add_argument("--nameserver", action="append", metavar="IP[:PORT]")
         sub.add_argument("--ca-file", metavar="PEM")
-        sub.add_argument("--report-org", metavar="NAME")
-        sub.add_argument("--report-from", metavar="ADDR")
+        sub.add_argument("--report-org", metavar="NAME", help="TLSRPT organization-name"
+                         + (" (not needed to preview)" if sub is preview else ""))
+        sub.add_argument("--report-from", metavar="ADDR", help="From of mailed reports"
+                         + (" (not needed to preview)" if sub is preview else ""))
+        if sub is send:
+            sub.add_argument("--report-dkim-key", metavar="PEM", help="DKIM-sign mailed reports with this key")
+            sub.add_argument("--report-dkim-selector", metavar="SEL", help="the DKIM selector of the key")
+            sub.add_argument("--report-unsigned", action="store_true",
+                             help="mail reports unsigned when no DKIM key is given (RFC 8460 §3 requires one)")
         sub.set_defaults(run=react, run_async=run_report)
 
     queue = commands.add_parser("queue", help="inspect and act on the relay queue")

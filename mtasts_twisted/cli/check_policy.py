@@ -1,6 +1,6 @@
 """
 C{mtasts-twisted check-policy FILE}: validate an MTA-STS policy file
-(RFC 8461 §3.2) and show what it says.
+(RFC 8461 §3.2) and show what it says, or every error in it.
 """
 
 from __future__ import annotations
@@ -10,14 +10,27 @@ import json
 import sys
 from typing import TextIO
 
-from mtasts_twisted.cli.common import EX_DATAERR, EX_OK, EX_USAGE
-from mtasts_twisted.policy import MTASTSError, parse_policy
+from mtasts_twisted.cli.common import EX_DATAERR, EX_NOINPUT, EX_OK
+from mtasts_twisted.policy import PolicySyntaxError, parse_policy, policy_errors
 
 __all__ = ["run_check_policy"]
 
 
+def _message(number: int | None, error: PolicySyntaxError) -> str:
+    """An error's text, naming its line."""
+    text = str(error)
+    if number is None or text.startswith(f"line {number}:"):
+        return text
+    return f"line {number}: {text}"
+
+
 def run_check_policy(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    """Validate a policy file against RFC 8461 §3.2 and show what it says."""
+    """
+    Validate a policy file against RFC 8461 §3.2 and show what it says.
+
+    @return: 0 when valid, 65 (EX_DATAERR) with every error when not, 66
+        (EX_NOINPUT) when the file cannot be read.
+    """
     try:
         if args.file == "-":
             data = sys.stdin.buffer.read()
@@ -25,16 +38,20 @@ def run_check_policy(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             with open(args.file, "rb") as f:
                 data = f.read()
     except OSError as e:
-        err.write(f"mtasts-twisted: cannot read {args.file}: {e.strerror}\n")
-        return EX_USAGE
-    try:
-        policy = parse_policy(data)
-    except MTASTSError as e:
+        err.write(f"mtasts-twisted check-policy: cannot read {args.file}: {e.strerror}\n")
+        return EX_NOINPUT
+    errors = policy_errors(data)
+    if errors:
         if args.json:
-            out.write(json.dumps({"valid": False, "reason": e.reason, "error": str(e)}) + "\n")
+            listed = [{"line": number, "reason": error.reason, "error": _message(number, error)}
+                      for number, error in errors]
+            out.write(json.dumps({"valid": False, "reason": listed[0]["reason"], "error": listed[0]["error"],
+                                  "errors": listed}) + "\n")
         else:
-            err.write(f"invalid policy: {e}\n")
+            for number, error in errors:
+                err.write(f"invalid policy: {_message(number, error)}\n")
         return EX_DATAERR
+    policy = parse_policy(data)
     if args.json:
         summary = {"valid": True, "mode": policy.mode.value, "mx": list(policy.mx),
                    "max_age": policy.max_age, "extensions": [list(e) for e in policy.extensions]}

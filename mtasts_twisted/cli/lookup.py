@@ -1,7 +1,10 @@
 """
 C{mtasts-twisted lookup DOMAIN}: a domain's MTA-STS policy through the
-persistent cache (or a fresh discovery), its TLSRPT record, and what a
-sender would do.
+service's policy cache when there is one (or a fresh discovery), its TLSRPT
+record, and what a sender would do.
+
+A lookup never creates a cache: without C{DIR/mtasts.sqlite} it discovers
+afresh, as with C{--no-cache}, and leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -11,11 +14,18 @@ import json
 import os
 from typing import TYPE_CHECKING, Any, TextIO
 
-from mtasts_twisted.cli.common import EX_CANTCREAT, EX_OK, EX_TEMPFAIL, EX_USAGE, iso
+from zope.interface import implementer
+
+from mtasts_twisted.cli.common import EX_CANTCREAT, EX_OK, EX_TEMPFAIL, EX_USAGE, iso, sqlite_path
+from mtasts_twisted.interfaces import IPolicyFetcher
 from mtasts_twisted.policy import MTASTSError, Mode
 
 if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+    from twisted.python.failure import Failure
+
     from mtasts_twisted.cli.common import Reactor
+    from mtasts_twisted.fetch import FetchedPolicy
     from mtasts_twisted.interfaces import IDNSResolver, IStore
 
 __all__ = ["run_lookup"]
@@ -27,6 +37,37 @@ _ACTIONS = {
     Mode.NONE: "deliver as usual (opportunistic TLS); the domain asks for no enforcement",
     None: "deliver as usual (opportunistic TLS): no MTA-STS policy applies",
 }
+
+
+@implementer(IPolicyFetcher)
+class _ReasonFetcher:
+    """
+    A policy fetcher that keeps the whole text of the last failure, for the
+    operator: a report's failure details carry only a reason code.
+    """
+
+    def __init__(self, fetcher: IPolicyFetcher) -> None:
+        self._fetcher = fetcher
+        self.reason: str | None = None
+
+    def fetch(self, domain: str) -> Deferred[FetchedPolicy]:
+        """Fetch through the wrapped fetcher, keeping a failure's text."""
+
+        def failed(failure: Failure) -> Failure:
+            self.reason = str(failure.value)
+            return failure
+
+        return self._fetcher.fetch(domain).addErrback(failed)
+
+
+def _reason(lookup_failures: Any, fetch_reason: str | None) -> str | None:
+    """The human text of what went wrong in a lookup, whole, or L{None}."""
+    if not lookup_failures:
+        return None
+    if fetch_reason is not None:
+        return fetch_reason
+    texts = [f.additional_information for f in lookup_failures if f.additional_information]
+    return "; ".join(texts) or None
 
 
 async def _tlsrpt_record(resolver: IDNSResolver, alabel: str) -> tuple[dict[str, list[str]] | None, str | None]:
@@ -47,8 +88,9 @@ async def _tlsrpt_record(resolver: IDNSResolver, alabel: str) -> tuple[dict[str,
 
 async def run_lookup(reactor: Reactor, args: argparse.Namespace, out: TextIO, err: TextIO, policy_port: int = 443) -> int:
     """
-    C{mtasts-twisted lookup}: the policy of a domain through the persistent
-    cache in C{--data-dir} (or a fresh discovery with C{--no-cache}).
+    C{mtasts-twisted lookup}: the policy of a domain through the policy
+    cache in C{--data-dir} when it exists (or a fresh discovery, without a
+    cache or with C{--no-cache}; a lookup never creates a cache).
 
     @param policy_port: the HTTPS port of policy hosts (tests use others).
     @return: the exit code: 0 for a definite answer, 75 on a temporary
@@ -80,16 +122,18 @@ async def run_lookup(reactor: Reactor, args: argparse.Namespace, out: TextIO, er
     if args.ca_file and not os.path.isfile(args.ca_file):
         return usage(f"--ca-file {args.ca_file}: no such file")
     try:
-        fetcher = PolicyFetcher(reactor, trust_roots=args.ca_file, timeout=min(60.0, args.timeout * 6),
-                                resolver=resolver, port=policy_port)
+        fetcher = _ReasonFetcher(PolicyFetcher(
+            reactor, trust_roots=args.ca_file, timeout=min(60.0, args.timeout * 6), resolver=resolver,
+            port=policy_port))
     except (ValueError, OSError, MTASTSError) as e:
         return usage(f"--ca-file {args.ca_file}: {e}")
-    if args.no_cache:
-        store: IStore = MemoryStore()
+    url = default_database_url(args.data_dir)
+    path = sqlite_path(url)
+    if args.no_cache or path is None or not os.path.exists(path):
+        store: IStore = MemoryStore()  # never create a cache for a lookup
     else:
         try:
-            os.makedirs(args.data_dir, mode=0o700, exist_ok=True)
-            store = await open_store(default_database_url(args.data_dir), reactor)
+            store = await open_store(url, reactor)
         except (OSError, StoreError) as e:
             err.write(f"mtasts-twisted lookup: cannot open the policy cache: {e}\n")
             return EX_CANTCREAT
@@ -112,6 +156,7 @@ async def run_lookup(reactor: Reactor, args: argparse.Namespace, out: TextIO, er
         await store.close()
     fetched = cache.stats["fetches"] > fetches
     policy, entry = lookup.policy, lookup.entry
+    reason = _reason(lookup.result.failures, fetcher.reason)
     source = "none" if policy is None else ("fetched" if fetched else "cache")
     if args.json:
         obj: dict[str, Any] = {
@@ -126,6 +171,7 @@ async def run_lookup(reactor: Reactor, args: argparse.Namespace, out: TextIO, er
             "tlsrpt_record": tlsrpt,
             "result": lookup.result.to_json(),
             "action": _ACTIONS[policy.mode if policy else None],
+            "reason": reason,
         }
         if tlsrpt_error:
             obj["tlsrpt_error"] = tlsrpt_error
@@ -142,7 +188,8 @@ async def run_lookup(reactor: Reactor, args: argparse.Namespace, out: TextIO, er
         until = iso(entry.valid_end) if entry else "?"
         out.write(f"  max_age {policy.max_age} s; {origin}, {state}; valid until {until}\n")
     for failure in lookup.result.failures:
-        out.write(f"  problem: {failure.result_type.value} ({failure.failure_reason_code})\n")
+        out.write(f"  problem: {failure.result_type.value} ({failure.failure_reason_code})"
+                  f"{': ' + reason if reason else ''}\n")
     if tlsrpt:
         out.write(f"  TLSRPT reports to: {', '.join(tlsrpt['rua'])}\n")
     elif tlsrpt_error:

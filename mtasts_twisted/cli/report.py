@@ -1,6 +1,10 @@
 """
 C{mtasts-twisted report preview|send}: the TLSRPT reports (RFC 8460) of
 the service, previewed or sent now, with the service's own configuration.
+
+C{preview} only reads the database, so it needs no report settings; the
+results of the last minute may not be there yet: the running service's
+aggregator writes them every 60 seconds (and when it stops).
 """
 
 from __future__ import annotations
@@ -24,10 +28,13 @@ def _service_options(args: argparse.Namespace) -> Options:
     from mtasts_twisted.service import Options
 
     argv: list[str] = []
-    for name in ("config", "data_dir", "database", "ca_file", "report_org", "report_from"):
+    for name in ("config", "data_dir", "database", "ca_file", "report_org", "report_from", "report_dkim_key",
+                 "report_dkim_selector"):
         value = getattr(args, name, None)
         if value is not None:
             argv += ["--" + name.replace("_", "-"), value]
+    if getattr(args, "report_unsigned", False):
+        argv.append("--report-unsigned")
     for server in args.nameserver or ():
         argv += ["--nameserver", server]
     argv += ["--smtp", "none", "--socketmap", "none", "--metrics", "none"]
@@ -45,7 +52,11 @@ async def run_report(reactor: Reactor, args: argparse.Namespace, out: TextIO, er
     from twisted.python import usage
 
     from mtasts_twisted.service import StartupError, open_runtime
-    from mtasts_twisted.tlsrpt import NoResultsError
+    from mtasts_twisted.tlsrpt import NoResultsError, ReportScheduler, ReportSettings
+
+    # The metadata of a report previewed without --report-org and --report-from.
+    unconfigured = ReportSettings(organization="(no --report-org given)", submitter_domain="invalid",
+                                   contact="tlsrpt@invalid", from_address="tlsrpt@invalid")
 
     if args.day is not None:
         try:
@@ -58,7 +69,7 @@ async def run_report(reactor: Reactor, args: argparse.Namespace, out: TextIO, er
     except usage.UsageError as e:
         err.write(f"mtasts-twisted report: {e}\n")
         return EX_USAGE
-    if config["report_settings"] is None:
+    if config["report_settings"] is None and args.action == "send":
         err.write("mtasts-twisted report: reports are not configured: give --report-org and"
                   " --report-from (or --config with them)\n")
         return EX_USAGE
@@ -71,8 +82,10 @@ async def run_report(reactor: Reactor, args: argparse.Namespace, out: TextIO, er
         return EX_CANTCREAT
     try:
         scheduler = runtime.scheduler
-        # Reports are configured (checked above), so the runtime has a scheduler.
-        assert scheduler is not None
+        if scheduler is None:
+            # Previewing without report settings: only the report's metadata
+            # (organization, contact) is unknown, and says so.
+            scheduler = ReportScheduler(runtime.store, unconfigured, runtime.resolver, reactor)
         if args.action == "send":
             outcomes = await scheduler.send_now()
             for outcome in outcomes:

@@ -20,13 +20,9 @@ from typing import Any, BinaryIO, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import (
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    connectProtocol,
-)
-from twisted.internet.interfaces import IConnector
-from twisted.internet.protocol import ClientFactory
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.interfaces import IAddress, IConnector
+from twisted.internet.protocol import ClientFactory, Factory
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -57,6 +53,18 @@ log = Logger()
 
 #: Errors of failed attempts kept for a transient outcome's message.
 MAX_ERRORS_SHOWN = 4
+
+
+class _OneShotFactory(Factory[ClientProtocol]):
+    """C{connectProtocol}'s factory, without its "Starting factory" log line per connection."""
+
+    noisy = False
+
+    def __init__(self, protocol: ClientProtocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: IAddress | None) -> ClientProtocol:
+        return self._protocol
 
 
 class DeliveryReactor(Clock, Protocol):
@@ -196,13 +204,13 @@ class Deliverer:
                 # session: no second event per delivered recipient.
                 continue
             log.info(
-                "{recipient}: {status} via {mx_host} ({tls}): {code} {message}",
+                "{recipient}: {status} via {mx_host} ({tls}): {code} {reply}",  # {message} is legacy logging's own key
                 recipient=outcome.recipient,
                 status=outcome.status.value,
                 mx_host=outcome.mx_host,
                 tls=(outcome.tls_version or "no TLS") + (", verified" if outcome.verified else ""),
                 code=outcome.code,
-                message=outcome.message,
+                reply=outcome.message,
             )
         return result
 
@@ -396,7 +404,7 @@ class Deliverer:
         endpoint = endpoint_type(self._reactor, ip, port, timeout=self.settings.connect_timeout)
         created = self._reactor.seconds()
         try:
-            await connectProtocol(endpoint, proto)
+            await endpoint.connect(_OneShotFactory(proto))
         except Exception as e:
             attempt.error = f"cannot connect to port {port}: {e}"
             return attempt

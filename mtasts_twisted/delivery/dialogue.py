@@ -385,7 +385,7 @@ class Dialogue:
                 )
             attempt.tls_decision(details, False)
             attempt.retry_plaintext = not target.require_tls
-            raise SessionError(f"TLS with {host} failed: {kind}; {e}") from None
+            raise SessionError(f"TLS with {host} failed: {kind if kind != 'failed' else e}") from None
         outcome = creator.outcome()
         assert outcome is not None
         attempt.tls_version = outcome.tls_version

@@ -23,12 +23,9 @@ import dns.rcode
 from twisted.internet import defer
 from twisted.internet import error as ierror
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import (
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    connectProtocol,
-)
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import (
+    IAddress,
     IConnector,
     IDelayedCall,
     IReactorFDSet,
@@ -36,7 +33,7 @@ from twisted.internet.interfaces import (
     IReadDescriptor,
     ITCPTransport,
 )
-from twisted.internet.protocol import DatagramProtocol, connectionDone
+from twisted.internet.protocol import DatagramProtocol, Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import Int16StringReceiver
 from twisted.python.failure import Failure
@@ -354,6 +351,18 @@ class _TCPExchange(Int16StringReceiver):
 
 
 
+
+class _OneShotFactory(Factory[_TCPExchange]):
+    """C{connectProtocol}'s factory, without its "Starting factory" log line per connection."""
+
+    noisy = False
+
+    def __init__(self, protocol: _TCPExchange) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: IAddress | None) -> _TCPExchange:
+        return self._protocol
+
 class _Exchanger:
     """
     Asks one nameserver one question: over UDP, then over TCP if the reply
@@ -469,7 +478,7 @@ class _Exchanger:
         # covers connect and reply together.
         endpoint = endpoint_type(self._reactor, host, port_number, timeout=max(1, int(timeout) + 1))
         exchange = _TCPExchange(query, server)
-        waiting: Deferred[Any] = connectProtocol(endpoint, exchange)
+        waiting: Deferred[Any] = endpoint.connect(_OneShotFactory(exchange))
         waiting.addCallback(lambda _: exchange.done)
         waiting.addTimeout(timeout, cast(IReactorTime, self._reactor))
         try:

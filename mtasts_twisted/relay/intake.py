@@ -458,6 +458,8 @@ class RelaySMTPFactory(_ServerFactory):
     @ivar per_ip: open connections per client IP.
     """
 
+    noisy = False  # no "Starting factory" line when the service hands it the listener
+
     protocol = RelaySMTP
 
     def __init__(

@@ -7,7 +7,7 @@ the deliveries need.
 
 The sizing (logged at start), for a limit C{L}::
 
-    2 x (socketmap cap + SMTP cap) + deliveries + reserve <= L
+    2 x (socketmap cap + SMTP cap) + metrics cap + deliveries + reserve <= L
 
   - I{reserve} (L{RESERVE}, 64): standard streams, log files, the
     database (SQLite's file, WAL and shared memory, or PostgreSQL
@@ -17,6 +17,8 @@ The sizing (logged at start), for a limit C{L}::
   - I{deliveries}: per delivery slot (C{concurrency} of the relay), 3
     (the MX connection, the message file, a DNS socket), plus the
     outbound sessions parked for reuse.
+  - a metrics connection counts 1 (it is answered from memory), and only
+    when the endpoint is on (C{--metrics}).
   - each accepted connection counts 2: its socket, and the one more it may
     cause while served (a socketmap lookup's DNS query or policy fetch, an
     SMTP message spooled to a file).
@@ -100,6 +102,8 @@ class ConnectionCaps:
     @ivar smtp: SMTP intake connections at once.
     @ivar smtp_per_ip: SMTP intake connections per client IP.
     @ivar scaled: whether the defaults did not fit and were scaled down.
+    @ivar metrics: metrics endpoint connections at most (its own cap; not
+        scaled).
     """
 
     fd_limit: int
@@ -109,22 +113,26 @@ class ConnectionCaps:
     smtp: int
     smtp_per_ip: int
     scaled: bool
+    metrics: int = 0
 
     @property
     def used(self) -> int:
         """Descriptors the sizing accounts for (at most C{fd_limit}, unless it is tiny)."""
-        return PER_CONNECTION * (self.socketmap + self.smtp) + self.deliveries + self.reserve
+        return (PER_CONNECTION * (self.socketmap + self.smtp) + self.metrics + self.deliveries
+                + self.reserve)
 
     def describe(self) -> str:
         """The figures as one line, for the start-up log."""
         return (f"{PER_CONNECTION} x ({self.socketmap} socketmap + {self.smtp} SMTP connections)"
-                f" + {self.deliveries} for deliveries + {self.reserve} reserve = {self.used}"
+                + (f" + {self.metrics} metrics" if self.metrics else "")
+                + f" + {self.deliveries} for deliveries + {self.reserve} reserve = {self.used}"
                 f" <= {self.fd_limit} file descriptors"
                 + (" (connection caps scaled down to fit)" if self.scaled else ""))
 
 
 def size_connection_caps(fd_limit: int, socketmap: int = 1024, smtp: int = 100, smtp_per_ip: int = 10,
-                         delivery_slots: int = 20, parked_sessions: int = 50) -> ConnectionCaps:
+                         delivery_slots: int = 20, parked_sessions: int = 50,
+                         metrics: int = 0) -> ConnectionCaps:
     """
     The connection caps for C{fd_limit} (see the module docstring).
 
@@ -134,12 +142,14 @@ def size_connection_caps(fd_limit: int, socketmap: int = 1024, smtp: int = 100, 
     @param smtp_per_ip: the per-client-IP cap when it fits.
     @param delivery_slots: deliveries in flight at once (0 without relay).
     @param parked_sessions: outbound sessions parked for reuse at most.
+    @param metrics: the metrics endpoint's connection cap (0: endpoint off).
     """
     deliveries = PER_DELIVERY * delivery_slots + parked_sessions
     wanted = socketmap + smtp
-    budget = max(0, (fd_limit - RESERVE - deliveries) // PER_CONNECTION)
+    budget = max(0, (fd_limit - RESERVE - deliveries - metrics) // PER_CONNECTION)
     if wanted <= budget:
-        return ConnectionCaps(fd_limit, RESERVE, deliveries, socketmap, smtp, min(smtp_per_ip, smtp), False)
+        return ConnectionCaps(fd_limit, RESERVE, deliveries, socketmap, smtp, min(smtp_per_ip, smtp), False,
+                              metrics)
     # Scaled in proportion; a listener that is on keeps at least one.
     new_socketmap = (socketmap * budget) // wanted
     new_smtp = budget - new_socketmap
@@ -150,4 +160,4 @@ def size_connection_caps(fd_limit: int, socketmap: int = 1024, smtp: int = 100, 
     else:
         new_smtp = 0
     return ConnectionCaps(fd_limit, RESERVE, deliveries, new_socketmap, new_smtp,
-                          min(smtp_per_ip, new_smtp), True)
+                          min(smtp_per_ip, new_smtp), True, metrics)

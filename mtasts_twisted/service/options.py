@@ -4,8 +4,9 @@ the defaults, checked and turned into one frozen L{ServiceSettings}.
 
 L{Options} is what twistd parses (the plugin names this package); bad
 options, an unreadable config file or an unwritable data directory are a
-C{UsageError} from L{Options.postOptions}, which twistd prints as one line
-with exit status 1.  After parsing, C{options.settings} is the
+C{UsageError}.  Under twistd, L{Options.parseOptions} turns it into one
+line on stderr and exit status 1 (twistd itself would print its whole usage
+first); parsed by other code, the C{UsageError} is raised as usual.  After parsing, C{options.settings} is the
 L{ServiceSettings} that L{mtasts_twisted.service.runtime} builds the
 components from; the parsed values also stay readable as the option names
 (C{options["data-dir"]}, C{options["report_settings"]}, ...) as twistd
@@ -65,7 +66,7 @@ MAX_SESSION_REUSE = 300.0
 #: The listener options, in the order the service binds them.
 LISTENERS = ("smtp", "socketmap", "metrics")
 
-_FLAGS = ("no-reports", "strict-testing", "tlsrpt-attributes", "fail-open")
+_FLAGS = ("no-reports", "report-unsigned", "strict-testing", "tlsrpt-attributes", "fail-open")
 _OFF = ("", "none", "off")
 _DATABASE_SCHEMES = ("sqlite:", "postgresql://", "postgres://", "memory:")
 
@@ -94,6 +95,9 @@ class ServiceSettings:
         are off.
     @ivar no_reports: C{--no-reports} was given (reports off on purpose,
         so no warning).
+    @ivar report_unsigned: C{--report-unsigned}: mail reports without a
+        DKIM signature when no key is configured (RFC 8460 §3 says they MUST
+        be signed; see L{mail_reports}).
     @ivar helo_name: the EHLO name and DSN reporting MTA.
     @ivar delivery_port: the TCP port of MX hosts.
     @ivar delivery_port_for: ports of single MX hosts (C{HOST=PORT}), by
@@ -116,6 +120,7 @@ class ServiceSettings:
     ca_file: str | None = None
     report_settings: ReportSettings | None = None
     no_reports: bool = False
+    report_unsigned: bool = False
     delivery_port: int = 25
     delivery_port_for: Mapping[str, int] = attrs.field(factory=dict, converter=_read_only, hash=False)
     session_reuse: float = float(DEFAULTS["session-reuse"])
@@ -128,6 +133,20 @@ class ServiceSettings:
         """The endpoints of the listeners that are on, by option name, in L{LISTENERS} order."""
         endpoints = {"smtp": self.smtp, "socketmap": self.socketmap, "metrics": self.metrics}
         return {name: endpoint for name in LISTENERS if (endpoint := endpoints[name]) is not None}
+
+    @property
+    def mail_reports(self) -> bool:
+        """
+        Whether reports go to C{mailto:} rua.  RFC 8460 §3: "Reports sent
+        via SMTP MUST contain a valid DKIM signature", so only with a DKIM
+        key and selector, or when the operator says C{--report-unsigned};
+        otherwise C{mailto:} rua are skipped (and C{https:} ones still
+        served).
+        """
+        settings = self.report_settings
+        if settings is None:
+            return False
+        return settings.dkim_key_file is not None or self.report_unsigned
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ServiceSettings:
@@ -151,6 +170,7 @@ class ServiceSettings:
             ca_file=config["ca-file"],
             report_settings=config["report_settings"],
             no_reports=bool(config.get("no-reports", False)),
+            report_unsigned=bool(config.get("report-unsigned", False)),
             delivery_port=port,
             delivery_port_for=port_for,
             session_reuse=config.get("session_reuse", float(DEFAULTS["session-reuse"])),
@@ -196,7 +216,9 @@ def _check_writable_dir(path: str) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+    if not os.path.isdir(parent):
+        raise usage.UsageError(f"--data-dir {path}: cannot be created ({parent} is not a directory)")
+    if not os.access(parent, os.W_OK | os.X_OK):
         raise usage.UsageError(f"--data-dir {path}: cannot be created ({parent} is not writable)")
 
 
@@ -331,6 +353,8 @@ class Options(usage.Options):
     ]
     optFlags = [
         ["no-reports", None, "send no TLSRPT reports (and collect no results)"],
+        ["report-unsigned", None, "mail TLSRPT reports without a DKIM signature when no --report-dkim-key "
+                                  "is given (RFC 8460 §3 requires one; without this, mailto: rua are skipped)"],
         ["strict-testing", None, "socketmap: answer testing policies like enforce"],
         ["tlsrpt-attributes", None, "socketmap: add Postfix >= 3.10 TLSRPT attributes"],
         ["fail-open", None, "socketmap: answer NOTFOUND instead of TEMP when no policy can be found"],
@@ -348,6 +372,23 @@ class Options(usage.Options):
     def opt_nameserver(self, value: str) -> None:
         """DNS server IP[:PORT] for every lookup (repeatable) [default: /etc/resolv.conf]"""
         self["nameserver"].append(value)
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """
+        Parse C{options}.  As a twistd subcommand (when twistd's options are
+        the C{parent}), a usage error ends the process with one line on
+        stderr and exit status 1, instead of twistd's printing its whole
+        usage on stdout before it.
+
+        @raise usage.UsageError: what is wrong, in one line (not under twistd).
+        @raise SystemExit: with C{"twistd mtasts: <what is wrong>"} (under twistd).
+        """
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if getattr(self, "parent", None) is None:
+                raise
+            raise SystemExit("twistd mtasts: " + " ".join(str(e).split())) from None
 
     def postOptions(self) -> None:
         """Merge the config file and the defaults; check everything."""
@@ -412,6 +453,17 @@ class Options(usage.Options):
         from mtasts_twisted.tlsrpt import ReportSettings
 
         submitter = self["report-submitter"] or sender.rpartition("@")[2]
+        if self["report-dkim-key"] is not None:
+            from mtasts_twisted.tlsrpt.mail import load_dkim_key
+
+            try:
+                load_dkim_key(self["report-dkim-key"])
+            except OSError as e:
+                raise usage.UsageError(
+                    f"--report-dkim-key {self['report-dkim-key']}: cannot read it: {e.strerror}") from None
+            except ValueError:
+                raise usage.UsageError(
+                    f"--report-dkim-key {self['report-dkim-key']}: no PEM private key in it") from None
         try:
             return ReportSettings(
                 organization=org,

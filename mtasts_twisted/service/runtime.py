@@ -181,7 +181,7 @@ async def open_runtime(
                 stats, store, report_settings, resolver, reactor,
                 https_sender=HTTPSReportSender(reactor, trust_roots=settings.ca_file,
                                                name_resolver=name_resolver),
-                send_mail=mailer,
+                send_mail=mailer if settings.mail_reports else None,  # RFC 8460 §3: DKIM, or said unsigned
             )
         except (OSError, ValueError) as e:
             await store.close()

@@ -32,11 +32,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
-from twisted.web.server import Site
 
 from mtasts_twisted.cache import PolicyRefresher
 from mtasts_twisted.delivery import DeliverySettings
-from mtasts_twisted.metrics import MetricsResource, ServiceStats, make_registry
+from mtasts_twisted.metrics import MetricsFactory, MetricsLimits, ServiceStats, make_registry
 from mtasts_twisted.service.fdlimits import ConnectionCaps, FDLimit, raise_fd_limit, size_connection_caps
 from mtasts_twisted.service.listeners import LateFactory, ListenerService, address
 from mtasts_twisted.service.options import ServiceSettings, as_settings
@@ -117,10 +116,7 @@ class MTASTSService(MultiService):
         for name, description in self.settings.listeners.items():
             factory: IProtocolFactory
             if name == "metrics":
-                site = Site(MetricsResource(self.registry))
-                site.noisy = False
-                site.displayTracebacks = False
-                factory = site
+                factory = MetricsFactory(self.registry, reactor)
             else:
                 factory = self._late[name] = LateFactory(name)
             listener = ListenerService(name, description, serverFromString(reactor, description), factory)
@@ -159,14 +155,16 @@ class MTASTSService(MultiService):
             from mtasts_twisted.socketmap import SocketmapSettings
 
             socketmap = SocketmapSettings().max_connections or 1024
+        metrics = MetricsLimits().max_connections if "metrics" in self.settings.listeners else 0
         if "smtp" not in self._late:
             return size_connection_caps(fd_limit, socketmap=socketmap, smtp=0, smtp_per_ip=0,
-                                        delivery_slots=0, parked_sessions=0)
+                                        delivery_slots=0, parked_sessions=0, metrics=metrics)
         relay = self._relay_settings()
         return size_connection_caps(fd_limit, socketmap=socketmap, smtp=relay.max_connections,
                                     smtp_per_ip=relay.max_connections_per_ip,
                                     delivery_slots=relay.concurrency,
-                                    parked_sessions=DeliverySettings().reuse_max_idle_sessions)
+                                    parked_sessions=DeliverySettings().reuse_max_idle_sessions,
+                                    metrics=metrics)
 
     async def _start(self) -> bool:
         try:
@@ -174,6 +172,7 @@ class MTASTSService(MultiService):
                 await listener.listening()
             if self.settings.report_settings is None and not self.settings.no_reports:
                 log.warn("TLSRPT reports are off: give --report-org and --report-from (or --no-reports)")
+            _log_report_mail(self.settings)
             runtime = self.runtime = await open_runtime(self.settings, self._reactor, self.stats)
             if not self.running:
                 await runtime.close()
@@ -237,6 +236,19 @@ class MTASTSService(MultiService):
         runtime, self.runtime = self.runtime, None
         if runtime is not None:
             await runtime.close()
+
+
+def _log_report_mail(settings: ServiceSettings) -> None:
+    """Say at start how reports are mailed, unless they are DKIM-signed (RFC 8460 §3)."""
+    report = settings.report_settings
+    if report is None or report.dkim_key_file is not None:
+        return
+    if settings.mail_reports:
+        log.warn("TLSRPT reports are mailed without a DKIM signature (--report-unsigned): "
+                 "RFC 8460 §3 says receivers MUST ignore them")
+    else:
+        log.warn("TLSRPT reports by mail are off: RFC 8460 §3 requires a DKIM signature; give "
+                 "--report-dkim-key and --report-dkim-selector (or --report-unsigned); https reports are sent")
 
 
 def queue_directory(config: ServiceSettings | Mapping[str, Any]) -> str:

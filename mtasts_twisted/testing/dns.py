@@ -246,6 +246,7 @@ class DNSTestServer:
         """
         self._interface = interface
         tcp_factory: ServerFactory = ServerFactory()
+        tcp_factory.noisy = False
         tcp_factory.protocol = lambda: _TCPServer(self)
         self._udp, self._tcp, closing = listen_udp_and_tcp(reactor, lambda: _UDPServer(self), tcp_factory, interface)
         self._closing.extend(closing)

@@ -25,7 +25,7 @@ from twisted.internet.interfaces import IHostnameResolver, IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IAgent, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
@@ -104,6 +104,19 @@ class _Drain(Protocol):
             cast(IPushProducer, self.transport).stopProducing()
 
 
+class _QuietHTTP11ClientFactory(_HTTP11ClientFactory):
+    """The pool's connection factory, without its "Starting factory" log line per connection."""
+
+    noisy = False
+
+
+def _quiet_pool(reactor: ClientReactor) -> HTTPConnectionPool:
+    """A non-persistent pool whose connections log no factory lines."""
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    pool._factory = _QuietHTTP11ClientFactory
+    return pool
+
+
 class HTTPSReportSender:
     """
     POSTs reports to C{https:} rua URIs.
@@ -142,7 +155,7 @@ class HTTPSReportSender:
                 contextFactory=_VerifyingPolicy(client_context(load_trust_roots(trust_roots))),
                 connectTimeout=timeout,
                 # One report per connection: nothing to keep open between days.
-                pool=HTTPConnectionPool(reactor, persistent=False),
+                pool=_quiet_pool(reactor),
             )
         self._client = HTTPClient(agent)
 

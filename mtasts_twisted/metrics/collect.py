@@ -1,5 +1,6 @@
 """
-Prometheus metrics for the C{twistd mtasts} service.
+The metrics of the C{twistd mtasts} service: counters, the collector that
+reads them at scrape time, and the wrappers that count.
 
 Nothing here is on a hot path: components keep plain counters (dicts and
 ints they update anyway, like L{PolicyCache.stats} and
@@ -10,7 +11,8 @@ kept by thin wrappers here: L{MeteredFetcher}, L{MeteredDeliverer},
 L{MeteredSink} and L{count_report_outcomes}.
 
 Every service has its own C{CollectorRegistry} (never the global one), so
-several services in one process, or tests, do not collide.
+several services in one process, or tests, do not collide.  The endpoint
+that serves it is L{mtasts_twisted.metrics.http}.
 
 Metric names (all prefixed C{mtasts_}):
 
@@ -41,12 +43,9 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
-from twisted.web.iweb import IRequest
-from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from mtasts_twisted.interfaces import IDeliverer, IPolicyFetcher, IResultSink
@@ -63,7 +62,6 @@ __all__ = [
     "MeteredDeliverer",
     "MeteredFetcher",
     "MeteredSink",
-    "MetricsResource",
     "ServiceStats",
     "StatsCollector",
     "count_report_outcomes",
@@ -176,24 +174,6 @@ def make_registry(stats: ServiceStats) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StatsCollector(stats))
     return registry
-
-
-class MetricsResource(Resource):
-    """The twisted.web resource serving a registry in the text format."""
-
-    isLeaf = True
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        """
-        @param registry: the registry to expose.
-        """
-        super().__init__()
-        self._registry = registry
-
-    def render_GET(self, request: IRequest) -> bytes:
-        """The metrics, for every path."""
-        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
-        return generate_latest(self._registry)
 
 
 @implementer(IPolicyFetcher)
