@@ -514,10 +514,10 @@ class ReportingTests(SynchronousTestCase):
         from mtasts_twisted.results import FailureDetails
 
         detail = FailureDetails(ResultType.STS_POLICY_FETCH_ERROR, failure_reason_code="dns-lookup",
-                                additional_information="x")
+                                additional_information="https://r.example/x")
         marked = _fallback(detail)
         self.assertEqual(marked.failure_reason_code, "dns-lookup" + FALLBACK)
-        self.assertEqual(marked.additional_information, "x")
+        self.assertEqual(marked.additional_information, "https://r.example/x")
         self.assertEqual(_fallback(FailureDetails(ResultType.STS_POLICY_FETCH_ERROR)).failure_reason_code,
                          FALLBACK)
 

@@ -54,8 +54,9 @@ HOUR = 3600.0
 
 POLICY = PolicyDescriptor(PolicyType.STS, "example.net", ["version: STSv1", "mode: enforce",
                           "mx: mx.example.net", "max_age: 86400"], ["mx.example.net"])
-FAILURE = FailureDetails(ResultType.CERTIFICATE_EXPIRED, receiving_mx_hostname="mx.example.net",
-                         receiving_ip="198.51.100.1", failure_reason_code="certificate-expired")
+FAILURE = FailureDetails(ResultType.CERTIFICATE_EXPIRED, sending_mta_ip="192.0.2.25",
+                         receiving_mx_hostname="mx.example.net", receiving_ip="198.51.100.1",
+                         failure_reason_code="certificate-expired")
 RUA_HTTPS = "https://reports.example.net/v1/tlsrpt"
 TXT = "_smtp._tls.example.net"
 

@@ -24,7 +24,15 @@ from twisted.python.failure import Failure
 from mtasts_twisted.cache.entry import POLICY_TABLE, CacheEntry
 from mtasts_twisted.cache.front import _Front
 from mtasts_twisted.cache.lookup import Lookup, PolicyLookupTemporaryError
-from mtasts_twisted.cache.reporting import BACKOFF_REASON, _classify, _fallback, _failure, describe
+from mtasts_twisted.cache.reporting import (
+    BACKOFF_REASON,
+    _classify,
+    _fallback,
+    _failure,
+    describe,
+    lookup_problem,
+    lookup_stopped,
+)
 from mtasts_twisted.cache.settings import CacheSettings
 from mtasts_twisted.dns import DNSTemporaryError
 from mtasts_twisted.dns.records import lookup_sts_answer
@@ -43,10 +51,16 @@ from mtasts_twisted.policy import (
     to_alabel,
     to_unicode,
 )
-from mtasts_twisted.results import PolicyDescriptor, PolicyType, Result, ResultType
+from mtasts_twisted.results import FailureDetails, PolicyDescriptor, PolicyType, Result, ResultType
 from mtasts_twisted.store import JSONDict, UpdateFunction
 
 __all__ = ["PolicyCache"]
+
+
+def _backoff_text(failure: FailureDetails | None) -> str:
+    """The words of a lookup that backs off after a failed fetch."""
+    why = f" ({failure.failure_reason_code})" if failure is not None else ""
+    return f"backing off after a failed policy fetch{why}"
 
 # The package is the log namespace, as before the split into modules.
 log = Logger(namespace="mtasts_twisted.cache")
@@ -285,8 +299,8 @@ class PolicyCache:
             # No policy and a recent failed fetch: no lookups at all until it ends.
             self._used(entry, now)
             failure = _failure(ResultType.STS_POLICY_FETCH_ERROR, BACKOFF_REASON)
-            return Lookup(None, Result(PolicyDescriptor(PolicyType.STS, alabel), failures=[failure]), False,
-                          entry.backoff_id, entry)
+            return Lookup(None, lookup_problem(PolicyDescriptor(PolicyType.STS, alabel), failure), False,
+                          entry.backoff_id, entry, error=_backoff_text(entry.backoff_failure))
         if entry is not None and entry.policy is None:
             entry = None  # a backoff that ended
         if entry is None:
@@ -302,10 +316,11 @@ class PolicyCache:
         except NoRecordError:
             return Lookup(None, Result(PolicyDescriptor(PolicyType.NO_POLICY_FOUND, alabel)), True)
         except (MultipleRecordsError, RecordSyntaxError) as e:
-            return Lookup(None, Result(PolicyDescriptor(PolicyType.NO_POLICY_FOUND, alabel),
-                                       failures=[_classify(e)]), True)
+            return Lookup(None, lookup_problem(PolicyDescriptor(PolicyType.NO_POLICY_FOUND, alabel),
+                                               _classify(e)), True, error=str(e))
         except DNSTemporaryError as e:
-            result = Result(PolicyDescriptor(PolicyType.STS, alabel), failures=[_classify(e)])
+            # The one lookup problem that stops delivery: the mail is deferred.
+            result = lookup_stopped(PolicyDescriptor(PolicyType.STS, alabel), _classify(e))
             raise PolicyLookupTemporaryError(f"MTA-STS TXT lookup for {alabel} failed: {e}", result) from e
         try:
             fetched = await self._fetch(alabel)
@@ -317,8 +332,8 @@ class PolicyCache:
             await self._save(entry)
             log.info("no usable policy for {domain} (id {record_id}): {error}",
                      domain=alabel, record_id=record.id, error=e)
-            return Lookup(None, Result(PolicyDescriptor(PolicyType.STS, alabel), failures=[failure]),
-                          True, record.id, entry)
+            return Lookup(None, lookup_problem(PolicyDescriptor(PolicyType.STS, alabel), failure),
+                          True, record.id, entry, error=str(e))
         entry = CacheEntry(domain=key, alabel=alabel, inserted=now, last_update=now, last_use=now,
                            record_id=record.id, policy=fetched.policy,
                            valid_end=now + fetched.policy.max_age)
@@ -335,16 +350,16 @@ class PolicyCache:
             # RFC 8461 §10.2 downgrade resistance: keep the cached policy until it expires.
             self._used(entry, now)
             failure = _fallback(_classify(e))
-            return Lookup(entry.policy, attrs.evolve(cached, failures=[failure]), False,
-                          entry.record_id, entry)
+            return Lookup(entry.policy, lookup_problem(cached.policy, failure), False,
+                          entry.record_id, entry, error=str(e))
         if record.id == entry.record_id:
             self._used(entry, now)
             return self._confirm(Lookup(entry.policy, cached, True, record.id, entry), now, ttl)
         if entry.in_backoff(now, record.id):
             self._used(entry, now)
             failure = _fallback(entry.backoff_failure or _failure(ResultType.STS_POLICY_FETCH_ERROR, BACKOFF_REASON))
-            return Lookup(entry.policy, attrs.evolve(cached, failures=[failure]), False,
-                          entry.record_id, entry)
+            return Lookup(entry.policy, lookup_problem(cached.policy, failure), False,
+                          entry.record_id, entry, error=_backoff_text(entry.backoff_failure))
         try:
             fetched = await self._fetch(alabel)
         except MTASTSError as e:
@@ -354,8 +369,8 @@ class PolicyCache:
             await self._save(entry)
             log.warn("policy id {record_id} of {domain} cannot be fetched, keeping the cached one: {error}",
                      record_id=record.id, domain=alabel, error=e)
-            return Lookup(entry.policy, attrs.evolve(cached, failures=[_fallback(failure)]), False,
-                          entry.record_id, entry)
+            return Lookup(entry.policy, lookup_problem(cached.policy, _fallback(failure)), False,
+                          entry.record_id, entry, error=str(e))
         entry = attrs.evolve(entry, last_update=now, last_use=now, record_id=record.id,
                              policy=fetched.policy, valid_end=now + fetched.policy.max_age,
                              backoff_id=None, backoff_until=0.0, backoff_failure=None)

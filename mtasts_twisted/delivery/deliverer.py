@@ -372,7 +372,9 @@ class Deliverer:
     def _count(results: list[Result], plan: DeliveryPlan, target: PlannedHost, attempt: Attempt) -> None:
         """Add the TLSRPT result of a new session, if it counts."""
         if attempt.tls_decided:
-            result = session_result(plan.descriptor, target, attempt.ip, attempt.tls_failure, attempt.tls_negotiated)
+            result = session_result(
+                plan.descriptor, target, attempt.ip, attempt.tls_failure, attempt.tls_negotiated, attempt.local_ip
+            )
             if result is not None:
                 results.append(result)
 
