@@ -12,6 +12,8 @@ and written by L{PolicyCache.flush}.
 
 from __future__ import annotations
 
+import collections
+import time
 from typing import Any, AsyncIterator, Callable, Coroutine, Optional, TypeVar
 
 import attrs
@@ -102,6 +104,10 @@ class PolicyCache:
         self._confirmed: dict[str, tuple[float, Lookup]] = {}
         self._flusher: LoopingCall | None = None
         self.stats = {"hits": 0, "misses": 0, "fetches": 0, "txt_lookups": 0}
+        #: Failed refreshes of policies in mode enforce or testing, by
+        #: reason code (the C{mtasts_policy_refresh_failures_total} metric);
+        #: each is also logged as "policy refresh failed".
+        self.refresh_failures: collections.Counter[str] = collections.Counter()
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -209,11 +215,41 @@ class PolicyCache:
         Refresh the cached policy of C{domain} now (used by the refresher).
 
         Same TXT id: the validity is extended without HTTPS.  New id: the
-        policy is fetched.  A failure keeps the cached policy.
+        policy is fetched.  A failure keeps the cached policy, and is an
+        alert for the operator (L{refresh_failures}, and a warning
+        "policy refresh failed for DOMAIN (REASON): ..."), unless the
+        policy is in mode C{none} (it protects nothing).  An unexpected
+        error (e.g. the store is down) is counted as C{internal-error} and
+        fails the L{Deferred}.
         """
         alabel = to_alabel(domain)
         key = to_unicode(alabel)
-        return self._coalesce("refresh:" + key, lambda: self._refresh(key, alabel))
+        d = self._coalesce("refresh:" + key, lambda: self._refresh(key, alabel))
+
+        def failed(failure: Failure) -> Failure:
+            self.refresh_failures["internal-error"] += 1
+            return failure
+
+        return d.addErrback(failed)
+
+    def _refresh_failed(self, entry: CacheEntry, reason: str, error: object) -> None:
+        """Alert the operator: a refresh of C{entry}'s policy failed with C{reason}."""
+        policy = entry.policy
+        if policy is None or policy.mode is Mode.NONE:
+            log.debug("refresh of the mode none policy of {domain} failed ({reason}): {error}",
+                      domain=entry.alabel, reason=reason, error=error)
+            return
+        self.refresh_failures[reason] += 1
+        log.warn(
+            "policy refresh failed for {domain} ({reason}): {error}; the cached {mode} policy (id {record_id})"
+            " stays in use until {valid_until}",
+            domain=entry.alabel,
+            reason=reason,
+            error=str(error),
+            mode=policy.mode.value,
+            record_id=entry.record_id,
+            valid_until=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry.valid_end)),
+        )
 
     def _coalesce(self, key: str, start: Callable[[], Coroutine[Any, Any, _T]]) -> Deferred[_T]:
         """Concurrent callers of one key share one coroutine (and its DNS/HTTPS)."""
@@ -397,12 +433,10 @@ class PolicyCache:
                 # A "none" policy whose TXT record is gone: nothing left to honour.
                 await self.delete(key)
                 return None
-            log.warn("TXT record of {domain} is gone; keeping its cached policy until it expires",
-                     domain=alabel)
+            self._refresh_failed(entry, NoRecordError.reason, f"the TXT record _mta-sts.{alabel} is gone")
             return entry
         except MTASTSError as e:
-            if policy.mode is not Mode.NONE:
-                log.warn("cannot refresh policy of {domain}: {error}", domain=alabel, error=e)
+            self._refresh_failed(entry, e.reason, e)
             return entry
         if record.id == entry.record_id:
             entry = attrs.evolve(entry, last_update=now, valid_end=now + policy.max_age)
@@ -411,9 +445,7 @@ class PolicyCache:
         try:
             fetched = await self._fetch(alabel)
         except MTASTSError as e:
-            if policy.mode is not Mode.NONE:
-                log.warn("cannot fetch policy id {record_id} of {domain}: {error}",
-                         record_id=record.id, domain=alabel, error=e)
+            self._refresh_failed(entry, e.reason, f"cannot fetch policy id {record.id}: {e}")
             entry = attrs.evolve(entry, backoff_id=record.id, backoff_until=now + self.settings.backoff,
                                  backoff_failure=_classify(e))
             await self._save_keep_use(entry)
