@@ -160,6 +160,9 @@ it):
     STARTTLS, one transaction, QUIT.
   - L{mtasts_twisted.delivery.accounting}: the TLSRPT results of skipped
     hosts and sessions.
+  - L{mtasts_twisted.delivery.logline}: the one log line per recipient and
+    delivery attempt (C{to=<…>, relay=host[ip]:port, delay=…, tls=…,
+    policy=…, dsn=…, status=sent|deferred|bounced (reply)}).
   - L{mtasts_twisted.delivery.sessions}: session reuse (L{SessionPool}, the
     reuse rules).
   - L{mtasts_twisted.delivery.deliverer}: L{Deliverer} and L{deliver}.

@@ -21,6 +21,7 @@ from typing import Any
 
 import attrs
 from twisted.internet.interfaces import IAddress, IDelayedCall
+from twisted.internet.protocol import Factory
 from twisted.protocols.basic import FileSender
 
 from mtasts_twisted.delivery.plan import PlannedHost
@@ -30,7 +31,16 @@ from mtasts_twisted.results import FailureDetails, ResultType
 from mtasts_twisted.delivery.details import starttls_not_supported_details
 from mtasts_twisted.tls import MXTLSOptionsCache, VerifyMode
 
-__all__ = ["CLOSE_TIMEOUT", "QUIT_TIMEOUT", "Attempt", "Connection", "Dialogue", "ip_of", "status_of"]
+__all__ = [
+    "CLOSE_TIMEOUT",
+    "QUIT_TIMEOUT",
+    "Attempt",
+    "Connection",
+    "Dialogue",
+    "OneSessionFactory",
+    "ip_of",
+    "status_of",
+]
 
 #: Longest wait for the reply to QUIT (RFC 5321 §4.5.3.2 sets none).
 QUIT_TIMEOUT = 10.0
@@ -117,6 +127,26 @@ class Connection:
     verified: bool
     extensions: dict[str, str]
     transactions: int = 0
+
+
+class OneSessionFactory(Factory):
+    """
+    Hands a client endpoint the one L{ClientProtocol} of a session, without
+    Twisted's "Starting factory" / "Stopping factory" lines per connection
+    (which C{connectProtocol}'s factory logs).
+    """
+
+    noisy = False
+
+    def __init__(self, proto: ClientProtocol) -> None:
+        """
+        @param proto: the session's protocol.
+        """
+        self._proto = proto
+
+    def buildProtocol(self, addr: IAddress | None) -> ClientProtocol:
+        """The session's protocol."""
+        return self._proto
 
 
 def ip_of(address: IAddress | None) -> str | None:
@@ -409,7 +439,9 @@ class Dialogue:
                 )
             attempt.tls_decision(details, False)
             attempt.retry_plaintext = not target.require_tls
-            raise SessionError(f"TLS with {host} failed: {kind}; {e}") from None
+            # The reason once: a refused certificate's error repeats it.
+            why = "" if kind != "failed" and kind in str(e) else f"; {e}"
+            raise SessionError(f"TLS with {host} failed: {kind}{why}") from None
         outcome = creator.outcome()
         assert outcome is not None
         attempt.tls_version = outcome.tls_version
