@@ -25,12 +25,13 @@ from collections.abc import Iterable
 
 from twisted.logger import Logger
 
+from mtasts_twisted.delivery.dialogue import Attempt
 from mtasts_twisted.delivery.plan import HostAction, PlannedHost
 from mtasts_twisted.interfaces import IResultSink
 from mtasts_twisted.results import FailureDetails, PolicyDescriptor, Result, ResultType
 from mtasts_twisted.delivery.details import mx_mismatch_details
 
-__all__ = ["record", "session_result", "skip_result"]
+__all__ = ["attempt_result", "record", "session_result", "skip_result"]
 
 log = Logger()
 
@@ -83,6 +84,19 @@ def session_result(
     if failure is not None and failure.result_type is not ResultType.STARTTLS_NOT_SUPPORTED:
         return Result(descriptor, 0, [failure])
     return None
+
+
+def attempt_result(descriptor: PolicyDescriptor, target: PlannedHost, attempt: Attempt) -> Result | None:
+    """
+    The TLSRPT result of a new session (L{session_result} of what
+    C{attempt} recorded), or L{None} when it is not counted (it ended
+    before the STARTTLS decision, or had no TLS to report).
+    """
+    if not attempt.tls_decided:
+        return None
+    return session_result(
+        descriptor, target, attempt.ip, attempt.tls_failure, attempt.tls_negotiated, attempt.local_ip
+    )
 
 
 def record(sink: IResultSink | None, results: Iterable[Result]) -> None:

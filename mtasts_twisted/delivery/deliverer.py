@@ -27,9 +27,9 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mtasts_twisted.cache import Lookup, PolicyLookupTemporaryError
-from mtasts_twisted.delivery.accounting import record, session_result, skip_result
+from mtasts_twisted.delivery.accounting import attempt_result, record, skip_result
 from mtasts_twisted.delivery.dialogue import Attempt, Connection, Dialogue, OneSessionFactory
-from mtasts_twisted.delivery.logline import AttemptTally, log_outcome, policy_label, relay_label
+from mtasts_twisted.delivery.logline import AttemptTally, log_result, relay_label
 from mtasts_twisted.delivery.plan import DeliveryPlan, HostAction, PlannedHost, Shuffler, plan_attempts
 from mtasts_twisted.delivery.protocol import ClientProtocol, Clock, SessionError, wire_address
 from mtasts_twisted.delivery.sessions import SessionCache, SessionPool
@@ -189,15 +189,8 @@ class Deliverer:
             outcomes=tuple(outcomes[r] for r in recipients),
             results=tuple(results),
         )
-        # One line per recipient of this attempt (docs in
-        # mtasts_twisted.delivery.logline), for every embedder.
-        delay = self._reactor.seconds() - tally.started
-        policy = policy_label(mode, policy_known)
-        port_of = self.settings.port_of
-        for outcome in result.outcomes:
-            where = tally.relays.get(outcome.recipient, tally.last)
-            relay = relay_label(*where, port_of(where[0])) if where is not None else "none"
-            log_outcome(log, outcome, relay=relay, delay=delay, policy=policy)
+        # One line per recipient of this attempt, for every embedder.
+        log_result(log, result, tally, self._reactor.seconds(), self.settings.port_of, policy_known)
         return result
 
     @staticmethod
@@ -342,7 +335,9 @@ class Deliverer:
                     if not pending:
                         break
                     attempt = await self._session(plan, target, ip, envelope, pending, True)
-                    self._count(results, plan, target, attempt)
+                    counted = attempt_result(plan.descriptor, target, attempt)
+                    if counted is not None:
+                        results.append(counted)
                     if attempt.retry_plaintext and not target.require_tls:
                         errors.append(f"{host} [{ip}]: {attempt.error}")
                         # The TLS failure's one line: the recipients' lines
@@ -377,16 +372,6 @@ class Deliverer:
                     recipient, Status.TRANSIENT, last_code, text + "; ".join(shown), last_host, None, False
                 )
         return self._finish(domain, plan.mode, recipients, outcomes, results, tally)
-
-    @staticmethod
-    def _count(results: list[Result], plan: DeliveryPlan, target: PlannedHost, attempt: Attempt) -> None:
-        """Add the TLSRPT result of a new session, if it counts."""
-        if attempt.tls_decided:
-            result = session_result(
-                plan.descriptor, target, attempt.ip, attempt.tls_failure, attempt.tls_negotiated, attempt.local_ip
-            )
-            if result is not None:
-                results.append(result)
 
     # -- one session --
 

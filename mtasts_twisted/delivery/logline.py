@@ -29,12 +29,13 @@ C{policy}, C{dsn}, C{status}, C{reply}).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import attrs
 from twisted.logger import Logger
 
 from mtasts_twisted.delivery.dialogue import Attempt
-from mtasts_twisted.delivery.values import RecipientOutcome, Status
+from mtasts_twisted.delivery.values import DeliveryResult, RecipientOutcome, Status
 from mtasts_twisted.policy import Mode
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "AttemptTally",
     "dsn_of",
     "log_outcome",
+    "log_result",
     "policy_label",
     "relay_label",
     "tls_label",
@@ -149,3 +151,27 @@ def log_outcome(
         status=_STATUS[outcome.status],
         reply=reply,
     )
+
+
+def log_result(
+    log: Logger,
+    result: DeliveryResult,
+    tally: AttemptTally,
+    now: float,
+    port_of: Callable[[str], int],
+    policy_known: bool = True,
+) -> None:
+    """
+    Log the line of every recipient of C{result} (L{log_outcome}).
+
+    @param tally: the call's start time and the addresses it tried.
+    @param now: the clock's time now (for C{delay}).
+    @param port_of: the TCP port of an MX host.
+    @param policy_known: whether the policy lookup answered (else
+        C{policy=unknown}).
+    """
+    policy = policy_label(result.policy_mode, policy_known)
+    for outcome in result.outcomes:
+        where = tally.relays.get(outcome.recipient, tally.last)
+        relay = relay_label(*where, port_of(where[0])) if where is not None else "none"
+        log_outcome(log, outcome, relay=relay, delay=now - tally.started, policy=policy)
