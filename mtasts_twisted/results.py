@@ -9,6 +9,7 @@ L{mtasts_twisted.tlsrpt} aggregates them into reports.  Pure: no I/O.
 from __future__ import annotations
 
 import enum
+import re
 from typing import Any
 
 import attrs
@@ -95,6 +96,26 @@ _DETAIL_FIELDS = (
 )
 
 
+#: RFC 3986 §3.1: an absolute URI starts with a scheme and a colon.
+_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:[^\s]+\Z")
+
+
+def is_uri(value: str) -> bool:
+    """
+    Whether C{value} looks like an absolute URI (RFC 3986 §3: a scheme, a
+    colon, and no white space), the form of RFC 8460 §4.4
+    C{additional-information}.
+    """
+    return _URI.match(value) is not None
+
+
+def _uri_or_none(instance: Any, attribute: Any, value: str | None) -> None:
+    # RFC 8460 §4.4: "additional-info-uri (optional): A URI [RFC3986] that
+    # points to additional information".  Human text belongs in logs.
+    if value is not None and not is_uri(value):
+        raise ValueError(f"additional-information must be a URI (RFC 8460 §4.4), not {value[:60]!r}")
+
+
 @attrs.frozen
 class FailureDetails:
     """
@@ -102,6 +123,14 @@ class FailureDetails:
 
     Two details that differ only in C{failed_session_count} describe the
     same failure; L{key} identifies them for aggregation.
+
+    @ivar sending_mta_ip: the local address of the session (RFC 8460 §4.4
+        C{sending-mta-ip}); L{None} for a failure without a session (a
+        policy lookup, an MX host skipped before connecting).
+    @ivar additional_information: a URI (RFC 8460 §4.4
+        C{additional-info-uri}) or L{None}; anything else is refused with
+        L{ValueError}.  Free error text goes to the log instead, so equal
+        failures merge.
     """
 
     result_type: ResultType
@@ -110,7 +139,7 @@ class FailureDetails:
     receiving_mx_helo: str | None = None
     receiving_ip: str | None = None
     failed_session_count: int = 1
-    additional_information: str | None = None
+    additional_information: str | None = attrs.field(default=None, validator=_uri_or_none)
     failure_reason_code: str | None = None
 
     def key(self) -> tuple[Any, ...]:
@@ -128,9 +157,16 @@ class FailureDetails:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> FailureDetails:
-        """Inverse of L{to_json}."""
+        """
+        Inverse of L{to_json}.  An C{additional-information} that is not a
+        URI (free text stored by versions before RFC 8460 §4.4 was
+        followed) is dropped.
+        """
         kwargs = {attr: obj[name] for attr, name in _DETAIL_FIELDS if name in obj}
         kwargs["result_type"] = ResultType(kwargs["result_type"])
+        info = kwargs.get("additional_information")
+        if info is not None and not (isinstance(info, str) and is_uri(info)):
+            del kwargs["additional_information"]
         return cls(**kwargs)
 
 
@@ -138,24 +174,34 @@ def _details(value: Any) -> tuple[FailureDetails, ...]:
     return tuple(value)
 
 
+def _sessions_failed(result: Result) -> int:
+    return sum(f.failed_session_count for f in result.failures)
+
+
 @attrs.frozen
 class Result:
     """
     One RFC 8460 §4 ``policies[]`` element: a policy, the count of
-    successful sessions and the failures seen under it.
+    successful and of failed sessions, and the failures seen under it.
 
-    A policy lookup yields a result with no sessions (and a failure when
-    the lookup failed); a delivery attempt yields one session.
+    Sessions are counted once each (RFC 8460 §4.2), in C{success_count} or
+    C{failure_count}; the failure details say what went wrong and may
+    overlap (RFC 8460 §4: "a single send attempt encountered multiple
+    errors"), so their C{failed-session-count}s add up to at least
+    C{failure_count}, and more when a detail describes a problem that did
+    not fail a session (a policy lookup that fell back to the cached
+    policy; see "TLSRPT accounting" in docs/design.rst).
+
+    @ivar failure_count: RFC 8460 §4.2 C{total-failure-session-count};
+        by default the sum of the details' C{failed_session_count} (each
+        detail one failed session).  A policy lookup whose problem did not
+        stop delivery passes 0: a failure detail, not a session.
     """
 
     policy: PolicyDescriptor
     success_count: int = 0
     failures: tuple[FailureDetails, ...] = attrs.field(default=(), converter=_details)
-
-    @property
-    def failure_count(self) -> int:
-        """RFC 8460 §4.2 ``total-failure-session-count``."""
-        return sum(f.failed_session_count for f in self.failures)
+    failure_count: int = attrs.field(default=attrs.Factory(_sessions_failed, takes_self=True))
 
     def to_json(self) -> dict[str, Any]:
         """Return the RFC 8460 ``policies[]`` element."""
@@ -177,4 +223,5 @@ class Result:
             policy=PolicyDescriptor.from_json(obj["policy"]),
             success_count=obj["summary"]["total-successful-session-count"],
             failures=[FailureDetails.from_json(f) for f in obj.get("failure-details", ())],
+            failure_count=obj["summary"]["total-failure-session-count"],
         )

@@ -346,11 +346,8 @@ class TLSOutcomeRecorder(VerifyRecorder):
         L{TLSVerificationError} the connection is lost with.
         """
         outcome = self.outcome()
-        log.debug(  # the delivery outcome says why, once
-            "TLS to {hostname} refused: {result}",
-            hostname=self.hostname,
-            result=outcome.classify(),
-        )
+        # Debug: the delivery's line per recipient gives the reason.
+        log.debug("TLS to {hostname} refused: {error}", hostname=self.hostname, error=TLSVerificationError(outcome))
         return TLSVerificationError(outcome)
 
     def _info(self, connection: SSL.Connection, where: int, ret: int) -> None:

@@ -429,6 +429,88 @@ class RefresherTests(CacheTestCase):
         entry = self.entry()
         self.assertEqual((entry.record_id, entry.policy.mode, entry.backoff_id), ("1", Mode.ENFORCE, "2"))
 
+    def alerts(self):
+        """Capture the warnings of failed refreshes: (formatted text, event)."""
+        from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        return lambda: [(formatEvent(e), e) for e in events
+                        if e.get("log_level") in (LogLevel.warn, LogLevel.error, LogLevel.critical)
+                        and "policy refresh failed" in e.get("log_format", "")]
+
+    def scrape(self):
+        """The service's metrics page, with this cache."""
+        from prometheus_client.exposition import generate_latest
+
+        from mtasts_twisted.metrics import ServiceStats, make_registry
+
+        stats = ServiceStats()
+        stats.cache = self.cache
+        return generate_latest(make_registry(stats)).decode()
+
+    def test_refresh_failure_alerts(self):
+        """
+        A failed refresh (here through the refresher: a new id whose policy
+        cannot be fetched, then a TXT lookup that fails) is a warning an
+        operator can grep and a metric by reason; the policy is kept.
+        """
+        alerts = self.alerts()
+        self.publish(record_id="2")
+        self.fetcher.policies["example.com"] = PolicyFetchError("https://x", "HTTP 500")
+        self.clock.advance(12 * 3600)
+        self.refresher.startService()
+        self.addCleanup(self.refresher.stopService)
+        self.clock.advance(3 * 3600)  # the refresh, spread within 3 h, has run
+        self.assertEqual(self.fetcher.fetches["example.com"], 2)
+        [(text, event)] = alerts()
+        self.assertTrue(text.startswith("policy refresh failed for example.com (cannot-fetch-policy): "
+                                        "cannot fetch policy id 2: "), text)
+        self.assertIn("HTTP 500", text)
+        self.assertIn("the cached enforce policy (id 1) stays in use until 2023-11-1", text)
+        self.assertEqual((event["domain"], event["reason"]), ("example.com", "cannot-fetch-policy"))
+        self.assertEqual(dict(self.cache.refresh_failures), {"cannot-fetch-policy": 1})
+        self.assertEqual(self.entry().policy.mode, Mode.ENFORCE)
+        self.resolver.txt[TXT] = DNSTemporaryError("SERVFAIL", name=TXT, rdtype="TXT")
+        self.successResultOf(self.cache.refresh("example.com"))
+        self.assertEqual(dict(self.cache.refresh_failures), {"cannot-fetch-policy": 1, "dns-lookup": 1})
+        self.assertEqual(len(alerts()), 2)
+        page = self.scrape()
+        self.assertIn('mtasts_policy_refresh_failures_total{reason="cannot-fetch-policy"} 1.0', page)
+        self.assertIn('mtasts_policy_refresh_failures_total{reason="dns-lookup"} 1.0', page)
+
+    def test_txt_gone_alerts(self):
+        """An enforce policy whose TXT record is gone is kept, and the operator is told."""
+        alerts = self.alerts()
+        del self.resolver.txt[TXT]
+        self.successResultOf(self.cache.refresh("example.com"))
+        [(text, _)] = alerts()
+        self.assertTrue(text.startswith("policy refresh failed for example.com (no-record): "), text)
+        self.assertEqual(dict(self.cache.refresh_failures), {"no-record": 1})
+
+    def test_store_failure_alerts(self):
+        """A refresh that fails unexpectedly (the store) is counted as internal-error and logged."""
+        alerts = self.alerts()
+        self.clock.advance(12 * 3600)
+        self.patch(self.cache, "_save", lambda entry: Deferred.fromCoroutine(_raise(OSError("disk gone"))))
+        self.refresher.startService()
+        self.addCleanup(self.refresher.stopService)
+        self.clock.advance(3 * 3600)
+        [(text, _)] = alerts()
+        self.assertTrue(text.startswith("policy refresh failed for example.com (internal-error)"), text)
+        self.assertEqual(dict(self.cache.refresh_failures), {"internal-error": 1})
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+    def test_none_policy_no_alert(self):
+        """A policy in mode none protects nothing: its failed refresh is no alert."""
+        alerts = self.alerts()
+        self.publish(domain="n.example", text=NONE)
+        self.get("n.example")
+        self.resolver.txt["_mta-sts.n.example"] = DNSTemporaryError("SERVFAIL", name=TXT, rdtype="TXT")
+        self.successResultOf(self.cache.refresh("n.example"))
+        self.assertEqual((alerts(), dict(self.cache.refresh_failures)), ([], {}))
+
     def test_none_with_txt_gone_deleted(self):
         self.publish(domain="n.example", text=NONE)
         self.get("n.example")
@@ -453,6 +535,10 @@ class RefresherTests(CacheTestCase):
         self.assertTrue(self.clock.getDelayedCalls())
         self.refresher.stopService()
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+async def _raise(error):
+    raise error
 
 
 class ConfirmedAnswerTests(CacheTestCase):
@@ -514,10 +600,10 @@ class ReportingTests(SynchronousTestCase):
         from mtasts_twisted.results import FailureDetails
 
         detail = FailureDetails(ResultType.STS_POLICY_FETCH_ERROR, failure_reason_code="dns-lookup",
-                                additional_information="x")
+                                additional_information="https://r.example/x")
         marked = _fallback(detail)
         self.assertEqual(marked.failure_reason_code, "dns-lookup" + FALLBACK)
-        self.assertEqual(marked.additional_information, "x")
+        self.assertEqual(marked.additional_information, "https://r.example/x")
         self.assertEqual(_fallback(FailureDetails(ResultType.STS_POLICY_FETCH_ERROR)).failure_reason_code,
                          FALLBACK)
 

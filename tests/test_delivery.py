@@ -50,6 +50,8 @@ from mtasts_twisted.testing.smtp import (
     Stage,
     StartTLS,
 )
+from mtasts_twisted.tlsrpt import Report, merge_results
+from tests.test_tlsrpt_report import SETTINGS, validate_report
 
 _PKI = PKI()
 DOMAIN = "example.com"
@@ -164,6 +166,10 @@ class DeliveryWorld(unittest.TestCase):
         file = io.BytesIO(message) if isinstance(message, bytes) else message
         result = await self.deliverer(**settings).deliver(SENDER, recipients, file)
         self.assertEqual(self.sink.results, list(result.results))
+        if result.results:
+            # Every delivery's results make a valid RFC 8460 report.
+            report = Report.build(SETTINGS, result.domain, "2024-05-01", "t1", merge_results(result.results))
+            validate_report(report.to_json())
         return result
 
     def assertNothingSent(self, *servers: SMTPTestServer) -> None:
@@ -201,6 +207,8 @@ class MatrixTests(DeliveryWorld):
             for f in r.failures:
                 self.assertEqual(f.receiving_mx_hostname, MX1)
                 self.assertEqual(f.receiving_ip, "127.0.0.1")
+                # RFC 8460 §4.4: the session's local address.
+                self.assertEqual(f.sending_mta_ip, "127.0.0.1")
 
         if mode == "enforce" and failure is not None:
             # RFC 8461 §5: nothing of the message, to anyone unverified.
@@ -311,7 +319,7 @@ class MXTests(DeliveryWorld):
         self.assertEqual(len(evil.messages), 1)
         [detail] = result.results[1].failures
         self.assertEqual(detail.failure_reason_code, "mtasts-policy-mx-mismatch")
-        self.assertEqual(detail.receiving_ip, "127.0.0.1")
+        self.assertEqual((detail.receiving_ip, detail.sending_mta_ip), ("127.0.0.1", "127.0.0.1"))
         self.assertEqual(result.results[1].success_count, 0)
 
     async def test_failover_after_certificate_failure(self) -> None:

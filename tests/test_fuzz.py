@@ -313,7 +313,8 @@ _details = st.builds(
     receiving_mx_helo=_opt(_text),
     receiving_ip=_opt(st.ip_addresses().map(str)),
     failed_session_count=st.integers(1, 10**6),
-    additional_information=_opt(_text),
+    # RFC 8460 §4.4: a URI.
+    additional_information=_opt(st.builds(lambda label: "https://reports.example/" + label, _label)),
     failure_reason_code=_opt(_text),
 )
 _descriptor = st.builds(

@@ -35,6 +35,7 @@ from mtasts_twisted.tlsrpt.aggregate import (
     AggregatorSettings,
     ResultAggregator,
     decode_results,
+    encode_results,
     merge_results,
     results_key,
     split_key,
@@ -87,6 +88,43 @@ class MergeTests(SynchronousTestCase):
             [("198.51.100.1", 6), ("198.51.100.2", 1)],
         )
         self.assertEqual(merged.failure_count, 7)
+
+    def test_failed_sessions_apart_from_details(self):
+        """
+        A lookup problem that did not fail a session (failure_count 0) adds
+        its detail but no failed session; sessions add theirs: the totals
+        count sessions once, the details may overlap (RFC 8460 §4).
+        """
+        fetch = FailureDetails(ResultType.STS_POLICY_FETCH_ERROR,
+                               failure_reason_code="no-policy-served+fallback-to-cached-policy")
+        lookup = Result(STS, failures=[fetch], failure_count=0)
+        [merged] = merge_results([lookup, ok(), lookup, failed()])
+        self.assertEqual((merged.success_count, merged.failure_count), (1, 1))
+        self.assertEqual([f.failed_session_count for f in merged.failures], [2, 1])
+        [stored] = decode_results(encode_results([merged]))
+        self.assertEqual(stored, merged)
+        self.assertEqual(stored.to_json()["summary"],
+                         {"total-successful-session-count": 1, "total-failure-session-count": 1})
+
+    def test_additional_information_is_a_uri(self):
+        """
+        RFC 8460 §4.4: additional-information is a URI; free text is
+        refused when made, and dropped when read from the store (written by
+        an older version), so equal failures merge.
+        """
+        self.assertRaises(ValueError, FailureDetails, ResultType.STS_POLICY_FETCH_ERROR,
+                          additional_information="HTTP 404 from mta-sts.example.net")
+        uri = FailureDetails(ResultType.CERTIFICATE_EXPIRED, additional_information="https://r.example/1")
+        self.assertEqual(uri.additional_information, "https://r.example/1")
+        old = [{"result-type": "sts-policy-fetch-error", "failed-session-count": n,
+                "failure-reason-code": "no-policy-served", "additional-information": text}
+               for n, text in ((1, "HTTP 404 at 10:00"), (2, "HTTP 404 at 11:00"))]
+        stored = {"policies": [{"policy": STS.to_json(), "summary": {
+            "total-successful-session-count": 0, "total-failure-session-count": 3},
+            "failure-details": old}]}
+        [merged] = merge_results(decode_results(stored))
+        self.assertEqual([(f.failed_session_count, f.additional_information) for f in merged.failures],
+                         [(3, None)])
 
     def test_keys(self):
         """Keys round-trip."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import calendar
 import gzip
+import ipaddress
 import json
 import os
 import random
@@ -67,6 +68,7 @@ STARTTLS = FailureDetails(
     receiving_mx_hostname="mx2.backup.example.net",
     receiving_ip="2001:db8::25",
     failed_session_count=2,
+    failure_reason_code="starttls-not-offered",
 )
 
 RESULTS = [
@@ -92,6 +94,21 @@ _DETAIL_STRINGS = {
     "sending-mta-ip", "receiving-mx-hostname", "receiving-mx-helo", "receiving-ip",
     "additional-information", "failure-reason-code",
 }
+#: §4.3.1 negotiation failures: they happen in a session with an MX host.
+_NEGOTIATION_FAILURES = {
+    "starttls-not-supported", "certificate-host-mismatch", "certificate-expired",
+    "certificate-not-trusted",
+}
+#: §4.4 marks only "receiving-mx-helo" and "additional-info-uri" optional:
+#: the failure details of a session name who connected where.  A failure
+#: without a session (a policy failure of §4.3.2, an MX host skipped before
+#: connecting) has no addresses to give.  "failure-reason-code" is not
+#: required: §4.3.1 and §4.3.3 say a reporter SHOULD use it for
+#: certificate-not-trusted and validation-failure, so it may be absent for
+#: the other types.
+_SESSION_FIELDS = ("sending-mta-ip", "receiving-mx-hostname", "receiving-ip")
+#: RFC 3986 §3: scheme ":" hier-part, no white space.
+_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:\S+\Z")
 
 
 def _fail(path: str, problem: str) -> None:
@@ -159,8 +176,30 @@ def validate_report(report: dict[str, Any]) -> None:
                 if key not in _DETAIL_STRINGS:
                     _fail(dpath, f"unknown key {key!r}")
                 _require(detail, dpath, key, str)
-        if sum(d["failed-session-count"] for d in details) != failed:
-            _fail(path, "total-failure-session-count is not the sum of failed-session-count")
+            if detail["result-type"] in _NEGOTIATION_FAILURES or "receiving-ip" in detail:
+                # A session: who connected where.
+                for key in _SESSION_FIELDS:
+                    _require(detail, dpath, key, str)
+            for key in ("sending-mta-ip", "receiving-ip"):
+                if key in detail:
+                    _check_ip(detail[key], f"{dpath}.{key}")
+            if "additional-information" in detail and not _URI.match(detail["additional-information"]):
+                _fail(dpath + ".additional-information",
+                      f"not a URI (additional-info-uri): {detail['additional-information']!r}")
+        # §4: failure types are non-exclusive, so the details' counts may
+        # overlap, but every failed session is in at least one of them.
+        if sum(d["failed-session-count"] for d in details) < failed:
+            _fail(path, "total-failure-session-count exceeds the sum of failed-session-count")
+
+
+def _check_ip(value: str, path: str) -> None:
+    """§4.4: dot-decimal IPv4, or IPv6 as RFC 5952 writes it."""
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        _fail(path, f"not an IP address: {value!r}")
+    if address.compressed != value:
+        _fail(path, f"not in RFC 5952 form: {value!r}")
 
 
 def parse_with_parsedmarc(data: bytes) -> dict[str, Any]:
@@ -230,8 +269,52 @@ class ReportJSONTests(SynchronousTestCase):
             bad[key] = value
             self.assertRaises(AssertionError, validate_report, bad)
         bad = json.loads(json.dumps(good))
-        bad["policies"][0]["summary"]["total-failure-session-count"] = 4
+        bad["policies"][0]["summary"]["total-failure-session-count"] = 6
         self.assertRaises(AssertionError, validate_report, bad)
+
+    def test_validator_rejects_details(self):
+        """
+        RFC 8460 §4.4: the failure details of a session name the sending
+        MTA's address, the MX host and its address, and a reason code
+        (only receiving-mx-helo and additional-info-uri are optional);
+        addresses are IP literals in RFC 5952 form; additional-information
+        is a URI.
+        """
+        good = make_report().to_json()
+        validate_report(good)
+        broken: list[tuple[str, Any]] = [
+            ("sending-mta-ip", None),
+            ("receiving-ip", None),
+            ("receiving-mx-hostname", None),
+            ("sending-mta-ip", "192.0.2.256"),
+            ("sending-mta-ip", "2001:DB8::1"),
+            ("additional-information", "certificate has expired (not after 2024-04-30)"),
+            ("additional-information", "see the log"),
+        ]
+        for key, value in broken:
+            bad = json.loads(json.dumps(good))
+            detail = bad["policies"][0]["failure-details"][0]
+            if value is None:
+                del detail[key]
+            else:
+                detail[key] = value
+            self.assertRaises(AssertionError, validate_report, bad)
+
+    def test_validator_accepts_overlap_and_policy_failures(self):
+        """
+        RFC 8460 §4: failure types are non-exclusive (the details' counts
+        may add up to more than the failed sessions); a policy failure,
+        which has no session, needs no addresses.
+        """
+        fetch = FailureDetails(ResultType.STS_POLICY_FETCH_ERROR, failure_reason_code="no-policy-served")
+        report = make_report(results=[Result(STS, success_count=1, failures=[fetch], failure_count=0)])
+        data = report.to_json()
+        validate_report(data)
+        self.assertEqual(data["policies"][0]["summary"],
+                         {"total-successful-session-count": 1, "total-failure-session-count": 0})
+        self.assertEqual(data["policies"][0]["failure-details"],
+                         [{"result-type": "sts-policy-fetch-error", "failed-session-count": 1,
+                           "failure-reason-code": "no-policy-served"}])
 
     def test_date_range_full_utc_day(self):
         """RFC 8460 §4.1: the report covers 00:00:00Z to 23:59:59Z of the day."""
@@ -301,8 +384,10 @@ class ReportJSONTests(SynchronousTestCase):
     def test_merged_reports_validate(self, spec):
         """Any merged report validates and parsedmarc agrees on its counts."""
         results = merge_results(
-            Result(policy, ok, [FailureDetails(rt, receiving_mx_hostname="mx1.example.net",
-                                               failed_session_count=n) for rt, n in fails])
+            Result(policy, ok, [FailureDetails(rt, sending_mta_ip="192.0.2.1",
+                                               receiving_mx_hostname="mx1.example.net",
+                                               receiving_ip="198.51.100.7", failed_session_count=n,
+                                               failure_reason_code="test") for rt, n in fails])
             for policy, ok, fails in spec
         )
         report = make_report(results=results)

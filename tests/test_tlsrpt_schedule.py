@@ -44,6 +44,8 @@ from mtasts_twisted.tlsrpt.schedule import (
     SchedulerSettings,
     SendState,
 )
+from mtasts_twisted.tlsrpt.pending import pending_reports, preview_report
+from mtasts_twisted.tlsrpt.rua import RuaSender
 from mtasts_twisted.testing.tlsrpt import RecordingMailer, ReportReceiver
 from tests.test_tlsrpt_mail import _KEY, _RECORD, dns_for
 from tests.test_tlsrpt_report import SETTINGS, assert_independent_parse, validate_report
@@ -54,8 +56,9 @@ HOUR = 3600.0
 
 POLICY = PolicyDescriptor(PolicyType.STS, "example.net", ["version: STSv1", "mode: enforce",
                           "mx: mx.example.net", "max_age: 86400"], ["mx.example.net"])
-FAILURE = FailureDetails(ResultType.CERTIFICATE_EXPIRED, receiving_mx_hostname="mx.example.net",
-                         receiving_ip="198.51.100.1", failure_reason_code="certificate-expired")
+FAILURE = FailureDetails(ResultType.CERTIFICATE_EXPIRED, sending_mta_ip="192.0.2.25",
+                         receiving_mx_hostname="mx.example.net", receiving_ip="198.51.100.1",
+                         failure_reason_code="certificate-expired")
 RUA_HTTPS = "https://reports.example.net/v1/tlsrpt"
 TXT = "_smtp._tls.example.net"
 
@@ -424,6 +427,39 @@ class DeliveryTests(SchedulerTestCase):
         self.flushLoggedErrors()
 
 
+class RuaSenderTests(SchedulerTestCase):
+    """Delivering one report to its rua endpoints, apart from claims and timers (tlsrpt.rua)."""
+
+    def test_send(self):
+        self.resolver.txt[TXT] = [f"v=TLSRPTv1; rua={RUA_HTTPS},mailto:tlsrpt@example.net,ftp://x.example"]
+        report = Report.build(SETTINGS, "example.net", "2024-05-01", "u1", [Result(POLICY, failures=[FAILURE])])
+        sender = RuaSender(SETTINGS, self.resolver, self.clock, random.Random(1), self.poster, self.mailer)
+        outcome = self.successResultOf(Deferred.fromCoroutine(sender.send(report, 2)))
+        self.assertEqual((outcome.state, outcome.delivered, outcome.errors),
+                         (SendState.SENT, (RUA_HTTPS, "mailto:tlsrpt@example.net"), ()))
+        [mail] = self.mailer.sent
+        self.assertIn(b"Message-ID: <u1.2.", mail.message)
+
+    def test_no_record(self):
+        del self.resolver.txt[TXT]
+        report = Report.build(SETTINGS, "example.net", "2024-05-01", "u1", [Result(POLICY, failures=[FAILURE])])
+        sender = RuaSender(SETTINGS, self.resolver, self.clock, random.Random(1), self.poster, self.mailer)
+        outcome = self.successResultOf(Deferred.fromCoroutine(sender.send(report, 1)))
+        self.assertEqual((outcome.state, outcome.delivered), (SendState.DROPPED, ()))
+
+    def test_package_names(self):
+        """The package re-exports the split modules' names; schedule keeps its old ones."""
+        import mtasts_twisted.tlsrpt as tlsrpt
+        from mtasts_twisted.tlsrpt import schedule
+
+        for name in ("RuaSender", "RuaOutcome", "ReportPoster", "pending_reports", "preview_report",
+                     "SendState", "SendOutcome", "PendingReport", "NoResultsError", "SENDS_TABLE", "TABLES",
+                     "SchedulerSettings"):
+            self.assertTrue(hasattr(tlsrpt, name), name)
+        for name in schedule.__all__:
+            self.assertTrue(hasattr(schedule, name), name)
+
+
 class ClaimTests(SchedulerTestCase):
     def test_two_schedulers_one_send(self):
         """Two schedulers on one store: each report is sent once."""
@@ -497,6 +533,19 @@ class CLITests(SchedulerTestCase):
         self.failureResultOf(s.preview("2024-04-30", "example.net"), NoResultsError)
         # Nothing was sent or claimed by looking.
         self.assertEqual((self.poster.posts, self.sends()), ([], {}))
+
+    def test_view_without_a_scheduler(self):
+        """
+        The view reads the shelves only (tlsrpt.pending): what the CLI
+        needs without a scheduler.
+        """
+        self.record_day1()
+        results, sends = self.store.shelf(RESULTS_TABLE), self.store.shelf(SENDS_TABLE)
+        pending = self.successResultOf(pending_reports(results, sends, "2024-05-02"))
+        self.assertEqual([(p.day, p.state) for p in pending], [("2024-05-01", "due")])
+        preview = self.successResultOf(preview_report(results, sends, SETTINGS, "2024-05-01", "example.net",
+                                                      random.Random(1)))
+        validate_report(preview)
 
     def test_send_now_ignores_delay_and_backoff(self):
         """send --now sends at once, and retries at once."""

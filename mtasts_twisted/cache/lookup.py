@@ -44,6 +44,9 @@ class Lookup:
         served from the cache despite a failure, or backing off.
     @ivar record_id: the TXT id of the policy, when known.
     @ivar entry: the cache entry behind the answer, if any.
+    @ivar error: the lookup's problem in words (for logs and the CLI; a
+        TLSRPT report names it by C{result}'s reason code only), or
+        L{None}.
     """
 
     policy: Policy | None
@@ -51,6 +54,7 @@ class Lookup:
     fresh: bool
     record_id: str | None = None
     entry: CacheEntry | None = None
+    error: str | None = None
 
     def __iter__(self) -> Iterator[Any]:
         """Unpack as C{(policy, result, fresh)}."""

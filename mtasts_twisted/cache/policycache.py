@@ -12,6 +12,8 @@ and written by L{PolicyCache.flush}.
 
 from __future__ import annotations
 
+import collections
+import time
 from typing import Any, AsyncIterator, Callable, Coroutine, Optional, TypeVar
 
 import attrs
@@ -23,7 +25,15 @@ from twisted.python.failure import Failure
 from mtasts_twisted.cache.entry import POLICY_TABLE, CacheEntry
 from mtasts_twisted.cache.front import _Front
 from mtasts_twisted.cache.lookup import Lookup, PolicyLookupTemporaryError
-from mtasts_twisted.cache.reporting import BACKOFF_REASON, _classify, _fallback, _failure, describe
+from mtasts_twisted.cache.reporting import (
+    BACKOFF_REASON,
+    _classify,
+    _fallback,
+    _failure,
+    describe,
+    lookup_problem,
+    lookup_stopped,
+)
 from mtasts_twisted.cache.settings import CacheSettings
 from mtasts_twisted.dns import DNSTemporaryError
 from mtasts_twisted.dns.records import lookup_sts_answer
@@ -43,10 +53,16 @@ from mtasts_twisted.policy import (
     to_alabel,
     to_unicode,
 )
-from mtasts_twisted.results import PolicyDescriptor, PolicyType, Result, ResultType
+from mtasts_twisted.results import FailureDetails, PolicyDescriptor, PolicyType, Result, ResultType
 from mtasts_twisted.store import JSONDict, UpdateFunction
 
 __all__ = ["PolicyCache"]
+
+
+def _backoff_text(failure: FailureDetails | None) -> str:
+    """The words of a lookup that backs off after a failed fetch."""
+    why = f" ({failure.failure_reason_code})" if failure is not None else ""
+    return f"backing off after a failed policy fetch{why}"
 
 # The package is the log namespace, as before the split into modules.
 log = Logger(namespace="mtasts_twisted.cache")
@@ -88,6 +104,10 @@ class PolicyCache:
         self._confirmed: dict[str, tuple[float, Lookup]] = {}
         self._flusher: Periodic | None = None
         self.stats = {"hits": 0, "misses": 0, "fetches": 0, "txt_lookups": 0}
+        #: Failed refreshes of policies in mode enforce or testing, by
+        #: reason code (the C{mtasts_policy_refresh_failures_total} metric);
+        #: each is also logged as "policy refresh failed".
+        self.refresh_failures: collections.Counter[str] = collections.Counter()
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -195,11 +215,41 @@ class PolicyCache:
         Refresh the cached policy of C{domain} now (used by the refresher).
 
         Same TXT id: the validity is extended without HTTPS.  New id: the
-        policy is fetched.  A failure keeps the cached policy.
+        policy is fetched.  A failure keeps the cached policy, and is an
+        alert for the operator (L{refresh_failures}, and a warning
+        "policy refresh failed for DOMAIN (REASON): ..."), unless the
+        policy is in mode C{none} (it protects nothing).  An unexpected
+        error (e.g. the store is down) is counted as C{internal-error} and
+        fails the L{Deferred}.
         """
         alabel = to_alabel(domain)
         key = to_unicode(alabel)
-        return self._coalesce("refresh:" + key, lambda: self._refresh(key, alabel))
+        d = self._coalesce("refresh:" + key, lambda: self._refresh(key, alabel))
+
+        def failed(failure: Failure) -> Failure:
+            self.refresh_failures["internal-error"] += 1
+            return failure
+
+        return d.addErrback(failed)
+
+    def _refresh_failed(self, entry: CacheEntry, reason: str, error: object) -> None:
+        """Alert the operator: a refresh of C{entry}'s policy failed with C{reason}."""
+        policy = entry.policy
+        if policy is None or policy.mode is Mode.NONE:
+            log.debug("refresh of the mode none policy of {domain} failed ({reason}): {error}",
+                      domain=entry.alabel, reason=reason, error=error)
+            return
+        self.refresh_failures[reason] += 1
+        log.warn(
+            "policy refresh failed for {domain} ({reason}): {error}; the cached {mode} policy (id {record_id})"
+            " stays in use until {valid_until}",
+            domain=entry.alabel,
+            reason=reason,
+            error=str(error),
+            mode=policy.mode.value,
+            record_id=entry.record_id,
+            valid_until=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry.valid_end)),
+        )
 
     def _coalesce(self, key: str, start: Callable[[], Coroutine[Any, Any, _T]]) -> Deferred[_T]:
         """Concurrent callers of one key share one coroutine (and its DNS/HTTPS)."""
@@ -285,8 +335,8 @@ class PolicyCache:
             # No policy and a recent failed fetch: no lookups at all until it ends.
             self._used(entry, now)
             failure = _failure(ResultType.STS_POLICY_FETCH_ERROR, BACKOFF_REASON)
-            return Lookup(None, Result(PolicyDescriptor(PolicyType.STS, alabel), failures=[failure]), False,
-                          entry.backoff_id, entry)
+            return Lookup(None, lookup_problem(PolicyDescriptor(PolicyType.STS, alabel), failure), False,
+                          entry.backoff_id, entry, error=_backoff_text(entry.backoff_failure))
         if entry is not None and entry.policy is None:
             entry = None  # a backoff that ended
         if entry is None:
@@ -302,10 +352,11 @@ class PolicyCache:
         except NoRecordError:
             return Lookup(None, Result(PolicyDescriptor(PolicyType.NO_POLICY_FOUND, alabel)), True)
         except (MultipleRecordsError, RecordSyntaxError) as e:
-            return Lookup(None, Result(PolicyDescriptor(PolicyType.NO_POLICY_FOUND, alabel),
-                                       failures=[_classify(e)]), True)
+            return Lookup(None, lookup_problem(PolicyDescriptor(PolicyType.NO_POLICY_FOUND, alabel),
+                                               _classify(e)), True, error=str(e))
         except DNSTemporaryError as e:
-            result = Result(PolicyDescriptor(PolicyType.STS, alabel), failures=[_classify(e)])
+            # The one lookup problem that stops delivery: the mail is deferred.
+            result = lookup_stopped(PolicyDescriptor(PolicyType.STS, alabel), _classify(e))
             raise PolicyLookupTemporaryError(f"MTA-STS TXT lookup for {alabel} failed: {e}", result) from e
         try:
             fetched = await self._fetch(alabel)
@@ -317,8 +368,8 @@ class PolicyCache:
             await self._save(entry)
             log.info("no usable policy for {domain} (id {record_id}): {error}",
                      domain=alabel, record_id=record.id, error=e)
-            return Lookup(None, Result(PolicyDescriptor(PolicyType.STS, alabel), failures=[failure]),
-                          True, record.id, entry)
+            return Lookup(None, lookup_problem(PolicyDescriptor(PolicyType.STS, alabel), failure),
+                          True, record.id, entry, error=str(e))
         entry = CacheEntry(domain=key, alabel=alabel, inserted=now, last_update=now, last_use=now,
                            record_id=record.id, policy=fetched.policy,
                            valid_end=now + fetched.policy.max_age)
@@ -335,16 +386,16 @@ class PolicyCache:
             # RFC 8461 §10.2 downgrade resistance: keep the cached policy until it expires.
             self._used(entry, now)
             failure = _fallback(_classify(e))
-            return Lookup(entry.policy, attrs.evolve(cached, failures=[failure]), False,
-                          entry.record_id, entry)
+            return Lookup(entry.policy, lookup_problem(cached.policy, failure), False,
+                          entry.record_id, entry, error=str(e))
         if record.id == entry.record_id:
             self._used(entry, now)
             return self._confirm(Lookup(entry.policy, cached, True, record.id, entry), now, ttl)
         if entry.in_backoff(now, record.id):
             self._used(entry, now)
             failure = _fallback(entry.backoff_failure or _failure(ResultType.STS_POLICY_FETCH_ERROR, BACKOFF_REASON))
-            return Lookup(entry.policy, attrs.evolve(cached, failures=[failure]), False,
-                          entry.record_id, entry)
+            return Lookup(entry.policy, lookup_problem(cached.policy, failure), False,
+                          entry.record_id, entry, error=_backoff_text(entry.backoff_failure))
         try:
             fetched = await self._fetch(alabel)
         except MTASTSError as e:
@@ -354,8 +405,8 @@ class PolicyCache:
             await self._save(entry)
             log.warn("policy id {record_id} of {domain} cannot be fetched, keeping the cached one: {error}",
                      record_id=record.id, domain=alabel, error=e)
-            return Lookup(entry.policy, attrs.evolve(cached, failures=[_fallback(failure)]), False,
-                          entry.record_id, entry)
+            return Lookup(entry.policy, lookup_problem(cached.policy, _fallback(failure)), False,
+                          entry.record_id, entry, error=str(e))
         entry = attrs.evolve(entry, last_update=now, last_use=now, record_id=record.id,
                              policy=fetched.policy, valid_end=now + fetched.policy.max_age,
                              backoff_id=None, backoff_until=0.0, backoff_failure=None)
@@ -382,12 +433,10 @@ class PolicyCache:
                 # A "none" policy whose TXT record is gone: nothing left to honour.
                 await self.delete(key)
                 return None
-            log.warn("TXT record of {domain} is gone; keeping its cached policy until it expires",
-                     domain=alabel)
+            self._refresh_failed(entry, NoRecordError.reason, f"the TXT record _mta-sts.{alabel} is gone")
             return entry
         except MTASTSError as e:
-            if policy.mode is not Mode.NONE:
-                log.warn("cannot refresh policy of {domain}: {error}", domain=alabel, error=e)
+            self._refresh_failed(entry, e.reason, e)
             return entry
         if record.id == entry.record_id:
             entry = attrs.evolve(entry, last_update=now, valid_end=now + policy.max_age)
@@ -396,9 +445,7 @@ class PolicyCache:
         try:
             fetched = await self._fetch(alabel)
         except MTASTSError as e:
-            if policy.mode is not Mode.NONE:
-                log.warn("cannot fetch policy id {record_id} of {domain}: {error}",
-                         record_id=record.id, domain=alabel, error=e)
+            self._refresh_failed(entry, e.reason, f"cannot fetch policy id {record.id}: {e}")
             entry = attrs.evolve(entry, backoff_id=record.id, backoff_until=now + self.settings.backoff,
                                  backoff_failure=_classify(e))
             await self._save_keep_use(entry)

@@ -94,5 +94,5 @@ class PolicyRefresher(Service):
     def _refresh(self, domain: str) -> Deferred[CacheEntry | None]:
         self._scheduled.pop(domain, None)
         d = self._cache.refresh(domain)
-        d.addErrback(lambda f: log.failure("refresh of {domain} failed", f, domain=domain))
+        d.addErrback(lambda f: log.failure("policy refresh failed for {domain} (internal-error)", f, domain=domain))
         return d

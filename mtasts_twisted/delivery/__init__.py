@@ -40,9 +40,25 @@ Opportunistic fallback (never under C{enforce}): a refused STARTTLS
 that to the client); a failed TLS handshake is retried once on a new
 connection to the same address without STARTTLS.
 
-TLSRPT accounting (RFC 8460 §4; L{mtasts_twisted.delivery.accounting}):
-the results are the lookup's result (first, as given) and one L{Result
-<mtasts_twisted.results.Result>} per I{TLS negotiation}:
+TLSRPT accounting (RFC 8460 §4; L{mtasts_twisted.delivery.accounting};
+docs/design.rst "TLSRPT accounting"): every session is counted once, as
+a success or a failure.  The results are the lookup's result (first, as
+given) and one L{Result <mtasts_twisted.results.Result>} per I{TLS
+negotiation}.
+
+  - The lookup's result counts no session, unless its problem stopped the
+    delivery: a temporary failure with nothing cached defers every
+    recipient and counts as one failed session.  Any other lookup problem
+    (the cached policy used because the TXT lookup or a new policy's fetch
+    failed, a backoff, a first fetch that failed) did not stop the
+    sessions that follow: it is a failure detail (its
+    C{failed-session-count} the one delivery it affected) and adds
+    nothing to C{total-failure-session-count}; those sessions are counted
+    below as they went.  A verified session under a cached policy is a
+    success, plus the lookup's failure detail (RFC 8460 §4: failure types
+    are non-exclusive, details may overlap).
+
+Sessions:
 
   - Under an C{sts} policy (C{enforce}, C{testing}): every session that
     reached the STARTTLS decision counts once: success when TLS was
@@ -52,7 +68,10 @@ the results are the lookup's result (first, as given) and one L{Result
     an MX host outside the policy
     C{validation-failure}/C{mtasts-policy-mx-mismatch}, which wins over a
     TLS failure in C{testing}).  A host skipped under C{enforce} for not
-    matching counts as one failure (no C{receiving-ip}).
+    matching counts as one failure (no C{receiving-ip}, no
+    C{sending-mta-ip}: nothing was connected).  The failure details of a
+    session name its local address (C{sending-mta-ip}, RFC 8460 §4.4), the
+    MX host and the address connected to.
   - Without a policy, or in mode C{none} (reported as
     C{no-policy-found}): a session whose TLS handshake completed counts as
     a success, verified or not (no policy asked for verification); a
@@ -141,6 +160,9 @@ it):
     STARTTLS, one transaction, QUIT.
   - L{mtasts_twisted.delivery.accounting}: the TLSRPT results of skipped
     hosts and sessions.
+  - L{mtasts_twisted.delivery.logline}: the one log line per recipient and
+    delivery attempt (C{to=<…>, relay=host[ip]:port, delay=…, tls=…,
+    policy=…, dsn=…, status=sent|deferred|bounced (reply)}).
   - L{mtasts_twisted.delivery.sessions}: session reuse (L{SessionPool}, the
     reuse rules).
   - L{mtasts_twisted.delivery.deliverer}: L{Deliverer} and L{deliver}.

@@ -4,7 +4,10 @@ reports for the MX hosts it skipped and the sessions it held, and handing
 them to the result sink.
 
 The rules are in "TLSRPT accounting" in the L{mtasts_twisted.delivery}
-docstring; in short, a delivery reports the policy lookup's result, then:
+docstring; in short, every session counts once, and a delivery reports the
+policy lookup's result (which counts no session unless its problem stopped
+the delivery; a lookup problem the sessions went on from is a failure
+detail only), then:
 
   - L{skip_result}: one failure per MX host skipped under C{enforce} for
     not matching the policy;
@@ -22,12 +25,13 @@ from collections.abc import Iterable
 
 from twisted.logger import Logger
 
+from mtasts_twisted.delivery.dialogue import Attempt
 from mtasts_twisted.delivery.plan import HostAction, PlannedHost
 from mtasts_twisted.interfaces import IResultSink
 from mtasts_twisted.results import FailureDetails, PolicyDescriptor, Result, ResultType
 from mtasts_twisted.delivery.details import mx_mismatch_details
 
-__all__ = ["record", "session_result", "skip_result"]
+__all__ = ["attempt_result", "record", "session_result", "skip_result"]
 
 log = Logger()
 
@@ -48,6 +52,7 @@ def session_result(
     ip: str,
     failure: FailureDetails | None,
     negotiated: bool,
+    local_ip: str | None = None,
 ) -> Result | None:
     """
     The TLSRPT result of one session that reached the STARTTLS decision,
@@ -60,13 +65,14 @@ def session_result(
         not offered or refused, the handshake's or the certificate's
         failure), or L{None}.
     @param negotiated: whether the TLS handshake completed.
+    @param local_ip: the session's local address (C{sending-mta-ip}).
     """
     if target.action is not HostAction.OPPORTUNISTIC:
         # An sts policy (enforce, testing): every session counts once.
         if not target.matches_policy:
             # RFC 8461 §4.1: an MX host outside the policy; this wins over
             # a TLS failure (testing).
-            return Result(descriptor, 0, [mx_mismatch_details(target.host, ip)])
+            return Result(descriptor, 0, [mx_mismatch_details(target.host, ip, sending_mta_ip=local_ip)])
         if failure is not None:
             return Result(descriptor, 0, [failure])
         return Result(descriptor, 1)
@@ -78,6 +84,19 @@ def session_result(
     if failure is not None and failure.result_type is not ResultType.STARTTLS_NOT_SUPPORTED:
         return Result(descriptor, 0, [failure])
     return None
+
+
+def attempt_result(descriptor: PolicyDescriptor, target: PlannedHost, attempt: Attempt) -> Result | None:
+    """
+    The TLSRPT result of a new session (L{session_result} of what
+    C{attempt} recorded), or L{None} when it is not counted (it ended
+    before the STARTTLS decision, or had no TLS to report).
+    """
+    if not attempt.tls_decided:
+        return None
+    return session_result(
+        descriptor, target, attempt.ip, attempt.tls_failure, attempt.tls_negotiated, attempt.local_ip
+    )
 
 
 def record(sink: IResultSink | None, results: Iterable[Result]) -> None:

@@ -21,14 +21,15 @@ from typing import Any, BinaryIO, Protocol
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.interfaces import IAddress, IConnector
-from twisted.internet.protocol import ClientFactory, Factory
+from twisted.internet.interfaces import IConnector
+from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from mtasts_twisted.cache import Lookup, PolicyLookupTemporaryError
-from mtasts_twisted.delivery.accounting import record, session_result, skip_result
-from mtasts_twisted.delivery.dialogue import Attempt, Connection, Dialogue
+from mtasts_twisted.delivery.accounting import attempt_result, record, skip_result
+from mtasts_twisted.delivery.dialogue import Attempt, Connection, Dialogue, OneSessionFactory
+from mtasts_twisted.delivery.logline import AttemptTally, log_result, relay_label
 from mtasts_twisted.delivery.plan import DeliveryPlan, HostAction, PlannedHost, Shuffler, plan_attempts
 from mtasts_twisted.delivery.protocol import ClientProtocol, Clock, SessionError, wire_address
 from mtasts_twisted.delivery.sessions import SessionCache, SessionPool
@@ -53,18 +54,6 @@ log = Logger()
 
 #: Errors of failed attempts kept for a transient outcome's message.
 MAX_ERRORS_SHOWN = 4
-
-
-class _OneShotFactory(Factory[ClientProtocol]):
-    """C{connectProtocol}'s factory, without its "Starting factory" log line per connection."""
-
-    noisy = False
-
-    def __init__(self, protocol: ClientProtocol) -> None:
-        self._protocol = protocol
-
-    def buildProtocol(self, addr: IAddress | None) -> ClientProtocol:
-        return self._protocol
 
 
 class DeliveryReactor(Clock, Protocol):
@@ -190,6 +179,8 @@ class Deliverer:
         recipients: list[str],
         outcomes: Mapping[str, RecipientOutcome],
         results: list[Result],
+        tally: AttemptTally,
+        policy_known: bool = True,
     ) -> DeliveryResult:
         record(self._sink, results)
         result = DeliveryResult(
@@ -198,20 +189,8 @@ class Deliverer:
             outcomes=tuple(outcomes[r] for r in recipients),
             results=tuple(results),
         )
-        for outcome in result.outcomes:
-            if outcome.status is Status.DELIVERED:
-                # The caller has the result, the TLS layer logged the
-                # session: no second event per delivered recipient.
-                continue
-            log.info(
-                "{recipient}: {status} via {mx_host} ({tls}): {code} {reply}",  # {message} is legacy logging's own key
-                recipient=outcome.recipient,
-                status=outcome.status.value,
-                mx_host=outcome.mx_host,
-                tls=(outcome.tls_version or "no TLS") + (", verified" if outcome.verified else ""),
-                code=outcome.code,
-                reply=outcome.message,
-            )
+        # One line per recipient of this attempt, for every embedder.
+        log_result(log, result, tally, self._reactor.seconds(), self.settings.port_of, policy_known)
         return result
 
     @staticmethod
@@ -243,6 +222,7 @@ class Deliverer:
         forward_paths = {r: wire_address(r) for r in recipients}
         reverse_path = wire_address(sender)
         results: list[Result] = []
+        tally = AttemptTally(self._reactor.seconds())
 
         try:
             lookup = await self._cache.get(domain)
@@ -254,6 +234,8 @@ class Deliverer:
                 recipients,
                 self._all(recipients, Status.TRANSIENT, f"4.4.3 MTA-STS policy lookup for {domain} failed: {e}"),
                 results,
+                tally,
+                policy_known=False,
             )
         except Exception as e:
             # E.g. the store is down.  Never deliver without knowing the
@@ -265,6 +247,8 @@ class Deliverer:
                 recipients,
                 self._all(recipients, Status.TRANSIENT, f"4.3.0 MTA-STS policy lookup for {domain} failed: {e!r}"),
                 results,
+                tally,
+                policy_known=False,
             )
         results.append(lookup.result)
         plan = DeliveryPlan(domain, lookup.policy, lookup.result.policy, getattr(lookup, "record_id", None))
@@ -278,6 +262,7 @@ class Deliverer:
                 recipients,
                 self._all(recipients, Status.PERMANENT, f"5.1.2 {domain} has no mail exchanger: {e}"),
                 results,
+                tally,
             )
         except DNSError as e:
             return self._finish(
@@ -286,6 +271,7 @@ class Deliverer:
                 recipients,
                 self._all(recipients, Status.TRANSIENT, f"4.4.3 MX lookup for {domain} failed: {e}"),
                 results,
+                tally,
             )
         if mx.null:
             # RFC 7505 §4.2: a null MX; the bounce uses 556 5.1.10.
@@ -295,6 +281,7 @@ class Deliverer:
                 recipients,
                 self._all(recipients, Status.PERMANENT, f"5.1.10 {domain} accepts no mail (null MX, RFC 7505)"),
                 results,
+                tally,
             )
 
         envelope = Envelope(reverse_path, forward_paths, message, scan_message(message))
@@ -341,18 +328,28 @@ class Deliverer:
                     if reused is None:
                         continue
                     outcomes.update(reused.outcomes)
+                    tally.decided(reused)
                     pending = [r for r in pending if r not in outcomes]
                     break
                 for ip in ips:
                     if not pending:
                         break
                     attempt = await self._session(plan, target, ip, envelope, pending, True)
-                    self._count(results, plan, target, attempt)
+                    counted = attempt_result(plan.descriptor, target, attempt)
+                    if counted is not None:
+                        results.append(counted)
                     if attempt.retry_plaintext and not target.require_tls:
                         errors.append(f"{host} [{ip}]: {attempt.error}")
-                        log.info("retrying {host} [{ip}] without STARTTLS", host=host, ip=ip)
+                        # The TLS failure's one line: the recipients' lines
+                        # then say tls=none.
+                        log.info(
+                            "{relay}: {error}; retrying without STARTTLS",
+                            relay=relay_label(host, ip, self.settings.port_of(host)),
+                            error=attempt.error,
+                        )
                         attempt = await self._session(plan, target, ip, envelope, pending, False)
                     outcomes.update(attempt.outcomes)
+                    tally.decided(attempt)
                     pending = [r for r in pending if r not in outcomes]
                     if attempt.error is not None:
                         errors.append(f"{host} [{ip}]: {attempt.error}")
@@ -374,15 +371,7 @@ class Deliverer:
                 outcomes[recipient] = RecipientOutcome(
                     recipient, Status.TRANSIENT, last_code, text + "; ".join(shown), last_host, None, False
                 )
-        return self._finish(domain, plan.mode, recipients, outcomes, results)
-
-    @staticmethod
-    def _count(results: list[Result], plan: DeliveryPlan, target: PlannedHost, attempt: Attempt) -> None:
-        """Add the TLSRPT result of a new session, if it counts."""
-        if attempt.tls_decided:
-            result = session_result(plan.descriptor, target, attempt.ip, attempt.tls_failure, attempt.tls_negotiated)
-            if result is not None:
-                results.append(result)
+        return self._finish(domain, plan.mode, recipients, outcomes, results, tally)
 
     # -- one session --
 
@@ -404,7 +393,7 @@ class Deliverer:
         endpoint = endpoint_type(self._reactor, ip, port, timeout=self.settings.connect_timeout)
         created = self._reactor.seconds()
         try:
-            await endpoint.connect(_OneShotFactory(proto))
+            await endpoint.connect(OneSessionFactory(proto))
         except Exception as e:
             attempt.error = f"cannot connect to port {port}: {e}"
             return attempt

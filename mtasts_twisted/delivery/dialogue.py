@@ -16,10 +16,12 @@ QUIT.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 import attrs
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IAddress, IDelayedCall
+from twisted.internet.protocol import Factory
 from twisted.protocols.basic import FileSender
 
 from mtasts_twisted.delivery.plan import PlannedHost
@@ -29,7 +31,16 @@ from mtasts_twisted.results import FailureDetails, ResultType
 from mtasts_twisted.delivery.details import starttls_not_supported_details
 from mtasts_twisted.tls import MXTLSOptionsCache, VerifyMode
 
-__all__ = ["CLOSE_TIMEOUT", "QUIT_TIMEOUT", "Attempt", "Connection", "Dialogue", "status_of"]
+__all__ = [
+    "CLOSE_TIMEOUT",
+    "QUIT_TIMEOUT",
+    "Attempt",
+    "Connection",
+    "Dialogue",
+    "OneSessionFactory",
+    "ip_of",
+    "status_of",
+]
 
 #: Longest wait for the reply to QUIT (RFC 5321 §4.5.3.2 sets none).
 QUIT_TIMEOUT = 10.0
@@ -44,6 +55,8 @@ class Attempt:
 
     @ivar host: the MX host.
     @ivar ip: the address.
+    @ivar local_ip: the local address of the connection (RFC 8460 §4.4
+        C{sending-mta-ip}), once connected.
     @ivar outcomes: the recipients it decided.
     @ivar error: why it ended without deciding the others, or L{None}.
     @ivar code: the reply code that ended it, if any.
@@ -60,6 +73,7 @@ class Attempt:
 
     host: str
     ip: str
+    local_ip: str | None = None
     outcomes: dict[str, RecipientOutcome] = attrs.field(factory=dict)
     error: str | None = None
     code: int | None = None
@@ -115,6 +129,41 @@ class Connection:
     transactions: int = 0
 
 
+class OneSessionFactory(Factory):
+    """
+    Hands a client endpoint the one L{ClientProtocol} of a session, without
+    Twisted's "Starting factory" / "Stopping factory" lines per connection
+    (which C{connectProtocol}'s factory logs).
+    """
+
+    noisy = False
+
+    def __init__(self, proto: ClientProtocol) -> None:
+        """
+        @param proto: the session's protocol.
+        """
+        self._proto = proto
+
+    def buildProtocol(self, addr: IAddress | None) -> ClientProtocol:
+        """The session's protocol."""
+        return self._proto
+
+
+def ip_of(address: IAddress | None) -> str | None:
+    """
+    The IP address of a TCP endpoint's address as RFC 8460 §4.4 writes it
+    (dot-decimal IPv4, RFC 5952 IPv6, no zone), or L{None} when it has
+    none.
+    """
+    host = getattr(address, "host", None)
+    if not isinstance(host, str):
+        return None
+    try:
+        return ipaddress.ip_address(host.partition("%")[0]).compressed
+    except ValueError:
+        return None
+
+
 def status_of(reply: Reply) -> Status:
     """A refusal's L{Status}: permanent for 5xx, else transient."""
     return Status.PERMANENT if reply.kind == 5 else Status.TRANSIENT
@@ -145,6 +194,8 @@ class Dialogue:
         extensions to use.  Sets C{attempt}'s TLS fields.
         """
         timeout = self._timeout
+        # RFC 8460 §4.4 sending-mta-ip: the address this session left from.
+        attempt.local_ip = ip_of(proto.tls_transport.getHost())
         greeting = await proto.reply(timeout, "the greeting")
         if greeting.code != 220:
             # RFC 5321 §3.1: a 554 (or any non-220) greeting: try another host.
@@ -333,10 +384,10 @@ class Dialogue:
         (L{Attempt.tls_decision}, C{.tls_version}, C{.verified}).  Return
         the extensions to use.
         """
-        host, ip = attempt.host, attempt.ip
+        host, ip, local = attempt.host, attempt.ip, attempt.local_ip
         timeout = self._timeout
         if "STARTTLS" not in extensions:
-            attempt.tls_decision(starttls_not_supported_details(host, ip), False)
+            attempt.tls_decision(starttls_not_supported_details(host, ip, sending_mta_ip=local), False)
             if target.require_tls:
                 # RFC 8461 §5: enforce requires TLS.
                 raise SessionError("STARTTLS not offered")
@@ -345,7 +396,9 @@ class Dialogue:
         reply = await proto.command(b"STARTTLS", timeout)
         proto.switching = False
         if reply.code != 220:
-            attempt.tls_decision(starttls_not_supported_details(host, ip, reply_code=reply.code), False)
+            attempt.tls_decision(
+                starttls_not_supported_details(host, ip, reply_code=reply.code, sending_mta_ip=local), False
+            )
             if target.require_tls:
                 raise SessionError(f"STARTTLS refused: {reply}", reply.code)
             # RFC 3207 §4: the client decides whether to go on; opportunistic
@@ -367,29 +420,32 @@ class Dialogue:
                 # TLS was negotiated; the session failed afterwards.
                 attempt.tls_version = outcome.tls_version
                 attempt.verified = outcome.verified
-                attempt.tls_decision(outcome.failure_details(ip), True)
+                attempt.tls_decision(outcome.failure_details(ip, sending_mta_ip=local), True)
                 raise
             details: FailureDetails | None = None
             kind = "failed"
             if outcome is not None:
-                details = outcome.failure_details(ip)
+                details = outcome.failure_details(ip, sending_mta_ip=local)
                 classified = outcome.classify()
                 if classified:
                     kind = f"{classified[0].value} ({classified[1]})"
             if details is None:
                 details = FailureDetails(
                     ResultType.VALIDATION_FAILURE,
+                    sending_mta_ip=local,
                     receiving_mx_hostname=host,
                     receiving_ip=ip,
                     failure_reason_code="tls-handshake-failure",
                 )
             attempt.tls_decision(details, False)
             attempt.retry_plaintext = not target.require_tls
-            raise SessionError(f"TLS with {host} failed: {kind if kind != 'failed' else e}") from None
+            # The reason once: a refused certificate's error repeats it.
+            why = "" if kind != "failed" and kind in str(e) else f"; {e}"
+            raise SessionError(f"TLS with {host} failed: {kind}{why}") from None
         outcome = creator.outcome()
         assert outcome is not None
         attempt.tls_version = outcome.tls_version
         attempt.verified = outcome.verified
-        attempt.tls_decision(outcome.failure_details(ip), True)
+        attempt.tls_decision(outcome.failure_details(ip, sending_mta_ip=local), True)
         return await self._extensions(proto, reply, "EHLO after STARTTLS")
 

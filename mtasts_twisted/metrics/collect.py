@@ -21,6 +21,11 @@ Metric names (all prefixed C{mtasts_}):
   - C{mtasts_policy_fetches_total{outcome}}: HTTPS policy fetches; C{ok} or
     the failure reason (e.g. C{no-policy-served}, C{certificate-expired}).
   - C{mtasts_policy_cache_entries}: policies in the in-memory front.
+  - C{mtasts_policy_refresh_failures_total{reason}}: failed refreshes of
+    cached C{enforce}/C{testing} policies by reason code (e.g.
+    C{dns-lookup}, C{no-record}, C{no-policy-served}); each is also logged
+    as "policy refresh failed for DOMAIN (REASON): ...".  Alert on it: the
+    cached policy only lasts until its C{max_age} ends.
   - C{mtasts_socketmap_requests_total{answer}}: socketmap answers
     (C{ok}, C{notfound}, C{temp}, C{perm}).
   - C{mtasts_socketmap_connections}: socketmap connections open now.
@@ -109,15 +114,20 @@ class StatsCollector(Collector):
             "mtasts_policy_lookups", "Policy cache lookups by result.", labels=["result"])
         txt = CounterMetricFamily("mtasts_policy_txt_lookups", "_mta-sts TXT lookups made.")
         size = GaugeMetricFamily("mtasts_policy_cache_entries", "Policies in the in-memory cache front.")
+        refresh_failures = CounterMetricFamily(
+            "mtasts_policy_refresh_failures", "Failed refreshes of cached policies by reason.", labels=["reason"])
         cache = stats.cache
         if cache is not None:
             lookups.add_metric(["hit"], cache.stats.get("hits", 0))
             lookups.add_metric(["miss"], cache.stats.get("misses", 0))
             txt.add_metric([], cache.stats.get("txt_lookups", 0))
             size.add_metric([], len(cache._front))
+            for reason, n in sorted(cache.refresh_failures.items()):
+                refresh_failures.add_metric([reason], n)
         yield lookups
         yield txt
         yield size
+        yield refresh_failures
 
         fetches = CounterMetricFamily(
             "mtasts_policy_fetches", "HTTPS policy fetches by outcome.", labels=["outcome"])

@@ -87,18 +87,22 @@ def merge_results(results: Iterable[Result]) -> list[Result]:
     Merge results the RFC 8460 §4 way.
 
     Results with equal policies (same L{PolicyDescriptor}) become one whose
-    success count is the sum; within it, failure details with the same
-    L{FailureDetails.key} become one whose C{failed_session_count} is the
-    sum.  Order: first seen first.
+    success and failure counts are the sums; within it, failure details
+    with the same L{FailureDetails.key} become one whose
+    C{failed_session_count} is the sum.  The key is every field but the
+    count: C{additional-information} is a URI or absent (never free text,
+    RFC 8460 §4.4), so equal failures merge.  Order: first seen first.
 
     @param results: any results (of one report, normally).
     @return: the merged results.
     """
     successes: dict[PolicyDescriptor, int] = {}
+    failed: dict[PolicyDescriptor, int] = {}
     failures: dict[PolicyDescriptor, dict[tuple[Any, ...], FailureDetails]] = {}
     for result in results:
         policy = result.policy
         successes[policy] = successes.get(policy, 0) + result.success_count
+        failed[policy] = failed.get(policy, 0) + result.failure_count
         merged = failures.setdefault(policy, {})
         for detail in result.failures:
             key = detail.key()
@@ -111,7 +115,8 @@ def merge_results(results: Iterable[Result]) -> list[Result]:
                     failed_session_count=seen.failed_session_count + detail.failed_session_count,
                 )
     return [
-        Result(policy=policy, success_count=count, failures=tuple(failures[policy].values()))
+        Result(policy=policy, success_count=count, failures=tuple(failures[policy].values()),
+               failure_count=failed[policy])
         for policy, count in successes.items()
     ]
 

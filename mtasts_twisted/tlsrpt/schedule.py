@@ -34,14 +34,18 @@ practice.
 L{SchedulerSettings} holds the timings (delays, retries, lease, how long
 rows are kept).  The CLI uses L{ReportScheduler.pending},
 L{ReportScheduler.preview} and L{ReportScheduler.send_now}.
+
+This module is the claim, lease and timer service.  The rows and states of
+the sends shelf are in L{mtasts_twisted.tlsrpt.sends}; delivering one
+report to its rua endpoints (steps 3 and 4) in L{mtasts_twisted.tlsrpt.rua};
+the read-only view of what is not yet sent (C{report preview}) in
+L{mtasts_twisted.tlsrpt.pending}.
 """
 
 from __future__ import annotations
 
-import enum
 import random
-from collections.abc import Iterable
-from typing import Any, Protocol
+from typing import Any
 
 import attrs
 from twisted.application.service import Service
@@ -49,10 +53,8 @@ from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from mtasts_twisted.dns import DNSNoRecordError, DNSTemporaryError
-from mtasts_twisted.dns.records import lookup_tlsrpt_record
 from mtasts_twisted.interfaces import IDNSResolver, IStore
-from mtasts_twisted.policy import DomainError, MTASTSError
+from mtasts_twisted.policy import DomainError
 from mtasts_twisted.tlsrpt.aggregate import (
     RESULTS_TABLE,
     decode_results,
@@ -61,13 +63,7 @@ from mtasts_twisted.tlsrpt.aggregate import (
     results_key,
     split_key,
 )
-from mtasts_twisted.tlsrpt.https import ReportDeliveryError
-from mtasts_twisted.tlsrpt.mail import (
-    SendMail,
-    build_report_message,
-    load_dkim_key,
-    mailto_addresses,
-)
+from mtasts_twisted.tlsrpt.mail import SendMail
 from mtasts_twisted.tlsrpt.report import (
     DAY_SECONDS,
     Report,
@@ -76,6 +72,10 @@ from mtasts_twisted.tlsrpt.report import (
     day_of,
     new_unique,
 )
+from mtasts_twisted.tlsrpt.pending import NoResultsError, PendingReport, pending_reports, preview_report
+from mtasts_twisted.tlsrpt.rua import ReportPoster, RuaSender
+from mtasts_twisted.tlsrpt.sends import FINAL as _FINAL
+from mtasts_twisted.tlsrpt.sends import SENDS_TABLE, TABLES, SendOutcome, SendState
 
 __all__ = [
     "SENDS_TABLE",
@@ -90,90 +90,6 @@ __all__ = [
 ]
 
 log = Logger()
-
-#: The shelf of report sends; key C{"<day>|<policy-domain>"}.
-SENDS_TABLE = "tlsrpt_sends"
-#: The shelves the TLSRPT package needs: pass them to C{open_store(tables=...)}.
-TABLES: tuple[str, ...] = (RESULTS_TABLE, SENDS_TABLE)
-
-
-class SendState(str, enum.Enum):
-    """The state of one report in the sends shelf."""
-
-    #: Claimed by a node that is attempting delivery (until C{lease_until}).
-    SENDING = "sending"
-    #: An attempt failed; the next is due at C{next_attempt}.
-    RETRY = "retry"
-    #: Final: an endpoint accepted the report.
-    SENT = "sent"
-    #: Final: the domain has no (usable) TLSRPT record.
-    DROPPED = "dropped"
-    #: Final: only successful sessions, and those are not reported.
-    SKIPPED = "skipped"
-    #: Final: no endpoint accepted it within the retry period (RFC 8460 §5.5).
-    FAILED = "failed"
-
-
-_FINAL = frozenset({SendState.SENT, SendState.DROPPED, SendState.SKIPPED, SendState.FAILED})
-
-
-class NoResultsError(MTASTSError):
-    """There are no results for the asked day and policy domain."""
-
-    reason = "no-results"
-
-
-@attrs.frozen
-class PendingReport:
-    """
-    A report not yet finished.
-
-    @ivar day: the UTC day, C{YYYY-MM-DD}.
-    @ivar policy_domain: the policy domain (A-labels).
-    @ivar state: C{"collecting"} (the day is not over), C{"due"} (waiting
-        for the daily run), or C{"sending"} / C{"retry"} (see L{SendState}).
-    @ivar attempts: delivery attempts so far.
-    @ivar next_attempt: POSIX time of the next attempt (C{"retry"} only).
-    @ivar last_error: why the last attempt failed, if it did.
-    """
-
-    day: str
-    policy_domain: str
-    state: str
-    attempts: int = 0
-    next_attempt: float | None = None
-    last_error: str | None = None
-
-
-def _strings(value: Iterable[str]) -> tuple[str, ...]:
-    return tuple(value)
-
-
-@attrs.frozen
-class SendOutcome:
-    """
-    What one node did with one report in one run.
-
-    @ivar day: the UTC day.
-    @ivar policy_domain: the policy domain.
-    @ivar state: the state the report is left in.
-    @ivar delivered_to: the rua URIs (per address for C{mailto:}) that
-        accepted it.
-    @ivar errors: what failed, one text per endpoint or lookup.
-    """
-
-    day: str
-    policy_domain: str
-    state: SendState
-    delivered_to: tuple[str, ...] = attrs.field(default=(), converter=_strings)
-    errors: tuple[str, ...] = attrs.field(default=(), converter=_strings)
-
-
-class ReportPoster(Protocol):
-    """What the scheduler needs of L{HTTPSReportSender}."""
-
-    def send(self, uri: str, report: Report) -> Deferred[int]:
-        """POST C{report} to C{uri}; fail with L{ReportDeliveryError}."""
 
 
 def _keep_longer(instance: SchedulerSettings, attribute: Any, value: int) -> None:
@@ -259,19 +175,14 @@ class ReportScheduler(Service):
         self.schedule = schedule
         self._results = store.shelf(RESULTS_TABLE)
         self._sends = store.shelf(SENDS_TABLE)
-        self._resolver = resolver
         self._clock = clock
-        self._https = https_sender
-        self._send_mail = send_mail
         self._rng = rng if rng is not None else random.SystemRandom()
+        self._rua = RuaSender(settings, resolver, clock, self._rng, https_sender, send_mail)
         self.node = schedule.node or f"{self._rng.getrandbits(32):08x}"
         self._delays: dict[str, float] = {}
         self._next_wake = schedule.max_sleep
         self._lock = DeferredLock()
         self._timer: IDelayedCall | None = None
-        self._dkim_key: bytes | None = None
-        if settings.dkim_key_file is not None:
-            self._dkim_key = load_dkim_key(settings.dkim_key_file)
 
     # ------------------------------------------------------------ schedule
 
@@ -487,82 +398,8 @@ class ReportScheduler(Service):
     async def _attempt(self, key: str, row: dict[str, Any]) -> SendOutcome:
         day, domain = split_key(key)
         report = Report.build(self.settings, domain, day, row["unique"], decode_results(row))
-        delivered: list[str] = []
-        errors: list[str] = []
-        state: SendState | None = None
-        try:
-            # RFC 8460 §3: not exactly one record: "assume the recipient
-            # domain does not implement TLSRPT" (dropped below).
-            record = await lookup_tlsrpt_record(self._resolver, domain)
-        except DNSNoRecordError as e:
-            errors.append(f"no TLSRPT record: {e}")
-            state = SendState.DROPPED
-        except DNSTemporaryError as e:
-            errors.append(f"TLSRPT record lookup failed: {e}")
-        except MTASTSError as e:
-            errors.append(f"no usable TLSRPT record: {e}")
-            state = SendState.DROPPED
-        else:
-            usable = 0
-            for uri in record.rua:
-                scheme = uri.partition(":")[0].lower()
-                if scheme == "https" and self._https is not None:
-                    usable += 1
-                    await self._deliver_https(uri, report, delivered, errors)
-                elif scheme == "mailto" and self._send_mail is not None:
-                    usable += 1
-                    await self._deliver_mail(uri, report, row, delivered, errors)
-                else:
-                    log.info("TLSRPT: ignoring rua {uri} of {domain}", uri=uri, domain=domain)
-            if delivered:
-                # RFC 8460 §3: delivered once "one of the endpoints accepts".
-                state = SendState.SENT
-            elif not usable:
-                errors.append("no usable rua: " + ", ".join(record.rua))
-                state = SendState.DROPPED
-        return await self._finish(key, row, report, state, delivered, errors)
-
-    async def _deliver_https(
-        self, uri: str, report: Report, delivered: list[str], errors: list[str]
-    ) -> None:
-        assert self._https is not None
-        try:
-            await self._https.send(uri, report)
-        except Exception as e:
-            errors.append(str(e))
-        else:
-            delivered.append(uri)
-
-    async def _deliver_mail(
-        self, uri: str, report: Report, row: dict[str, Any], delivered: list[str],
-        errors: list[str],
-    ) -> None:
-        assert self._send_mail is not None
-        try:
-            addresses = mailto_addresses(uri)
-        except ValueError as e:
-            errors.append(str(e))
-            return
-        if self._dkim_key is None:
-            # RFC 8460 §3: unsigned reports "MUST be ignored by the recipient".
-            log.warn("TLSRPT: mailing report {report_id} without a DKIM signature",
-                     report_id=report.report_id)
-        for address in addresses:
-            message = build_report_message(
-                report,
-                self.settings,
-                address,
-                now=self._clock.seconds(),
-                message_id=f"{report.unique}.{row['attempts']}.{self._rng.getrandbits(32):08x}"
-                f"@{report.submitter}",
-                dkim_key=self._dkim_key,
-            )
-            try:
-                await self._send_mail(self.settings.from_address, address, message)
-            except Exception as e:
-                errors.append(str(ReportDeliveryError(f"mailto:{address}", str(e), "mail-failed")))
-            else:
-                delivered.append(f"mailto:{address}")
+        sent = await self._rua.send(report, row["attempts"])
+        return await self._finish(key, row, report, sent.state, list(sent.delivered), list(sent.errors))
 
     async def _finish(
         self, key: str, row: dict[str, Any], report: Report, state: SendState | None,
@@ -616,66 +453,30 @@ class ReportScheduler(Service):
     ) -> Deferred[list[PendingReport]]:
         """
         List the reports not yet finished (C{report preview} without
-        arguments lists these).
+        arguments lists these): L{pending_reports}.
 
         @param day: only this C{YYYY-MM-DD}.
         @param domain: only this policy domain.
         @return: L{Deferred} firing with L{PendingReport}s sorted by day and
             domain.
         """
-        return Deferred.fromCoroutine(self._pending(day, domain))
-
-    async def _pending(self, day: str | None, domain: str | None) -> list[PendingReport]:
-        today = day_of(self._clock.seconds())
-        sends = dict(await self._sends.items())
-        found: dict[str, PendingReport] = {}
-        for key, _ in await self._results.items():
-            if key not in sends:
-                d, name = split_key(key)
-                found[key] = PendingReport(d, name, "collecting" if d >= today else "due")
-        for key, row in sends.items():
-            state = SendState(row["state"])
-            if state not in _FINAL:
-                d, name = split_key(key)
-                found[key] = PendingReport(
-                    d, name, state.value, row.get("attempts", 0),
-                    row.get("next_attempt") if state is SendState.RETRY else None,
-                    row.get("last_error"),
-                )
-        return [
-            p for _, p in sorted(found.items())
-            if (day is None or p.day == day) and (domain is None or p.policy_domain == domain)
-        ]
+        return Deferred.fromCoroutine(
+            pending_reports(self._results, self._sends, day_of(self._clock.seconds()), day, domain)
+        )
 
     def preview(self, day: str, domain: str) -> Deferred[dict[str, Any]]:
         """
-        Return the RFC 8460 JSON that would be (or is being) sent.
-
-        For a report already claimed this is the claimed snapshot with its
-        report id; otherwise the stored results so far, with a report id
-        that the real report will not share.
+        Return the RFC 8460 JSON that would be (or is being) sent:
+        L{preview_report}.
 
         @param day: C{YYYY-MM-DD}.
         @param domain: the policy domain.
         @return: L{Deferred} firing with the JSON object, or failing with
             L{NoResultsError}.
         """
-        return Deferred.fromCoroutine(self._preview(day, domain))
-
-    async def _preview(self, day: str, domain: str) -> dict[str, Any]:
-        day_bounds(day)
-        key = results_key(day, domain.lower().rstrip("."))
-        row = await self._sends.get(key)
-        if row is not None and "unique" in row:
-            unique = row["unique"]
-            results = decode_results(row)
-        else:
-            value = await self._results.get(key)
-            if value is None:
-                raise NoResultsError(f"no TLSRPT results for {domain} on {day}")
-            unique = new_unique(self._rng.getrandbits)
-            results = merge_results(decode_results(value))
-        return Report.build(self.settings, domain, day, unique, results).to_json()
+        return Deferred.fromCoroutine(
+            preview_report(self._results, self._sends, self.settings, day, domain, self._rng)
+        )
 
 
 async def _nothing() -> list[SendOutcome]:
