@@ -15,9 +15,12 @@ import errno
 import os
 from typing import Any
 
+from twisted.python import usage
 from twisted.python.monkey import MonkeyPatcher
+from twisted.trial.unittest import SynchronousTestCase
 
 from mtasts_twisted.relay import BUFFERED_SIZE
+from mtasts_twisted.service import Options
 from tests.test_intake_commands import IntakeCase
 
 BIG = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * (BUFFERED_SIZE // 1000 + 10)
@@ -123,3 +126,46 @@ class SpoolErrorTests(IntakeCase):
 
     async def test_commit_emfile(self) -> None:
         await self.check(errno.EMFILE, "open", SMALL, (451, b"4.3.0"))
+
+
+class StartupTests(SynchronousTestCase):
+    """An unwritable queue directory is found at start (one line, like the data directory)."""
+
+    def setUp(self) -> None:
+        self.dir = self.mktemp()
+        os.makedirs(os.path.join(self.dir, "queue"))
+
+    def parse(self, *argv: str) -> Options:
+        options = Options()
+        options.parseOptions(["--data-dir", self.dir, "--no-reports", *argv])
+        return options
+
+    def test_queue_dir_read_only(self) -> None:
+        queue = os.path.join(self.dir, "queue")
+        os.chmod(queue, 0o500)
+        self.addCleanup(os.chmod, queue, 0o700)
+        if os.geteuid() == 0:
+            # Root may write anywhere, so os.access answers as for root;
+            # answer as the kernel would for an unprivileged user (or as it
+            # does for anyone on a read-only mount: EROFS).
+            real_access = os.access
+            self.patch(os, "access", lambda path, mode: False if os.path.abspath(path) == os.path.abspath(queue)
+                       else real_access(path, mode))
+        error = self.assertRaises(usage.UsageError, self.parse)
+        self.assertIn(f"--data-dir {self.dir}: queue directory {queue} is not writable", str(error))
+        self.assertNotIn("\n", str(error))
+        # Without the relay (--smtp none) the queue is not used.
+        self.parse("--smtp", "none")
+
+    def test_queue_dir_not_a_directory(self) -> None:
+        queue = os.path.join(self.dir, "queue")
+        os.rmdir(queue)
+        with open(queue, "w"):
+            pass
+        error = self.assertRaises(usage.UsageError, self.parse)
+        self.assertIn(f"queue directory {queue} is not a directory", str(error))
+
+    def test_queue_dir_fine(self) -> None:
+        self.parse()
+        os.rmdir(os.path.join(self.dir, "queue"))
+        self.parse()  # made at start
