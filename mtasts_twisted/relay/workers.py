@@ -394,7 +394,7 @@ class RelayService(Service):
         try:
             try:
                 result = await self.deliverer.deliver(
-                    message.sender, list(group.recipients), body
+                    message.sender, list(group.recipients), body, smtputf8=message.smtputf8
                 )
                 for outcome in result.outcomes:
                     outcomes[outcome.recipient] = (
