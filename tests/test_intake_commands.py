@@ -18,10 +18,12 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ClientFactory
+from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from mtasts_twisted.relay import Queue, RelaySettings, RelaySMTPFactory
+from mtasts_twisted.testing.pki import PKI
 from tests.clients import RawClient
 
 _FINAL = re.compile(rb"(?m)^(\d{3}) ([^\r\n]*)\r\n")
@@ -39,10 +41,11 @@ class IntakeCase(TestCase):
 
     def listen(self, **kw: Any) -> Queue:
         kw.setdefault("reporting_mta", "relay.test")
+        tls_context = kw.pop("tls_context", None)
         settings = RelaySettings(**kw)
         self.queue = settings.make_queue(self.dir)
         self.queue.recover()
-        self.factory = RelaySMTPFactory(self.queue, settings, reactor)
+        self.factory = RelaySMTPFactory(self.queue, settings, reactor, tls_context=tls_context)
         port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
         self.port = port.getHost().port
         self.addCleanup(self._close, port)
@@ -132,6 +135,32 @@ class SequenceTests(IntakeCase):
         code, text = await self.reply(client, b"EHLO")
         self.assertEqual((code, text[:5]), (501, b"5.5.4"), text)
         self.assertEqual((await self.reply(client, b"MAIL FROM:<a@example.org>"))[0], 503)
+
+
+class StartTLSTests(IntakeCase):
+    """RFC 3207 §4.2: after STARTTLS the session starts afresh."""
+
+    async def test_ehlo_again_and_no_plaintext_after_starttls(self) -> None:
+        """
+        After the handshake MAIL needs a new EHLO (C{503 5.5.1}); a command
+        pipelined in plaintext behind STARTTLS is dropped, never run as if
+        it had come under TLS (RFC 3207 §5).
+        """
+        pki = PKI()
+        self.listen(tls_context=pki.valid("relay.test").server_options())
+        client = await self.connect()
+        await self.replies(client, b"EHLO client.test\r\n")
+        self.assertRegex(client.data, rb"(?m)^250[ -]STARTTLS\r$")
+        self.assertEqual((await self.reply(client, b"MAIL FROM:<a@example.org>"))[0], 250)
+        [(code, _)] = await self.replies(client, b"STARTTLS\r\nNOOP\r\n")
+        self.assertEqual(code, 220)
+        client.transport.startTLS(optionsForClientTLS("relay.test", Certificate.loadPEM(pki.ca_pem)))
+        code, text = await self.reply(client, b"MAIL FROM:<a@example.org>")
+        self.assertEqual((code, text[:5]), (503, b"5.5.1"), client.data)
+        self.assertEqual((await self.reply(client, b"EHLO client.test"))[0], 250)
+        self.assertEqual((await self.reply(client, b"MAIL FROM:<a@example.org>"))[0], 250)
+        after = client.data.split(b"\r\n220 ", 1)[1]
+        self.assertEqual([int(c) for c, _ in _FINAL.findall(after)], [503, 250, 250], after)
 
 
 class InjectionTests(IntakeCase):

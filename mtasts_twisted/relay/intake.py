@@ -120,6 +120,8 @@ class RelaySMTP(ESMTP):
     _transaction: Transaction | None = None
     _session_call: IDelayedCall | None = None
     _refused = False
+    #: STARTTLS was just answered: the rest of this read is plaintext.
+    _plaintext_dropped = False
     #: Lines received while an end of data is being committed (None: none is).
     _held: list[bytes] | None = None
 
@@ -140,8 +142,17 @@ class RelaySMTP(ESMTP):
             if self.transport is not None:
                 self._connection.pauseProducing()
 
+    def dataReceived(self, data: bytes) -> None:
+        """Input from the transport (decrypted, once TLS has started)."""
+        self._plaintext_dropped = False
+        ESMTP.dataReceived(self, data)
+
     def lineReceived(self, line: bytes) -> object:
         """Process a line, or keep it while an end of data is pending."""
+        if self._plaintext_dropped:
+            # Came in plaintext with STARTTLS, read after it: never run it
+            # as if it had come under TLS (RFC 3207 §5).
+            return None
         if self._held is not None:
             self._held.append(line)
             return None
@@ -319,6 +330,7 @@ class RelaySMTP(ESMTP):
         started = self.startedTLS
         ESMTP.ext_STARTTLS(self, rest)
         if self.startedTLS and not started:
+            self._plaintext_dropped = True
             self._greeting = None
             self._transaction = None
             self._from = None
