@@ -100,6 +100,11 @@ class Mailbox:
         return f"{quote_local_part(self.local)}@{self.domain}"
 
 
+def _show(text: str) -> str:
+    """C{text} for an error message: quoted, and cut (replies are short, RFC 5321 §4.5.3.1.5)."""
+    return repr(text if len(text) <= 40 else text[:40] + "...")
+
+
 def _non_ascii_ok(char: str) -> bool:
     # RFC 6531 §3.3: atext and qtextSMTP =/ UTF8-non-ascii; never a control
     # character (C1 controls included, RFC 5321 §4.1.2 in spirit).
@@ -190,23 +195,23 @@ def parse_address_literal(text: str) -> str:
     @raise MailboxError: for anything else.
     """
     if not (text.startswith("[") and text.endswith("]")):
-        raise MailboxError(f"not an address literal: {text!r}")
+        raise MailboxError(f"not an address literal: {_show(text)}")
     inner = text[1:-1]
     if inner[:5].lower() == "ipv6:":
         try:
             ipaddress.IPv6Address(inner[5:])
         except ValueError:
-            raise MailboxError(f"bad IPv6 address literal {text!r}") from None
+            raise MailboxError(f"bad IPv6 address literal {_show(text)}") from None
         return text
     if re.fullmatch(r"[0-9.]+", inner):
         try:
             ipaddress.IPv4Address(inner)
         except ValueError:
-            raise MailboxError(f"bad IPv4 address literal {text!r}") from None
+            raise MailboxError(f"bad IPv4 address literal {_show(text)}") from None
         return text
     if _GENERAL_LITERAL.match(inner) and not inner.lower().startswith("ipv6:"):
         return text
-    raise MailboxError(f"bad address literal {text!r}")
+    raise MailboxError(f"bad address literal {_show(text)}")
 
 
 def parse_mailbox(text: str, utf8: bool = True) -> Mailbox:
@@ -228,7 +233,7 @@ def parse_mailbox(text: str, utf8: bool = True) -> Mailbox:
         if not at:
             raise MailboxError("address without @domain")
         if not _is_dot_string(local_written):
-            raise MailboxError(f"bad local part {local_written!r}")
+            raise MailboxError(f"bad local part {_show(local_written)}")
         local = local_written
         end = len(local_written)
     domain = text[end + 1 :]
@@ -239,7 +244,7 @@ def parse_mailbox(text: str, utf8: bool = True) -> Mailbox:
     elif len(domain.encode("utf-8")) > MAX_DOMAIN:
         raise MailboxError(f"domain longer than {MAX_DOMAIN} octets", too_long=True)
     elif not is_domain(domain, utf8):
-        raise MailboxError(f"bad domain {domain!r}")
+        raise MailboxError(f"bad domain {_show(domain)}")
     return Mailbox(local, domain)
 
 
@@ -266,7 +271,7 @@ def _drop_source_route(path: str) -> str:
         raise MailboxError("source route without :")
     for hop in route.split(","):
         if not hop.startswith("@") or not is_domain(hop[1:]):
-            raise MailboxError(f"bad source route {route!r}")
+            raise MailboxError(f"bad source route {_show(route)}")
     return mailbox
 
 
