@@ -307,7 +307,7 @@ class AddressTests(IntakeCase):
         self.assertEqual((code, text[:5]), (501, b"5.1.3"), text)
         code, text = await self.reply(client, b"RCPT TO:<" + b"a" * 2000 + b"@example.com>")
         self.assertEqual((code, text[:5]), (501, b"5.1.3"), text)
-        code, text = await self.reply(client, b"RCPT TO:<" + b"a..b" * 500 + b"@example.com>")
+        code, text = await self.reply(client, b"RCPT TO:<" + b"a..b" * 50 + b"@example.com>")
         self.assertEqual((code, text[:5]), (501, b"5.1.3"), text)
         self.assertLess(len(text), 200)  # what is echoed is cut (RFC 5321 §4.5.3.1.5: 512 octets a reply line)
         code, text = await self.reply(client, b"RCPT TO:<" + b"b" * 13 + b"@" + domain + b">")  # 256 with <>
