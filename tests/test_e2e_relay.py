@@ -31,6 +31,7 @@ from typing import Any
 
 from twisted.internet import reactor, utils
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
@@ -42,6 +43,7 @@ from mtasts_twisted.store import default_database_url, open_store
 from mtasts_twisted.testing.smtp import Behaviour, Reply, SMTPTestServer
 from mtasts_twisted.testing.world import LoopbackWorld
 
+from .clients import RawClient
 from .test_twistd import TWISTD, Twistd
 
 LISTENING = re.compile(
@@ -202,11 +204,12 @@ class EndToEndTests(TestCase):
         self.addCleanup(server.stop)
         return server
 
-    async def relay(self, metrics: bool = False) -> RelayProcess:
+    async def relay(self, metrics: bool = False, ports: tuple[str, ...] = ()) -> RelayProcess:
         await seed_policy(self.dir, "good.test", policy_text("mx.good.test"))
         await seed_policy(self.dir, "bad.test", policy_text("mx.bad.test"))
         relay = RelayProcess(self, self.world, self.dir, [
             str(self.good.port), f"mx.sender.test={self.sender_mx.port}", f"mx.bad.test={self.bad.port}",
+            *ports,
         ], metrics=metrics)
         await relay.start()
         return relay
@@ -341,3 +344,94 @@ class EndToEndTests(TestCase):
         for session in self.good.sessions:
             self.assertEqual(session.commands[-1].verb, "QUIT")
         self.assertNotIn(b"Traceback", relay.proto.output)
+
+    async def test_quoted_local_part_delivered(self) -> None:
+        """
+        Issue 17.4: a legal quoted local part is accepted and delivered to
+        the MX with the same RCPT, once, without an error in the log.
+        """
+        relay = await self.relay()
+        message = make_message("alice@sender.test", '"a b"@good.test', "quoted", "e2e-quoted@sender.test")
+        refused = await submit(relay.smtp_port, '"john smith"@sender.test', ['"a b"@good.test'], message)
+        self.assertEqual(refused, {})
+        await wait_until(lambda: self.good.messages, 20, "delivery to mx.good.test")
+        [got] = self.good.messages
+        self.assertEqual((got.mail_from, got.recipients), ('"john smith"@sender.test', ('"a b"@good.test',)))
+        self.assertTrue(got.accepted and got.tls)
+        rcpts = [c.line for session in self.good.sessions for c in session.commands if c.verb == "RCPT"]
+        self.assertEqual(rcpts, [b'RCPT TO:<"a b"@good.test>'])
+        await wait_until(lambda: relay.queue().list() == [], 10, "the queue to drain")
+        self.assertEqual(await relay.stop(), (None, signal.SIGTERM))
+        self.assertNotIn(b"Traceback", relay.proto.output)
+        self.assertNotIn(b"deliverer failed", relay.proto.output)
+
+    async def test_smtputf8_idn_relayed(self) -> None:
+        """
+        Issue 18: bob@bücher.test, submitted with SMTPUTF8 and a UTF-8
+        header, is relayed to its MX (looked up as A-labels), which offers
+        SMTPUTF8: MAIL says SMTPUTF8, RCPT carries the A-label domain, the
+        message arrives byte for byte after our C{Received:} line.
+        """
+        idn = "xn--bcher-kva.test"
+        mx = self.mx(f"mx.{idn}", Behaviour(certificate=self.world.pki.valid(f"mx.{idn}"), hostname=f"mx.{idn}",
+                                            extensions=("SMTPUTF8", "8BITMIME")))
+        self.world.add_mx(idn, f"mx.{idn}")
+        relay = await self.relay(ports=(f"mx.{idn}={mx.port}",))
+        message = ("From: alice@sender.test\r\nTo: bob@bücher.test\r\nSubject: grüße\r\n"
+                   "Message-ID: <e2e-utf8@sender.test>\r\n\r\nHallo Bob.\r\n").encode()
+
+        def send() -> dict[str, Any]:
+            with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=10) as client:
+                return client.sendmail("alice@sender.test", ["bob@bücher.test"], message,
+                                       mail_options=["SMTPUTF8", "BODY=8BITMIME"])
+
+        self.assertEqual(await deferToThread(send), {})
+        await wait_until(lambda: mx.messages, 20, "delivery to the IDN domain's MX")
+        [got] = mx.messages
+        self.assertEqual(got.recipients, (f"bob@{idn}",))
+        self.assertTrue(got.accepted)
+        [mail] = [c.line for session in mx.sessions for c in session.commands if c.verb == "MAIL"]
+        self.assertRegex(mail, rb"^MAIL FROM:<alice@sender\.test> BODY=8BITMIME SMTPUTF8")
+        self.assertTrue(got.data.endswith(message), got.data)
+        self.assertRegex(got.data, rb"\AReceived: from [^\r\n]+\r\n\tby relay\.test with UTF8SMTP ")
+        await wait_until(lambda: relay.queue().list() == [], 10, "the queue to drain")
+        self.assertEqual(await relay.stop(), (None, signal.SIGTERM))
+        self.assertNotIn(b"Traceback", relay.proto.output)
+
+    async def test_no_header_injection_through_ehlo(self) -> None:
+        """
+        Issue 17.5, checked where it matters, at the next server: a client
+        that puts a bare LF and a header line into EHLO and pipelines a
+        transaction gets nothing queued; an honest client whose EHLO name is
+        no domain gets its message through with one well-formed
+        C{Received:} line naming its address.  No message that reaches the
+        MX has a header line the client did not write.
+        """
+        relay = await self.relay()
+        attacker = RawClient()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", relay.smtp_port), attacker)
+        attacker.transport.write(
+            b"EHLO evil.test\nX-Injected: yes\r\nMAIL FROM:<alice@sender.test>\r\nRCPT TO:<bob@good.test>\r\n"
+            b"DATA\r\n" + make_message("alice@sender.test", "bob@good.test", "evil", "e2e-evil@sender.test")
+            .replace(b"\r\n.", b"\r\n..") + b".\r\nQUIT\r\n")
+        await attacker.closed.addTimeout(10, reactor)
+        self.assertRegex(attacker.data, rb"\r\n501 5\.5\.2 ")
+        self.assertNotIn(b"queued as", attacker.data)
+
+        message = make_message("alice@sender.test", "bob@good.test", "honest", "e2e-honest@sender.test")
+
+        def send() -> dict[str, Any]:
+            with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=10, local_hostname="not;a(domain)") as client:
+                return client.sendmail("alice@sender.test", ["bob@good.test"], message)
+
+        self.assertEqual(await deferToThread(send), {})
+        await wait_until(lambda: self.good.messages, 20, "delivery to mx.good.test")
+        await wait_until(lambda: relay.queue().list() == [], 10, "the queue to drain")
+        [got] = self.good.messages
+        self.assertEqual(message_id_of(got.data), "e2e-honest@sender.test")
+        parsed = email.message_from_bytes(got.data, policy=email.policy.compat32)
+        self.assertEqual(parsed.keys(), ["Received", "From", "To", "Subject", "Message-ID", "Date"])
+        self.assertRegex(parsed["Received"], r"\Afrom \[127\.0\.0\.1\] \(\[127\.0\.0\.1\]\)\s+by relay\.test with ESMTP ")
+        for delivered in self.good.messages:
+            self.assertNotRegex(delivered.data, rb"(?mi)^X-Injected")
+        self.assertEqual(await relay.stop(), (None, signal.SIGTERM))

@@ -28,7 +28,7 @@ class SizingTests(SynchronousTestCase):
     def test_defaults_fit(self) -> None:
         """With a usual hard limit the defaults stand."""
         caps = size_connection_caps(1_048_576)
-        self.assertEqual((caps.socketmap, caps.smtp, caps.smtp_per_ip, caps.scaled), (1024, 100, 10, False))
+        self.assertEqual((caps.socketmap, caps.smtp, caps.smtp_per_ip, caps.scaled), (1024, 100, 20, False))
         self.assertEqual(caps.deliveries, 3 * 20 + 50)
         self.assertEqual(caps.used, 2 * 1124 + 110 + RESERVE)
 
@@ -41,7 +41,7 @@ class SizingTests(SynchronousTestCase):
         """ulimit -n 1024 (the issue's setting): both caps scaled, all of it fits."""
         caps = size_connection_caps(1024)
         self.assertTrue(caps.scaled)
-        self.assertEqual((caps.socketmap, caps.smtp, caps.smtp_per_ip), (387, 38, 10))
+        self.assertEqual((caps.socketmap, caps.smtp, caps.smtp_per_ip), (387, 38, 20))
         self.assertLessEqual(caps.used, 1024)
         self.assertIn("<= 1024 file descriptors", caps.describe())
 
@@ -114,7 +114,7 @@ class ServiceCapsTests(TestCase):
         self.assertEqual((svc.caps.fd_limit, svc.caps.socketmap, svc.caps.smtp), (1024, 387, 38))
         self.assertEqual(svc.stats.socketmap.settings.max_connections, 387)
         relay = svc._late["smtp"].factory
-        self.assertEqual((relay.settings.max_connections, relay.settings.max_connections_per_ip), (38, 10))
+        self.assertEqual((relay.settings.max_connections, relay.settings.max_connections_per_ip), (38, 20))
         [line] = [e for e in events if "file descriptors: soft limit" in e.get("log_format", "")]
         self.assertEqual((line["soft"], line["before"], line["hard"]), (1024, 256, 1024))
         self.assertIn("2 x (387 socketmap + 38 SMTP connections) + 110 for deliveries + 64 reserve",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import email
 import io
 import ipaddress
+import json
 import shutil
 import tempfile
 from collections import Counter
@@ -148,12 +149,15 @@ class FakeDeliverer:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, list[str], bytes, Deferred[DeliveryResult]]] = []
+        #: The smtputf8 argument of each call.
+        self.smtputf8: list[bool] = []
 
     def deliver(
-        self, sender: str, recipients: Sequence[str], message: BinaryIO
+        self, sender: str, recipients: Sequence[str], message: BinaryIO, smtputf8: bool = False
     ) -> Deferred[DeliveryResult]:
         d: Deferred[DeliveryResult] = Deferred()
         self.calls.append((sender, list(recipients), message.read(), d))
+        self.smtputf8.append(smtputf8)
         return d
 
     def fire(
@@ -375,6 +379,36 @@ class WorkerTests(_ServiceTestCase):
         self.assertEqual(len(self.deliverer.calls), 2)
         self.deliverer.fire(1, Status.DELIVERED)
         self.assertRaises(KeyError, service2.queue.get, m.id)
+
+
+class SMTPUTF8FlagTests(_ServiceTestCase):
+    """Issue 18: the intake's SMTPUTF8 flag is kept in the envelope and given to the deliverer."""
+
+    def test_flag_survives_restart_and_reaches_the_deliverer(self) -> None:
+        self.start()
+        writer = self.queue.begin("jörg@example.org", ["bob@bücher.test"])
+        writer.smtputf8 = True
+        writer.write(MESSAGE)
+        flagged = writer.commit()
+        plain = self.queue.enqueue("a@example.org", ["b@example.com"], MESSAGE)
+        fresh = Queue(self.dir)  # as after a restart
+        self.assertTrue(fresh.get(flagged.id).smtputf8)
+        self.assertFalse(fresh.get(plain.id).smtputf8)
+        self.service.startService()
+        by_recipient = {c[1][0]: flag for c, flag in zip(self.deliverer.calls, self.deliverer.smtputf8)}
+        self.assertEqual(by_recipient, {"bob@bücher.test": True, "b@example.com": False})
+
+    def test_envelopes_without_the_flag(self) -> None:
+        """Envelopes written before the flag existed read as without it; a non-boolean is corrupt."""
+        from mtasts_twisted.relay.envelope import decode_envelope, encode_envelope
+
+        self.start()
+        message = self.queue.enqueue("a@example.org", ["b@example.com"], MESSAGE)
+        data = json.loads(encode_envelope(message))
+        self.assertIs(data.pop("smtputf8"), False)
+        self.assertFalse(decode_envelope(json.dumps(data).encode()).smtputf8)
+        data["smtputf8"] = "yes"
+        self.assertRaises(TypeError, decode_envelope, json.dumps(data).encode())
 
 
 class ScheduleTests(_ServiceTestCase):

@@ -1,7 +1,7 @@
 """
 The relay intake's limits (L{RelaySettings}) over real loopback TCP with a
 raw client: over-long lines, a declared C{SIZE=} over the limit,
-connections per IP and in total, the idle timeout and the session time
+connections per client (all of loopback is one) and in total, the idle timeout and the session time
 limit (on a L{Clock}).  Too many recipients is covered by
 C{test_relay.IntakeTests.test_too_many_recipients}.
 """
@@ -51,13 +51,14 @@ class LimitTests(TestCase):
         await port.stopListening()
         await self.factory.wait_closed()
 
-    async def connect(self, greeting: bytes = rb"^220 ") -> RawClient:
+    async def connect(self, greeting: bytes = rb"^220 ", source: str | None = None) -> RawClient:
         client = RawClient()
         self.clients.append(client)
         factory = ClientFactory.forProtocol(lambda: client)
         connected: Deferred[None] = Deferred()
         client.connectionMade = lambda: connected.callback(None)  # type: ignore[method-assign]
-        reactor.connectTCP("127.0.0.1", self.port, factory, timeout=5)
+        bind = (source, 0) if source is not None else None
+        reactor.connectTCP("127.0.0.1", self.port, factory, timeout=5, bindAddress=bind)
         await connected.addTimeout(5, reactor)
         await client.expect(greeting)
         return client
@@ -118,11 +119,31 @@ class LimitTests(TestCase):
         await self.connect()
         third = await self.connect(rb"^421 4\.7\.0 Too many connections from 127\.0\.0\.1")
         await third.closed.addTimeout(5, reactor)
-        self.assertEqual(self.factory.per_ip["127.0.0.1"], 2)
+        self.assertEqual(self.factory.per_ip["loopback"], 2)
         first.send(b"QUIT\r\n")
         await first.closed.addTimeout(5, reactor)
         fourth = await self.connect()
         self.assertTrue(fourth.data.startswith(b"220 "), fourth.data)
+
+    async def test_loopback_is_one_client(self) -> None:
+        """
+        Issue 17.9: every address of 127.0.0.0/8 is the same local client,
+        so binding ten of them does not multiply C{max_connections_per_ip}:
+        connections beyond it get C{421 4.7.0} whatever their source.
+        """
+        self.listen(max_connections_per_ip=3, max_connections=50)
+        sources = [f"127.0.0.{n}" for n in range(2, 12)]
+        accepted = [await self.connect(source=source) for source in sources[:3]]
+        for source in sources[3:]:
+            refused = await self.connect(rb"^421 4\.7\.0 Too many connections from 127\.0\.0\.", source=source)
+            await refused.closed.addTimeout(5, reactor)
+        self.assertEqual(self.factory.connections, 3)
+        self.assertEqual(dict(self.factory.per_ip), {"loopback": 3})
+        self.assertEqual(sum(b"\r\n421 " in b"\r\n" + c.data for c in self.clients), 7)
+        accepted[0].send(b"QUIT\r\n")
+        await accepted[0].closed.addTimeout(5, reactor)
+        again = await self.connect(source="127.0.0.99")
+        self.assertTrue(again.data.startswith(b"220 "), again.data)
 
     async def test_connections_total(self) -> None:
         """Beyond C{max_connections} in total: C{421 4.7.0} and close."""

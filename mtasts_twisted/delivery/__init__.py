@@ -133,7 +133,12 @@ recipients are L{Status.PERMANENT} (C{5.6.3}) — no downgrade to 7 bit is
 attempted.  An address with a non-ASCII local part needs C{SMTPUTF8}
 (RFC 6531); without it that address is L{Status.PERMANENT} (C{5.6.7}).
 A non-ASCII domain in an address with an ASCII local part is sent as
-A-labels and needs nothing.
+A-labels and needs nothing.  A message submitted with C{SMTPUTF8}
+(C{deliver(..., smtputf8=True)}) that has 8-bit data may have UTF-8
+header fields (RFC 6532): it is sent with C{SMTPUTF8}, and a server
+without it makes every recipient L{Status.PERMANENT} (C{5.6.9}); with
+ASCII data it needs nothing (RFC 6531 §3.4).  A quoted local part is
+sent quoted, with the least quoting (RFC 5321 §4.1.2).
 
 Outcomes decided here rather than by a server reply (null MX, no such
 domain, missing 8BITMIME, all hosts failed, ...) have C{code} L{None} and

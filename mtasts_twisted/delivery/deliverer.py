@@ -137,7 +137,9 @@ class Deliverer:
         #: Sessions parked for reuse (None: reuse is off).
         self._pool: SessionPool[Connection] | None = self._sessions.pool
 
-    def deliver(self, sender: str, recipients: Sequence[str], message: BinaryIO) -> Deferred[DeliveryResult]:
+    def deliver(
+        self, sender: str, recipients: Sequence[str], message: BinaryIO, smtputf8: bool = False
+    ) -> Deferred[DeliveryResult]:
         """
         Deliver one message to recipients of one domain, in one transaction
         per session.
@@ -148,12 +150,14 @@ class Deliverer:
         @param message: a seekable binary file holding the message (headers
             and body), from its current position; streamed, never read
             whole.  Left positioned where it started.
+        @param smtputf8: the message was submitted with C{SMTPUTF8} (RFC
+            6531): see L{Envelope.smtputf8}.
         @return: a L{Deferred} firing with a L{DeliveryResult}; it fails
             only with L{ValueError} for bad arguments (no recipients,
             several domains, an address literal, a malformed address) and
             with the file's L{OSError} when the message cannot be read.
         """
-        return Deferred.fromCoroutine(self._deliver(sender, list(recipients), message))
+        return Deferred.fromCoroutine(self._deliver(sender, list(recipients), message, smtputf8))
 
     def wait_closed(self) -> Deferred[None]:
         """
@@ -216,7 +220,9 @@ class Deliverer:
             raise ValueError(f"recipients of several domains: {sorted(domains)}")
         return domains.pop()
 
-    async def _deliver(self, sender: str, recipients: list[str], message: BinaryIO) -> DeliveryResult:
+    async def _deliver(
+        self, sender: str, recipients: list[str], message: BinaryIO, smtputf8: bool = False
+    ) -> DeliveryResult:
         domain = self._domain_of(recipients)
         recipients = list(dict.fromkeys(recipients))
         forward_paths = {r: wire_address(r) for r in recipients}
@@ -284,7 +290,7 @@ class Deliverer:
                 tally,
             )
 
-        envelope = Envelope(reverse_path, forward_paths, message, scan_message(message))
+        envelope = Envelope(reverse_path, forward_paths, message, scan_message(message), smtputf8)
         outcomes: dict[str, RecipientOutcome] = {}
         pending = list(recipients)
         errors: list[str] = []

@@ -287,6 +287,18 @@ class Dialogue:
                 return
             params += b" BODY=8BITMIME"
         utf8 = "SMTPUTF8" in extensions
+        # RFC 6531 §3.2: a message submitted with SMTPUTF8 that has 8-bit
+        # data may carry UTF-8 header fields (RFC 6532), at any MIME level:
+        # it needs a server with SMTPUTF8, or it is rejected (a DSN).
+        if envelope.smtputf8 and info.eight_bit and not utf8:
+            for recipient in pending:
+                attempt.decide(
+                    recipient,
+                    Status.PERMANENT,
+                    None,
+                    f"5.6.9 the message may have UTF-8 header fields and {host} does not support SMTPUTF8 (RFC 6531)",
+                )
+            return
         if reverse_path.smtputf8 and not utf8:
             for recipient in pending:
                 attempt.decide(
@@ -309,7 +321,12 @@ class Dialogue:
                 sendable.append(recipient)
         if not sendable:
             return
-        if reverse_path.smtputf8 or any(paths[r].smtputf8 for r in sendable):
+        if (
+            reverse_path.smtputf8
+            or any(paths[r].smtputf8 for r in sendable)
+            or (envelope.smtputf8 and info.eight_bit)
+        ):
+            # RFC 6531 §3.4: only when the envelope or the message needs it.
             params += b" SMTPUTF8"
         if "SIZE" in extensions:
             limit = extensions["SIZE"]

@@ -27,6 +27,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
+from mtasts_twisted.delivery.mailbox import MailboxError, parse_mailbox, quote_local_part
 from mtasts_twisted.policy import DomainError, to_alabel
 
 __all__ = [
@@ -332,20 +333,28 @@ def wire_address(address: str) -> Path:
     """
     The address as sent in MAIL/RCPT and whether it needs SMTPUTF8.
 
-    @raise ValueError: for an address that cannot be sent.
+    C{address} is an RFC 5321 mailbox (L{mtasts_twisted.delivery.mailbox}),
+    as a queue envelope holds it: a quoted local part is sent quoted (with
+    the least quoting, RFC 5321 §4.1.2), an address literal as written.
+
+    @raise ValueError: for an address that cannot be sent (no RFC 5321
+        mailbox, a control character, a local part over 64 octets).
     """
-    if any(c in address for c in "<>\r\n\0") or address != address.strip() or " " in address:
-        raise ValueError(f"invalid address {address!r}")
     if address == "":
         return Path(b"", False)  # the null reverse-path, RFC 5321 §4.5.5
-    local, at, domain = address.rpartition("@")
-    if not at or not local:
-        raise ValueError(f"address without local part or domain: {address!r}")
+    try:
+        mailbox = parse_mailbox(address)
+    except MailboxError as e:
+        raise ValueError(f"invalid address {address!r}: {e}") from None
+    local = quote_local_part(mailbox.local)
+    if mailbox.is_literal:
+        return Path(f"{local}@{mailbox.domain}".encode("utf-8"), not local.isascii())
     if local.isascii():
         # RFC 6531 §3.2: an ASCII local part with an IDN domain is sent
         # with the domain in A-labels and needs no SMTPUTF8.
         try:
-            return Path(f"{local}@{to_alabel(domain)}".encode("ascii"), False)
+            return Path(f"{local}@{to_alabel(mailbox.domain)}".encode("ascii"), False)
         except DomainError as e:
             raise ValueError(f"invalid domain in {address!r}: {e}") from None
-    return Path(address.encode("utf-8"), True)
+    # RFC 6531 §3.2: the whole mailbox in UTF-8, under SMTPUTF8.
+    return Path(f"{local}@{mailbox.domain}".encode("utf-8"), True)

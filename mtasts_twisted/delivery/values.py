@@ -201,12 +201,16 @@ class Envelope:
     @ivar info: what L{scan_message} found: where the message starts, its
         size (for C{SIZE}, RFC 1870) and whether it has 8-bit data (for
         C{BODY=8BITMIME}, RFC 6152).
+    @ivar smtputf8: the message was submitted with C{SMTPUTF8} (RFC 6531
+        §3.4): with 8-bit data it may have UTF-8 header fields (RFC 6532),
+        so it is sent with C{SMTPUTF8} and only to a server that offers it.
     """
 
     reverse_path: Path
     forward_paths: Mapping[str, Path]
     message: BinaryIO
     info: MessageInfo
+    smtputf8: bool = False
 
     @property
     def recipients(self) -> tuple[str, ...]:

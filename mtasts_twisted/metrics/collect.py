@@ -248,7 +248,9 @@ class MeteredDeliverer:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._deliverer, name)
 
-    def deliver(self, sender: str, recipients: Sequence[str], message: BinaryIO) -> Deferred[DeliveryResult]:
+    def deliver(
+        self, sender: str, recipients: Sequence[str], message: BinaryIO, smtputf8: bool = False
+    ) -> Deferred[DeliveryResult]:
         """Deliver through the wrapped deliverer; count each recipient's outcome."""
 
         def count(result: DeliveryResult) -> DeliveryResult:
@@ -257,7 +259,7 @@ class MeteredDeliverer:
                 self._stats.deliveries[(outcome.status.value, mode)] += 1
             return result
 
-        return self._deliverer.deliver(sender, recipients, message).addCallback(count)
+        return self._deliverer.deliver(sender, recipients, message, smtputf8=smtputf8).addCallback(count)
 
 
 def count_report_outcomes(stats: ServiceStats) -> Callable[[list[SendOutcome]], list[SendOutcome]]:

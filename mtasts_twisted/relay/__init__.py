@@ -14,6 +14,11 @@ The rooms, bottom to top:
     (layout, limits, listing, crash recovery, quarantine).
   - L{settings <mtasts_twisted.relay.settings>}: L{RelaySettings}.
   - L{dsn <mtasts_twisted.relay.dsn>}: the bytes of a DSN (RFC 3464).
+  - L{commands <mtasts_twisted.relay.commands>}: the intake's command
+    arguments judged (RFC 5321 §4.1.2 addresses, RFC 6531 SMTPUTF8) and
+    its C{Received:} line.
+  - L{transaction <mtasts_twisted.relay.transaction>}: one MAIL
+    transaction of the intake and the C{IMessage} that spools its data.
   - L{intake <mtasts_twisted.relay.intake>}: the SMTP server side,
     L{RelaySMTPFactory} and its L{RelaySMTP} protocol.
   - L{timetable <mtasts_twisted.relay.timetable>}: L{Timetable}, when

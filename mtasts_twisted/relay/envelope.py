@@ -182,6 +182,10 @@ class QueuedMessage:
     @ivar size: the body's size in octets.
     @ivar attempts: delivery rounds made for this message.
     @ivar last_error: the last transient or permanent reason, for display.
+    @ivar smtputf8: it was submitted with the C{SMTPUTF8} parameter (RFC
+        6531 §3.4): its addresses or header fields may be UTF-8, and
+        delivery asks the next server for SMTPUTF8 where it needs it.
+        Envelopes written before this field read as C{False}.
     """
 
     id: str
@@ -191,6 +195,7 @@ class QueuedMessage:
     size: int
     attempts: int = 0
     last_error: str | None = None
+    smtputf8: bool = False
 
     @property
     def pending(self) -> tuple[RecipientState, ...]:
@@ -231,6 +236,7 @@ class QueuedMessage:
             "attempts": self.attempts,
             "next_attempt": self.next_attempt,
             "last_error": self.last_error,
+            "smtputf8": self.smtputf8,
         }
 
     @classmethod
@@ -251,6 +257,9 @@ class QueuedMessage:
         ident = data["id"]
         if not isinstance(ident, str) or len(ident) > 64:
             raise TypeError("id")
+        smtputf8 = data.get("smtputf8", False)  # absent in older envelopes
+        if not isinstance(smtputf8, bool):
+            raise TypeError("smtputf8")
         return cls(
             id=ident,
             sender=_address(data["sender"], "sender"),
@@ -259,6 +268,7 @@ class QueuedMessage:
             size=_count(data["size"], "size", MAX_SIZE),
             attempts=_count(data.get("attempts", 0), "attempts", MAX_ATTEMPTS),
             last_error=_opt_str(data.get("last_error")),
+            smtputf8=smtputf8,
         )
 
 

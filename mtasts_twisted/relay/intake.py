@@ -1,29 +1,42 @@
 """
 The relay's SMTP intake (L{RelaySMTPFactory}): twisted.mail's C{ESMTP}
-server with an C{IMessageDelivery} that streams each message into the
+server, with the commands that carry addresses judged here
+(L{mtasts_twisted.relay.commands}), streaming each message into the
 L{Queue}:
 
   - Only clients in C{allowed_networks} (default: loopback) may use it;
     anyone else gets C{554 5.7.1} as the greeting and is disconnected
     (RFC 5321 §3.1) — never an open relay.
   - Advertises C{SIZE} (RFC 1870), C{8BITMIME} (RFC 6152), C{PIPELINING}
-    (RFC 2920), and C{STARTTLS} (RFC 3207) when given a server TLS context.
-    No AUTH: access is by network only.
+    (RFC 2920), C{ENHANCEDSTATUSCODES} (RFC 2034), C{SMTPUTF8} (RFC 6531)
+    and C{STARTTLS} (RFC 3207) when given a server TLS context.  No AUTH:
+    access is by network only.
+  - Commands: EHLO or HELO before MAIL (C{503 5.5.1}, RFC 5321 §4.1.4;
+    again after STARTTLS, RFC 3207 §4.2); a control character in any
+    command (a bare CR or LF, NUL, TAB) is C{501 5.5.2}; addresses are
+    judged by RFC 5321 §4.1.2 and §4.5.3.1 (C{501 5.1.7} / C{501 5.1.3});
+    a UTF-8 address needs the C{SMTPUTF8} parameter (C{550}/C{553 5.6.7},
+    RFC 6531 §3.5), which is kept with the message for delivery;
+    recipients at address literals are refused (C{553 5.1.2}).  Every
+    reply: L{mtasts_twisted.relay.commands}.
   - C{250} to the final dot only after L{Queue.enqueue} has fsynced the
     message and its envelope.  A full queue or disk: C{452 4.3.1} (at MAIL
-    or at the dot); over the size limit: C{552 5.3.4} (at MAIL for a
-    declared C{SIZE=}, else at the dot, the data being read and dropped);
-    too many recipients: C{452 4.5.3} (RFC 5321 §4.5.3.1.10); a recipient
-    without a domain: C{501 5.1.3}; non-ASCII addresses: C{553 5.6.7} (no
-    SMTPUTF8).
+    or at the dot); another error of the queue's files (EIO, EROFS,
+    EMFILE, ...): C{451 4.3.0}, and the session goes on; over the size
+    limit: C{552 5.3.4} (at MAIL for a declared C{SIZE=}, else at the dot,
+    the data being read and dropped); too many recipients: C{452 4.5.3}
+    (RFC 5321 §4.5.3.1.10).
+  - C{Received:} is built from validated values only
+    (L{mtasts_twisted.relay.commands.received_header}).
   - Lines: CRLF ends a line (twisted.mail's C{LineOnlyReceiver}); a bare
     LF or CR is kept as data inside the line, so only CRLF.CRLF ends the
     DATA (no SMTP smuggling); the deliverer turns bare line ends into CRLF
     and dot-stuffs after that.  A line over C{max_line_length} gets
     C{500 5.5.2} and the connection is closed (resynchronising a DATA
     stream after a dropped partial line is not safe).
-  - Limits: connections per client IP and in total (C{421 4.7.0} beyond),
-    idle timeout per command/line (C{421}), a maximum session time.
+  - Limits: connections per client and in total (C{421 4.7.0} beyond;
+    every loopback address, 127.0.0.0/8 and ::1, is one client), idle
+    timeout per command/line (C{421}), a maximum session time.
 """
 
 from __future__ import annotations
@@ -38,22 +51,24 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IAddress, IDelayedCall, IOpenSSLContextFactory, IReactorTime
 from twisted.internet.protocol import ServerFactory, connectionDone
 from twisted.logger import Logger
-from twisted.mail.interfaces import IMessageDelivery, IMessageSMTP
-from twisted.mail.smtp import (
-    ESMTP,
-    Address,
-    SMTPBadRcpt,
-    SMTPServerError,
-    User,
-)
+from twisted.mail.smtp import ESMTP, SMTP
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
+from mtasts_twisted.delivery.mailbox import Mailbox
+from mtasts_twisted.relay.commands import (
+    Greeting,
+    Refusal,
+    check_line,
+    parse_helo,
+    parse_mail,
+    parse_rcpt,
+    received_header,
+)
 from mtasts_twisted.relay.envelope import QueuedMessage
 from mtasts_twisted.relay.errors import MessageTooLargeError, QueueFullError
 from mtasts_twisted.relay.queue import Queue
-from mtasts_twisted.relay.settings import RelaySettings
-from mtasts_twisted.relay.spool import MessageWriter
+from mtasts_twisted.relay.settings import RelaySettings, client_key
+from mtasts_twisted.relay.transaction import LOCAL_ERROR, Transaction, spool_error
 
 __all__ = ["RelaySMTP", "RelaySMTPFactory"]
 
@@ -88,144 +103,6 @@ class _Connection(Protocol):
         """Read again."""
 
 
-def _address_text(address: Address | User) -> str:
-    raw = bytes(address.dest if isinstance(address, User) else address)
-    if not raw.isascii():
-        raise UnicodeError("non-ASCII address")
-    return raw.decode("ascii")
-
-
-@implementer(IMessageSMTP)
-class _QueueMessage:
-    """The one C{IMessage} of a transaction: streams lines into the queue."""
-
-    def __init__(self, writer: MessageWriter, protocol: RelaySMTP) -> None:
-        self._writer = writer
-        self._protocol = protocol
-
-    def lineReceived(self, line: bytes) -> None:
-        try:
-            self._writer.write(line + b"\r\n")
-        except MessageTooLargeError:
-            raise SMTPServerError(
-                552, b"5.3.4 Message size exceeds fixed maximum message size"
-            )
-        except QueueFullError:
-            raise SMTPServerError(452, b"4.3.1 Insufficient system storage")
-
-    def eomReceived(self) -> Deferred[QueuedMessage]:
-        # Failures are reported to the client by RelaySMTP._messageHandled.
-        d = self._writer.commit_deferred()
-        if not d.called:
-            # Replies keep their order (RFC 2920 §3.1): pipelined commands
-            # after this dot wait until it is answered.
-            self._protocol.hold_input()
-        return d
-
-    def connectionLost(self) -> None:
-        self._writer.abort()
-
-
-@implementer(IMessageSMTP)
-class _NullMessage:
-    """The C{IMessage} of every other recipient: the first one stores all."""
-
-    def lineReceived(self, line: bytes) -> None:
-        pass
-
-    def eomReceived(self) -> Deferred[None]:
-        return succeed(None)
-
-    def connectionLost(self) -> None:
-        pass
-
-
-class _Transaction:
-    """One MAIL transaction: its sender and accepted recipients."""
-
-    def __init__(self, intake: _Intake, sender: str) -> None:
-        self.intake = intake
-        self.sender = sender
-        self.recipients: list[str] = []
-        self._made = False
-
-    def message(self) -> IMessageSMTP:
-        # twisted.mail calls this once per recipient at DATA; the first
-        # call opens the queue writer for all recipients.
-        if self._made:
-            return _NullMessage()
-        self._made = True
-        try:
-            writer = self.intake.queue.begin(self.sender, self.recipients)
-        except QueueFullError:
-            raise SMTPServerError(452, b"4.3.1 Insufficient system storage")
-        return _QueueMessage(writer, self.intake.protocol)
-
-
-@implementer(IMessageDelivery)
-class _Intake:
-    """The C{IMessageDelivery} of one connection."""
-
-    def __init__(self, factory: RelaySMTPFactory, protocol: RelaySMTP) -> None:
-        self.factory = factory
-        self.queue = factory.queue
-        self.protocol = protocol
-        self.transaction: _Transaction | None = None
-
-    def receivedHeader(
-        self, helo: tuple[bytes, bytes], origin: Address, recipients: list[User]
-    ) -> bytes | None:
-        transaction = self.transaction
-        if (
-            transaction
-            and transaction.recipients
-            and recipients
-            and _address_text(recipients[0]) != transaction.recipients[0]
-        ):
-            return None  # only the first recipient's IMessage stores data
-        helo_name = (helo[0] or b"unknown").decode("ascii", "replace")
-        client = (
-            helo[1].decode("ascii", "replace")
-            if isinstance(helo[1], bytes)
-            else str(helo[1])
-        )
-        by = self.factory.settings.reporting_mta
-        proto = "ESMTPS" if self.protocol.startedTLS else "ESMTP"
-        # RFC 5321 §4.4; no "for" clause: several recipients share the copy.
-        text = f"Received: from {helo_name} ([{client}])\r\n\tby {by} with {proto} (mtasts-twisted);\r\n\t{formatdate()}"
-        return text.encode("ascii", "replace")
-
-    def validateFrom(self, helo: tuple[bytes, bytes], origin: Address) -> Address:
-        try:
-            sender = _address_text(origin)
-        except UnicodeError:
-            raise SMTPServerError(
-                553, "5.6.7 Non-ASCII addresses need SMTPUTF8, which is not offered"
-            )
-        if not self.queue.has_room():
-            log.warn("queue full: refusing mail from <{sender}>", sender=sender)  # noqa: G010 - twisted.logger has warn, not warning
-            raise SMTPServerError(
-                452, "4.3.1 Insufficient system storage, try again later"
-            )
-        self.transaction = _Transaction(self, sender)
-        return origin
-
-    def validateTo(self, user: User) -> Callable[[], IMessageSMTP]:
-        transaction = self.transaction
-        if transaction is None:
-            raise SMTPBadRcpt(user, 503, "5.5.1 MAIL first")
-        try:
-            recipient = _address_text(user)
-        except UnicodeError:
-            raise SMTPServerError(
-                553, "5.6.7 Non-ASCII addresses need SMTPUTF8, which is not offered"
-            )
-        if len(transaction.recipients) >= self.factory.settings.max_recipients:
-            raise SMTPServerError(452, "4.5.3 Too many recipients")
-        transaction.recipients.append(recipient)
-        return transaction.message
-
-
 class RelaySMTP(ESMTP):
     """
     The relay's ESMTP server protocol (see the module docstring).
@@ -233,9 +110,18 @@ class RelaySMTP(ESMTP):
     """
 
     factory: RelaySMTPFactory
+    #: The client's key in C{factory.per_ip} (L{client_key}), once counted.
     _counted_ip: str | None = None
+    #: The client's IP address, as C{ipaddress} writes it.
+    _client_ip = "0.0.0.0"
+    #: The accepted EHLO/HELO (None: none yet, or reset by STARTTLS).
+    _greeting: Greeting | None = None
+    #: The MAIL transaction in progress (or whose data is being received).
+    _transaction: Transaction | None = None
     _session_call: IDelayedCall | None = None
     _refused = False
+    #: STARTTLS was just answered: the rest of this read is plaintext.
+    _plaintext_dropped = False
     #: Lines received while an end of data is being committed (None: none is).
     _held: list[bytes] | None = None
 
@@ -256,8 +142,17 @@ class RelaySMTP(ESMTP):
             if self.transport is not None:
                 self._connection.pauseProducing()
 
+    def dataReceived(self, data: bytes) -> None:
+        """Input from the transport (decrypted, once TLS has started)."""
+        self._plaintext_dropped = False
+        ESMTP.dataReceived(self, data)
+
     def lineReceived(self, line: bytes) -> object:
         """Process a line, or keep it while an end of data is pending."""
+        if self._plaintext_dropped:
+            # Came in plaintext with STARTTLS, read after it: never run it
+            # as if it had come under TLS (RFC 3207 §5).
+            return None
         if self._held is not None:
             self._held.append(line)
             return None
@@ -315,15 +210,20 @@ class RelaySMTP(ESMTP):
         if factory.connections >= factory.settings.max_connections:
             self._refuse(421, "4.7.0 Too many connections, try again later")
             return
-        if factory.per_ip[host] >= factory.settings.max_connections_per_ip:
+        key = client_key(address)
+        if factory.per_ip[key] >= factory.settings.max_connections_per_ip:
+            log.warn(  # noqa: G010 - twisted.logger has warn, not warning
+                "refused SMTP client {client}: {count} connections from {key} already",
+                client=host, count=factory.per_ip[key], key=key,
+            )
             self._refuse(
                 421, f"4.7.0 Too many connections from {host}, try again later"
             )
             return
         factory.connections += 1
-        factory.per_ip[host] += 1
-        self._counted_ip = host
-        self.delivery = _Intake(factory, self)
+        factory.per_ip[key] += 1
+        self._counted_ip = key
+        self._client_ip = str(address)
         self._session_call = factory.clock.callLater(
             factory.settings.max_session_time, self._session_expired
         )
@@ -371,12 +271,13 @@ class RelaySMTP(ESMTP):
         return self.host + b" ESMTP mtasts-twisted relay"
 
     def extensions(self) -> dict[bytes, list[bytes] | None]:
-        """EHLO keywords: SIZE, 8BITMIME, PIPELINING, ENHANCEDSTATUSCODES, STARTTLS."""
+        """EHLO keywords: SIZE, 8BITMIME, PIPELINING, ENHANCEDSTATUSCODES, SMTPUTF8, STARTTLS."""
         ext: dict[bytes, list[bytes] | None] = {
             b"SIZE": [str(self.factory.settings.max_message_size).encode()],  # RFC 1870
-            b"8BITMIME": None,  # RFC 6152
+            b"8BITMIME": None,  # RFC 6152; RFC 6531 §3.1 item 8 requires it with SMTPUTF8
             b"PIPELINING": None,  # RFC 2920
             b"ENHANCEDSTATUSCODES": None,  # RFC 2034
+            b"SMTPUTF8": None,  # RFC 6531
         }
         if self.canStartTLS and not self.startedTLS:
             ext[b"STARTTLS"] = None
@@ -391,22 +292,120 @@ class RelaySMTP(ESMTP):
         self.sendCode(500, b"5.5.2 Line too long")
         self._connection.loseConnection()
 
+    def state_COMMAND(self, line: bytes) -> None:
+        """A command line: none may hold a control character (C{501 5.5.2})."""
+        try:
+            check_line(line)
+        except Refusal as refusal:
+            self._reply(refusal)
+            return
+        ESMTP.state_COMMAND(self, line)
+
+    def _reply(self, refusal: Refusal) -> None:
+        self.sendCode(refusal.code, refusal.text.encode("ascii", "replace"))
+
+    def _greet(self, rest: bytes, esmtp: bool) -> None:
+        try:
+            greeting = parse_helo(rest, esmtp)
+        except Refusal as refusal:
+            self._reply(refusal)
+            return
+        self._greeting = greeting
+        self._transaction = None
+        if esmtp:
+            ESMTP.do_EHLO(self, rest)
+        else:
+            SMTP.do_HELO(self, rest)
+
+    def do_EHLO(self, rest: bytes) -> None:
+        """EHLO (RFC 5321 §4.1.1.1): a name is required; resets the transaction."""
+        self._greet(rest, esmtp=True)
+
+    def do_HELO(self, rest: bytes) -> None:
+        """HELO (RFC 5321 §4.1.1.1): a name is required; resets the transaction."""
+        self._greet(rest, esmtp=False)
+
+    def ext_STARTTLS(self, rest: bytes) -> None:
+        """STARTTLS; once started, the client must say EHLO again (RFC 3207 §4.2)."""
+        started = self.startedTLS
+        ESMTP.ext_STARTTLS(self, rest)
+        if self.startedTLS and not started:
+            self._plaintext_dropped = True
+            self._greeting = None
+            self._transaction = None
+            self._from = None
+            self._to = []
+
     def do_MAIL(self, rest: bytes) -> None:
-        """MAIL, checking a declared C{SIZE=} first (RFC 1870 §6.2)."""
-        m = self.mail_re.match(rest)
-        if m and m.group("opts"):
-            for opt in m.group("opts").split():
-                key, _, value = opt.partition(b"=")
-                if (
-                    key.upper() == b"SIZE"
-                    and value.isdigit()
-                    and int(value) > self.factory.settings.max_message_size
-                ):
-                    self.sendCode(
-                        552, b"5.3.4 Message size exceeds fixed maximum message size"
-                    )
-                    return
-        ESMTP.do_MAIL(self, rest)
+        """MAIL (RFC 5321 §4.1.1.2), judged by L{parse_mail}."""
+        if self._greeting is None:
+            self.sendCode(503, b"5.5.1 Send EHLO or HELO first")  # RFC 5321 §4.1.4
+            return
+        if self._from is not None:
+            self.sendCode(503, b"5.5.1 Nested MAIL command")
+            return
+        try:
+            mail = parse_mail(rest, self.factory.settings.max_message_size)
+        except Refusal as refusal:
+            self._reply(refusal)
+            return
+        queue = self.factory.queue
+        if not queue.has_room():
+            log.warn("queue full: refusing mail from <{sender}>", sender=str(mail.sender or ""))  # noqa: G010
+            self.sendCode(452, b"4.3.1 Insufficient system storage, try again later")
+            return
+        self._transaction = Transaction(queue, self, mail)
+        self._from = mail  # what twisted.mail's DATA checks and hands back
+        self._to = []
+        self.sendCode(250, b"2.1.0 Ok")
+
+    def do_RCPT(self, rest: bytes) -> None:
+        """RCPT (RFC 5321 §4.1.1.3), judged by L{parse_rcpt}."""
+        transaction = self._transaction
+        if self._from is None or transaction is None:
+            self.sendCode(503, b"5.5.1 MAIL first")
+            return
+        try:
+            recipient = parse_rcpt(rest, transaction.smtputf8)
+        except Refusal as refusal:
+            self._reply(refusal)
+            return
+        address = str(recipient)
+        if address not in transaction.recipients:
+            if len(transaction.recipients) >= self.factory.settings.max_recipients:
+                self.sendCode(452, b"4.5.3 Too many recipients")  # RFC 5321 §4.5.3.1.10
+                return
+            transaction.recipients.append(address)
+            self._to.append((recipient, transaction.message))
+        self.sendCode(250, b"2.1.5 Ok")
+
+    def do_DATA(self, rest: bytes) -> None:
+        """DATA: only after MAIL and an accepted RCPT (C{503 5.5.1})."""
+        if self._from is None or not self._to:
+            self.sendCode(503, b"5.5.1 MAIL and RCPT first")
+            return
+        ESMTP.do_DATA(self, rest)
+
+    def do_RSET(self, rest: bytes) -> None:
+        """RSET: forget the transaction (RFC 5321 §4.1.1.5)."""
+        self._from = None
+        self._to = []
+        self._transaction = None
+        self.sendCode(250, b"2.0.0 Ok")
+
+    def receivedHeader(self, helo: object, origin: object, recipients: list[Mailbox]) -> bytes | None:
+        """The C{Received:} line, from validated values only (L{received_header})."""
+        if self._greeting is None:
+            return None  # unreachable: DATA needs MAIL, MAIL needs a greeting
+        transaction = self._transaction
+        return received_header(
+            self._greeting,
+            self._client_ip,
+            self.factory.settings.reporting_mta,
+            tls=self.startedTLS,
+            smtputf8=transaction is not None and transaction.smtputf8,
+            date=formatdate(),
+        )
 
     def do_NOOP(self, rest: bytes) -> None:
         """NOOP: C{250} (RFC 5321 §4.1.1.9; twisted.mail's server lacks it)."""
@@ -415,14 +414,6 @@ class RelaySMTP(ESMTP):
     def do_VRFY(self, rest: bytes) -> None:
         """VRFY: C{252}, nothing is verified here (RFC 5321 §3.5.3, §4.5.1)."""
         self.sendCode(252, b"2.5.0 Cannot VRFY user, but will accept message and attempt delivery")
-
-    def do_RCPT(self, rest: bytes) -> None:
-        """RCPT; a recipient must have a domain (no local delivery here)."""
-        m = self.rcpt_re.match(rest)
-        if self._from and m and b"@" not in m.group("path"):
-            self.sendCode(501, b"5.1.3 Recipient address must include a domain")
-            return
-        ESMTP.do_RCPT(self, rest)
 
     def _messageHandled(self, resultList: list[tuple[bool, Any]]) -> None:
         """Answer the final dot: 250 only when the queue has committed it."""
@@ -444,10 +435,13 @@ class RelaySMTP(ESMTP):
             self.sendCode(452, b"4.3.1 Insufficient system storage")
         elif failure is not None and failure.check(MessageTooLargeError):
             self.sendCode(552, b"5.3.4 Message size exceeds fixed maximum message size")
+        elif failure is not None and failure.check(OSError):
+            spool_error(cast(OSError, failure.value), "committing")  # not full: 451
+            self.sendCode(451, LOCAL_ERROR)
         else:
             if failure is not None:
                 log.failure("queueing a message failed", failure)
-            self.sendCode(451, b"4.3.0 Local error in processing, try again later")
+            self.sendCode(451, LOCAL_ERROR)
 
 
 class RelaySMTPFactory(_ServerFactory):
@@ -455,7 +449,8 @@ class RelaySMTPFactory(_ServerFactory):
     The relay's SMTP intake: listen with it on a (loopback) endpoint.
 
     @ivar connections: SMTP connections open now.
-    @ivar per_ip: open connections per client IP.
+    @ivar per_ip: open connections per client (L{client_key}: one IP
+        address, or C{"loopback"} for all of 127.0.0.0/8 and ::1).
     """
 
     noisy = False  # no "Starting factory" line when the service hands it the listener

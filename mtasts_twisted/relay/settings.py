@@ -14,7 +14,7 @@ from twisted.internet.interfaces import IReactorThreads, IReactorTime
 
 from mtasts_twisted.relay.queue import Queue
 
-__all__ = ["LOOPBACK_NETWORKS", "IPNetwork", "RelaySettings"]
+__all__ = ["LOOPBACK_NETWORKS", "IPNetwork", "RelaySettings", "client_key"]
 
 #: A client network of C{allowed_networks}.
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -24,6 +24,20 @@ LOOPBACK_NETWORKS: tuple[IPNetwork, ...] = (
     ipaddress.ip_network("127.0.0.0/8"),
     ipaddress.ip_network("::1/128"),
 )
+
+
+def client_key(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """
+    The client a connection from C{address} counts against for the
+    per-client connection limit: every loopback address (127.0.0.0/8,
+    C{::1}, and 127/8 mapped into IPv6) is the one client C{"loopback"} —
+    a local user can bind any of them, so counting them apart would
+    multiply the limit by 16 million.  Any other address is itself.
+    """
+    mapped = getattr(address, "ipv4_mapped", None)
+    if address.is_loopback or (mapped is not None and mapped.is_loopback):
+        return "loopback"
+    return str(mapped or address)
 
 
 @attrs.frozen
@@ -38,7 +52,11 @@ class RelaySettings:
     @ivar max_queue_bytes: octets queued at once (2 GiB).
     @ivar allowed_networks: client networks allowed to submit (loopback).
     @ivar max_connections: concurrent SMTP connections in total (100).
-    @ivar max_connections_per_ip: concurrent connections per client IP (10).
+    @ivar max_connections_per_ip: concurrent connections per client (20):
+        per IP address, except that all of loopback (127.0.0.0/8, ::1) is
+        one client (L{client_key}).  20 is
+        Postfix's C{default_destination_concurrency_limit}: a Postfix that
+        relays through this intake is not refused at its default.
     @ivar idle_timeout: seconds of silence before C{421} (300, RFC 5321
         §4.5.3.2.7).
     @ivar max_session_time: seconds one SMTP connection may last (3600).
@@ -60,7 +78,7 @@ class RelaySettings:
     max_queue_bytes: int = 2 * 1024 * 1024 * 1024
     allowed_networks: tuple[IPNetwork, ...] = LOOPBACK_NETWORKS
     max_connections: int = 100
-    max_connections_per_ip: int = 10
+    max_connections_per_ip: int = 20
     idle_timeout: float = 300.0
     max_session_time: float = 3600.0
     max_line_length: int = 8192

@@ -5,6 +5,11 @@ memory up to C{BUFFERED_SIZE}, else into C{tmp-<token>/}), then commits
 it; and the file helpers (fsync a directory, write a file durably) it
 shares with the queue.  What is fsynced when, and what runs in the thread
 pool: see L{mtasts_twisted.relay.queue}.
+
+Any C{OSError} on the way removes what was written; a full disk
+(C{ENOSPC}, C{EDQUOT}) is raised as L{QueueFullError}, any other error
+(C{EIO}, C{EROFS}, C{EMFILE}, ...) as itself: the intake answers
+C{452 4.3.1} and C{451 4.3.0}.
 """
 
 from __future__ import annotations
@@ -116,6 +121,8 @@ class MessageWriter:
         self._sender = sender
         self._recipients = recipients
         self._tmpdir = tmpdir
+        #: Submitted with SMTPUTF8 (RFC 6531 §3.4): stored in the envelope.
+        self.smtputf8 = False
         # A body up to BUFFERED_SIZE stays in memory until the commit, which
         # then writes it with the fsyncs (in a thread with commit_deferred):
         # no file system work per message on the reactor thread.  A larger
@@ -220,6 +227,7 @@ class MessageWriter:
             ),
             created=now,
             size=self.size,
+            smtputf8=self.smtputf8,
         )
 
     def _make_durable(self, message: QueuedMessage) -> None:

@@ -289,7 +289,9 @@ class RelayService(Service):
         outcomes: dict[str, Outcome] = {}
         try:
             try:
-                result = await self.deliverer.deliver(message.sender, list(group.recipients), body)
+                result = await self.deliverer.deliver(
+                    message.sender, list(group.recipients), body, smtputf8=message.smtputf8
+                )
                 for outcome in result.outcomes:
                     outcomes[outcome.recipient] = (
                         outcome.status.value,

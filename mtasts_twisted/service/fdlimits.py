@@ -23,7 +23,7 @@ The sizing (logged at start), for a limit C{L}::
     cause while served (a socketmap lookup's DNS query or policy fetch, an
     SMTP message spooled to a file).
 
-The caps are the defaults (socketmap 1024, SMTP 100, 10 per client IP)
+The caps are the defaults (socketmap 1024, SMTP 100, 20 per client)
 when they fit; otherwise both are scaled down in proportion.
 """
 
@@ -130,7 +130,7 @@ class ConnectionCaps:
                 + (" (connection caps scaled down to fit)" if self.scaled else ""))
 
 
-def size_connection_caps(fd_limit: int, socketmap: int = 1024, smtp: int = 100, smtp_per_ip: int = 10,
+def size_connection_caps(fd_limit: int, socketmap: int = 1024, smtp: int = 100, smtp_per_ip: int = 20,
                          delivery_slots: int = 20, parked_sessions: int = 50,
                          metrics: int = 0) -> ConnectionCaps:
     """

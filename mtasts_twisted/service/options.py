@@ -222,6 +222,15 @@ def _check_writable_dir(path: str) -> None:
         raise usage.UsageError(f"--data-dir {path}: cannot be created ({parent} is not writable)")
 
 
+def _check_queue_dir(data_dir: str) -> None:
+    """The relay queue (DATA-DIR/queue), when it exists, must be a writable directory."""
+    queue = os.path.join(data_dir, "queue")
+    if os.path.exists(queue) and not os.path.isdir(queue):
+        raise usage.UsageError(f"--data-dir {data_dir}: queue directory {queue} is not a directory")
+    if os.path.exists(queue) and not os.access(queue, os.W_OK | os.X_OK):
+        raise usage.UsageError(f"--data-dir {data_dir}: queue directory {queue} is not writable by uid {os.geteuid()}")
+
+
 def _port_number(text: str, what: str) -> int:
     try:
         port = int(text.strip())
@@ -419,6 +428,8 @@ class Options(usage.Options):
                 self[name] = None
             else:
                 _check_endpoint(name, self[name])
+        if self["smtp"] is not None:
+            _check_queue_dir(self["data-dir"])
 
         from mtasts_twisted.dns import parse_nameserver
 
