@@ -239,6 +239,24 @@ class WorkerTests(_ServiceTestCase):
         self.deliverer.fire(1, Status.DELIVERED)
         self.assertEqual(self.queue.list(), [])
 
+    def test_undeliverable_arguments_fail_permanently(self) -> None:
+        """
+        A deliverer's ValueError (IDeliverer: arguments it can never send,
+        e.g. an address queued before the intake checked addresses) fails
+        the recipients permanently (5.1.3) with a DSN, instead of retrying
+        for days.
+        """
+        self.start()
+        m = self.queue.enqueue("a@example.org", ['"b\nBcc: y"@example.com'], MESSAGE)
+        self.go()
+        [(_, _, _, d)] = self.deliverer.calls
+        d.errback(ValueError("invalid address '\"b\\nBcc: y\"@example.com'"))
+        [dsn] = self.queue.list()  # the original is gone, its DSN is queued
+        self.assertNotEqual(dsn.id, m.id)
+        self.assertEqual(dsn.sender, "")
+        self.assertEqual([r.address for r in dsn.recipients], ["a@example.org"])
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+
     def test_transient_backoff(self) -> None:
         self.start(retry_base=300, retry_max=3600)
         m = self.queue.enqueue("a@example.org", ["b@example.com"], MESSAGE)

@@ -299,6 +299,16 @@ class RelayService(Service):
                         outcome.message,
                         outcome.mx_host,
                     )
+            except ValueError as e:
+                # IDeliverer: ValueError means arguments it can never send (an
+                # address it cannot write, e.g. queued before the intake
+                # checked addresses, or an address literal): a permanent
+                # failure (RFC 3463 5.1.3), not five days of retries.
+                log.error("cannot deliver {id} to {domain}: {error}",
+                          id=group.message_id, domain=group.domain, error=str(e))
+                self.stats["deliveries"]["error"] += 1
+                for r in group.recipients:
+                    outcomes[r] = ("permanent", None, f"5.1.3 {e}", None)
             except Exception as e:  # noqa: BLE001 - any deliverer bug: retry later
                 log.failure("deliverer failed for {id} at {domain}", id=group.message_id, domain=group.domain)
                 self.stats["deliveries"]["error"] += 1
