@@ -1,33 +1,13 @@
 """
-Certificate verification shared by every TLS client of the package: the
-policy fetch (RFC 8461 §3.3), the MX connections (RFC 8461 §4.1) and the
-https report sender (RFC 8460 §5.4).
-
-What they must agree on lives here, once:
-
-  - L{load_trust_roots}: the one reader of trust roots (C{--ca-file}, PEM
-    bytes, a certificate, the platform's store).
-  - L{classify_verify_error}: the one table from an OpenSSL X.509 verify
-    error to the RFC 8460 §4.3.1 result type it counts as (docs/design.rst,
-    "TLS failure → RFC 8460 result type"), with L{verify_error_name} and
-    L{deciding_verify_error}.
-  - L{VerifyRecorder}: the one recording verify callback, one per
-    connection: OpenSSL's PKIX verdict plus the RFC 6125 host-name check,
-    recording why verification failed (a failed handshake alone only says
-    "certificate verify failed").
-  - L{client_context} and L{RecordingConnectionCreator}: one OpenSSL context
-    built once and shared, with SNI and a L{VerifyRecorder} per connection
-    (the policy fetch, the report sender).  C{mtasts_twisted.tls} builds its
-    MX connections on L{VerifyRecorder} too.
+The recording verify callback (L{VerifyRecorder}) and the client
+connections built on it (L{client_context}, L{RecordingConnectionCreator}):
+OpenSSL's PKIX verdict plus the RFC 6125 host-name check, recording why
+verification failed.
 """
 
 from __future__ import annotations
 
-import os
-import re
 import weakref
-from collections.abc import Iterable, Mapping
-from typing import NamedTuple, Union
 
 from cryptography import x509
 from OpenSSL import SSL, crypto
@@ -37,204 +17,24 @@ from service_identity.hazmat import DNS_ID, IPAddress_ID, ServiceID, verify_serv
 from twisted.internet._sslverify import IOpenSSLTrustRoot  # only exported there
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
-from twisted.internet.ssl import (
-    Certificate,
-    CertificateOptions,
-    TLSVersion,
-    platformTrust,
-    trustRootFromCertificates,
-)
+from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mtasts_twisted.results import ResultType
+from mtasts_twisted.pkix.errors import classify_verify_error, deciding_verify_error
 
 __all__ = [
-    "EXPIRED_ERRORS",
-    "NOT_TRUSTED_ERRORS",
     "CertificateVerifyError",
     "RecordingConnectionCreator",
-    "TrustRootSpec",
-    "VerifyErrorClass",
     "VerifyRecorder",
     "certificate_names",
-    "classify_verify_error",
     "client_context",
-    "deciding_verify_error",
-    "load_trust_roots",
-    "verify_error_name",
 ]
 
-log = Logger()
-
-
-# --- trust roots -------------------------------------------------------------
-
-#: What L{load_trust_roots} takes.
-TrustRootSpec = Union[Certificate, bytes, str, "os.PathLike[str]", IOpenSSLTrustRoot, None]
-
-# RFC 7468 §5.1 "CERTIFICATE"; "X509 CERTIFICATE" is the legacy label of
-# RFC 7468 §5.3 that OpenSSL and cryptography also read.
-_PEM_CERTIFICATE_BEGIN = re.compile(rb"-----BEGIN (?:X509 )?CERTIFICATE-----")
-
-
-def load_trust_roots(roots: TrustRootSpec = None) -> IOpenSSLTrustRoot:
-    """
-    Make the trust roots for certificate verification (policy hosts, MX
-    hosts, https report endpoints) from what a caller or C{--ca-file} gives.
-
-    PEM is read as RFC 7468 describes (whitespace within the base64 ignored,
-    the legacy C{X509 CERTIFICATE} label accepted, other blocks such as keys
-    skipped), and strictly: every certificate block must be complete and
-    parse, so a truncated or damaged file is an error rather than fewer
-    roots.
-
-    @param roots: L{None} for the platform's roots (L{platformTrust}); PEM
-        C{bytes} holding one or more certificates; a path (L{str} or
-        path-like) to such a PEM file; a Twisted L{Certificate}; anything
-        else is taken for an C{IOpenSSLTrustRoot} (such as the result of
-        L{trustRootFromCertificates}) and returned unchanged.
-    @return: an C{IOpenSSLTrustRoot} for C{optionsForClientTLS} or
-        L{client_context}.
-    @raise ValueError: the PEM holds no certificate, or a certificate block
-        that is incomplete or does not parse.
-    @raise OSError: the file cannot be read.
-    """
-    if roots is None:
-        return platformTrust()
-    if isinstance(roots, Certificate):
-        return trustRootFromCertificates([roots])
-    if isinstance(roots, (str, os.PathLike)):
-        with open(roots, "rb") as f:
-            roots = f.read()
-    if not isinstance(roots, bytes):
-        return roots  # already a trust root (IOpenSSLTrustRoot)
-    blocks = len(_PEM_CERTIFICATE_BEGIN.findall(roots))
-    if not blocks:
-        raise ValueError("no PEM certificate found in trust roots")
-    try:
-        certificates = x509.load_pem_x509_certificates(roots)
-    except ValueError as e:
-        detail = " ".join(str(e).split())  # one line (usage errors are)
-        raise ValueError(f"invalid PEM certificate in trust roots: {detail}") from None
-    if len(certificates) < blocks:
-        raise ValueError(
-            f"incomplete PEM certificate in trust roots: {blocks} begun, {len(certificates)} complete"
-        )
-    return trustRootFromCertificates(
-        [Certificate(crypto.X509.from_cryptography(c)) for c in certificates]
-    )
-
-
-# --- OpenSSL verify errors → RFC 8460 ------------------------------------------
-
-
-class VerifyErrorClass(NamedTuple):
-    """
-    What an OpenSSL X.509 verify error counts as (a tuple, so it compares
-    equal to C{(reason, description)}).
-
-    @ivar reason: the RFC 8460 §4.3.1 result type it counts as, by name:
-        C{certificate-expired}, C{certificate-not-trusted} or
-        C{validation-failure}.  The policy fetch reports it as the
-        failure-reason-code of C{sts-webpki-invalid}; the MX connections as
-        the result type itself.
-    @ivar description: the error, for people.
-    """
-
-    reason: str
-    description: str
-
-    @property
-    def result_type(self) -> ResultType:
-        """L{reason} as a L{ResultType}."""
-        return ResultType(self.reason)
-
-
-_EXPIRED = ResultType.CERTIFICATE_EXPIRED.value
-_NOT_TRUSTED = ResultType.CERTIFICATE_NOT_TRUSTED.value
-
-# The one table (docs/design.rst, "TLS failure → RFC 8460 result type").
-# Any other error is validation-failure (RFC 8460 §4.3.1).
-_VERIFY_ERRORS: Mapping[int, VerifyErrorClass] = {
-    2: VerifyErrorClass(_NOT_TRUSTED, "unable to get issuer certificate"),  # UNABLE_TO_GET_ISSUER_CERT
-    9: VerifyErrorClass(_EXPIRED, "certificate is not yet valid"),  # CERT_NOT_YET_VALID
-    10: VerifyErrorClass(_EXPIRED, "certificate has expired"),  # CERT_HAS_EXPIRED
-    18: VerifyErrorClass(_NOT_TRUSTED, "self-signed certificate"),  # DEPTH_ZERO_SELF_SIGNED_CERT
-    19: VerifyErrorClass(_NOT_TRUSTED, "self-signed certificate in certificate chain"),  # SELF_SIGNED_CERT_IN_CHAIN
-    20: VerifyErrorClass(_NOT_TRUSTED, "unable to get local issuer certificate"),  # UNABLE_TO_GET_ISSUER_CERT_LOCALLY
-    21: VerifyErrorClass(_NOT_TRUSTED, "unable to verify the first certificate"),  # UNABLE_TO_VERIFY_LEAF_SIGNATURE
-    27: VerifyErrorClass(_NOT_TRUSTED, "certificate not trusted"),  # CERT_UNTRUSTED
-}
-
-#: OpenSSL verify errors classified as certificate-expired (RFC 8460
-#: §4.3.1): 9 X509_V_ERR_CERT_NOT_YET_VALID, 10 X509_V_ERR_CERT_HAS_EXPIRED.
-EXPIRED_ERRORS = frozenset(n for n, c in _VERIFY_ERRORS.items() if c.reason == _EXPIRED)
-
-#: OpenSSL verify errors classified as certificate-not-trusted (RFC 8460
-#: §4.3.1): 2, 18, 19, 20, 21 and 27.
-NOT_TRUSTED_ERRORS = frozenset(n for n, c in _VERIFY_ERRORS.items() if c.reason == _NOT_TRUSTED)
-
-
-def classify_verify_error(code: int) -> VerifyErrorClass:
-    """
-    Map an OpenSSL X.509 verify error code to the RFC 8460 result type it
-    counts as.
-
-    @param code: the C{errno} the OpenSSL verify callback received.
-    @return: C{(reason, description)}; C{reason} is C{certificate-expired}
-        for 9 and 10, C{certificate-not-trusted} for 2, 18, 19, 20, 21 and
-        27, and C{validation-failure} otherwise (docs/design.rst).
-    """
-    return _VERIFY_ERRORS.get(
-        code, VerifyErrorClass(ResultType.VALIDATION_FAILURE.value, f"X.509 verify error {code}")
-    )
-
-
-def deciding_verify_error(errors: Iterable[int]) -> int | None:
-    """
-    The verify error that decides how a failed chain is reported.
-
-    The most fundamental wins: a chain that does not lead to a trusted root,
-    then expiry, then the first other error.  OpenSSL reports them in the
-    same order, so a connection that stops at the first error and one that
-    records them all agree.
-
-    @param errors: OpenSSL verify error codes, in the order reported.
-    @return: one of C{errors}, or L{None} when there is none.
-    """
-    errors = tuple(errors)
-    for reason in (_NOT_TRUSTED, _EXPIRED):
-        for code in errors:
-            if classify_verify_error(code).reason == reason:
-                return code
-    return errors[0] if errors else None
-
-
-def _verify_error_names() -> dict[int, str]:
-    # pyOpenSSL's public X509VerificationCodes holds the X509_V_ERR_*
-    # numbers of the OpenSSL it was built with; name each after its symbol.
-    names: dict[int, str] = {}
-    for attribute in dir(SSL.X509VerificationCodes):
-        if attribute.startswith("ERR_"):
-            value = getattr(SSL.X509VerificationCodes, attribute)
-            if isinstance(value, int):
-                names.setdefault(value, "X509_V_" + attribute)
-    return names
-
-
-_VERIFY_ERROR_NAMES: Mapping[int, str] = _verify_error_names()
-
-
-def verify_error_name(errnum: int) -> str:
-    """
-    Return the OpenSSL symbol of verify error C{errnum}, e.g.
-    C{"X509_V_ERR_CERT_REVOKED"} for 23, or C{"x509-verify-error-N"} for a
-    number this pyOpenSSL does not name.
-    """
-    return _VERIFY_ERROR_NAMES.get(errnum, f"x509-verify-error-{errnum}")
+# The namespace of the module this room was cut from, so log lines read as before.
+log = Logger(namespace="mtasts_twisted.pkix")
 
 
 # --- certificates ------------------------------------------------------------
@@ -535,4 +335,3 @@ class RecordingConnectionCreator:
         recorder.attach(connection, tlsProtocol)
         self.recorders.append(recorder)
         return connection
-
