@@ -19,13 +19,25 @@ What they must agree on lives here, once:
     built once and shared, with SNI and a L{VerifyRecorder} per connection
     (the policy fetch, the report sender).  C{mtasts_twisted.tls} builds its
     MX connections on L{VerifyRecorder} too.
+  - L{dane_verify}: DANE authentication of a chain by TLSA records (RFC
+    7672 §3): DANE-EE(3) matches, DANE-TA(2) anchors with OpenSSL's path
+    validation and the name checks of §3.2.2–§3.2.3.
 
 The rooms, bottom to top: L{roots <mtasts_twisted.pkix.roots>},
-L{errors <mtasts_twisted.pkix.errors>} and
-L{recorder <mtasts_twisted.pkix.recorder>}.  Callers import from this
+L{errors <mtasts_twisted.pkix.errors>},
+L{recorder <mtasts_twisted.pkix.recorder>} and
+L{dane <mtasts_twisted.pkix.dane>}.  Callers import from this
 package; the rooms are free to move.
 """
 
+from mtasts_twisted.pkix.dane import (
+    DANEVerdict,
+    dane_name_matches,
+    dane_verify,
+    subject_public_key_info,
+    tlsa_association_data,
+    tlsa_matches,
+)
 from mtasts_twisted.pkix.errors import (
     EXPIRED_ERRORS,
     NOT_TRUSTED_ERRORS,
@@ -47,6 +59,7 @@ __all__ = [
     "EXPIRED_ERRORS",
     "NOT_TRUSTED_ERRORS",
     "CertificateVerifyError",
+    "DANEVerdict",
     "RecordingConnectionCreator",
     "TrustRootSpec",
     "VerifyErrorClass",
@@ -54,7 +67,12 @@ __all__ = [
     "certificate_names",
     "classify_verify_error",
     "client_context",
+    "dane_name_matches",
+    "dane_verify",
     "deciding_verify_error",
     "load_trust_roots",
+    "subject_public_key_info",
+    "tlsa_association_data",
+    "tlsa_matches",
     "verify_error_name",
 ]
