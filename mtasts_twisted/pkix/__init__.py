@@ -31,6 +31,7 @@ package; the rooms are free to move.
 """
 
 from mtasts_twisted.pkix.dane import (
+    DANECheck,
     DANEVerdict,
     dane_name_matches,
     dane_verify,
@@ -59,6 +60,7 @@ __all__ = [
     "EXPIRED_ERRORS",
     "NOT_TRUSTED_ERRORS",
     "CertificateVerifyError",
+    "DANECheck",
     "DANEVerdict",
     "RecordingConnectionCreator",
     "TrustRootSpec",

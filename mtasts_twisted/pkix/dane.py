@@ -35,6 +35,7 @@ from mtasts_twisted.pkix.errors import classify_verify_error, verify_error_name
 from mtasts_twisted.results import ResultType
 
 __all__ = [
+    "DANECheck",
     "DANEVerdict",
     "dane_name_matches",
     "dane_verify",
@@ -170,6 +171,32 @@ def _name_matches(presented: str, reference: str) -> bool:
 
 
 # --- the verdict -------------------------------------------------------------
+
+
+def _tuple(value: Sequence[object]) -> tuple[object, ...]:
+    return tuple(value)
+
+
+@attrs.frozen
+class DANECheck:
+    """
+    What a TLS connection authenticated by DANE checks its server against:
+    the arguments of L{dane_verify} known before the handshake.
+
+    @ivar records: the usable TLSA records (non-empty).
+    @ivar reference_identifiers: the names a DANE-TA(2) chain's server
+        certificate may bear, the TLSA base domain first (RFC 7672 §3.2.2).
+    """
+
+    records: tuple[TLSARecord, ...] = attrs.field(converter=_tuple)
+    reference_identifiers: tuple[str, ...] = attrs.field(converter=_tuple)
+
+    @records.validator
+    def _non_empty(self, attribute: object, value: tuple[TLSARecord, ...]) -> None:
+        if not value:
+            # Nothing to authenticate by is never "authenticated".
+            raise ValueError("DANE authentication needs at least one usable TLSA record")
+
 
 
 @attrs.frozen

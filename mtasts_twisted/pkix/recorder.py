@@ -23,6 +23,7 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mtasts_twisted.pkix.dane import DANECheck, DANEVerdict, dane_verify
 from mtasts_twisted.pkix.errors import classify_verify_error, deciding_verify_error
 
 __all__ = [
@@ -113,6 +114,11 @@ class VerifyRecorder:
     callback does) and OpenSSL aborts.  Otherwise every failure is only
     recorded and the handshake goes on.
 
+    With a L{DANECheck} (RFC 7672 §3), TLSA records replace PKIX and the
+    host name: OpenSSL's verify errors are recorded but decide nothing, and
+    at the server certificate the chain the server presented is checked by
+    L{dane_verify}; a mismatch refuses the handshake when enforcing.
+
     The callback runs inside OpenSSL: it never raises.  Should our code
     raise, the failure is logged, L{internal_error} is set and, when
     enforcing, the handshake is refused.
@@ -127,18 +133,32 @@ class VerifyRecorder:
         (false when the handshake failed before any certificate).
     @ivar host_mismatch: whether it is not valid for C{hostname}.
     @ivar internal_error: our verify code raised (logged).
+    @ivar dane: the L{DANECheck}, or L{None} for PKIX and the host name.
+    @ivar dane_verdict: with C{dane}, the L{DANEVerdict} once the server
+        certificate was checked.
     """
 
-    def __init__(self, hostname: str, *, enforce: bool = True, identity: ServiceID | None = None) -> None:
+    def __init__(
+        self,
+        hostname: str,
+        *,
+        enforce: bool = True,
+        identity: ServiceID | None = None,
+        dane: DANECheck | None = None,
+    ) -> None:
         """
         @param hostname: the host name (A-labels) or address to check.
         @param enforce: refuse the handshake at the first failure.
         @param identity: the service_identity ID of C{hostname}, when the
             caller made it already (once per host rather than per
             connection).
+        @param dane: authenticate by these TLSA records instead (RFC 7672
+            §3).
         """
         self.hostname = hostname
         self.enforce = enforce
+        self.dane = dane
+        self.dane_verdict: DANEVerdict | None = None
         self._identity = identity if identity is not None else _service_id(hostname)
         self.errors: list[tuple[int, int]] = []
         self.leaf: x509.Certificate | None = None
@@ -173,6 +193,13 @@ class VerifyRecorder:
         Whether the server certificate was checked and nothing failed (the
         handshake may still be under way or have failed otherwise).
         """
+        if self.dane is not None:
+            return (
+                self.certificate_checked
+                and self.dane_verdict is not None
+                and self.dane_verdict.passed
+                and not self.internal_error
+            )
         return (
             self.certificate_checked
             and not self.errors
@@ -196,6 +223,8 @@ class VerifyRecorder:
         try:
             if not ok:
                 self.errors.append((depth, errnum))
+            if self.dane is not None:
+                return self._verify_dane(connection, certificate, depth)
             if depth == 0 and not self.certificate_checked:
                 self._check_name(certificate)
             failed = not ok or (depth == 0 and self.host_mismatch)
@@ -212,6 +241,27 @@ class VerifyRecorder:
                 self._refuse()
                 return False
             return True
+
+    def _verify_dane(self, connection: SSL.Connection, certificate: crypto.X509, depth: int) -> bool:
+        """
+        L{verify} under DANE: nothing but the server certificate's call
+        decides, and there the TLSA records do (RFC 7672 §3.2: PKIX errors,
+        an untrusted root above all, are no failure).
+        """
+        assert self.dane is not None
+        if depth != 0 or self.certificate_checked:
+            return self.dane_verdict is None or self.dane_verdict.passed or not self.enforce
+        self.certificate_checked = True
+        leaf = self.leaf = certificate.to_cryptography()
+        self.names = certificate_names(leaf)
+        # The chain as the server presented it (RFC 7671 §5.2.2: a DANE-TA
+        # anchor is one of its certificates), not as OpenSSL built it.
+        chain = connection.get_peer_cert_chain(as_cryptography=True) or [leaf]
+        verdict = self.dane_verdict = dane_verify(chain, self.dane.records, self.dane.reference_identifiers)
+        if verdict.passed or not self.enforce:
+            return True
+        self._refuse()
+        return False
 
     def _check_name(self, certificate: crypto.X509) -> None:
         self.certificate_checked = True
@@ -256,6 +306,12 @@ class VerifyRecorder:
 
     def describe(self) -> str:
         """Why verification failed, for people (e.g. an error's detail)."""
+        if self.dane is not None:
+            if self.internal_error:
+                return "internal error while verifying the certificate"
+            if self.dane_verdict is not None:
+                return self.dane_verdict.detail
+            return "certificate not verified"
         deciding = self.deciding_error()
         if deciding is not None:
             depth, errnum = deciding
