@@ -397,6 +397,11 @@ class TLSOutcomeRecorder(VerifyRecorder):
                 name = _ALERT_NAMES.get(description, str(description))
                 self._alerts.append(f"{direction}:{name}")
             if where & SSL.SSL_CB_HANDSHAKE_DONE and not self._completed:
+                if self.mode is VerifyMode.DANE and not self.passed:
+                    # Never mail over a DANE connection whose certificate
+                    # was not checked (OpenSSL always calls back for it;
+                    # this is the belt to that brace).
+                    self._refuse()
                 self._completed = True
                 self._protocol = None
                 self._version = connection.get_protocol_version_name()

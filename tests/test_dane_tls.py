@@ -184,3 +184,45 @@ class CreatorTests(unittest.SynchronousTestCase):
         creator = cache.creator(MX, VerifyMode.DANE, dane=dane, server_name="Base.Example.")
         self.assertEqual((creator.server_name, creator.hostname, creator.dane), ("base.example", MX, dane))
         self.assertEqual(cache.creator(MX).server_name, MX)
+
+
+class _FakeTLSProtocol:
+    def __init__(self) -> None:
+        self.failures: list[Failure] = []
+
+    def failVerification(self, reason: Failure) -> None:
+        self.failures.append(reason)
+
+
+class _FakeConnection:
+    def set_verify(self, mode: int, callback: Any) -> None:
+        pass
+
+    def set_info_callback(self, callback: Any) -> None:
+        pass
+
+    def get_protocol_version_name(self) -> str:
+        return "TLSv1.3"
+
+    def get_cipher_name(self) -> str:
+        return "TLS_AES_128_GCM_SHA256"
+
+
+class HandshakeGuardTests(unittest.SynchronousTestCase):
+    def test_handshake_done_without_a_dane_check_is_refused(self) -> None:
+        """
+        Should a handshake ever complete without the server certificate's
+        verify call (no certificate checked), DANE refuses the connection
+        rather than letting it carry mail unauthenticated.
+        """
+        from OpenSSL import SSL
+
+        from mtasts_twisted.tls import TLSOutcomeRecorder
+
+        recorder = TLSOutcomeRecorder(MX, VerifyMode.DANE, check(TLSARecord(3, 1, 1, b"\x00" * 32)))
+        protocol = _FakeTLSProtocol()
+        recorder._attach(_FakeConnection(), protocol)  # type: ignore[arg-type]
+        recorder._info(_FakeConnection(), SSL.SSL_CB_HANDSHAKE_DONE, 1)  # type: ignore[arg-type]
+        self.assertEqual(len(protocol.failures), 1)
+        self.assertIsInstance(protocol.failures[0].value, TLSVerificationError)
+        self.assertFalse(recorder.outcome().verified)
