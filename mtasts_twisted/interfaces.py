@@ -10,13 +10,16 @@ from zope.interface import Attribute, Interface
 
 class IDNSResolver(Interface):
     """
-    Deferred-based DNS lookups of the records MTA-STS needs.
+    Deferred-based DNS lookups of the records MTA-STS and DANE need.
 
     Every method returns a L{Deferred}.  A definite negative answer (the name
     does not exist, or has no data of the asked type) fails with
     L{mtasts_twisted.dns.DNSNoRecordError}; anything that may succeed later
     (timeout, SERVFAIL, REFUSED, malformed reply) fails with
-    L{mtasts_twisted.dns.DNSTemporaryError}.
+    L{mtasts_twisted.dns.DNSTemporaryError}.  Every answer, and every
+    L{DNSNoRecordError<mtasts_twisted.dns.DNSNoRecordError>}, carries
+    C{secure}: whether the (trusted, validating) resolver set the AD bit on
+    every reply it was made of (RFC 4035 §3.2.3, RFC 7672 §2.1.1).
     """
 
     def lookup_txt(name):
@@ -39,9 +42,32 @@ class IDNSResolver(Interface):
 
     def lookup_addresses(host):
         """
-        Look up the IPv6 and IPv4 addresses of C{host}.
+        Look up the IPv6 and IPv4 addresses of C{host}, following CNAMEs.
 
-        @return: L{Deferred} firing with a L{mtasts_twisted.dns.AddressAnswer}.
+        @return: L{Deferred} firing with a L{mtasts_twisted.dns.AddressAnswer}
+            (C{canonical}: the name after the CNAMEs).
+        """
+
+    def lookup_tlsa(name):
+        """
+        Look up the TLSA records of C{name} (C{_25._tcp.mx.example.com}, an
+        A-label name), following CNAMEs (RFC 7672 §2.2.3).
+
+        @return: L{Deferred} firing with a L{mtasts_twisted.dns.TLSAAnswer}.
+            A DNSSEC "bogus" or "indeterminate" answer (SERVFAIL from a
+            validating resolver) fails with
+            L{mtasts_twisted.dns.DNSTemporaryError}, never as "no records"
+            (RFC 7672 §2.1.1).
+        """
+
+    def lookup_cname(name):
+        """
+        Look up the CNAME record of C{name} itself (not followed): whether
+        an alias is secure when what it leads to is not (RFC 7672 §2.1.3).
+
+        @return: L{Deferred} firing with a L{mtasts_twisted.dns.CNAMEAnswer};
+            fails with L{mtasts_twisted.dns.DNSNoRecordError} when C{name}
+            is not an alias.
         """
 
 

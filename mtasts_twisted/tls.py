@@ -15,7 +15,7 @@ that records the TLS version, the cipher and any TLS alert, one per
 C{clientConnectionForTLS} call.  L{TLSOutcome.classify} maps that record
 to an RFC 8460 result type per docs/design.rst.
 
-Two modes (L{VerifyMode}):
+Three modes (L{VerifyMode}):
 
   - C{VERIFY} (policy mode C{enforce}): the first verification failure
     aborts the handshake; the connection is lost with a
@@ -23,6 +23,11 @@ Two modes (L{VerifyMode}):
   - C{RECORD_ONLY} (C{testing}, C{none}, no policy: opportunistic TLS): the
     handshake completes whatever the certificate; the outcome says
     C{verified=False} and why.
+  - C{DANE} (a host with usable secure TLSA records, RFC 7672 §3): the
+    TLSA records of a L{DANECheck} authenticate the presented chain instead
+    of PKIX and the host name (L{mtasts_twisted.pkix.dane_verify}); a
+    mismatch aborts the handshake as in C{VERIFY}; SNI is the TLSA base
+    domain (C{server_name}, §8.1).
 
 How delivery uses it (L{mtasts_twisted.delivery.Deliverer}, over its own
 SMTP client protocol)::
@@ -71,6 +76,8 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from mtasts_twisted.pkix import (
+    DANECheck,
+    DANEVerdict,
     TrustRootSpec,
     VerifyRecorder,
     classify_verify_error,
@@ -135,10 +142,13 @@ class VerifyMode(enum.Enum):
     @cvar VERIFY: abort the handshake (policy mode C{enforce}, RFC 8461 §5).
     @cvar RECORD_ONLY: complete the handshake and record the failure
         (C{testing}, C{none} and no policy: opportunistic TLS, RFC 8461 §5).
+    @cvar DANE: authenticate by the host's TLSA records instead of PKIX
+        and names (RFC 7672 §3), and abort the handshake on a mismatch.
     """
 
     VERIFY = "verify"
     RECORD_ONLY = "record-only"
+    DANE = "dane"
 
 
 def _ascii_hostname(hostname: str) -> str:
@@ -178,6 +188,9 @@ class TLSOutcome:
         valid for C{hostname} (RFC 6125; RFC 8461 §4.1).
     @ivar alerts: TLS alerts as C{"sent:<name>"} / C{"received:<name>"}.
     @ivar internal_error: our verify code raised (logged); never verified.
+    @ivar dane_verdict: under L{VerifyMode.DANE}, the TLSA records' verdict
+        on the presented chain (RFC 7672 §3), once it was checked; the
+        OpenSSL verify errors then decide nothing.
     """
 
     hostname: str
@@ -192,13 +205,23 @@ class TLSOutcome:
     host_mismatch: bool = False
     alerts: tuple[str, ...] = ()
     internal_error: bool = False
+    dane_verdict: DANEVerdict | None = None
 
     @property
     def verified(self) -> bool:
         """
         Whether the handshake completed with a certificate that chains to a
-        trusted root and is valid for C{hostname} (RFC 8461 §4.1).
+        trusted root and is valid for C{hostname} (RFC 8461 §4.1), or,
+        under L{VerifyMode.DANE}, that the TLSA records authenticate (RFC
+        7672 §3.2).
         """
+        if self.mode is VerifyMode.DANE:
+            return (
+                self.handshake_completed
+                and self.dane_verdict is not None
+                and self.dane_verdict.passed
+                and not self.internal_error
+            )
         return (
             self.handshake_completed
             and self.certificate_checked
@@ -226,11 +249,22 @@ class TLSOutcome:
         """
         if self.verified:
             return None
+        if self.mode is VerifyMode.DANE:
+            # RFC 8460 §4.3: the TLSA verdict's type (tlsa-invalid, or the
+            # certificate's under DANE-TA(2)); PKIX errors do not count.
+            if self.dane_verdict is not None and not self.dane_verdict.passed:
+                assert self.dane_verdict.result_type is not None
+                return self.dane_verdict.result_type, self.dane_verdict.reason
+            return self._handshake_failure()
         errnum = deciding_verify_error(self.verify_errors)
         if errnum is not None:
             return classify_verify_error(errnum).result_type, verify_error_name(errnum)
         if self.host_mismatch:
             return ResultType.CERTIFICATE_HOST_MISMATCH, None
+        return self._handshake_failure()
+
+    def _handshake_failure(self) -> tuple[ResultType, str | None]:
+        """Classify a failure that no certificate check explains."""
         if self.internal_error:
             return ResultType.VALIDATION_FAILURE, "internal-error"
         if not self.handshake_completed:
@@ -296,12 +330,17 @@ class TLSOutcomeRecorder(VerifyRecorder):
     @ivar mode: the L{VerifyMode}.
     """
 
-    def __init__(self, hostname: str, mode: VerifyMode) -> None:
+    def __init__(self, hostname: str, mode: VerifyMode, dane: DANECheck | None = None) -> None:
         """
         @param hostname: the MX host name (A-labels) to check against.
         @param mode: the L{VerifyMode}.
+        @param dane: under L{VerifyMode.DANE}, what to authenticate by.
+        @raise ValueError: C{DANE} without C{dane}, or C{dane} in another
+            mode.
         """
-        super().__init__(hostname, enforce=mode is VerifyMode.VERIFY)
+        if (mode is VerifyMode.DANE) != (dane is not None):
+            raise ValueError("VerifyMode.DANE goes with a DANECheck, and only it")
+        super().__init__(hostname, enforce=mode in (VerifyMode.VERIFY, VerifyMode.DANE), dane=dane)
         self.mode = mode
         self._completed = False
         self._version: str | None = None
@@ -327,6 +366,7 @@ class TLSOutcomeRecorder(VerifyRecorder):
             host_mismatch=self.host_mismatch,
             alerts=tuple(self._alerts),
             internal_error=self.internal_error,
+            dane_verdict=self.dane_verdict,
         )
 
     def _attach(self, connection: SSL.Connection, tlsProtocol: TLSMemoryBIOProtocol) -> None:
@@ -358,6 +398,11 @@ class TLSOutcomeRecorder(VerifyRecorder):
                 name = _ALERT_NAMES.get(description, str(description))
                 self._alerts.append(f"{direction}:{name}")
             if where & SSL.SSL_CB_HANDSHAKE_DONE and not self._completed:
+                if self.mode is VerifyMode.DANE and not self.passed:
+                    # Never mail over a DANE connection whose certificate
+                    # was not checked (OpenSSL always calls back for it;
+                    # this is the belt to that brace).
+                    self._refuse()
                 self._completed = True
                 self._protocol = None
                 self._version = connection.get_protocol_version_name()
@@ -419,9 +464,19 @@ class MXTLSOptionsCache:
             self._options.move_to_end(hostname)
         return options
 
-    def creator(self, hostname: str, mode: VerifyMode = VerifyMode.VERIFY) -> MXConnectionCreator:
-        """A new L{MXConnectionCreator} for C{hostname} using the cached options."""
-        return MXConnectionCreator(hostname, mode=mode, cache=self)
+    def creator(
+        self,
+        hostname: str,
+        mode: VerifyMode = VerifyMode.VERIFY,
+        *,
+        dane: DANECheck | None = None,
+        server_name: str | None = None,
+    ) -> MXConnectionCreator:
+        """
+        A new L{MXConnectionCreator} for C{hostname} using the cached
+        options (see there for C{dane} and C{server_name}).
+        """
+        return MXConnectionCreator(hostname, mode=mode, cache=self, dane=dane, server_name=server_name)
 
 
 @implementer(IOpenSSLClientConnectionCreator)
@@ -444,6 +499,8 @@ class MXConnectionCreator:
         *,
         mode: VerifyMode = VerifyMode.VERIFY,
         cache: MXTLSOptionsCache | None = None,
+        dane: DANECheck | None = None,
+        server_name: str | None = None,
     ) -> None:
         """
         @param hostname: the MX host name: SNI and the name checked
@@ -456,14 +513,24 @@ class MXConnectionCreator:
         @param cache: take the TLS options (and their OpenSSL context) of
             this host from an L{MXTLSOptionsCache} rather than building
             them; C{trust_root} must then be L{None} (the cache's is used).
-        @raise ValueError: for an IP address literal, or both C{trust_root}
-            and C{cache}.
+        @param dane: with L{VerifyMode.DANE} (and only then): the TLSA
+            records and reference identifiers to authenticate the server
+            by (RFC 7672 §3); a mismatch aborts the handshake.
+        @param server_name: the SNI name when it is not C{hostname}: under
+            DANE, the TLSA base domain (RFC 7672 §8.1).
+        @raise ValueError: for an IP address literal, both C{trust_root}
+            and C{cache}, or C{DANE} without C{dane} (or C{dane} without
+            C{DANE}).
         """
         if isIPAddress(hostname) or isIPv6Address(hostname):
             # RFC 8461 §4.1 identifies the MX host by name.
             raise ValueError(f"MX host must be a DNS name, not {hostname!r}")
+        if (mode is VerifyMode.DANE) != (dane is not None):
+            raise ValueError("VerifyMode.DANE goes with a DANECheck, and only it")
         self.hostname = _ascii_hostname(hostname)
         self.mode = mode
+        self.dane = dane
+        self.server_name = _ascii_hostname(server_name) if server_name else self.hostname
         self.recorders: list[TLSOutcomeRecorder] = []
         if cache is not None:
             if trust_root is not None:
@@ -493,10 +560,11 @@ class MXConnectionCreator:
         @param tlsProtocol: the C{TLSMemoryBIOProtocol} of the connection.
         """
         connection = self._options.clientConnectionForTLS(tlsProtocol)
-        # SNI (RFC 6066 §3) = the MX host.  Twisted 26.4+ sets it already;
-        # older Twisted set it from the info callback that we replace.
-        connection.set_tlsext_host_name(self.hostname.encode("ascii"))
-        recorder = TLSOutcomeRecorder(self.hostname, self.mode)
+        # SNI (RFC 6066 §3) = the MX host (RFC 8461 §4.1), or under DANE the
+        # TLSA base domain (RFC 7672 §8.1).  Twisted 26.4+ sets the former
+        # already; older Twisted set it from the info callback we replace.
+        connection.set_tlsext_host_name(self.server_name.encode("ascii"))
+        recorder = TLSOutcomeRecorder(self.hostname, self.mode, self.dane)
         recorder._attach(connection, tlsProtocol)
         self.recorders.append(recorder)
         return connection

@@ -11,8 +11,12 @@ import random
 from collections.abc import MutableSequence
 from typing import Any
 
+import attrs
+from cryptography import x509
+from OpenSSL import crypto
 from twisted.trial import unittest
 
+from mtasts_twisted.dane import DANEState, DANEStatus, discover_dane
 from mtasts_twisted.delivery import (
     DeliveryPlan,
     HostAction,
@@ -21,10 +25,14 @@ from mtasts_twisted.delivery import (
     plan_host,
 )
 from mtasts_twisted.delivery.accounting import session_result, skip_result
-from mtasts_twisted.dns import MXHost
+from mtasts_twisted.delivery.plan import DANE_LOOKUP_FAILED_REASON
+from mtasts_twisted.dns import DNSTemporaryError, MXHost, TLSARecord
+from mtasts_twisted.pkix import dane_name_matches, dane_verify, tlsa_association_data
 from mtasts_twisted.policy import Mode, Policy, parse_policy
 from mtasts_twisted.results import FailureDetails, PolicyDescriptor, PolicyType, Result, ResultType
 from mtasts_twisted.delivery.details import MX_MISMATCH_REASON, starttls_not_supported_details
+from mtasts_twisted.testing.memory import FakeResolver
+from mtasts_twisted.testing.pki import PKI
 from mtasts_twisted.tls import VerifyMode
 
 DOMAIN = "example.com"
@@ -287,3 +295,178 @@ class AccountingTests(unittest.SynchronousTestCase):
             self.assertIsNone(session_result(self.NONE, target, self.IP, self.NOT_OFFERED, False))
             refused = starttls_not_supported_details(MX1.host, self.IP, reply_code=454)
             self.assertIsNone(session_result(self.NONE, target, self.IP, refused, False))
+
+
+class PlanDANETests(unittest.SynchronousTestCase):
+    """
+    L{plan_host} with DANE (RFC 8461 §2, RFC 7672 §2.2): a host with a
+    secure usable TLSA RRset is decided by DANE whatever MTA-STS says; a
+    failed DANE lookup defers the host; hosts without DANE follow MTA-STS.
+    """
+
+    EE = TLSARecord(3, 1, 1, b"\x01" * 32)
+
+    def status(self, state: DANEState, host: str = MX1.host, base: str | None = None) -> DANEStatus:
+        applies = state in (DANEState.USABLE, DANEState.UNUSABLE)
+        base = base or host
+        return DANEStatus(
+            host, state, 25, base if applies else None, f"_25._tcp.{base}" if applies else None,
+            (self.EE,) if applies else (), (self.EE,) if state is DANEState.USABLE else (), 300,
+            "SERVFAIL from 127.0.0.1:53" if state is DANEState.BOGUS else "")
+
+    def test_usable_whatever_the_policy(self) -> None:
+        """Every policy, listed or not: REQUIRE_DANE, verified by the TLSA records."""
+        usable = self.status(DANEState.USABLE)
+        for p in (policy("enforce", MX1.host), policy("enforce", "other.example"), policy("testing"),
+                  policy("none"), None):
+            target = plan_host(p, MX1, usable)
+            self.assertEqual(
+                (target.action, target.verify, target.require_tls, target.skipped, target.skip_reason),
+                (HostAction.REQUIRE_DANE, VerifyMode.DANE, True, False, None), p)
+            self.assertEqual(target.tlsa_records, (self.EE,))
+            self.assertIs(target.dane, usable)
+            self.assertTrue(target.decided_by_dane)
+        self.assertFalse(plan_host(policy("enforce", "other.example"), MX1, usable).matches_policy)
+
+    def test_sni_is_the_tlsa_base_domain(self) -> None:
+        """RFC 7672 §8.1: SNI = the TLSA base domain (here the CNAME-expanded host name)."""
+        target = plan_host(None, MX1, self.status(DANEState.USABLE, base="host.provider.example"))
+        self.assertEqual(target.server_name, "host.provider.example")
+        self.assertEqual(plan_host(None, MX1).server_name, MX1.host)
+
+    def test_bogus_defers(self) -> None:
+        """
+        RFC 7672 §2.1.2: a failed DANE lookup makes the host unreachable,
+        even when MTA-STS would accept it; reported as dnssec-invalid.
+        """
+        bogus = self.status(DANEState.BOGUS)
+        for p in (policy("enforce", MX1.host), policy("testing"), None):
+            target = plan_host(p, MX1, bogus)
+            self.assertEqual((target.action, target.skipped, target.require_tls), (HostAction.DEFER, True, True))
+            self.assertEqual(
+                target.skip_reason,
+                FailureDetails(ResultType.DNSSEC_INVALID, receiving_mx_hostname=MX1.host,
+                               additional_information="SERVFAIL from 127.0.0.1:53",
+                               failure_reason_code=DANE_LOOKUP_FAILED_REASON))
+            self.assertTrue(target.decided_by_dane)
+            self.assertEqual(target.tlsa_records, ())
+
+    def test_unusable(self) -> None:
+        """
+        RFC 7672 §2.2: secure, all unusable: TLS required without
+        authentication; an enforce policy still verifies and skips.
+        """
+        unusable = self.status(DANEState.UNUSABLE)
+        for p in (None, policy("none"), policy("testing")):
+            target = plan_host(p, MX1, unusable)
+            self.assertEqual((target.action, target.verify, target.require_tls),
+                             (HostAction.REQUIRE_TLS, VerifyMode.RECORD_ONLY, True), p)
+            self.assertEqual(target.tlsa_records, ())
+        listed = plan_host(policy("enforce", MX1.host), MX1, unusable)
+        self.assertEqual((listed.action, listed.verify, listed.require_tls),
+                         (HostAction.REQUIRE_VERIFIED_TLS, VerifyMode.VERIFY, True))
+        unlisted = plan_host(policy("enforce", "other.example"), MX1, unusable)
+        self.assertEqual((unlisted.action, unlisted.skipped), (HostAction.SKIP, True))
+        self.assertEqual(plan_host(policy("testing", "other.example"), MX1, unusable).matches_policy, False)
+
+    def test_without_dane_as_before(self) -> None:
+        """Secure denial, insecure or not looked up: the MTA-STS decision, unchanged."""
+        for p in (policy("enforce", MX1.host), policy("enforce", "other.example"), policy("testing"), None):
+            for state in (DANEState.NONE, DANEState.INSECURE):
+                target = plan_host(p, MX1, self.status(state))
+                self.assertEqual(attrs.evolve(target, dane=None), plan_host(p, MX1))
+                self.assertFalse(target.decided_by_dane)
+
+    def test_order_unchanged(self) -> None:
+        """RFC 7672 §2.2.1: a less preferred host with TLSA never goes first."""
+        statuses = {MX2.host: self.status(DANEState.USABLE, MX2.host)}
+        targets = plan_attempts(None, [MX2, MX1], rng=NoShuffle(), dane=statuses)
+        self.assertEqual([(t.host, t.action) for t in targets],
+                         [(MX1.host, HostAction.OPPORTUNISTIC), (MX2.host, HostAction.REQUIRE_DANE)])
+
+    def test_reuse_key_holds_the_tlsa_state(self) -> None:
+        plan = DeliveryPlan(DOMAIN, None, PolicyDescriptor(PolicyType.NO_POLICY_FOUND, DOMAIN))
+        usable = self.status(DANEState.USABLE)
+        self.assertNotEqual(plan.reuse_key(MX1.host, 25, usable), plan.reuse_key(MX1.host, 25))
+        self.assertEqual(plan.reuse_key(MX1.host, 25, usable),
+                         plan.reuse_key(MX1.host, 25, attrs.evolve(usable, ttl=5, detail="x")))
+        other = attrs.evolve(usable, usable=(TLSARecord(3, 1, 1, b"\x02" * 32),))
+        self.assertNotEqual(plan.reuse_key(MX1.host, 25, usable), plan.reuse_key(MX1.host, 25, other))
+
+
+class PrecedenceTests(unittest.SynchronousTestCase):
+    """
+    The precedence rows of issue 14, each from DNS answers (a fake
+    resolver) through the TLSA search and the plan to the certificate
+    check: what a sender following the plan would accept.
+    """
+
+    def setUp(self) -> None:
+        self.pki = PKI()
+        self.resolver = FakeResolver(secure=True)
+        self.resolver.addresses[MX1.host] = ["192.0.2.1"]
+
+    def decide(self, p: Policy | None, chain: list[Any]) -> tuple[PlannedHost, bool]:
+        """The plan for MX1, and whether its certificate check passes as the plan asks."""
+        status = self.successResultOf(discover_dane(self.resolver, MX1.host, mx_secure=True))
+        target = plan_host(p, MX1, status)
+        if target.action is HostAction.REQUIRE_DANE:
+            refs = status.reference_identifiers(DOMAIN)
+            return target, dane_verify(chain, target.tlsa_records, refs).passed
+        # MTA-STS: PKIX to the trusted CA, and the MX host name.
+        store = crypto.X509Store()
+        store.add_cert(crypto.X509.from_cryptography(x509.load_pem_x509_certificate(self.pki.ca_pem)))
+        try:
+            crypto.X509StoreContext(store, crypto.X509.from_cryptography(chain[0]),
+                                    [crypto.X509.from_cryptography(c) for c in chain[1:]]).verify_certificate()
+        except crypto.X509StoreContextError:
+            return target, False
+        return target, dane_name_matches(chain[0], [MX1.host])
+
+    def tlsa(self, certificate: Any) -> None:
+        data = tlsa_association_data(certificate, 1, 1)
+        assert data is not None
+        self.resolver.tlsa[f"_25._tcp.{MX1.host}"] = [TLSARecord(3, 1, 1, data)]
+
+    def test_dane_pass_sts_would_refuse(self) -> None:
+        """
+        A self-signed certificate matching DANE-EE, on a host outside the
+        enforced policy: delivered (DANE decides).
+        """
+        chain = self.pki.self_signed(MX1.host).certificates()
+        self.tlsa(chain[0])
+        target, passed = self.decide(policy("enforce", "other.example"), chain)
+        self.assertEqual((target.action, passed), (HostAction.REQUIRE_DANE, True))
+
+    def test_dane_fail_sts_would_accept(self) -> None:
+        """A WebPKI-valid, listed host whose TLSA does not match: not delivered."""
+        chain = self.pki.valid(MX1.host).certificates()
+        self.tlsa(self.pki.self_signed(MX1.host).certificates()[0])
+        target, passed = self.decide(policy("enforce", MX1.host), chain)
+        self.assertEqual((target.action, passed), (HostAction.REQUIRE_DANE, False))
+        self.assertTrue(target.require_tls)
+
+    def test_insecure_zone_wrong_tlsa_ignored(self) -> None:
+        """An insecure TLSA RRset that matches nothing: ignored, MTA-STS (or opportunistic TLS) decides."""
+        chain = self.pki.valid(MX1.host).certificates()
+        self.tlsa(self.pki.self_signed(MX1.host).certificates()[0])
+        self.resolver.security[f"_25._tcp.{MX1.host}"] = False
+        target, passed = self.decide(policy("enforce", MX1.host), chain)
+        self.assertEqual((target.action, passed), (HostAction.REQUIRE_VERIFIED_TLS, True))
+        target, _ = self.decide(None, chain)
+        self.assertIs(target.action, HostAction.OPPORTUNISTIC)
+
+    def test_bogus_is_temporary(self) -> None:
+        """A bogus TLSA answer (SERVFAIL): the host is deferred, never left to MTA-STS."""
+        self.resolver.tlsa[f"_25._tcp.{MX1.host}"] = DNSTemporaryError("SERVFAIL", rdtype="TLSA")
+        target, _ = self.decide(policy("enforce", MX1.host), self.pki.valid(MX1.host).certificates())
+        self.assertEqual((target.action, target.skipped), (HostAction.DEFER, True))
+        assert target.skip_reason is not None
+        self.assertIs(target.skip_reason.result_type, ResultType.DNSSEC_INVALID)
+
+    def test_signed_zone_without_tlsa(self) -> None:
+        """A secure denial of TLSA: MTA-STS as without DANE."""
+        target, passed = self.decide(policy("enforce", MX1.host), self.pki.valid(MX1.host).certificates())
+        self.assertEqual((target.action, passed), (HostAction.REQUIRE_VERIFIED_TLS, True))
+        assert target.dane is not None
+        self.assertIs(target.dane.state, DANEState.NONE)

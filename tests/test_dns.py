@@ -604,15 +604,15 @@ class TXTTests(LoopbackTestCase):
         self.server.add_txt("signed.example", "s")
         self.server.add_txt("plain.example", "p")
         self.server.set_behaviour("signed.example", Behaviour.AUTHENTICATED)
-        self.assertTrue((await self.resolver.lookup_txt("signed.example")).authenticated)
-        self.assertFalse((await self.resolver.lookup_txt("plain.example")).authenticated)
+        self.assertTrue((await self.resolver.lookup_txt("signed.example")).secure)
+        self.assertFalse((await self.resolver.lookup_txt("plain.example")).secure)
 
     async def test_authenticated_needs_whole_chain(self) -> None:
         self.server.chase_cnames = False
         self.server.add_cname("alias.example", "signed.example")
         self.server.add_txt("signed.example", "s")
         self.server.set_behaviour("signed.example", Behaviour.AUTHENTICATED)
-        self.assertFalse((await self.resolver.lookup_txt("alias.example")).authenticated)
+        self.assertFalse((await self.resolver.lookup_txt("alias.example")).secure)
 
     async def test_cache(self) -> None:
         self.server.add_txt("example.com", "cached")
@@ -709,7 +709,7 @@ class MXTests(LoopbackTestCase):
     async def test_authenticated(self) -> None:
         self.server.add_mx("example.com", 10, "mx.example.com")
         self.server.set_behaviour("example.com", Behaviour.AUTHENTICATED)
-        self.assertTrue((await self.resolver.lookup_mx("example.com")).authenticated)
+        self.assertTrue((await self.resolver.lookup_mx("example.com")).secure)
 
 
 class AddressTests(LoopbackTestCase):
@@ -933,7 +933,10 @@ class QueryWireTests(unittest.SynchronousTestCase):
 
         for text in self.NAMES:
             qname = dns.name.from_text(text + ".")
-            for rdtype in (dns.rdatatype.TXT, dns.rdatatype.MX, dns.rdatatype.A, dns.rdatatype.AAAA):
+            for rdtype in (
+                dns.rdatatype.TXT, dns.rdatatype.MX, dns.rdatatype.A, dns.rdatatype.AAAA, dns.rdatatype.TLSA,
+                dns.rdatatype.CNAME,
+            ):
                 query = _Query.make(qname, rdtype)
                 expected = dns.message.make_query(
                     qname,
@@ -942,10 +945,16 @@ class QueryWireTests(unittest.SynchronousTestCase):
                     payload=EDNS_PAYLOAD,
                     id=query.id,
                     flags=dns.flags.RD | dns.flags.AD,
+                    want_dnssec=True,
                 )
                 self.assertEqual(query.wire, expected.to_wire(), (text, rdtype))
                 parsed = dns.message.from_wire(query.wire)
                 self.assertEqual((parsed.id, parsed.edns, parsed.payload), (query.id, 0, EDNS_PAYLOAD))
+                # RFC 3225: DO set; RFC 6840 §5.7: AD set; CD clear (the
+                # resolver must validate).
+                self.assertTrue(parsed.ednsflags & dns.flags.DO)
+                self.assertTrue(parsed.flags & dns.flags.AD)
+                self.assertFalse(parsed.flags & dns.flags.CD)
 
     def test_random_ids(self) -> None:
         from mtasts_twisted.dns.wire import _Query

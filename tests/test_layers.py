@@ -29,6 +29,7 @@ LAYERS: dict[str, int] = {
     "dns": 1,
     "pkix": 2,
     "tls": 3,
+    "dane": 3,
     "fetch": 3,
     "store": 3,
     "cache": 4,

@@ -3,10 +3,12 @@ Deferred DNS lookups: dnspython builds and parses the messages, Twisted
 carries them over UDP, and over TCP when a UDP reply is truncated.
 
 L{DNSResolver} implements L{mtasts_twisted.interfaces.IDNSResolver}: TXT,
-MX and address lookups against configured nameservers (or those of
-C{/etc/resolv.conf}), with per-try timeouts, a total time budget, checks of
-every reply against its question, and a small TTL-honouring answer cache.
-Unlike C{twisted.names.client} it keeps the AD bit of the reply and talks to
+MX, address, TLSA and CNAME lookups against configured nameservers (or
+those of C{/etc/resolv.conf}), with per-try timeouts, a total time budget,
+checks of every reply against its question, and a small TTL-honouring
+answer cache.  Unlike C{twisted.names.client} it asks with the DO bit (RFC
+3225), keeps the AD bit of every reply (each answer and each denial says
+whether it is DNSSEC C{secure}, as DANE needs: RFC 7672 §2.1) and talks to
 any port.
 
 L{DNSHostnameResolver} is an L{IHostnameResolver} backed by it, and
@@ -20,6 +22,8 @@ The rooms, bottom to top (each imports only those before it):
   - L{answers <mtasts_twisted.dns.answers>}: the answer values;
   - L{config <mtasts_twisted.dns.config>}: nameservers, resolv.conf;
   - L{names <mtasts_twisted.dns.names>}: names and IP literals;
+  - L{rdata_read <mtasts_twisted.dns.rdata_read>}: the rdata the reply
+    reader handles itself (TLSA, and the DNSSEC records it only checks);
   - L{wire <mtasts_twisted.dns.wire>}: the query/reply codec;
   - L{transport <mtasts_twisted.dns.transport>}: one query to one server
     over UDP, and TCP on truncation;
@@ -38,7 +42,7 @@ package.
 # Public names, and the limits and defaults (not in __all__, as before) that
 # tests and the reliability report read, from where they have always been
 # imported: this package.
-from mtasts_twisted.dns.answers import AddressAnswer, MXAnswer, MXHost, TXTAnswer
+from mtasts_twisted.dns.answers import AddressAnswer, CNAMEAnswer, MXAnswer, MXHost, TLSAAnswer, TLSARecord, TXTAnswer
 from mtasts_twisted.dns.cache import DEFAULT_CACHE_SIZE, MAX_CACHE_TTL, MAX_NEGATIVE_TTL
 from mtasts_twisted.dns.config import DEFAULT_PORT, Nameserver, format_nameserver, parse_nameserver, system_nameservers
 from mtasts_twisted.dns.errors import DNSError, DNSNoRecordError, DNSTemporaryError
@@ -56,6 +60,7 @@ from mtasts_twisted.dns.wire import EDNS_PAYLOAD
 
 __all__ = [
     "AddressAnswer",
+    "CNAMEAnswer",
     "DNSError",
     "DNSHostnameResolver",
     "DNSNoRecordError",
@@ -64,6 +69,8 @@ __all__ = [
     "DNSTemporaryError",
     "MXAnswer",
     "MXHost",
+    "TLSAAnswer",
+    "TLSARecord",
     "TXTAnswer",
     "format_nameserver",
     "lookup_sts_answer",

@@ -34,21 +34,29 @@ class _Clock(Protocol):
 
 @attrs.frozen
 class _Records:
-    """The records of one (name, type) after following CNAMEs."""
+    """
+    The records of one (name, type) after following CNAMEs.
+
+    @ivar secure: every reply on the way had the AD bit.
+    @ivar target: the owner of the records: the name asked for, or the
+        last CNAME target (as L{_name_text} gives it).
+    """
 
     rdatas: tuple[Any, ...]
     ttl: int
-    authenticated: bool
+    secure: bool
     server: str
+    target: str
 
 
 @attrs.frozen
 class _Negative:
-    """A cached definite negative answer."""
+    """A cached definite negative answer (C{secure}: every reply had AD)."""
 
     nxdomain: bool
     target: str
     server: str
+    secure: bool
 
 
 #: (the name as L{_name_text} gives it: lower case, escaped, no final dot; type)

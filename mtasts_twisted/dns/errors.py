@@ -39,21 +39,36 @@ class DNSNoRecordError(DNSError):
     records of the type asked for (NODATA).
 
     @ivar nxdomain: C{True} for NXDOMAIN, C{False} for NODATA.
+    @ivar secure: the denial is DNSSEC-secure: the validating resolver set
+        the AD bit on every reply of it, CNAMEs included (RFC 7672 §2.2:
+        "DNSSEC-authenticated denial of existence"); C{False} for an
+        insecure denial.
     """
 
     reason = "dns-no-record"
 
     def __init__(
-        self, message: str, name: str = "", rdtype: str = "", server: str | None = None, nxdomain: bool = False
+        self,
+        message: str,
+        name: str = "",
+        rdtype: str = "",
+        server: str | None = None,
+        nxdomain: bool = False,
+        secure: bool = False,
     ) -> None:
         super().__init__(message, name, rdtype, server)
         self.nxdomain = nxdomain
+        self.secure = secure
 
 
 class DNSTemporaryError(DNSError):
     """
     A lookup that may succeed later: SERVFAIL, REFUSED, timeout, malformed
     reply, network error, broken CNAME chain or exhausted time budget.
+
+    A validating resolver answers SERVFAIL for a DNSSEC "bogus" or
+    "indeterminate" answer, so those end here too: RFC 7672 §2.1.1 equates
+    them with lookup failure, never with "no records".
 
     @ivar detail: what went wrong, per server tried, e.g.
         C{"SERVFAIL from 127.0.0.1:5353"}.

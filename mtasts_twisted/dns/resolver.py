@@ -1,13 +1,16 @@
 """
-L{DNSResolver}: Deferred TXT, MX and address lookups against recursive
-nameservers, the L{mtasts_twisted.interfaces.IDNSResolver} of production.
+L{DNSResolver}: Deferred TXT, MX, address, TLSA and CNAME lookups against
+recursive nameservers, the L{mtasts_twisted.interfaces.IDNSResolver} of
+production.
 
 A lookup turns its name into a question (L{mtasts_twisted.dns.names}),
 answers it from the cache (L{mtasts_twisted.dns.cache}) or asks the
 nameservers in turn (L{mtasts_twisted.dns.transport}) within a time budget,
 follows CNAMEs, and shapes the records into an answer
-(L{mtasts_twisted.dns.answers}).  Unlike C{twisted.names.client} it keeps
-the AD bit of the reply and talks to any port.
+(L{mtasts_twisted.dns.answers}).  Unlike C{twisted.names.client} it asks
+with the DO bit, keeps the AD bit of every reply (an answer, or a denial,
+is C{secure} when every reply on the way had it: RFC 7672 §2.1.1) and talks
+to any port.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import ipaddress
 from typing import Sequence
 
 import attrs
-import dns.flags
 import dns.name
 import dns.rcode
 import dns.rdatatype
@@ -25,7 +27,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mtasts_twisted.dns.answers import AddressAnswer, MXAnswer, MXHost, TXTAnswer
+from mtasts_twisted.dns.answers import AddressAnswer, CNAMEAnswer, MXAnswer, MXHost, TLSAAnswer, TXTAnswer
 from mtasts_twisted.dns.cache import DEFAULT_CACHE_SIZE, MAX_CACHE_TTL, _AnswerCache, _Negative, _negative_ttl, _Records
 from mtasts_twisted.dns.config import Nameserver, format_nameserver, parse_nameserver, system_nameservers
 from mtasts_twisted.dns.errors import DNSNoRecordError, DNSTemporaryError
@@ -158,7 +160,57 @@ class DNSResolver:
         """
         return Deferred.fromCoroutine(self._lookup_addresses(host))
 
+    def lookup_tlsa(self, name: str) -> Deferred[TLSAAnswer]:
+        """
+        Look up the TLSA records of C{name} (C{_25._tcp.mx.example.com}),
+        following CNAMEs (RFC 7672 §2.2.3).
+
+        A record whose association data does not fit its matching type is
+        kept (L{TLSARecord}): it is unusable (RFC 6698 §4.1), not a lookup
+        failure.  A reply whose TLSA rdata cannot even hold the usage,
+        selector and matching type is malformed, and malformed replies are
+        temporary failures (RFC 7672 §2.1.2).
+
+        @param name: the TLSA name (A-labels; U-labels are converted).
+        @return: L{Deferred} firing with a L{TLSAAnswer}; C{secure} says
+            whether every reply had the AD bit.  Fails with
+            L{DNSNoRecordError} (C{secure} tells a DNSSEC-authenticated
+            denial from an insecure one) or L{DNSTemporaryError} (SERVFAIL,
+            which is how a validating resolver answers a "bogus" or
+            "indeterminate" RRset; timeouts; malformed replies): never
+            "no TLSA" for a lookup that failed (RFC 7672 §2.1.1).
+        """
+        return Deferred.fromCoroutine(self._lookup_tlsa(name))
+
+    def lookup_cname(self, name: str) -> Deferred[CNAMEAnswer]:
+        """
+        Look up the CNAME record of C{name} itself (query type CNAME: the
+        alias is not followed).
+
+        RFC 7672 §2.1.3 and §2.2.2: when the address records of an MX host
+        reached through an alias are insecure, this tells whether the
+        alias itself is secure (then its TLSA records still count).
+
+        @param name: a domain name (A-labels; U-labels are converted).
+        @return: L{Deferred} firing with a L{CNAMEAnswer}, or failing with
+            L{DNSNoRecordError} when C{name} is not an alias (NODATA) or does
+            not exist, L{DNSTemporaryError} otherwise.
+        """
+        return Deferred.fromCoroutine(self._lookup_cname(name))
+
     # -- lookups --
+
+    async def _lookup_tlsa(self, name: str) -> TLSAAnswer:
+        qname, text = _to_dns_name_and_text(name)
+        records = await self._resolve(qname, dns.rdatatype.TLSA, text)
+        # The wire reader gives TLSA rdatas as TLSARecords (whatever their
+        # data), distinct and in the order received.
+        return TLSAAnswer(text, records.rdatas, records.ttl, records.secure)
+
+    async def _lookup_cname(self, name: str) -> CNAMEAnswer:
+        qname, text = _to_dns_name_and_text(name)
+        records = await self._resolve(qname, dns.rdatatype.CNAME, text)
+        return CNAMEAnswer(text, _name_text(records.rdatas[0].target), records.ttl, records.secure)
 
     async def _lookup_txt(self, name: str) -> TXTAnswer:
         qname, text = _to_dns_name_and_text(name)
@@ -166,7 +218,7 @@ class DNSResolver:
         # RFC 8461 §3.1: the character-strings of one TXT RR are concatenated
         # without separator before parsing; RRs stay separate.
         strings = tuple(b"".join(rdata.strings).decode("utf-8", errors="replace") for rdata in records.rdatas)
-        return TXTAnswer(text, strings, records.ttl, records.authenticated)
+        return TXTAnswer(text, strings, records.ttl, records.secure)
 
     async def _lookup_mx(self, domain: str) -> MXAnswer:
         qname, text = _to_dns_name_and_text(domain)
@@ -187,14 +239,16 @@ class DNSResolver:
                     "MX",
                     e2.server or e.server,
                     nxdomain=False,
+                    secure=e.secure and e2.secure,
                 ) from None
+            # Secure only if the denial of MX records was secure too.
             return MXAnswer(
-                text, (MXHost(0, text),), addresses.ttl, addresses.authenticated, implicit=True
+                text, (MXHost(0, text),), addresses.ttl, addresses.secure and e.secure, implicit=True
             )
         hosts = {(rdata.preference, rdata.exchange) for rdata in records.rdatas}
         # RFC 7505 §3: a null MX is a single MX whose exchange is the root.
         if all(exchange == dns.name.root for _, exchange in hosts):
-            return MXAnswer(text, (), records.ttl, records.authenticated, null=True)
+            return MXAnswer(text, (), records.ttl, records.secure, null=True)
         # RFC 7505 §3 forbids a null MX beside other MXes; such a "." host
         # cannot be connected to, so it is dropped and the others are kept.
         ordered = sorted(
@@ -202,7 +256,7 @@ class DNSResolver:
             for preference, exchange in hosts
             if exchange != dns.name.root
         )
-        return MXAnswer(text, tuple(ordered), records.ttl, records.authenticated)
+        return MXAnswer(text, tuple(ordered), records.ttl, records.secure)
 
     async def _lookup_addresses(self, host: str) -> AddressAnswer:
         literal = _ip_literal(host) if isinstance(host, str) else None
@@ -217,7 +271,8 @@ class DNSResolver:
         results = await defer.DeferredList(lookups, consumeErrors=True)
         addresses: list[str] = []
         ttls: list[int] = []
-        authenticated = True
+        secure = True
+        canonical: str | None = None
         errors: list[BaseException] = []
         for ok, value in results:
             if ok:
@@ -225,11 +280,15 @@ class DNSResolver:
                     if rdata.address not in addresses:
                         addresses.append(rdata.address)
                 ttls.append(value.ttl)
-                authenticated = authenticated and value.authenticated
+                # RFC 7672 §2.2.2: the address RRsets used, and every CNAME
+                # leading to them, must be secure.
+                secure = secure and value.secure
+                if canonical is None:
+                    canonical = value.target
             else:
                 errors.append(value.value)  # type: ignore[attr-defined]  # a Failure when not ok
         if addresses:
-            return AddressAnswer(text, tuple(addresses), min(ttls), authenticated)
+            return AddressAnswer(text, tuple(addresses), min(ttls), secure, canonical or text)
         temporary = [e for e in errors if isinstance(e, DNSTemporaryError)]
         if temporary:
             detail = "; ".join(f"{e.rdtype}: {e.detail}" for e in temporary)
@@ -244,7 +303,10 @@ class DNSResolver:
             nxdomain = any(e.nxdomain for e in errors)  # type: ignore[attr-defined]
             server = errors[0].server  # type: ignore[attr-defined]
             what = "does not exist" if nxdomain else "has no AAAA or A records"
-            raise DNSNoRecordError(f"{text} {what} (from {server})", text, "AAAA/A", server, nxdomain=nxdomain)
+            denied_securely = all(e.secure for e in errors)  # type: ignore[attr-defined]
+            raise DNSNoRecordError(
+                f"{text} {what} (from {server})", text, "AAAA/A", server, nxdomain=nxdomain, secure=denied_securely
+            )
         raise errors[0]
 
     # -- (name, type) → records, following CNAMEs, through the cache --
@@ -260,24 +322,27 @@ class DNSResolver:
         if cached is not None:
             value, remaining = cached
             if isinstance(value, _Negative):
-                raise self._no_record(name, type_text, value.target, value.server, value.nxdomain)
+                raise self._no_record(name, type_text, value.target, value.server, value.nxdomain, value.secure)
             return attrs.evolve(value, ttl=remaining)
 
         deadline = self._reactor.seconds() + self._budget
         chain: list[dns.name.Name] = [qname]
         ttl = MAX_CACHE_TTL
-        authenticated = True
+        # RFC 7672 §2.1.3: secure only if every reply of the chain is.
+        secure = True
         current = qname
         while True:
             reply, server = await self._query(current, rdtype, deadline, name, type_text)
-            authenticated = authenticated and bool(reply.flags & dns.flags.AD)
+            secure = secure and reply.authenticated_data
             asked = current
             # Walk the answer section from the name asked: the records, or
             # a CNAME to follow (RFC 1034 §3.6.2).
             while True:
                 rrs = reply.records(current, rdtype)
                 if rrs is not None:
-                    records = _Records(rrs.rdatas, min(ttl, rrs.ttl), authenticated, server)
+                    records = _Records(
+                        rrs.rdatas, min(ttl, rrs.ttl), secure, server, name if current is qname else _name_text(current)
+                    )
                     self._cache.put(key, records, records.ttl)
                     return records
                 cname = reply.records(current, dns.rdatatype.CNAME)
@@ -300,24 +365,27 @@ class DNSResolver:
             if reply.rcode == dns.rcode.NXDOMAIN:
                 # RFC 6604 §2: after a CNAME chain, NXDOMAIN is about its
                 # last name.
-                negative = _Negative(True, _name_text(current), server)
+                negative = _Negative(True, _name_text(current), server, secure)
             elif current == asked:
-                negative = _Negative(False, _name_text(current), server)
+                negative = _Negative(False, _name_text(current), server, secure)
             else:
                 # The server gave a CNAME but not the records of its target
                 # (an authoritative server, or a chain leaving its zones):
                 # ask for the target.
                 continue
             self._cache.put(key, negative, min(ttl, _negative_ttl(reply)))
-            raise self._no_record(name, type_text, negative.target, server, negative.nxdomain)
+            raise self._no_record(name, type_text, negative.target, server, negative.nxdomain, negative.secure)
 
-    def _no_record(self, name: str, rdtype: str, target: str, server: str, nxdomain: bool) -> DNSNoRecordError:
+    def _no_record(
+        self, name: str, rdtype: str, target: str, server: str, nxdomain: bool, secure: bool
+    ) -> DNSNoRecordError:
         via = "" if target == name else f" (via CNAME to {target})"
+        how = "secure " if secure else ""
         if nxdomain:
-            message = f"{name}{via} does not exist (NXDOMAIN for {rdtype} from {server})"
+            message = f"{name}{via} does not exist ({how}NXDOMAIN for {rdtype} from {server})"
         else:
-            message = f"{name}{via} has no {rdtype} records (NODATA from {server})"
-        return DNSNoRecordError(message, name, rdtype, server, nxdomain=nxdomain)
+            message = f"{name}{via} has no {rdtype} records ({how}NODATA from {server})"
+        return DNSNoRecordError(message, name, rdtype, server, nxdomain=nxdomain, secure=secure)
 
     def _temporary(self, name: str, rdtype: str, server: str | None, detail: str) -> DNSTemporaryError:
         log.info("DNS {rdtype} lookup of {name} failed: {detail}", rdtype=rdtype, name=name, detail=detail)

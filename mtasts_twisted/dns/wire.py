@@ -24,6 +24,9 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.wire
 
+from mtasts_twisted.dns.answers import TLSARecord
+from mtasts_twisted.dns.rdata_read import _DNSSEC_TYPES, _TLSA, _check_dnssec_rdata, _tlsa_record
+
 __all__ = ["EDNS_PAYLOAD"]
 
 #: EDNS UDP payload we advertise (DNS flag day 2020: avoids fragmentation).
@@ -37,8 +40,13 @@ EDNS_PAYLOAD = 1232
 # conversions) for bytes that differ only in the ID, the name and the type.
 # test_dns checks the result byte for byte against make_query.
 _QUERY_FLAGS = dns.flags.RD | dns.flags.AD  # RFC 6840 §5.7: AD asks for the AD bit
+# RFC 3225 §3: the DO bit in the OPT record's flags says we are
+# security-aware, so a validating resolver sets AD on secure answers (RFC
+# 4035 §3.2.3) and keeps the DNSSEC records in them (RFC 7672 §2.1.1 needs
+# the security status of every MX, address and TLSA answer).  CD stays
+# clear: the resolver must validate.
 _TEMPLATE = dns.message.make_query(
-    dns.name.root, dns.rdatatype.A, use_edns=0, payload=EDNS_PAYLOAD, id=0, flags=_QUERY_FLAGS
+    dns.name.root, dns.rdatatype.A, use_edns=0, payload=EDNS_PAYLOAD, id=0, flags=_QUERY_FLAGS, want_dnssec=True
 ).to_wire()
 #: Header after the ID: flags, QDCOUNT 1, ANCOUNT 0, NSCOUNT 0, ARCOUNT 1.
 _HEADER_TAIL = _TEMPLATE[2:12]
@@ -59,7 +67,7 @@ class _Query:
     @ivar qname: the absolute name asked for.
     @ivar rdtype: the type asked for (class IN).
     @ivar wire: the message as sent: RD and AD set, EDNS0 with a payload
-        of L{EDNS_PAYLOAD}.
+        of L{EDNS_PAYLOAD} and the DO bit (RFC 3225).
     @ivar name_wire: C{qname} in wire form, lower case (to recognise the
         question of a reply without parsing it).
     @ivar question_tail: QTYPE and QCLASS in wire form.
@@ -148,6 +156,14 @@ class _Reply:
     answers: tuple[tuple[dns.name.Name, int, _RRs], ...]
     soa: tuple[int, int] | None
 
+    @property
+    def authenticated_data(self) -> bool:
+        """
+        The AD bit: the resolver validated every RRset of the answer and
+        authority sections as DNSSEC "secure" (RFC 4035 §3.2.3).
+        """
+        return bool(self.flags & dns.flags.AD)
+
     def records(self, name: dns.name.Name, rdtype: int) -> _RRs | None:
         """The answer records of C{name} (any case) and C{rdtype}, or L{None}."""
         for owner, owner_type, rrs in self.answers:
@@ -161,7 +177,16 @@ class _Reply:
         The view of a message parsed by dnspython, for a query of C{rdtype}.
         """
         answers = tuple(
-            (rrset.name, int(rrset.rdtype), _RRs(rrset.ttl, tuple(rrset)))
+            (
+                rrset.name,
+                int(rrset.rdtype),
+                _RRs(
+                    rrset.ttl,
+                    tuple(
+                        TLSARecord(r.usage, r.selector, r.mtype, r.cert) for r in rrset
+                    ) if rrset.rdtype == _TLSA else tuple(rrset),
+                ),
+            )
             for rrset in message.answer
             if rrset.rdclass == dns.rdataclass.IN
             and rrset.rdtype in (rdtype, dns.rdatatype.CNAME)
@@ -291,9 +316,18 @@ def _read_reply(wire: bytes, query: _Query) -> _Reply:
                         dns.rdata.from_wire_parser(rr_class, rr_type, parser, None)
                 pos += rdlen
                 continue
-            parser.seek(pos)
-            with parser.restrict_to(rdlen):
-                rdata = dns.rdata.from_wire_parser(rr_class, rr_type, parser, None)
+            if rr_type in _DNSSEC_TYPES:
+                # Never used, only checked: see _check_dnssec_rdata.
+                _check_dnssec_rdata(wire, pos, pos + rdlen, rr_type)
+                pos += rdlen
+                continue
+            rdata: Any
+            if rr_type == _TLSA:
+                rdata = _tlsa_record(wire[pos : pos + rdlen])
+            else:
+                parser.seek(pos)
+                with parser.restrict_to(rdlen):
+                    rdata = dns.rdata.from_wire_parser(rr_class, rr_type, parser, None)
             pos += rdlen
             if ttl > 0x7FFFFFFF:
                 ttl = 0  # RFC 2181 §8, as from_wire does

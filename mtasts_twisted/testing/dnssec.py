@@ -55,6 +55,7 @@ import dns.flags
 import dns.message
 import dns.name
 import dns.query
+import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 import dns.zone
@@ -101,12 +102,17 @@ class Zone:
     @ivar bogus_rrsets: C{(owner, type)} pairs (owner relative, C{"@"} for
         the apex) whose signatures are broken after signing, so that only
         those answers are bogus.
+    @ivar raw_records: C{(owner, type, rdata)} triples (owner relative)
+        added as raw rdata before signing, however malformed: records that
+        dnspython's zone parser would refuse, such as a TLSA record whose
+        digest has the wrong length.
     """
 
     name: str
     records: tuple[str, ...] = ()
     security: Security = Security.SECURE
     bogus_rrsets: tuple[tuple[str, str], ...] = ()
+    raw_records: tuple[tuple[str, str, bytes], ...] = ()
 
 
 def dnssec_world_available() -> tuple[bool, str]:
@@ -199,8 +205,22 @@ def _zone_text(name: str, records: Iterable[str]) -> str:
     return "\n".join([*head, *records]) + "\n"
 
 
-def _signed(text: str, origin: str, key: _Key, bogus: Iterable[tuple[str, str]] = ()) -> dns.zone.Zone:
+def _parsed(text: str, origin: str, raw: Iterable[tuple[str, str, bytes]] = ()) -> dns.zone.Zone:
     zone = dns.zone.from_text(text, origin=origin, relativize=False)
+    assert zone.origin is not None
+    for owner, rdtype, rdata in raw:
+        name = dns.name.from_text(owner, zone.origin) if owner != "@" else zone.origin
+        covered = dns.rdatatype.from_text(rdtype)
+        rdataset = zone.find_node(name, create=True).find_rdataset(dns.rdataclass.IN, covered, create=True)
+        rdataset.add(dns.rdata.GenericRdata(dns.rdataclass.IN, covered, rdata), _TTL)
+    return zone
+
+
+def _signed(
+    text: str, origin: str, key: _Key, bogus: Iterable[tuple[str, str]] = (),
+    raw: Iterable[tuple[str, str, bytes]] = (),
+) -> dns.zone.Zone:
+    zone = _parsed(text, origin, raw)
     now = time.time()
     # Valid from an hour ago for a week: clock skew between the signer and
     # the resolver does not matter.
@@ -268,13 +288,13 @@ class DNSSECWorld:
             delegations.append(f"{label} {_TTL} IN NS ns.{PARENT}")
             text = _zone_text(zone.name, zone.records)
             if zone.security is Security.INSECURE:
-                content = dns.zone.from_text(text, origin=zone.name, relativize=False)
+                content = _parsed(text, zone.name, zone.raw_records)
             else:
                 key = _Key.generate()
                 # A bogus zone's parent vouches for a key the zone never uses.
                 vouched = key if zone.security is Security.SECURE else _Key.generate()
                 delegations.append(f"{label} {_TTL} IN DS {vouched.ds(zone.name).to_text()}")
-                content = _signed(text, zone.name, key, zone.bogus_rrsets)
+                content = _signed(text, zone.name, key, zone.bogus_rrsets, zone.raw_records)
             content.to_file(os.path.join(directory, f"{zone.name}zone"), relativize=False)
         parent = _signed(_zone_text(PARENT, delegations), PARENT, parent_key)
         parent.to_file(os.path.join(directory, f"{PARENT}zone"), relativize=False)

@@ -1,33 +1,13 @@
 """
-Certificate verification shared by every TLS client of the package: the
-policy fetch (RFC 8461 §3.3), the MX connections (RFC 8461 §4.1) and the
-https report sender (RFC 8460 §5.4).
-
-What they must agree on lives here, once:
-
-  - L{load_trust_roots}: the one reader of trust roots (C{--ca-file}, PEM
-    bytes, a certificate, the platform's store).
-  - L{classify_verify_error}: the one table from an OpenSSL X.509 verify
-    error to the RFC 8460 §4.3.1 result type it counts as (docs/design.rst,
-    "TLS failure → RFC 8460 result type"), with L{verify_error_name} and
-    L{deciding_verify_error}.
-  - L{VerifyRecorder}: the one recording verify callback, one per
-    connection: OpenSSL's PKIX verdict plus the RFC 6125 host-name check,
-    recording why verification failed (a failed handshake alone only says
-    "certificate verify failed").
-  - L{client_context} and L{RecordingConnectionCreator}: one OpenSSL context
-    built once and shared, with SNI and a L{VerifyRecorder} per connection
-    (the policy fetch, the report sender).  C{mtasts_twisted.tls} builds its
-    MX connections on L{VerifyRecorder} too.
+The recording verify callback (L{VerifyRecorder}) and the client
+connections built on it (L{client_context}, L{RecordingConnectionCreator}):
+OpenSSL's PKIX verdict plus the RFC 6125 host-name check, recording why
+verification failed.
 """
 
 from __future__ import annotations
 
-import os
-import re
 import weakref
-from collections.abc import Iterable, Mapping
-from typing import NamedTuple, Union
 
 from cryptography import x509
 from OpenSSL import SSL, crypto
@@ -37,204 +17,25 @@ from service_identity.hazmat import DNS_ID, IPAddress_ID, ServiceID, verify_serv
 from twisted.internet._sslverify import IOpenSSLTrustRoot  # only exported there
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
-from twisted.internet.ssl import (
-    Certificate,
-    CertificateOptions,
-    TLSVersion,
-    platformTrust,
-    trustRootFromCertificates,
-)
+from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mtasts_twisted.results import ResultType
+from mtasts_twisted.pkix.dane import DANECheck, DANEVerdict, dane_verify
+from mtasts_twisted.pkix.errors import classify_verify_error, deciding_verify_error
 
 __all__ = [
-    "EXPIRED_ERRORS",
-    "NOT_TRUSTED_ERRORS",
     "CertificateVerifyError",
     "RecordingConnectionCreator",
-    "TrustRootSpec",
-    "VerifyErrorClass",
     "VerifyRecorder",
     "certificate_names",
-    "classify_verify_error",
     "client_context",
-    "deciding_verify_error",
-    "load_trust_roots",
-    "verify_error_name",
 ]
 
-log = Logger()
-
-
-# --- trust roots -------------------------------------------------------------
-
-#: What L{load_trust_roots} takes.
-TrustRootSpec = Union[Certificate, bytes, str, "os.PathLike[str]", IOpenSSLTrustRoot, None]
-
-# RFC 7468 §5.1 "CERTIFICATE"; "X509 CERTIFICATE" is the legacy label of
-# RFC 7468 §5.3 that OpenSSL and cryptography also read.
-_PEM_CERTIFICATE_BEGIN = re.compile(rb"-----BEGIN (?:X509 )?CERTIFICATE-----")
-
-
-def load_trust_roots(roots: TrustRootSpec = None) -> IOpenSSLTrustRoot:
-    """
-    Make the trust roots for certificate verification (policy hosts, MX
-    hosts, https report endpoints) from what a caller or C{--ca-file} gives.
-
-    PEM is read as RFC 7468 describes (whitespace within the base64 ignored,
-    the legacy C{X509 CERTIFICATE} label accepted, other blocks such as keys
-    skipped), and strictly: every certificate block must be complete and
-    parse, so a truncated or damaged file is an error rather than fewer
-    roots.
-
-    @param roots: L{None} for the platform's roots (L{platformTrust}); PEM
-        C{bytes} holding one or more certificates; a path (L{str} or
-        path-like) to such a PEM file; a Twisted L{Certificate}; anything
-        else is taken for an C{IOpenSSLTrustRoot} (such as the result of
-        L{trustRootFromCertificates}) and returned unchanged.
-    @return: an C{IOpenSSLTrustRoot} for C{optionsForClientTLS} or
-        L{client_context}.
-    @raise ValueError: the PEM holds no certificate, or a certificate block
-        that is incomplete or does not parse.
-    @raise OSError: the file cannot be read.
-    """
-    if roots is None:
-        return platformTrust()
-    if isinstance(roots, Certificate):
-        return trustRootFromCertificates([roots])
-    if isinstance(roots, (str, os.PathLike)):
-        with open(roots, "rb") as f:
-            roots = f.read()
-    if not isinstance(roots, bytes):
-        return roots  # already a trust root (IOpenSSLTrustRoot)
-    blocks = len(_PEM_CERTIFICATE_BEGIN.findall(roots))
-    if not blocks:
-        raise ValueError("no PEM certificate found in trust roots")
-    try:
-        certificates = x509.load_pem_x509_certificates(roots)
-    except ValueError as e:
-        detail = " ".join(str(e).split())  # one line (usage errors are)
-        raise ValueError(f"invalid PEM certificate in trust roots: {detail}") from None
-    if len(certificates) < blocks:
-        raise ValueError(
-            f"incomplete PEM certificate in trust roots: {blocks} begun, {len(certificates)} complete"
-        )
-    return trustRootFromCertificates(
-        [Certificate(crypto.X509.from_cryptography(c)) for c in certificates]
-    )
-
-
-# --- OpenSSL verify errors → RFC 8460 ------------------------------------------
-
-
-class VerifyErrorClass(NamedTuple):
-    """
-    What an OpenSSL X.509 verify error counts as (a tuple, so it compares
-    equal to C{(reason, description)}).
-
-    @ivar reason: the RFC 8460 §4.3.1 result type it counts as, by name:
-        C{certificate-expired}, C{certificate-not-trusted} or
-        C{validation-failure}.  The policy fetch reports it as the
-        failure-reason-code of C{sts-webpki-invalid}; the MX connections as
-        the result type itself.
-    @ivar description: the error, for people.
-    """
-
-    reason: str
-    description: str
-
-    @property
-    def result_type(self) -> ResultType:
-        """L{reason} as a L{ResultType}."""
-        return ResultType(self.reason)
-
-
-_EXPIRED = ResultType.CERTIFICATE_EXPIRED.value
-_NOT_TRUSTED = ResultType.CERTIFICATE_NOT_TRUSTED.value
-
-# The one table (docs/design.rst, "TLS failure → RFC 8460 result type").
-# Any other error is validation-failure (RFC 8460 §4.3.1).
-_VERIFY_ERRORS: Mapping[int, VerifyErrorClass] = {
-    2: VerifyErrorClass(_NOT_TRUSTED, "unable to get issuer certificate"),  # UNABLE_TO_GET_ISSUER_CERT
-    9: VerifyErrorClass(_EXPIRED, "certificate is not yet valid"),  # CERT_NOT_YET_VALID
-    10: VerifyErrorClass(_EXPIRED, "certificate has expired"),  # CERT_HAS_EXPIRED
-    18: VerifyErrorClass(_NOT_TRUSTED, "self-signed certificate"),  # DEPTH_ZERO_SELF_SIGNED_CERT
-    19: VerifyErrorClass(_NOT_TRUSTED, "self-signed certificate in certificate chain"),  # SELF_SIGNED_CERT_IN_CHAIN
-    20: VerifyErrorClass(_NOT_TRUSTED, "unable to get local issuer certificate"),  # UNABLE_TO_GET_ISSUER_CERT_LOCALLY
-    21: VerifyErrorClass(_NOT_TRUSTED, "unable to verify the first certificate"),  # UNABLE_TO_VERIFY_LEAF_SIGNATURE
-    27: VerifyErrorClass(_NOT_TRUSTED, "certificate not trusted"),  # CERT_UNTRUSTED
-}
-
-#: OpenSSL verify errors classified as certificate-expired (RFC 8460
-#: §4.3.1): 9 X509_V_ERR_CERT_NOT_YET_VALID, 10 X509_V_ERR_CERT_HAS_EXPIRED.
-EXPIRED_ERRORS = frozenset(n for n, c in _VERIFY_ERRORS.items() if c.reason == _EXPIRED)
-
-#: OpenSSL verify errors classified as certificate-not-trusted (RFC 8460
-#: §4.3.1): 2, 18, 19, 20, 21 and 27.
-NOT_TRUSTED_ERRORS = frozenset(n for n, c in _VERIFY_ERRORS.items() if c.reason == _NOT_TRUSTED)
-
-
-def classify_verify_error(code: int) -> VerifyErrorClass:
-    """
-    Map an OpenSSL X.509 verify error code to the RFC 8460 result type it
-    counts as.
-
-    @param code: the C{errno} the OpenSSL verify callback received.
-    @return: C{(reason, description)}; C{reason} is C{certificate-expired}
-        for 9 and 10, C{certificate-not-trusted} for 2, 18, 19, 20, 21 and
-        27, and C{validation-failure} otherwise (docs/design.rst).
-    """
-    return _VERIFY_ERRORS.get(
-        code, VerifyErrorClass(ResultType.VALIDATION_FAILURE.value, f"X.509 verify error {code}")
-    )
-
-
-def deciding_verify_error(errors: Iterable[int]) -> int | None:
-    """
-    The verify error that decides how a failed chain is reported.
-
-    The most fundamental wins: a chain that does not lead to a trusted root,
-    then expiry, then the first other error.  OpenSSL reports them in the
-    same order, so a connection that stops at the first error and one that
-    records them all agree.
-
-    @param errors: OpenSSL verify error codes, in the order reported.
-    @return: one of C{errors}, or L{None} when there is none.
-    """
-    errors = tuple(errors)
-    for reason in (_NOT_TRUSTED, _EXPIRED):
-        for code in errors:
-            if classify_verify_error(code).reason == reason:
-                return code
-    return errors[0] if errors else None
-
-
-def _verify_error_names() -> dict[int, str]:
-    # pyOpenSSL's public X509VerificationCodes holds the X509_V_ERR_*
-    # numbers of the OpenSSL it was built with; name each after its symbol.
-    names: dict[int, str] = {}
-    for attribute in dir(SSL.X509VerificationCodes):
-        if attribute.startswith("ERR_"):
-            value = getattr(SSL.X509VerificationCodes, attribute)
-            if isinstance(value, int):
-                names.setdefault(value, "X509_V_" + attribute)
-    return names
-
-
-_VERIFY_ERROR_NAMES: Mapping[int, str] = _verify_error_names()
-
-
-def verify_error_name(errnum: int) -> str:
-    """
-    Return the OpenSSL symbol of verify error C{errnum}, e.g.
-    C{"X509_V_ERR_CERT_REVOKED"} for 23, or C{"x509-verify-error-N"} for a
-    number this pyOpenSSL does not name.
-    """
-    return _VERIFY_ERROR_NAMES.get(errnum, f"x509-verify-error-{errnum}")
+# The namespace of the module this room was cut from, so log lines read as before.
+log = Logger(namespace="mtasts_twisted.pkix")
 
 
 # --- certificates ------------------------------------------------------------
@@ -313,6 +114,11 @@ class VerifyRecorder:
     callback does) and OpenSSL aborts.  Otherwise every failure is only
     recorded and the handshake goes on.
 
+    With a L{DANECheck} (RFC 7672 §3), TLSA records replace PKIX and the
+    host name: OpenSSL's verify errors are recorded but decide nothing, and
+    at the server certificate the chain the server presented is checked by
+    L{dane_verify}; a mismatch refuses the handshake when enforcing.
+
     The callback runs inside OpenSSL: it never raises.  Should our code
     raise, the failure is logged, L{internal_error} is set and, when
     enforcing, the handshake is refused.
@@ -327,18 +133,32 @@ class VerifyRecorder:
         (false when the handshake failed before any certificate).
     @ivar host_mismatch: whether it is not valid for C{hostname}.
     @ivar internal_error: our verify code raised (logged).
+    @ivar dane: the L{DANECheck}, or L{None} for PKIX and the host name.
+    @ivar dane_verdict: with C{dane}, the L{DANEVerdict} once the server
+        certificate was checked.
     """
 
-    def __init__(self, hostname: str, *, enforce: bool = True, identity: ServiceID | None = None) -> None:
+    def __init__(
+        self,
+        hostname: str,
+        *,
+        enforce: bool = True,
+        identity: ServiceID | None = None,
+        dane: DANECheck | None = None,
+    ) -> None:
         """
         @param hostname: the host name (A-labels) or address to check.
         @param enforce: refuse the handshake at the first failure.
         @param identity: the service_identity ID of C{hostname}, when the
             caller made it already (once per host rather than per
             connection).
+        @param dane: authenticate by these TLSA records instead (RFC 7672
+            §3).
         """
         self.hostname = hostname
         self.enforce = enforce
+        self.dane = dane
+        self.dane_verdict: DANEVerdict | None = None
         self._identity = identity if identity is not None else _service_id(hostname)
         self.errors: list[tuple[int, int]] = []
         self.leaf: x509.Certificate | None = None
@@ -373,6 +193,13 @@ class VerifyRecorder:
         Whether the server certificate was checked and nothing failed (the
         handshake may still be under way or have failed otherwise).
         """
+        if self.dane is not None:
+            return (
+                self.certificate_checked
+                and self.dane_verdict is not None
+                and self.dane_verdict.passed
+                and not self.internal_error
+            )
         return (
             self.certificate_checked
             and not self.errors
@@ -396,6 +223,8 @@ class VerifyRecorder:
         try:
             if not ok:
                 self.errors.append((depth, errnum))
+            if self.dane is not None:
+                return self._verify_dane(connection, certificate, depth)
             if depth == 0 and not self.certificate_checked:
                 self._check_name(certificate)
             failed = not ok or (depth == 0 and self.host_mismatch)
@@ -412,6 +241,27 @@ class VerifyRecorder:
                 self._refuse()
                 return False
             return True
+
+    def _verify_dane(self, connection: SSL.Connection, certificate: crypto.X509, depth: int) -> bool:
+        """
+        L{verify} under DANE: nothing but the server certificate's call
+        decides, and there the TLSA records do (RFC 7672 §3.2: PKIX errors,
+        an untrusted root above all, are no failure).
+        """
+        assert self.dane is not None
+        if depth != 0 or self.certificate_checked:
+            return self.dane_verdict is None or self.dane_verdict.passed or not self.enforce
+        self.certificate_checked = True
+        leaf = self.leaf = certificate.to_cryptography()
+        self.names = certificate_names(leaf)
+        # The chain as the server presented it (RFC 7671 §5.2.2: a DANE-TA
+        # anchor is one of its certificates), not as OpenSSL built it.
+        chain = connection.get_peer_cert_chain(as_cryptography=True) or [leaf]
+        verdict = self.dane_verdict = dane_verify(chain, self.dane.records, self.dane.reference_identifiers)
+        if verdict.passed or not self.enforce:
+            return True
+        self._refuse()
+        return False
 
     def _check_name(self, certificate: crypto.X509) -> None:
         self.certificate_checked = True
@@ -456,6 +306,12 @@ class VerifyRecorder:
 
     def describe(self) -> str:
         """Why verification failed, for people (e.g. an error's detail)."""
+        if self.dane is not None:
+            if self.internal_error:
+                return "internal error while verifying the certificate"
+            if self.dane_verdict is not None:
+                return self.dane_verdict.detail
+            return "certificate not verified"
         deciding = self.deciding_error()
         if deciding is not None:
             depth, errnum = deciding
@@ -535,4 +391,3 @@ class RecordingConnectionCreator:
         recorder.attach(connection, tlsProtocol)
         self.recorders.append(recorder)
         return connection
-
