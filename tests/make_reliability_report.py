@@ -32,7 +32,25 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-MODULES = ["tests.test_faults", "tests.test_downgrade", "tests.test_fuzz", "tests.test_limits"]
+MODULES = [
+    "tests.test_faults", "tests.test_downgrade", "tests.test_fuzz", "tests.test_limits",
+    # Hardening II (issue 17): the probes below come from these.
+    "tests.test_metrics_http", "tests.test_fd_exhaustion", "tests.test_intake_commands",
+    "tests.test_intake_spool", "tests.test_envelope", "tests.test_periodic",
+]
+
+#: What each probe measures (tests call tests.test_faults.probe); the report
+#: shows the largest value seen.
+PROBES = {
+    "metrics_never_reading_buffered_bytes":
+        "metrics endpoint: bytes buffered for a client that pipelines 2000 GETs and never reads",
+    "socketmap_never_reading_buffered_bytes":
+        "socketmap: bytes buffered for a client that pipelines requests and never reads",
+    "fd_exhaustion_recovery_seconds":
+        "after every file descriptor was taken and released: seconds until the retried message reached the MX",
+    "fd_exhaustion_socketmap_kept":
+        "1030 idle socketmap connections under ulimit -n 1024: connections kept (the rest closed on accept)",
+}
 OPTIONAL = ["tests.test_crash"]
 
 
@@ -48,12 +66,16 @@ def run(examples: int, jobs: int) -> tuple[dict, dict, str, float, list[str]]:
         proc = subprocess.run(command + modules, cwd=ROOT, env=env, capture_output=True, text=True)
         elapsed = time.monotonic() - started
         counts: collections.Counter[str] = collections.Counter()
+        probes: dict[str, float] = {}
         if os.path.exists(stats_path):
             with open(stats_path, encoding="utf-8") as f:
                 for line in f:
                     if line.strip():
                         event = json.loads(line)
-                        counts[event["kind"]] += int(event["n"])
+                        if event["kind"] == "probe":
+                            probes[event["name"]] = max(probes.get(event["name"], event["value"]), event["value"])
+                        else:
+                            counts[event["kind"]] += int(event["n"])
         # tests/test_crash.py writes its figures to crash-figures.json in
         # trial's temp directory (a worker's subdirectory under -j).
         crash: dict = {}
@@ -69,6 +91,7 @@ def run(examples: int, jobs: int) -> tuple[dict, dict, str, float, list[str]]:
     summary["verdict"] = verdict.group(1) if verdict else "UNKNOWN"
     summary["detail"] = verdict.group(2) if verdict else ""
     summary["crash"] = crash
+    summary["probes"] = probes
     return summary, dict(counts), output, elapsed, modules
 
 
@@ -182,6 +205,14 @@ def write(path: str, summary: dict, counts: dict, elapsed: float, examples: int,
         lines += ["## Crash safety figures (tests/test_crash.py)", "", "| Figure | Value |", "|---|---|"]
         lines += [f"| {key.replace('_', ' ')} | {value} |" for key, value in sorted(crash.items())]
         lines.append("")
+    probes = summary.get("probes") or {}
+    lines += ["## Hardening II probes (issue 17)", "", "Measured by the tests (which assert bounds on",
+              "bytes and counts, never these figures); the largest value seen.", "",
+              "| Probe | Value |", "|---|---|"]
+    for name, what in PROBES.items():
+        value = probes.get(name)
+        lines.append(f"| {what} | {'not measured' if value is None else f'{value:g}'} |")
+    lines.append("")
     lines += [
         "## Limits (caps and timeouts on what a peer controls)",
         "",

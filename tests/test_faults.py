@@ -70,6 +70,19 @@ def tally(kind: str, n: int = 1) -> None:
         f.write(json.dumps({"kind": kind, "n": n}) + "\n")
 
 
+def probe(name: str, value: float) -> None:
+    """
+    Record a measured figure (bytes, seconds, counts) for the reliability
+    report, which shows the largest value of each probe.  A probe is never
+    asserted on here: the tests assert bounds, the report shows the figure.
+    """
+    path = os.environ.get(STATS_ENV)
+    if not path:
+        return
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"kind": "probe", "name": name, "value": value}) + "\n")
+
+
 def fuzz_examples(default: int) -> int:
     """Hypothesis example count: C{MTASTS_FUZZ_EXAMPLES} overrides C{default}."""
     value = os.environ.get("MTASTS_FUZZ_EXAMPLES")

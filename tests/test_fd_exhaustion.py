@@ -40,6 +40,7 @@ from mtasts_twisted.testing.smtp import Behaviour, SMTPTestServer
 from mtasts_twisted.testing.world import LoopbackWorld
 
 from .test_e2e_relay import cli, make_message, policy_text, seed_policy, wait_until
+from .test_faults import probe
 from .test_twistd import Twistd
 
 log = Logger()
@@ -238,6 +239,7 @@ class FDExhaustionTests(TestCase):
         released_at = time.monotonic()
         log.info("idle socketmap connections: {open} of 1030 kept open, {peak} descriptors at most of 1024",
                  open=still_open, peak=peak)
+        probe("fd_exhaustion_socketmap_kept", still_open)
         self.assertLessEqual(still_open, 387)  # the socketmap's cap at 1024 (test_fdlimits)
         self.assertLess(peak, 1024)
         self.assertNotIn(b"Too many open files", twistd.output)
@@ -260,6 +262,6 @@ class FDExhaustionTests(TestCase):
         recovery = await self.retried_and_delivered(ident, released_at)
         log.info("fd exhaustion recovery: the retried message reached the MX {seconds:.1f} s after the"
                  " descriptors came back (poll every {poll} s)", seconds=recovery, poll=POLL)
-        sys.__stderr__.write(f"\nfd exhaustion recovery: {recovery:.1f} s\n")
+        probe("fd_exhaustion_recovery_seconds", round(recovery, 1))
         self.assertEqual(list(self.mx.messages[0].recipients), ["bob@good.test"])
         self.assertIn(b"Too many open files", twistd.output)  # what the failed poll said

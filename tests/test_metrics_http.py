@@ -27,6 +27,7 @@ from mtasts_twisted.metrics import MetricsFactory, MetricsLimits, ServiceStats, 
 from mtasts_twisted.testing.dns import DNSTestServer
 
 from .clients import RawClient
+from .test_faults import probe
 
 EPHEMERAL = "tcp:0:interface=127.0.0.1"
 GET = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
@@ -195,6 +196,7 @@ class MetricsEndpointTests(TestCase):
         client.send(GET * requests)
         await steady(lambda: (buffered(server), client.transport._tempDataLen + len(client.transport.dataBuffer)))
         response = len(make_registry_text()) + 200
+        probe("metrics_never_reading_buffered_bytes", buffered(server))
         self.assertLessEqual(buffered(server), server.bufferSize + response)
         self.assertLess(client.data.count(b"HTTP/1.1 200 OK"), requests)
         client.transport.resumeProducing()
