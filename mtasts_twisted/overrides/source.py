@@ -222,34 +222,30 @@ class OverridingPolicySource:
         return self._decide(lookup, domain, override)
 
     def _decide(self, lookup: Lookup, domain: str, override: Override | None) -> Lookup:
-        published = lookup.policy
-        fields = dict(policy=published, result=lookup.result, fresh=lookup.fresh, record_id=lookup.record_id,
-                      entry=lookup.entry, error=lookup.error, published=published)
+        policy, record_id = lookup.policy, lookup.record_id
         if override is not None:
             self.uses[override.kind.value] += 1
-            fields["override"] = override
             if override.kind is OverrideKind.SKIP:
                 # The domain's MTA-STS is ignored: delivery as without a policy.
                 log.warn("policy override: skipping the MTA-STS policy of {domain} until {until} ({reason}; {source})",
                          domain=domain, until=override.to_json()["until"], reason=override.reason or "no reason given",
                          source=override.source)
-                fields.update(policy=None, record_id=None)
-                return OverriddenLookup(**fields)
-            if override.kind is OverrideKind.ENFORCE:
-                fields.update(policy=override.policy, record_id=None)
-            elif override.kind is OverrideKind.DANE_ONLY and self._defer_dane_only and not self.enforce_as_testing:
+                policy, record_id = None, None
+            elif override.kind is OverrideKind.ENFORCE:
+                policy, record_id = override.policy, None
+            elif self._defer_dane_only and not self.enforce_as_testing:
                 log.info("policy override: {domain} is dane-only; deferring (DANE is not wired into delivery yet)",
                          domain=domain)
                 raise PolicyLookupTemporaryError(
                     f"{domain} requires DANE (policy override dane-only, {override.source}), "
-                    "which this relay does not do yet", lookup.result if lookup.result.failure_count == 0
-                    else _no_session(lookup.result))
-        policy = fields["policy"]
-        if self.enforce_as_testing and isinstance(policy, Policy) and policy.mode is Mode.ENFORCE:
+                    "which this relay does not do yet", _no_session(lookup.result))
+        as_testing = False
+        if self.enforce_as_testing and policy is not None and policy.mode is Mode.ENFORCE:
             self.uses["enforce-as-testing"] += 1
-            fields.update(policy=_as_testing(policy), as_testing=True)
+            policy, as_testing = _as_testing(policy), True
             self._log_as_testing(domain)
-        return OverriddenLookup(**fields)
+        return OverriddenLookup(policy, lookup.result, lookup.fresh, record_id, lookup.entry, lookup.error,
+                                override=override, as_testing=as_testing, published=lookup.policy)
 
     def _log_as_testing(self, domain: str) -> None:
         now = self._clock.seconds()
