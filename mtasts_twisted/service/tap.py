@@ -294,13 +294,14 @@ def queue_directory(config: ServiceSettings | Mapping[str, Any]) -> str:
 
 
 def makeService(options: ServiceSettings | Mapping[str, Any], reactor: IServiceReactor | None = None,
-                fatal: Callable[[int], None] | None = None) -> MTASTSService:
+                fatal: Callable[[int], None] | None = None, *, install_signals: bool = True) -> MTASTSService:
     """
     Build the C{twistd mtasts} service from parsed L{Options}.
 
     @param options: parsed L{Options} (or their L{ServiceSettings}).
     @param reactor: the reactor (the global one by default).
     @param fatal: see L{MTASTSService}.
+    @param install_signals: see L{MTASTSService}.
     """
     if reactor is None:
         from twisted.internet import reactor as global_reactor
@@ -308,4 +309,4 @@ def makeService(options: ServiceSettings | Mapping[str, Any], reactor: IServiceR
         # Typed as Twisted's common reactor interfaces only; every reactor
         # twistd installs also provides UDP, threads and name resolvers.
         reactor = cast(IServiceReactor, global_reactor)
-    return MTASTSService(options, reactor, fatal)
+    return MTASTSService(options, reactor, fatal, install_signals=install_signals)
