@@ -216,6 +216,19 @@ class ServiceTests(TestCase):
         settings = parse("--data-dir", self.dir, "--config", config).settings
         self.assertEqual((settings.policy_overrides, settings.enforce_as_testing), (self.file, True))
 
+    async def test_malformed_when_the_runtime_opens(self) -> None:
+        """The file broke between option parsing and start: a StartupError of one line."""
+        from mtasts_twisted.service.runtime import StartupError, open_runtime
+
+        self.write(DANE_ONLY)
+        options = parse("--data-dir", self.dir, "--nameserver", self.dns.nameserver, "--no-reports",
+                        "--policy-overrides", self.file)
+        self.write('["a.example"]\naction = "skip"\nuntil = 2030-13-01\n')
+        with self.assertRaises(StartupError) as cm:
+            await open_runtime(options.settings, reactor)
+        self.assertEqual(len(str(cm.exception).splitlines()), 1)
+        self.assertTrue(str(cm.exception).startswith(f"{self.file}:3: not valid TOML"), str(cm.exception))
+
     async def test_sighup_reload(self) -> None:
         self.write(DANE_ONLY)
         options = parse("--data-dir", self.dir, "--nameserver", self.dns.nameserver, "--socketmap", EPHEMERAL,
