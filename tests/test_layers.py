@@ -34,6 +34,7 @@ LAYERS: dict[str, int] = {
     "store": 3,
     "cache": 4,
     "tlsrpt": 5,
+    "overrides": 5,
     "delivery": 6,
     "relay": 7,
     "socketmap": 7,

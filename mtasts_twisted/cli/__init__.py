@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     lookup.add_argument("--no-cache", action="store_true", help="discover afresh; read and write no cache")
     lookup.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                         help="DNS time budget; the policy fetch gets six times this, at most 60 s")
+    lookup.add_argument("--policy-overrides", metavar="FILE", help="apply the service's policy overrides file")
     lookup.set_defaults(run=react, run_async=run_lookup)
     _add_operations(commands)
     return parser

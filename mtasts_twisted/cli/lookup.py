@@ -5,6 +5,12 @@ record, and what a sender would do.
 
 A lookup never creates a cache: without C{DIR/mtasts.sqlite} it discovers
 afresh, as with C{--no-cache}, and leaves nothing behind.
+
+With C{--policy-overrides FILE} the lookup asks the same policy source as
+the service (L{mtasts_twisted.overrides}), and says when an override
+decides the domain: an C{override:} line, and the JSON C{override} field
+(null, or C{kind}, C{mx}, C{until}, C{reason}, C{source}); C{policy} stays
+what the domain publishes.
 """
 
 from __future__ import annotations
@@ -22,11 +28,15 @@ from mtasts_twisted.policy import MTASTSError, Mode
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
+    from twisted.internet.interfaces import IReactorTime
     from twisted.python.failure import Failure
 
     from mtasts_twisted.cli.common import Reactor
     from mtasts_twisted.fetch import FetchedPolicy
+    from mtasts_twisted.cache import Lookup, PolicyCache
     from mtasts_twisted.interfaces import IDNSResolver, IStore
+    from mtasts_twisted.overrides import OverrideTable
+    from mtasts_twisted.policy import Policy
 
 __all__ = ["run_lookup"]
 
@@ -86,6 +96,64 @@ async def _tlsrpt_record(resolver: IDNSResolver, alabel: str) -> tuple[dict[str,
     return {"rua": list(record.rua)}, None
 
 
+def _load_overrides(args: argparse.Namespace) -> OverrideTable | None:
+    """The C{--policy-overrides} file, or L{None}; raises L{OverrideFileError}."""
+    path = getattr(args, "policy_overrides", None)
+    if not path:
+        return None
+    from mtasts_twisted.overrides import OverrideTable, load_overrides
+
+    return OverrideTable(path, load_overrides(path))
+
+
+def _overridden(cache: PolicyCache, table: OverrideTable | None, clock: IReactorTime, alabel: str) -> Deferred[Lookup]:
+    """The lookup through the overrides, as the socketmap makes it (C{dane-only} answered, not deferred)."""
+    if table is None:
+        return cache.get(alabel)
+    from mtasts_twisted.overrides import OverridingPolicySource
+
+    return OverridingPolicySource(cache, table, clock).get(alabel)
+
+
+def _published(lookup: Lookup) -> Policy | None:
+    """The policy the domain's own lookup found (before any override)."""
+    from mtasts_twisted.overrides import OverriddenLookup
+
+    return lookup.published if isinstance(lookup, OverriddenLookup) else lookup.policy
+
+
+def _override_json(lookup: Lookup) -> dict[str, Any] | None:
+    """The JSON C{override} field: the override that decided, or L{None}."""
+    override = getattr(lookup, "override", None)
+    return None if override is None else override.to_json()
+
+
+def _override_lines(lookup: Lookup) -> list[str]:
+    """The human lines saying an override decides the domain (none without one)."""
+    override = getattr(lookup, "override", None)
+    if override is None:
+        return []
+    line = f"  override: {override.kind.value} ({override.source})"
+    if override.policy is not None:
+        line += ", mx " + " ".join(override.policy.mx)
+    if override.until is not None:
+        line += f", until {override.to_json()['until']}"
+    line += f": {override.reason}" if override.reason else ""
+    return [line + "\n"]
+
+
+def _action(lookup: Lookup) -> str:
+    """What a sender would do, with the override (if any) applied."""
+    from mtasts_twisted.overrides import OverrideKind
+
+    override = getattr(lookup, "override", None)
+    if override is not None and override.kind is OverrideKind.DANE_ONLY:
+        return ("deliver only over DANE-authenticated TLS (socketmap: dane-only); the relay defers this "
+                "domain's mail until it does DANE")
+    policy = lookup.policy
+    return _ACTIONS[policy.mode if policy else None]
+
+
 async def run_lookup(reactor: Reactor, args: argparse.Namespace, out: TextIO, err: TextIO, policy_port: int = 443) -> int:
     """
     C{mtasts-twisted lookup}: the policy of a domain through the policy
@@ -121,6 +189,12 @@ async def run_lookup(reactor: Reactor, args: argparse.Namespace, out: TextIO, er
         return usage(f"--nameserver: {e}")
     if args.ca_file and not os.path.isfile(args.ca_file):
         return usage(f"--ca-file {args.ca_file}: no such file")
+    from mtasts_twisted.overrides import OverrideFileError
+
+    try:
+        table = _load_overrides(args)
+    except OverrideFileError as e:
+        return usage(f"--policy-overrides {e}")
     try:
         fetcher = _ReasonFetcher(PolicyFetcher(
             reactor, trust_roots=args.ca_file, timeout=min(60.0, args.timeout * 6), resolver=resolver,
@@ -141,7 +215,7 @@ async def run_lookup(reactor: Reactor, args: argparse.Namespace, out: TextIO, er
     try:
         fetches = cache.stats["fetches"]
         try:
-            lookup = await cache.get(alabel)
+            lookup = await _overridden(cache, table, reactor, alabel)
         except PolicyLookupTemporaryError as e:
             if args.json:
                 out.write(json.dumps({"domain": alabel, "policy": None, "fresh": False, "tlsrpt_record": None,
@@ -155,7 +229,7 @@ async def run_lookup(reactor: Reactor, args: argparse.Namespace, out: TextIO, er
         await cache.stop()
         await store.close()
     fetched = cache.stats["fetches"] > fetches
-    policy, entry = lookup.policy, lookup.entry
+    policy, entry = _published(lookup), lookup.entry
     reason = _reason(lookup.result.failures, fetcher.reason)
     source = "none" if policy is None else ("fetched" if fetched else "cache")
     if args.json:
@@ -170,8 +244,9 @@ async def run_lookup(reactor: Reactor, args: argparse.Namespace, out: TextIO, er
             "valid_until": iso(entry.valid_end) if policy is not None and entry else None,
             "tlsrpt_record": tlsrpt,
             "result": lookup.result.to_json(),
-            "action": _ACTIONS[policy.mode if policy else None],
+            "action": _action(lookup),
             "reason": reason,
+            "override": _override_json(lookup),
         }
         if tlsrpt_error:
             obj["tlsrpt_error"] = tlsrpt_error
@@ -190,11 +265,13 @@ async def run_lookup(reactor: Reactor, args: argparse.Namespace, out: TextIO, er
     for failure in lookup.result.failures:
         out.write(f"  problem: {failure.result_type.value} ({failure.failure_reason_code})"
                   f"{': ' + reason if reason else ''}\n")
+    for line in _override_lines(lookup):
+        out.write(line)
     if tlsrpt:
         out.write(f"  TLSRPT reports to: {', '.join(tlsrpt['rua'])}\n")
     elif tlsrpt_error:
         out.write(f"  TLSRPT record unusable: {tlsrpt_error}\n")
     else:
         out.write("  no TLSRPT record\n")
-    out.write(f"  a sender would {_ACTIONS[policy.mode if policy else None]}\n")
+    out.write(f"  a sender would {_action(lookup)}\n")
     return EX_OK

@@ -38,6 +38,14 @@ Metric names (all prefixed C{mtasts_}):
     queue (when the relay runs).
   - C{mtasts_reports_total{state}}: TLSRPT report runs' outcomes
     (C{sent}, C{failed}, C{retry}, C{dropped}, C{skipped}).
+  - C{mtasts_enforce_as_testing}: 1 while C{--enforce-as-testing} is on,
+    else 0; C{mtasts_enforce_as_testing_uses_total}: lookups whose
+    C{enforce} policy it turned into C{testing}.
+  - C{mtasts_policy_overrides}: domains in the overrides file in force;
+    C{mtasts_policy_override_uses_total{kind}}: lookups an override
+    decided (C{enforce}, C{skip}, C{dane-only});
+    C{mtasts_policy_override_reloads_total{outcome}}: SIGHUP reloads
+    (C{ok}, C{failed}: the previous map was kept).
 """
 
 from __future__ import annotations
@@ -60,6 +68,7 @@ if TYPE_CHECKING:
     from mtasts_twisted.cache import PolicyCache
     from mtasts_twisted.delivery import DeliveryResult
     from mtasts_twisted.fetch import FetchedPolicy
+    from mtasts_twisted.overrides import OverridingPolicySource
     from mtasts_twisted.socketmap import SocketmapFactory
     from mtasts_twisted.tlsrpt import SendOutcome
 
@@ -84,6 +93,9 @@ class ServiceStats:
     @ivar reports: report outcomes by state.
     @ivar cache: the L{PolicyCache<mtasts_twisted.cache.PolicyCache>}, once open.
     @ivar socketmap: the L{SocketmapFactory<mtasts_twisted.socketmap.SocketmapFactory>}, if any.
+    @ivar overrides: the socketmap's L{OverridingPolicySource
+        <mtasts_twisted.overrides.OverridingPolicySource>} (its table and the
+        use counts it shares with the relay's), once open.
     @ivar queue_stats: a callable returning C{(messages, oldest_age_seconds)}
         of the relay queue, if a relay runs.
     """
@@ -96,6 +108,7 @@ class ServiceStats:
         self.cache: PolicyCache | None = None
         self.socketmap: SocketmapFactory | None = None
         self.queue_stats: Callable[[], tuple[int, float]] | None = None
+        self.overrides: OverridingPolicySource | None = None
 
 
 class StatsCollector(Collector):
@@ -173,6 +186,35 @@ class StatsCollector(Collector):
         for state, n in sorted(stats.reports.items()):
             reports.add_metric([state], n)
         yield reports
+        yield from _override_families(stats.overrides)
+
+
+_OVERRIDE_KINDS = ("enforce", "skip", "dane-only")
+
+
+def _override_families(source: OverridingPolicySource | None) -> Iterator[Metric]:
+    """The families of the operator overrides and C{--enforce-as-testing}."""
+    switch = GaugeMetricFamily("mtasts_enforce_as_testing", "1 while --enforce-as-testing is on.")
+    switch_uses = CounterMetricFamily(
+        "mtasts_enforce_as_testing_uses", "Enforce policies applied as testing by --enforce-as-testing.")
+    domains = GaugeMetricFamily("mtasts_policy_overrides", "Domains in the policy overrides file in force.")
+    uses = CounterMetricFamily("mtasts_policy_override_uses", "Lookups decided by a policy override.",
+                               labels=["kind"])
+    reloads = CounterMetricFamily("mtasts_policy_override_reloads", "Policy overrides reloads by outcome.",
+                                  labels=["outcome"])
+    if source is not None:
+        switch.add_metric([], 1 if source.enforce_as_testing else 0)
+        switch_uses.add_metric([], source.uses.get("enforce-as-testing", 0))
+        domains.add_metric([], len(source.table.overrides))
+        for kind in _OVERRIDE_KINDS:
+            uses.add_metric([kind], source.uses.get(kind, 0))
+        for outcome in ("ok", "failed"):
+            reloads.add_metric([outcome], source.table.reloads.get(outcome, 0))
+    yield switch
+    yield switch_uses
+    yield domains
+    yield uses
+    yield reloads
 
 
 def make_registry(stats: ServiceStats) -> CollectorRegistry:

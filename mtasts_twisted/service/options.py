@@ -57,6 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "helo-name": None,  # socket.getfqdn()
     "delivery-port": "25",
     "session-reuse": "2",
+    "policy-overrides": None,
 }
 
 #: The longest --session-reuse: RFC 5321 §4.5.3.2.7 lets a server drop an
@@ -66,7 +67,7 @@ MAX_SESSION_REUSE = 300.0
 #: The listener options, in the order the service binds them.
 LISTENERS = ("smtp", "socketmap", "metrics")
 
-_FLAGS = ("no-reports", "report-unsigned", "strict-testing", "tlsrpt-attributes", "fail-open")
+_FLAGS = ("no-reports", "report-unsigned", "strict-testing", "tlsrpt-attributes", "fail-open", "enforce-as-testing")
 _OFF = ("", "none", "off")
 _DATABASE_SCHEMES = ("sqlite:", "postgresql://", "postgres://", "memory:")
 
@@ -108,6 +109,10 @@ class ServiceSettings:
         attributes.
     @ivar fail_open: socketmap: C{NOTFOUND} instead of C{TEMP} when no
         policy can be found.
+    @ivar policy_overrides: the operator's overrides file
+        (L{mtasts_twisted.overrides}), or L{None}.
+    @ivar enforce_as_testing: apply every C{enforce} policy as C{testing}
+        (the emergency switch).
     """
 
     data_dir: str
@@ -127,6 +132,8 @@ class ServiceSettings:
     strict_testing: bool = False
     tlsrpt_attributes: bool = False
     fail_open: bool = False
+    policy_overrides: str | None = None
+    enforce_as_testing: bool = False
 
     @property
     def listeners(self) -> dict[str, str]:
@@ -177,6 +184,8 @@ class ServiceSettings:
             strict_testing=bool(config.get("strict-testing", False)),
             tlsrpt_attributes=bool(config.get("tlsrpt-attributes", False)),
             fail_open=bool(config.get("fail-open", False)),
+            policy_overrides=config.get("policy-overrides"),
+            enforce_as_testing=bool(config.get("enforce-as-testing", False)),
         )
 
 
@@ -318,6 +327,16 @@ def _read_config(path: str) -> dict[str, Any]:
     return settings
 
 
+def _check_overrides(path: str) -> None:
+    """A malformed overrides file stops startup with its one line (C{FILE:LINE: what})."""
+    from mtasts_twisted.overrides import OverrideFileError, load_overrides
+
+    try:
+        load_overrides(path)
+    except OverrideFileError as e:
+        raise usage.UsageError(str(e)) from None
+
+
 class Options(usage.Options):
     """
     The options of C{twistd mtasts}.  C{--config FILE} reads the same
@@ -359,6 +378,8 @@ class Options(usage.Options):
         ["helo-name", None, None, "name sent in EHLO [default: this host's FQDN]"],
         ["session-reuse", None, None, "seconds an outbound SMTP session stays open for the next message "
          f"to the same domain and MX, 0 for never [default: {DEFAULTS['session-reuse']}]"],
+        ["policy-overrides", None, None, "TOML file of per-domain policy overrides (enforce, skip, dane-only); "
+                                         "reloaded on SIGHUP"],
     ]
     optFlags = [
         ["no-reports", None, "send no TLSRPT reports (and collect no results)"],
@@ -367,6 +388,7 @@ class Options(usage.Options):
         ["strict-testing", None, "socketmap: answer testing policies like enforce"],
         ["tlsrpt-attributes", None, "socketmap: add Postfix >= 3.10 TLSRPT attributes"],
         ["fail-open", None, "socketmap: answer NOTFOUND instead of TEMP when no policy can be found"],
+        ["enforce-as-testing", None, "EMERGENCY: apply every enforce policy as testing (deliver and report)"],
     ]
 
     def __init__(self) -> None:
@@ -450,6 +472,8 @@ class Options(usage.Options):
         if not self["helo-name"]:
             self["helo-name"] = socket.getfqdn()
         self["session_reuse"] = _session_reuse(self["session-reuse"])
+        if self["policy-overrides"] is not None:
+            _check_overrides(self["policy-overrides"])
         self["report_settings"] = self._report_settings()
         self.settings = ServiceSettings.from_config(self)
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import attrs
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 from twisted.internet.interfaces import (
     IReactorCore,
     IReactorPluggableNameResolver,
@@ -38,6 +39,7 @@ from mtasts_twisted.metrics import (
     ServiceStats,
     count_report_outcomes,
 )
+from mtasts_twisted.overrides import OverrideFileError, OverrideTable, OverridingPolicySource
 from mtasts_twisted.service.options import ServiceSettings, as_settings
 from mtasts_twisted.service.reportmail import NoPolicyCache, ReportMailer
 from mtasts_twisted.tlsrpt import ReportScheduler
@@ -53,7 +55,10 @@ __all__ = [
     "Runtime",
     "StartupError",
     "open_runtime",
+    "policy_sources",
 ]
+
+log = Logger()
 
 
 class IServiceReactor(IReactorCore, IReactorTime, IReactorTCP, IReactorUDP, IReactorThreads,
@@ -86,6 +91,11 @@ class Runtime:
     @ivar aggregator: the L{ResultAggregator}, or L{None} without reports.
     @ivar scheduler: the L{ReportScheduler}, or L{None} without reports.
     @ivar deliverer: the relay's (metered) L{Deliverer}.
+    @ivar overrides: the L{OverrideTable} (empty without
+        C{--policy-overrides}); L{OverrideTable.reload} on SIGHUP.
+    @ivar policies: the socketmap's policy source (the cache with the
+        overrides applied); the relay's deliverer has its own over the same
+        table, which defers C{dane-only} domains.
     """
 
     store: IStore
@@ -95,6 +105,8 @@ class Runtime:
     aggregator: ResultAggregator | None = None
     scheduler: ReportScheduler | None = None
     deliverer: MeteredDeliverer | None = None
+    overrides: OverrideTable | None = None
+    policies: OverridingPolicySource | None = None
 
     async def close(self) -> None:
         """Write what the cache batched and close the store."""
@@ -150,6 +162,12 @@ async def open_runtime(
         raise StartupError(f"cannot open the database: {e}") from None
     cache = PolicyCache(store, resolver, fetcher, reactor)
     stats.cache = cache
+    try:
+        table, relay_policies, policies = policy_sources(settings, cache, reactor)
+    except OverrideFileError as e:
+        await store.close()
+        raise StartupError(str(e)) from None
+    stats.overrides = policies
     report_settings = settings.report_settings
     aggregator: ResultAggregator | None = None
     scheduler: ReportScheduler | None = None
@@ -168,7 +186,7 @@ async def open_runtime(
     # like Postfix's smtp_connection_cache_time_limit); RelayService.stopService
     # closes them.
     deliverer = MeteredDeliverer(
-        Deliverer(delivery_reactor, resolver, cache, trust_root=settings.ca_file, sink=sink,
+        Deliverer(delivery_reactor, resolver, relay_policies, trust_root=settings.ca_file, sink=sink,
                   settings=attrs.evolve(delivery_settings, reuse_idle_time=settings.session_reuse)), stats)
     # RFC 8460 §5.3: reports are delivered despite MTA-STS failures, and
     # their own sessions are not reported (§3): no policy, NULL_SINK.  One
@@ -186,7 +204,30 @@ async def open_runtime(
         except (OSError, ValueError) as e:
             await store.close()
             raise StartupError(f"cannot set up TLSRPT reports: {e}") from None
-    return Runtime(store, resolver, cache, sink, aggregator, scheduler, deliverer)
+    return Runtime(store, resolver, cache, sink, aggregator, scheduler, deliverer, table, policies)
+
+
+def policy_sources(
+    settings: ServiceSettings, cache: PolicyCache, clock: IReactorTime
+) -> tuple[OverrideTable, OverridingPolicySource, OverridingPolicySource]:
+    """
+    The one policy decision for the relay and the socketmap: the overrides
+    file (C{--policy-overrides}) and C{--enforce-as-testing} over C{cache}.
+
+    @return: C{(table, relay's source, socketmap's source)}; the two
+        sources share the table (one SIGHUP reloads both) and their use
+        counts.
+    @raise OverrideFileError: the overrides file is unreadable or malformed.
+    """
+    table = OverrideTable.load(settings.policy_overrides) if settings.policy_overrides else OverrideTable()
+    relay = OverridingPolicySource(cache, table, clock, enforce_as_testing=settings.enforce_as_testing,
+                                   defer_dane_only=True)
+    socketmap = OverridingPolicySource(cache, table, clock, enforce_as_testing=settings.enforce_as_testing,
+                                       uses=relay.uses)
+    if settings.enforce_as_testing:
+        log.critical("--enforce-as-testing is ON: every MTA-STS enforce policy is applied as testing; mail is "
+                     "delivered whatever the TLS checks say (turn it off once mail flows again)")
+    return table, relay, socketmap
 
 
 class MeteredReportScheduler(ReportScheduler):

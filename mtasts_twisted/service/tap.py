@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import signal
 import sys
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, cast
@@ -92,12 +93,15 @@ class MTASTSService(MultiService):
     """
 
     def __init__(self, config: ServiceSettings | Mapping[str, Any], reactor: IServiceReactor,
-                 fatal: Callable[[int], None] | None = None) -> None:
+                 fatal: Callable[[int], None] | None = None, *, install_signals: bool = True) -> None:
         """
         @param config: parsed L{Options}, or their L{ServiceSettings}.
         @param reactor: the reactor.
         @param fatal: called with an exit code after a startup failure was
             logged; by default stops the reactor and exits with that code.
+        @param install_signals: with C{--policy-overrides}, install
+            L{handle_sighup} for SIGHUP at start (tests in one process say
+            C{False} and call it themselves).
         """
         super().__init__()
         self.config = config
@@ -113,6 +117,8 @@ class MTASTSService(MultiService):
         self.fd_limit: FDLimit | None = None
         self.caps: ConnectionCaps | None = None
         self._late: dict[str, LateFactory] = {}
+        self._install_signals = install_signals
+        self._previous_sighup: Any = None
         for name, description in self.settings.listeners.items():
             factory: IProtocolFactory
             if name == "metrics":
@@ -123,11 +129,34 @@ class MTASTSService(MultiService):
             listener.setServiceParent(self)
             self.listeners[name] = listener
 
+    def handle_sighup(self, signum: int, frame: Any) -> None:
+        """
+        The SIGHUP handler (installed with C{--policy-overrides}): reload
+        the overrides file in the reactor thread (L{reload_overrides}).
+        """
+        self._reactor.callFromThread(self.reload_overrides)
+
+    def reload_overrides(self) -> bool:
+        """
+        Read the C{--policy-overrides} file again; a malformed one keeps the
+        previous map (logged).
+
+        @return: whether the new file is in force.
+        """
+        runtime = self.runtime
+        if runtime is None or runtime.overrides is None:
+            log.warn("SIGHUP: nothing to reload yet")  # noqa: G010
+            return False
+        return runtime.overrides.reload()
+
     def startService(self) -> None:
         """
         Raise the file descriptor limit and size the connection caps; start
-        the listeners, then open the store and start the rest.
+        the listeners, then open the store and start the rest.  With
+        C{--policy-overrides}, SIGHUP reloads the file.
         """
+        if self.settings.policy_overrides and self._install_signals:
+            self._previous_sighup = signal.signal(signal.SIGHUP, self.handle_sighup)
         self.fd_limit = limit = raise_fd_limit()
         self.caps = caps = self._size_caps(limit.soft)
         log.info("file descriptors: soft limit {soft} (was {before}; hard {hard}); {sizing}",
@@ -202,7 +231,7 @@ class MTASTSService(MultiService):
             from mtasts_twisted.socketmap import SocketmapFactory, SocketmapSettings
 
             factory = SocketmapFactory(
-                runtime.cache, runtime.resolver, self._reactor,
+                runtime.policies or runtime.cache, runtime.resolver, self._reactor,
                 settings=SocketmapSettings(strict_testing=settings.strict_testing,
                                            tlsrpt_attributes=settings.tlsrpt_attributes,
                                            fail_open=settings.fail_open,
@@ -230,6 +259,9 @@ class MTASTSService(MultiService):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        if self._previous_sighup is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+            self._previous_sighup = None
         if self.ready is not None and not self.ready.called:
             await self.ready
         await super().stopService()
@@ -262,13 +294,14 @@ def queue_directory(config: ServiceSettings | Mapping[str, Any]) -> str:
 
 
 def makeService(options: ServiceSettings | Mapping[str, Any], reactor: IServiceReactor | None = None,
-                fatal: Callable[[int], None] | None = None) -> MTASTSService:
+                fatal: Callable[[int], None] | None = None, *, install_signals: bool = True) -> MTASTSService:
     """
     Build the C{twistd mtasts} service from parsed L{Options}.
 
     @param options: parsed L{Options} (or their L{ServiceSettings}).
     @param reactor: the reactor (the global one by default).
     @param fatal: see L{MTASTSService}.
+    @param install_signals: see L{MTASTSService}.
     """
     if reactor is None:
         from twisted.internet import reactor as global_reactor
@@ -276,4 +309,4 @@ def makeService(options: ServiceSettings | Mapping[str, Any], reactor: IServiceR
         # Typed as Twisted's common reactor interfaces only; every reactor
         # twistd installs also provides UDP, threads and name resolvers.
         reactor = cast(IServiceReactor, global_reactor)
-    return MTASTSService(options, reactor, fatal)
+    return MTASTSService(options, reactor, fatal, install_signals=install_signals)

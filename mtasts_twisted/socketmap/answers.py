@@ -76,12 +76,28 @@ answers the same unless noted:
         TEMP MTA-STS policy of example.com unavailable (dns-lookup)
 
     or C{NOTFOUND } with C{fail_open}.
+
+Operator overrides (L{mtasts_twisted.overrides}) reach the server through
+its policy source, so the answers follow the same decision as the relay's:
+
+  - C{enforce} override: its policy, answered like any enforce policy
+    (C{OK secure match=...}), but never with the TLSRPT attributes (they
+    would name an C{sts} policy the domain did not publish, RFC 8460
+    §4.1);
+  - C{skip} override: no policy (C{NOTFOUND });
+  - C{dane-only} override (L{override_answer}), Postfix's own level::
+
+        OK dane-only
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+import attrs
+
+from mtasts_twisted.cache import Lookup
+from mtasts_twisted.overrides import OverriddenLookup, OverrideKind
 from mtasts_twisted.policy import Mode, Policy
 from mtasts_twisted.socketmap.settings import DEFAULT_SETTINGS, SocketmapSettings
 
@@ -89,6 +105,8 @@ __all__ = [
     "ANSWER_KINDS",
     "MAX_REPLY",
     "answer_kind",
+    "answer_settings",
+    "override_answer",
     "policy_has_wildcard",
     "render_answer",
     "render_failure",
@@ -211,3 +229,28 @@ def answer_kind(text: str) -> str:
     rendered here): its first word in lower case.
     """
     return text.partition(" ")[0].lower()
+
+
+def override_answer(lookup: Lookup) -> str | None:
+    """
+    The reply an operator override fixes whatever the policy says: C{OK
+    dane-only} for a C{dane-only} override (Postfix then requires DANE for
+    the next hop and defers without usable TLSA records); else L{None}.
+    """
+    if isinstance(lookup, OverriddenLookup) and lookup.override is not None:
+        if lookup.override.kind is OverrideKind.DANE_ONLY:
+            return "OK dane-only"
+    return None
+
+
+def answer_settings(lookup: Lookup, settings: SocketmapSettings) -> SocketmapSettings:
+    """
+    The settings to render C{lookup}'s policy with: C{settings}, without
+    the TLSRPT attributes when an C{enforce} override supplied the policy
+    (RFC 8460 §4.1: the attributes would report it as the domain's
+    published C{sts} policy).
+    """
+    if (settings.tlsrpt_attributes and isinstance(lookup, OverriddenLookup) and lookup.override is not None
+            and lookup.override.kind is OverrideKind.ENFORCE):
+        return attrs.evolve(settings, tlsrpt_attributes=False)
+    return settings

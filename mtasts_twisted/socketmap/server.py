@@ -31,6 +31,8 @@ from mtasts_twisted.policy import DomainError, Mode, Policy
 from mtasts_twisted.socketmap.answers import (
     ANSWER_KINDS,
     answer_kind,
+    answer_settings,
+    override_answer,
     policy_has_wildcard,
     render_answer,
     render_failure,
@@ -210,6 +212,10 @@ class SocketmapFactory(Factory):
         sink = self._sink
         if sink is not None:
             sink.record(lookup.result)
+        fixed = override_answer(lookup)
+        if fixed is not None:
+            self._count(answer_kind(fixed))
+            return _frame(fixed)
         policy = lookup.policy
         if policy is None:
             self._count("notfound")
@@ -275,7 +281,7 @@ class SocketmapFactory(Factory):
     ) -> bytes:
         policy = lookup.policy
         assert policy is not None
-        text = render_answer(domain, policy, self.settings, hosts)
+        text = render_answer(domain, policy, answer_settings(lookup, self.settings), hosts)
         kind = answer_kind(text)
         frame = _frame(text)
         _evict(self._memo, self.settings.memo_size)
