@@ -38,6 +38,7 @@ __all__ = [
     "Options",
     "ServiceSettings",
     "as_settings",
+    "load_smtp_tls",
 ]
 
 #: The defaults of the parameters (C{None}: off or computed).
@@ -57,6 +58,8 @@ DEFAULTS: dict[str, Any] = {
     "helo-name": None,  # socket.getfqdn()
     "delivery-port": "25",
     "session-reuse": "2",
+    "smtp-tls-cert": None,
+    "smtp-tls-key": None,
 }
 
 #: The longest --session-reuse: RFC 5321 §4.5.3.2.7 lets a server drop an
@@ -108,6 +111,10 @@ class ServiceSettings:
         attributes.
     @ivar fail_open: socketmap: C{NOTFOUND} instead of C{TEMP} when no
         policy can be found.
+    @ivar smtp_tls_cert: PEM certificate (and chain) the relay intake
+        offers STARTTLS with, or L{None} (no STARTTLS, so no REQUIRETLS:
+        RFC 8689 §2).
+    @ivar smtp_tls_key: the PEM private key of C{smtp_tls_cert}.
     """
 
     data_dir: str
@@ -127,6 +134,8 @@ class ServiceSettings:
     strict_testing: bool = False
     tlsrpt_attributes: bool = False
     fail_open: bool = False
+    smtp_tls_cert: str | None = None
+    smtp_tls_key: str | None = None
 
     @property
     def listeners(self) -> dict[str, str]:
@@ -177,6 +186,8 @@ class ServiceSettings:
             strict_testing=bool(config.get("strict-testing", False)),
             tlsrpt_attributes=bool(config.get("tlsrpt-attributes", False)),
             fail_open=bool(config.get("fail-open", False)),
+            smtp_tls_cert=config.get("smtp-tls-cert"),
+            smtp_tls_key=config.get("smtp-tls-key"),
         )
 
 
@@ -193,6 +204,50 @@ def as_settings(config: ServiceSettings | Mapping[str, Any]) -> ServiceSettings:
     if isinstance(settings, ServiceSettings):
         return settings
     return ServiceSettings.from_config(config)
+
+
+def load_smtp_tls(cert_file: str, key_file: str) -> Any:
+    """
+    The server TLS context factory of the relay intake's STARTTLS (RFC
+    3207): the certificate (the first in C{cert_file}, the rest its
+    chain) and its private key, TLS 1.2 at least.
+
+    @return: a C{twisted.internet.ssl.CertificateOptions}.
+    @raise usage.UsageError: one line: a file that cannot be read, holds
+        no certificate or key, or a key that does not match.
+    """
+    from cryptography import x509
+    from OpenSSL import SSL, crypto
+    from twisted.internet.ssl import CertificateOptions, TLSVersion
+
+    def read(option: str, path: str) -> bytes:
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise usage.UsageError(f"--{option} {path}: cannot read it: {e.strerror}") from None
+
+    cert_pem, key_pem = read("smtp-tls-cert", cert_file), read("smtp-tls-key", key_file)
+    try:
+        chain = [crypto.X509.from_cryptography(c) for c in x509.load_pem_x509_certificates(cert_pem)]
+    except ValueError:
+        raise usage.UsageError(f"--smtp-tls-cert {cert_file}: no PEM certificate in it") from None
+    try:
+        key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
+    except crypto.Error:
+        raise usage.UsageError(f"--smtp-tls-key {key_file}: no PEM private key in it") from None
+    context = SSL.Context(SSL.TLS_METHOD)
+    try:
+        context.use_certificate(chain[0])
+        context.use_privatekey(key)
+        context.check_privatekey()
+    except SSL.Error:
+        raise usage.UsageError(
+            f"--smtp-tls-key {key_file}: does not match the certificate in --smtp-tls-cert {cert_file}"
+        ) from None
+    return CertificateOptions(
+        privateKey=key, certificate=chain[0], extraCertChain=chain[1:], raiseMinimumTo=TLSVersion.TLSv1_2
+    )
 
 
 class _NoReactor:
@@ -359,6 +414,9 @@ class Options(usage.Options):
         ["helo-name", None, None, "name sent in EHLO [default: this host's FQDN]"],
         ["session-reuse", None, None, "seconds an outbound SMTP session stays open for the next message "
          f"to the same domain and MX, 0 for never [default: {DEFAULTS['session-reuse']}]"],
+        ["smtp-tls-cert", None, None, "PEM certificate (and chain) for STARTTLS on --smtp; needed for "
+                                      "REQUIRETLS (RFC 8689) [default: no STARTTLS]"],
+        ["smtp-tls-key", None, None, "PEM private key of --smtp-tls-cert"],
     ]
     optFlags = [
         ["no-reports", None, "send no TLSRPT reports (and collect no results)"],
@@ -430,6 +488,10 @@ class Options(usage.Options):
                 _check_endpoint(name, self[name])
         if self["smtp"] is not None:
             _check_queue_dir(self["data-dir"])
+        if (self["smtp-tls-cert"] is None) != (self["smtp-tls-key"] is None):
+            raise usage.UsageError("--smtp-tls-cert and --smtp-tls-key go together")
+        if self["smtp-tls-cert"] is not None:
+            load_smtp_tls(self["smtp-tls-cert"], self["smtp-tls-key"])
 
         from mtasts_twisted.dns import parse_nameserver
 
