@@ -202,3 +202,15 @@ class SenderControlsTests(unittest.SynchronousTestCase):
         targets = (plan_host(None, MX1),)
         self.assertEqual(controls.targets(targets), targets)
         self.assertIsNone(controls.unsent("example.com", [MX1.host]))
+
+
+class ReportMailTests(unittest.SynchronousTestCase):
+    """Our own TLSRPT report mail carries the header, and delivery reads it (RFC 8460 §5.3, RFC 8689 §3)."""
+
+    def test_report_mail_is_tls_optional(self) -> None:
+        from mtasts_twisted.tlsrpt.mail import build_report_message
+        from tests.test_tlsrpt_mail import NOW, SETTINGS, make_report
+
+        data = build_report_message(make_report(), SETTINGS, "tlsrpt@example.net", now=NOW,
+                                    message_id="m1@mail.sender.example")
+        self.assertTrue(scan_message(io.BytesIO(data)).tls_required_no)

@@ -12,7 +12,11 @@ import io
 from mtasts_twisted.delivery import DeliveryResult, Status
 from mtasts_twisted.results import ResultType
 from mtasts_twisted.testing.smtp import Behaviour, SMTPTestServer, StartTLS
+from mtasts_twisted.twistedmail import RequireTLSUnsupportedError
 from tests.test_delivery import _CERTS, _VALID2, BOB, DOMAIN, MESSAGE, MX1, MX2, SENDER, DeliveryWorld
+from tests.test_twistedmail import DOMAIN as HOOK_DOMAIN
+from tests.test_twistedmail import MX1 as HOOK_MX1
+from tests.test_twistedmail import HookWorld
 
 TLS_OPTIONAL = b"Subject: cert expired\r\nTLS-Required: No\r\nFrom: alice@example.org\r\n\r\nYour cert expired.\r\n"
 
@@ -193,3 +197,19 @@ class TLSRequiredNoDeliveryTests(DeliveryWorld):
         result = await self.send(requiretls=True)
         self.assertEqual(result.outcomes[0].status, Status.PERMANENT, result.outcomes[0])
         self.assertNothingSent(server)
+
+
+class TwistedMailRequireTLSTests(HookWorld):
+    """twisted.mail's client sends no MAIL parameter: REQUIRETLS is refused there, nothing sent."""
+
+    async def test_refused(self) -> None:
+        server = self.server(Behaviour(certificate=self.pki.valid(HOOK_MX1), extensions=("REQUIRETLS",)),
+                             HOOK_MX1, HOOK_DOMAIN)
+        sender = self.sender()
+        for call in (sender.sendmail, sender.deliver):
+            with self.assertRaises(RequireTLSUnsupportedError) as caught:
+                await call(SENDER, ["bob@" + HOOK_DOMAIN], MESSAGE, requiretls=True)
+            self.assertIn("Deliverer", str(caught.exception))
+        self.assertEqual(server.sessions, [])
+        numOk, _ = await sender.sendmail(SENDER, ["bob@" + HOOK_DOMAIN], MESSAGE, requiretls=False)
+        self.assertEqual(numOk, 1)
