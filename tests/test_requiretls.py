@@ -214,3 +214,25 @@ class ReportMailTests(unittest.SynchronousTestCase):
         data = build_report_message(make_report(), SETTINGS, "tlsrpt@example.net", now=NOW,
                                     message_id="m1@mail.sender.example")
         self.assertTrue(scan_message(io.BytesIO(data)).tls_required_no)
+
+
+class MeteredPassThroughTests(unittest.SynchronousTestCase):
+    """The metered deliverer hands the REQUIRETLS flag on (IDeliverer)."""
+
+    def test_passed_on(self) -> None:
+        from twisted.internet.defer import succeed
+
+        from mtasts_twisted.delivery import DeliveryResult
+        from mtasts_twisted.metrics.collect import MeteredDeliverer, ServiceStats
+
+        seen: list[tuple[bool, bool]] = []
+
+        class Inner:
+            def deliver(self, sender, recipients, message, smtputf8=False, requiretls=False):  # type: ignore[no-untyped-def]
+                seen.append((smtputf8, requiretls))
+                return succeed(DeliveryResult("example.com", None, (), ()))
+
+        metered = MeteredDeliverer(Inner(), ServiceStats())  # type: ignore[arg-type]
+        metered.deliver("a@example.org", ["b@example.com"], io.BytesIO(b"x"), requiretls=True)
+        metered.deliver("a@example.org", ["b@example.com"], io.BytesIO(b"x"))
+        self.assertEqual(seen, [(False, True), (False, False)])
