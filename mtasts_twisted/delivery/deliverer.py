@@ -318,7 +318,7 @@ class Deliverer:
             first=self._sessions.parked_first(plan),
         )
         planned_hosts = [t.host for t in targets]
-        targets = self._controlled(controls, targets, domain)
+        targets = controls.targets(targets, domain)
         try:
             for target in targets:
                 if not pending:
@@ -401,19 +401,6 @@ class Deliverer:
                     recipient, Status.TRANSIENT, last_code, text + "; ".join(shown), last_host, None, False
                 )
         return self._finish(domain, plan.mode, recipients, outcomes, results, tally)
-
-    @staticmethod
-    def _controlled(
-        controls: SenderControls, targets: Sequence[PlannedHost], domain: str
-    ) -> tuple[PlannedHost, ...]:
-        """The planned hosts as the sender's TLS controls (RFC 8689) have them tried."""
-        controlled = controls.targets(targets)
-        if controls.tls_optional:
-            log.info("TLS-Required: No: {domain}'s MTA-STS and DANE policies are not enforced for this message"
-                     " (RFC 8689 §4.2.2)", domain=domain)
-        for host, (_, why) in controls.refused.items():
-            log.info("REQUIRETLS: not sending to {host}: {why}", host=host, why=why)
-        return controlled
 
     # -- one session --
 

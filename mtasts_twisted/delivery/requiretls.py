@@ -45,6 +45,7 @@ from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 import attrs
+from twisted.logger import Logger
 
 from mtasts_twisted.delivery.plan import HostAction, PlannedHost
 from mtasts_twisted.delivery.protocol import SessionError
@@ -61,6 +62,8 @@ __all__ = [
     "session_refusal",
     "tls_required_no",
 ]
+
+log = Logger()
 
 #: RFC 8689 §7 and §4.2.1: REQUIRETLS support required.
 STATUS_REQUIRETLS = "5.7.30"
@@ -262,15 +265,20 @@ class SenderControls:
         """
         return cls(requiretls=requiretls and not null_sender, tls_optional=tls_required_no and not requiretls)
 
-    def targets(self, planned: Iterable[PlannedHost]) -> tuple[PlannedHost, ...]:
+    def targets(self, planned: Iterable[PlannedHost], domain: str = "") -> tuple[PlannedHost, ...]:
         """
         The planned hosts as this message must try them: relaxed for
         C{TLS-Required: No}; for REQUIRETLS without the hosts it may not
-        go to (recorded in C{refused}) and with C{testing} hosts held to
-        verification.  Hosts the plan skips stay (the deliverer reports
-        them), recorded as refused.
+        go to (recorded in C{refused}, logged) and with C{testing} hosts
+        held to verification.  Hosts the plan skips stay (the deliverer
+        reports them), recorded as refused.
+
+        @param domain: the recipient domain, for the log.
         """
         if self.tls_optional:
+            log.info(  # grep: "TLS-Required: No"
+                "TLS-Required: No: {domain}'s MTA-STS and DANE policies are not enforced for this message"
+                " (RFC 8689 §4.2.2)", domain=domain)
             return tuple(relax_for_tls_optional(t) for t in planned)
         if not self.requiretls:
             return tuple(planned)
@@ -281,6 +289,7 @@ class SenderControls:
                 kept.append(requiretls_target(target))
                 continue
             self.refused[target.host] = (RefusalKind.PATH, why)
+            log.info("REQUIRETLS: not sending to {host}: {why}", host=target.host, why=why)  # grep: "REQUIRETLS:"
             if target.action is HostAction.SKIP:
                 kept.append(target)
         return tuple(kept)

@@ -38,7 +38,6 @@ __all__ = [
     "Options",
     "ServiceSettings",
     "as_settings",
-    "load_smtp_tls",
 ]
 
 #: The defaults of the parameters (C{None}: off or computed).
@@ -204,50 +203,6 @@ def as_settings(config: ServiceSettings | Mapping[str, Any]) -> ServiceSettings:
     if isinstance(settings, ServiceSettings):
         return settings
     return ServiceSettings.from_config(config)
-
-
-def load_smtp_tls(cert_file: str, key_file: str) -> Any:
-    """
-    The server TLS context factory of the relay intake's STARTTLS (RFC
-    3207): the certificate (the first in C{cert_file}, the rest its
-    chain) and its private key, TLS 1.2 at least.
-
-    @return: a C{twisted.internet.ssl.CertificateOptions}.
-    @raise usage.UsageError: one line: a file that cannot be read, holds
-        no certificate or key, or a key that does not match.
-    """
-    from cryptography import x509
-    from OpenSSL import SSL, crypto
-    from twisted.internet.ssl import CertificateOptions, TLSVersion
-
-    def read(option: str, path: str) -> bytes:
-        try:
-            with open(path, "rb") as f:
-                return f.read()
-        except OSError as e:
-            raise usage.UsageError(f"--{option} {path}: cannot read it: {e.strerror}") from None
-
-    cert_pem, key_pem = read("smtp-tls-cert", cert_file), read("smtp-tls-key", key_file)
-    try:
-        chain = [crypto.X509.from_cryptography(c) for c in x509.load_pem_x509_certificates(cert_pem)]
-    except ValueError:
-        raise usage.UsageError(f"--smtp-tls-cert {cert_file}: no PEM certificate in it") from None
-    try:
-        key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
-    except crypto.Error:
-        raise usage.UsageError(f"--smtp-tls-key {key_file}: no PEM private key in it") from None
-    context = SSL.Context(SSL.TLS_METHOD)
-    try:
-        context.use_certificate(chain[0])
-        context.use_privatekey(key)
-        context.check_privatekey()
-    except SSL.Error:
-        raise usage.UsageError(
-            f"--smtp-tls-key {key_file}: does not match the certificate in --smtp-tls-cert {cert_file}"
-        ) from None
-    return CertificateOptions(
-        privateKey=key, certificate=chain[0], extraCertChain=chain[1:], raiseMinimumTo=TLSVersion.TLSv1_2
-    )
 
 
 class _NoReactor:
@@ -491,6 +446,8 @@ class Options(usage.Options):
         if (self["smtp-tls-cert"] is None) != (self["smtp-tls-key"] is None):
             raise usage.UsageError("--smtp-tls-cert and --smtp-tls-key go together")
         if self["smtp-tls-cert"] is not None:
+            from mtasts_twisted.service.intaketls import load_smtp_tls
+
             load_smtp_tls(self["smtp-tls-cert"], self["smtp-tls-key"])
 
         from mtasts_twisted.dns import parse_nameserver

@@ -227,7 +227,7 @@ class MTASTSService(MultiService):
         if self.settings.smtp_tls_cert is not None and self.settings.smtp_tls_key is not None:
             # STARTTLS on the intake (RFC 3207), so clients can ask for
             # REQUIRETLS (RFC 8689 §2); the files were checked by Options.
-            from mtasts_twisted.service.options import load_smtp_tls
+            from mtasts_twisted.service.intaketls import load_smtp_tls
 
             tls = load_smtp_tls(self.settings.smtp_tls_cert, self.settings.smtp_tls_key)
         self._late["smtp"].set(
