@@ -157,11 +157,12 @@ class IDeliverer(Interface):
     L{mtasts_twisted.delivery.Deliverer} (and of its metered wrapper).
     """
 
-    def deliver(sender, recipients, message, smtputf8=False):
+    def deliver(sender, recipients, message, smtputf8=False, requiretls=False):
         """
         Deliver C{message} (a binary file, read from its current position)
         from C{sender} to C{recipients}, all of one domain; C{smtputf8}:
-        it was submitted with the SMTPUTF8 parameter (RFC 6531).
+        it was submitted with the SMTPUTF8 parameter (RFC 6531);
+        C{requiretls}: with the REQUIRETLS parameter (RFC 8689).
 
         @return: L{Deferred} firing with a
             L{mtasts_twisted.delivery.DeliveryResult}: one outcome per

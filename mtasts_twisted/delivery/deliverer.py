@@ -32,6 +32,7 @@ from mtasts_twisted.delivery.dialogue import Attempt, Connection, Dialogue, OneS
 from mtasts_twisted.delivery.logline import AttemptTally, log_result, relay_label
 from mtasts_twisted.delivery.plan import DeliveryPlan, HostAction, PlannedHost, Shuffler, plan_attempts
 from mtasts_twisted.delivery.protocol import ClientProtocol, Clock, SessionError, wire_address
+from mtasts_twisted.delivery.requiretls import SenderControls
 from mtasts_twisted.delivery.sessions import SessionCache, SessionPool
 from mtasts_twisted.delivery.values import (
     DeliveryResult,
@@ -138,7 +139,12 @@ class Deliverer:
         self._pool: SessionPool[Connection] | None = self._sessions.pool
 
     def deliver(
-        self, sender: str, recipients: Sequence[str], message: BinaryIO, smtputf8: bool = False
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        message: BinaryIO,
+        smtputf8: bool = False,
+        requiretls: bool = False,
     ) -> Deferred[DeliveryResult]:
         """
         Deliver one message to recipients of one domain, in one transaction
@@ -152,12 +158,16 @@ class Deliverer:
             whole.  Left positioned where it started.
         @param smtputf8: the message was submitted with C{SMTPUTF8} (RFC
             6531): see L{Envelope.smtputf8}.
+        @param requiretls: the message was submitted with C{REQUIRETLS}
+            (RFC 8689): it goes only to authenticated MX hosts that offer
+            REQUIRETLS, or fails permanently (C{5.7.30}); see
+            L{mtasts_twisted.delivery.requiretls}.
         @return: a L{Deferred} firing with a L{DeliveryResult}; it fails
             only with L{ValueError} for bad arguments (no recipients,
             several domains, an address literal, a malformed address) and
             with the file's L{OSError} when the message cannot be read.
         """
-        return Deferred.fromCoroutine(self._deliver(sender, list(recipients), message, smtputf8))
+        return Deferred.fromCoroutine(self._deliver(sender, list(recipients), message, smtputf8, requiretls))
 
     def wait_closed(self) -> Deferred[None]:
         """
@@ -221,7 +231,8 @@ class Deliverer:
         return domains.pop()
 
     async def _deliver(
-        self, sender: str, recipients: list[str], message: BinaryIO, smtputf8: bool = False
+        self, sender: str, recipients: list[str], message: BinaryIO, smtputf8: bool = False,
+        requiretls: bool = False,
     ) -> DeliveryResult:
         domain = self._domain_of(recipients)
         recipients = list(dict.fromkeys(recipients))
@@ -290,7 +301,8 @@ class Deliverer:
                 tally,
             )
 
-        envelope = Envelope(reverse_path, forward_paths, message, scan_message(message), smtputf8)
+        envelope = Envelope(reverse_path, forward_paths, message, scan_message(message), smtputf8, requiretls)
+        controls = SenderControls.of(requiretls, not sender, envelope.info.tls_required_no)
         outcomes: dict[str, RecipientOutcome] = {}
         pending = list(recipients)
         errors: list[str] = []
@@ -305,6 +317,8 @@ class Deliverer:
             max_hosts=self.settings.max_mx_hosts,
             first=self._sessions.parked_first(plan),
         )
+        planned_hosts = [t.host for t in targets]
+        targets = controls.targets(targets, domain)
         try:
             for target in targets:
                 if not pending:
@@ -341,6 +355,7 @@ class Deliverer:
                     if not pending:
                         break
                     attempt = await self._session(plan, target, ip, envelope, pending, True)
+                    controls.attempted(attempt)
                     counted = attempt_result(plan.descriptor, target, attempt)
                     if counted is not None:
                         results.append(counted)
@@ -367,7 +382,15 @@ class Deliverer:
 
         if pending:
             shown = errors[-MAX_ERRORS_SHOWN:] or ["no MX host could be tried"]
-            if plan.enforce:
+            refused = controls.unsent(domain, planned_hosts)
+            if refused is not None:
+                # RFC 8689 §4.2.1: no host meets REQUIRETLS: permanent.
+                for recipient in pending:
+                    outcomes[recipient] = RecipientOutcome(
+                        recipient, Status.PERMANENT, None, refused, last_host, None, False
+                    )
+                pending = []
+            elif plan.enforce:
                 # RFC 8461 §5.1: never permanent before a fresh policy check;
                 # the relay's retry looks the policy up again.
                 text = f"4.7.5 no MX host of {domain} passed MTA-STS (enforce) checks and took the message: "

@@ -26,6 +26,7 @@ from twisted.protocols.basic import FileSender
 
 from mtasts_twisted.delivery.plan import PlannedHost
 from mtasts_twisted.delivery.protocol import ClientProtocol, Clock, DataEncoder, Reply, SessionError, parse_ehlo
+from mtasts_twisted.delivery.requiretls import RefusalKind, requiretls_allows, session_refusal
 from mtasts_twisted.delivery.values import DeliverySettings, Envelope, RecipientOutcome, Status
 from mtasts_twisted.results import FailureDetails, ResultType
 from mtasts_twisted.delivery.details import starttls_not_supported_details
@@ -69,6 +70,8 @@ class Attempt:
     @ivar tls_failure: why TLS was not negotiated or not verified, once
         decided; L{None} for verified TLS.
     @ivar tls_negotiated: whether the TLS handshake completed.
+    @ivar requiretls_refused: why this session could not carry a
+        REQUIRETLS message (RFC 8689 §4.2.1), or L{None}.
     """
 
     host: str
@@ -83,6 +86,7 @@ class Attempt:
     tls_decided: bool = False
     tls_failure: FailureDetails | None = None
     tls_negotiated: bool = False
+    requiretls_refused: RefusalKind | None = None
 
     def decide(self, recipient: str, status: Status, code: int | None, message: str) -> None:
         """Record the outcome for C{recipient}."""
@@ -264,6 +268,7 @@ class Dialogue:
         if target.require_tls and not (conn.verified and conn.verify_mode is VerifyMode.VERIFY):
             # Guards the promise for new and reused sessions alike.
             raise SessionError("not verified: refusing to send under enforce")
+        requiretls = self._requiretls(conn, attempt, target, envelope)
         conn.transactions += 1
         proto = conn.proto
         extensions = conn.extensions
@@ -340,6 +345,8 @@ class Dialogue:
                     )
                 return
             params += b" SIZE=%d" % info.size
+        if requiretls:
+            params += b" REQUIRETLS"  # RFC 8689 §2 item 4, §4.2.1: passed on
 
         # -- the transaction (RFC 5321 §3.3)
         reply = await proto.command(b"MAIL FROM:<" + reverse_path.address + b">" + params, timeout)
@@ -392,6 +399,28 @@ class Dialogue:
                 attempt.decide(recipient, Status.DELIVERED, reply.code, reply.text)
             else:
                 attempt.decide(recipient, status_of(reply), reply.code, reply.text)
+
+    @staticmethod
+    def _requiretls(conn: Connection, attempt: Attempt, target: PlannedHost, envelope: Envelope) -> bool:
+        """
+        Whether MAIL carries C{REQUIRETLS}.  A REQUIRETLS message with a
+        reverse-path goes only over a session that meets RFC 8689 §4.2.1
+        (else L{RequireTLSError<mtasts_twisted.delivery.requiretls.RequireTLSError>},
+        before MAIL); one with the null reverse-path (a bounce, §5) carries
+        the parameter only where a session meets §2, and is sent anyway.
+        """
+        if not envelope.requiretls:
+            return False
+        refusal = session_refusal(
+            tls_version=conn.tls_version, verified=conn.verified, verify_mode=conn.verify_mode,
+            extensions=conn.extensions,
+        )
+        if envelope.reverse_path.address == b"":
+            return refusal is None and requiretls_allows(target)
+        if refusal is not None:
+            attempt.requiretls_refused = refusal.kind
+            raise refusal
+        return True
 
     async def _starttls(
         self, proto: ClientProtocol, attempt: Attempt, target: PlannedHost, extensions: dict[str, str]

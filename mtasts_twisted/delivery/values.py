@@ -9,12 +9,14 @@ L{Status}, out.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Mapping
 from typing import BinaryIO
 
 import attrs
 
 from mtasts_twisted.delivery.protocol import Path
+from mtasts_twisted.delivery.requiretls import tls_required_no
 from mtasts_twisted.policy import Mode
 from mtasts_twisted.results import Result
 
@@ -159,11 +161,21 @@ class MessageInfo:
     @ivar start: the file position the message starts at.
     @ivar size: its size in octets (as stored; the CRLF form may differ).
     @ivar eight_bit: whether it has any octet above 127.
+    @ivar tls_required_no: whether its header carries C{TLS-Required: No}
+        (RFC 8689 §3; L{tls_required_no
+        <mtasts_twisted.delivery.requiretls.tls_required_no>}), read from
+        its first L{MAX_HEADER_SCAN} octets.
     """
 
     start: int
     size: int
     eight_bit: bool
+    tls_required_no: bool = False
+
+
+#: The most octets of a message's header read for C{TLS-Required}.
+MAX_HEADER_SCAN = 64 * 1024
+_HEADER_END = re.compile(rb"\n\r?\n")
 
 
 def scan_message(message: BinaryIO) -> MessageInfo:
@@ -176,6 +188,8 @@ def scan_message(message: BinaryIO) -> MessageInfo:
     start = message.tell()
     size = 0
     eight_bit = False
+    head = bytearray()
+    head_done = False
     while True:
         chunk = message.read(CHUNK_SIZE)
         if not chunk:
@@ -183,8 +197,16 @@ def scan_message(message: BinaryIO) -> MessageInfo:
         size += len(chunk)
         if not eight_bit and not chunk.isascii():
             eight_bit = True
+        if not head_done:
+            head += chunk[: MAX_HEADER_SCAN - len(head)]
+            m = _HEADER_END.search(b"\n" + head)  # an empty line ends the header
+            if m is not None:
+                del head[m.start():]
+                head_done = True
+            elif len(head) >= MAX_HEADER_SCAN:
+                head_done = True
     message.seek(start)
-    return MessageInfo(start, size, eight_bit)
+    return MessageInfo(start, size, eight_bit, tls_required_no(bytes(head)))
 
 
 @attrs.frozen
@@ -204,6 +226,8 @@ class Envelope:
     @ivar smtputf8: the message was submitted with C{SMTPUTF8} (RFC 6531
         §3.4): with 8-bit data it may have UTF-8 header fields (RFC 6532),
         so it is sent with C{SMTPUTF8} and only to a server that offers it.
+    @ivar requiretls: the message was submitted with C{REQUIRETLS} (RFC
+        8689 §4.1): see L{mtasts_twisted.delivery.requiretls}.
     """
 
     reverse_path: Path
@@ -211,6 +235,7 @@ class Envelope:
     message: BinaryIO
     info: MessageInfo
     smtputf8: bool = False
+    requiretls: bool = False
 
     @property
     def recipients(self) -> tuple[str, ...]:

@@ -291,7 +291,12 @@ class MeteredDeliverer:
         return getattr(self._deliverer, name)
 
     def deliver(
-        self, sender: str, recipients: Sequence[str], message: BinaryIO, smtputf8: bool = False
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        message: BinaryIO,
+        smtputf8: bool = False,
+        requiretls: bool = False,
     ) -> Deferred[DeliveryResult]:
         """Deliver through the wrapped deliverer; count each recipient's outcome."""
 
@@ -301,7 +306,9 @@ class MeteredDeliverer:
                 self._stats.deliveries[(outcome.status.value, mode)] += 1
             return result
 
-        return self._deliverer.deliver(sender, recipients, message, smtputf8=smtputf8).addCallback(count)
+        return self._deliverer.deliver(
+            sender, recipients, message, smtputf8=smtputf8, requiretls=requiretls
+        ).addCallback(count)
 
 
 def count_report_outcomes(stats: ServiceStats) -> Callable[[list[SendOutcome]], list[SendOutcome]]:

@@ -23,6 +23,9 @@ UTF-8 without the SMTPUTF8 parameter          C{550 5.6.7} MAIL,
 a recipient at an address literal             C{553 5.1.2}
 an unknown or unsupported parameter           C{555 5.5.4} (§4.1.1.11)
 a bad value of a known parameter              C{501 5.5.4}
+C{REQUIRETLS} outside a TLS session           C{530 5.7.10} (RFC 8689 §2;
+                                              RFC 3207 §4's 530, RFC
+                                              8689 §4.2.1's 5.7.10)
 ============================================  =========================
 """
 
@@ -136,11 +139,14 @@ class MailCommand:
     @ivar sender: the reverse-path, L{None} for C{<>}.
     @ivar size: the declared C{SIZE=} (RFC 1870), if any.
     @ivar smtputf8: the C{SMTPUTF8} parameter was given (RFC 6531 §3.4).
+    @ivar requiretls: the C{REQUIRETLS} parameter was given (RFC 8689 §2,
+        §4.1: the message is tagged with it).
     """
 
     sender: Mailbox | None
     size: int | None = None
     smtputf8: bool = False
+    requiretls: bool = False
 
 
 def _decode(rest: bytes, what: str) -> str:
@@ -177,13 +183,15 @@ def _path_refusal(error: MailboxError, mail: bool) -> Refusal:
     return Refusal(501, f"{status} address syntax: {error}")
 
 
-def parse_mail(rest: bytes, size_limit: int) -> MailCommand:
+def parse_mail(rest: bytes, size_limit: int, tls: bool = False) -> MailCommand:
     """
     Judge the argument of MAIL (RFC 5321 §4.1.1.2): the reverse-path and
     the parameters this intake offers: C{SIZE} (RFC 1870), C{BODY=7BIT} or
-    C{8BITMIME} (RFC 6152), C{SMTPUTF8} (RFC 6531).
+    C{8BITMIME} (RFC 6152), C{SMTPUTF8} (RFC 6531), C{REQUIRETLS} (RFC
+    8689, in a TLS session only).
 
     @param size_limit: the largest C{SIZE=} accepted (C{552 5.3.4} above).
+    @param tls: the session is under TLS (STARTTLS done).
     @raise Refusal: see the module docstring.
     """
     check_line(rest)
@@ -199,6 +207,7 @@ def parse_mail(rest: bytes, size_limit: int) -> MailCommand:
     params = _parameters(rest_text)
     size: int | None = None
     smtputf8 = False
+    requiretls = False
     for keyword, value in params.items():
         if keyword == "SIZE":
             if value is None or not value.isdigit() or len(value) > 20:
@@ -211,13 +220,20 @@ def parse_mail(rest: bytes, size_limit: int) -> MailCommand:
             if value is not None:
                 raise Refusal(501, "5.5.4 SMTPUTF8 takes no value")  # RFC 6531 §3.4
             smtputf8 = True
+        elif keyword == "REQUIRETLS":
+            if value is not None:
+                raise Refusal(501, "5.5.4 REQUIRETLS takes no value")  # RFC 8689 §2 item 4
+            if not tls:
+                # RFC 8689 §2: "The session itself MUST employ TLS transmission."
+                raise Refusal(530, "5.7.10 REQUIRETLS needs a TLS session: send STARTTLS first (RFC 8689)")
+            requiretls = True
         else:
             raise Refusal(555, f"5.5.4 Unsupported parameter {keyword}")  # RFC 5321 §4.1.1.11
     if sender is not None and sender.utf8 and not smtputf8:
         raise _path_refusal(MailboxError("non-ASCII", utf8=True), mail=True)
     if size is not None and size > size_limit:
         raise Refusal(552, "5.3.4 Message size exceeds fixed maximum message size")  # RFC 1870 §6.2
-    return MailCommand(sender, size, smtputf8)
+    return MailCommand(sender, size, smtputf8, requiretls)
 
 
 def parse_rcpt(rest: bytes, smtputf8: bool) -> Mailbox:

@@ -6,7 +6,10 @@ A DSN is a C{multipart/report; report-type=delivery-status} message
 (RFC 6522) with three parts: a human-readable explanation, a
 C{message/delivery-status} part (one per-message block, then one
 per-recipient block per failed recipient) and the original message's
-header as C{text/rfc822-headers}.  It is sent with the null envelope
+header as C{text/rfc822-headers}: never the body, whatever C{RET} asked
+(as RFC 8689 §5 requires of a REQUIRETLS message's DSN: "as if RET=HDRS
+was present"; this intake offers no DSN extension, so no RET=FULL is
+ever asked).  It is sent with the null envelope
 sender (C{MAIL FROM:<>}, RFC 5321 §4.5.5) so that it never causes another
 DSN; L{needs_dsn} tells the caller whether a sender may get one at all.
 """

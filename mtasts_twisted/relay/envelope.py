@@ -186,6 +186,10 @@ class QueuedMessage:
         6531 §3.4): its addresses or header fields may be UTF-8, and
         delivery asks the next server for SMTPUTF8 where it needs it.
         Envelopes written before this field read as C{False}.
+    @ivar requiretls: it was submitted with the C{REQUIRETLS} parameter
+        (RFC 8689 §4.1): delivery holds it to RFC 8689 §4.2.1, and its
+        DSN carries the flag too (§5).  Envelopes written before this
+        field read as C{False}.
     """
 
     id: str
@@ -196,6 +200,7 @@ class QueuedMessage:
     attempts: int = 0
     last_error: str | None = None
     smtputf8: bool = False
+    requiretls: bool = False
 
     @property
     def pending(self) -> tuple[RecipientState, ...]:
@@ -237,6 +242,7 @@ class QueuedMessage:
             "next_attempt": self.next_attempt,
             "last_error": self.last_error,
             "smtputf8": self.smtputf8,
+            "requiretls": self.requiretls,
         }
 
     @classmethod
@@ -260,6 +266,9 @@ class QueuedMessage:
         smtputf8 = data.get("smtputf8", False)  # absent in older envelopes
         if not isinstance(smtputf8, bool):
             raise TypeError("smtputf8")
+        requiretls = data.get("requiretls", False)  # absent in older envelopes
+        if not isinstance(requiretls, bool):
+            raise TypeError("requiretls")
         return cls(
             id=ident,
             sender=_address(data["sender"], "sender"),
@@ -269,6 +278,7 @@ class QueuedMessage:
             attempts=_count(data.get("attempts", 0), "attempts", MAX_ATTEMPTS),
             last_error=_opt_str(data.get("last_error")),
             smtputf8=smtputf8,
+            requiretls=requiretls,
         )
 
 

@@ -9,7 +9,9 @@ L{Queue}:
     (RFC 5321 §3.1) — never an open relay.
   - Advertises C{SIZE} (RFC 1870), C{8BITMIME} (RFC 6152), C{PIPELINING}
     (RFC 2920), C{ENHANCEDSTATUSCODES} (RFC 2034), C{SMTPUTF8} (RFC 6531)
-    and C{STARTTLS} (RFC 3207) when given a server TLS context.  No AUTH:
+    and C{STARTTLS} (RFC 3207) when given a server TLS context; under TLS,
+    C{REQUIRETLS} (RFC 8689 §2: the MAIL parameter is refused outside TLS
+    with C{530 5.7.10}; the flag is kept with the message).  No AUTH:
     access is by network only.
   - Commands: EHLO or HELO before MAIL (C{503 5.5.1}, RFC 5321 §4.1.4;
     again after STARTTLS, RFC 3207 §4.2); a control character in any
@@ -271,7 +273,7 @@ class RelaySMTP(ESMTP):
         return self.host + b" ESMTP mtasts-twisted relay"
 
     def extensions(self) -> dict[bytes, list[bytes] | None]:
-        """EHLO keywords: SIZE, 8BITMIME, PIPELINING, ENHANCEDSTATUSCODES, SMTPUTF8, STARTTLS."""
+        """EHLO keywords: SIZE, 8BITMIME, PIPELINING, ENHANCEDSTATUSCODES, SMTPUTF8, STARTTLS, REQUIRETLS."""
         ext: dict[bytes, list[bytes] | None] = {
             b"SIZE": [str(self.factory.settings.max_message_size).encode()],  # RFC 1870
             b"8BITMIME": None,  # RFC 6152; RFC 6531 §3.1 item 8 requires it with SMTPUTF8
@@ -281,6 +283,10 @@ class RelaySMTP(ESMTP):
         }
         if self.canStartTLS and not self.startedTLS:
             ext[b"STARTTLS"] = None
+        if self.startedTLS:
+            # RFC 8689 §2: the parameter is valid only in a TLS session, so
+            # the keyword is offered only there (the EHLO after STARTTLS).
+            ext[b"REQUIRETLS"] = None
         return ext
 
     def lineLengthExceeded(self, line: bytes) -> None:
@@ -345,7 +351,7 @@ class RelaySMTP(ESMTP):
             self.sendCode(503, b"5.5.1 Nested MAIL command")
             return
         try:
-            mail = parse_mail(rest, self.factory.settings.max_message_size)
+            mail = parse_mail(rest, self.factory.settings.max_message_size, tls=self.startedTLS)
         except Refusal as refusal:
             self._reply(refusal)
             return

@@ -10,6 +10,9 @@ C{expiry} → failed with a DSN (C{4.4.7}, RFC 3463).  A DSN is queued
 (fsync) I{before} the recipient is marked failed, so a crash in between
 repeats the DSN rather than losing it.  A message whose recipients are all
 done is removed.
+
+The DSN of a REQUIRETLS message (RFC 8689 §5) is itself queued with the
+REQUIRETLS flag and, like every DSN here, returns the header only.
 """
 
 from __future__ import annotations
@@ -258,6 +261,25 @@ class OutcomeRecorder:
             )
         self.commit(message, failed)
 
+    def _queue_dsn(self, message: QueuedMessage, dsn: bytes) -> QueuedMessage:
+        """
+        Queue C{dsn} about C{message} with the null sender (RFC 3464 §1);
+        about a REQUIRETLS message, tagged REQUIRETLS too (RFC 8689 §5:
+        "MUST also specify the REQUIRETLS SMTP option"; as a bounce it is
+        never discarded for want of it, see
+        L{mtasts_twisted.delivery.requiretls}).  It holds the original
+        header only, never the body (§5: as if C{RET=HDRS}; L{build_dsn}).
+        """
+        if not message.requiretls:
+            return self.queue.enqueue("", [message.sender], dsn)
+        writer = self.queue.begin("", [message.sender])
+        try:
+            writer.requiretls = True
+            writer.write(dsn)
+            return writer.commit()
+        finally:
+            writer.abort()
+
     def send_dsn(self, message: QueuedMessage, failed: list[FailedRecipient]) -> bool:
         """Queue a DSN about C{failed} if the sender gets one; C{False} if that failed."""
         if not needs_dsn(message.sender):
@@ -277,7 +299,7 @@ class OutcomeRecorder:
             date=float(self.clock.seconds()),
         )
         try:
-            queued = self.queue.enqueue("", [message.sender], dsn)  # null sender, RFC 3464 §1
+            queued = self._queue_dsn(message, dsn)
         except (QueueError, OSError) as e:
             log.error(
                 "cannot queue DSN for {id} to <{sender}>: {error}",

@@ -123,6 +123,8 @@ class MessageWriter:
         self._tmpdir = tmpdir
         #: Submitted with SMTPUTF8 (RFC 6531 §3.4): stored in the envelope.
         self.smtputf8 = False
+        #: Submitted with REQUIRETLS (RFC 8689 §4.1): stored in the envelope.
+        self.requiretls = False
         # A body up to BUFFERED_SIZE stays in memory until the commit, which
         # then writes it with the fsyncs (in a thread with commit_deferred):
         # no file system work per message on the reactor thread.  A larger
@@ -228,6 +230,7 @@ class MessageWriter:
             created=now,
             size=self.size,
             smtputf8=self.smtputf8,
+            requiretls=self.requiretls,
         )
 
     def _make_durable(self, message: QueuedMessage) -> None:

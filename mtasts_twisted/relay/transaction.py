@@ -1,6 +1,6 @@
 """
 One MAIL transaction of the relay's intake (L{Transaction}): its sender,
-recipients and SMTPUTF8 flag, and the C{IMessage} (L{QueueMessage}) that
+recipients and SMTPUTF8 and REQUIRETLS flags, and the C{IMessage} (L{QueueMessage}) that
 streams its data into the queue.  An error of the queue's files becomes a
 reply here (L{spool_error}): C{452 4.3.1} for a full disk, C{451 4.3.0}
 for any other (EIO, EROFS, EMFILE, ...), logged as one line; the session
@@ -118,7 +118,8 @@ class NullMessage:
 class Transaction:
     """
     One MAIL transaction: its sender, accepted recipients and whether it
-    has the SMTPUTF8 parameter (RFC 6531 §3.4).
+    has the SMTPUTF8 parameter (RFC 6531 §3.4) and the REQUIRETLS
+    parameter (RFC 8689 §4.1).
     """
 
     def __init__(self, queue: Queue, protocol: _Holder, mail: MailCommand) -> None:
@@ -131,6 +132,7 @@ class Transaction:
         self.protocol = protocol
         self.sender = str(mail.sender) if mail.sender is not None else ""
         self.smtputf8 = mail.smtputf8
+        self.requiretls = mail.requiretls
         self.recipients: list[str] = []
         self._made = False
 
@@ -150,4 +152,5 @@ class Transaction:
         except OSError as e:
             raise spool_error(e, "starting") from None
         writer.smtputf8 = self.smtputf8
+        writer.requiretls = self.requiretls  # RFC 8689 §4.1: tagged, kept with the message
         return QueueMessage(writer, self.protocol)

@@ -290,7 +290,10 @@ class RelayService(Service):
         try:
             try:
                 result = await self.deliverer.deliver(
-                    message.sender, list(group.recipients), body, smtputf8=message.smtputf8
+                    message.sender, list(group.recipients), body, smtputf8=message.smtputf8,
+                    # Only when set: a deliverer that predates RFC 8689 fails
+                    # loudly (TypeError) rather than ignoring the flag.
+                    **({"requiretls": True} if message.requiretls else {}),
                 )
                 for outcome in result.outcomes:
                     outcomes[outcome.recipient] = (

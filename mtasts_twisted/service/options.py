@@ -58,6 +58,8 @@ DEFAULTS: dict[str, Any] = {
     "delivery-port": "25",
     "session-reuse": "2",
     "policy-overrides": None,
+    "smtp-tls-cert": None,
+    "smtp-tls-key": None,
 }
 
 #: The longest --session-reuse: RFC 5321 §4.5.3.2.7 lets a server drop an
@@ -113,6 +115,10 @@ class ServiceSettings:
         (L{mtasts_twisted.overrides}), or L{None}.
     @ivar enforce_as_testing: apply every C{enforce} policy as C{testing}
         (the emergency switch).
+    @ivar smtp_tls_cert: PEM certificate (and chain) the relay intake
+        offers STARTTLS with, or L{None} (no STARTTLS, so no REQUIRETLS:
+        RFC 8689 §2).
+    @ivar smtp_tls_key: the PEM private key of C{smtp_tls_cert}.
     """
 
     data_dir: str
@@ -134,6 +140,8 @@ class ServiceSettings:
     fail_open: bool = False
     policy_overrides: str | None = None
     enforce_as_testing: bool = False
+    smtp_tls_cert: str | None = None
+    smtp_tls_key: str | None = None
 
     @property
     def listeners(self) -> dict[str, str]:
@@ -186,6 +194,8 @@ class ServiceSettings:
             fail_open=bool(config.get("fail-open", False)),
             policy_overrides=config.get("policy-overrides"),
             enforce_as_testing=bool(config.get("enforce-as-testing", False)),
+            smtp_tls_cert=config.get("smtp-tls-cert"),
+            smtp_tls_key=config.get("smtp-tls-key"),
         )
 
 
@@ -380,6 +390,9 @@ class Options(usage.Options):
          f"to the same domain and MX, 0 for never [default: {DEFAULTS['session-reuse']}]"],
         ["policy-overrides", None, None, "TOML file of per-domain policy overrides (enforce, skip, dane-only); "
                                          "reloaded on SIGHUP"],
+        ["smtp-tls-cert", None, None, "PEM certificate (and chain) for STARTTLS on --smtp; needed for "
+                                      "REQUIRETLS (RFC 8689) [default: no STARTTLS]"],
+        ["smtp-tls-key", None, None, "PEM private key of --smtp-tls-cert"],
     ]
     optFlags = [
         ["no-reports", None, "send no TLSRPT reports (and collect no results)"],
@@ -452,6 +465,12 @@ class Options(usage.Options):
                 _check_endpoint(name, self[name])
         if self["smtp"] is not None:
             _check_queue_dir(self["data-dir"])
+        if (self["smtp-tls-cert"] is None) != (self["smtp-tls-key"] is None):
+            raise usage.UsageError("--smtp-tls-cert and --smtp-tls-key go together")
+        if self["smtp-tls-cert"] is not None:
+            from mtasts_twisted.service.intaketls import load_smtp_tls
+
+            load_smtp_tls(self["smtp-tls-cert"], self["smtp-tls-key"])
 
         from mtasts_twisted.dns import parse_nameserver
 

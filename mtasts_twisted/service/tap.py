@@ -252,7 +252,16 @@ class MTASTSService(MultiService):
         workers = self.relay = RelayService(queue, runtime.deliverer, settings, self._reactor)
         self.stats.queue_stats = lambda: (workers.stats["queue_messages"], workers.stats["oldest_age"])
         workers.setServiceParent(self)
-        self._late["smtp"].set(RelaySMTPFactory(queue, settings, self._reactor, on_message=workers.wake))
+        tls = None
+        if self.settings.smtp_tls_cert is not None and self.settings.smtp_tls_key is not None:
+            # STARTTLS on the intake (RFC 3207), so clients can ask for
+            # REQUIRETLS (RFC 8689 §2); the files were checked by Options.
+            from mtasts_twisted.service.intaketls import load_smtp_tls
+
+            tls = load_smtp_tls(self.settings.smtp_tls_cert, self.settings.smtp_tls_key)
+        self._late["smtp"].set(
+            RelaySMTPFactory(queue, settings, self._reactor, tls_context=tls, on_message=workers.wake)
+        )
 
     def stopService(self) -> Deferred[None]:
         """Stop everything; then flush the cache and close the store."""

@@ -171,6 +171,9 @@ class ReceivedMessage:
     @ivar sni: the SNI name the client sent, or L{None}.
     @ivar complete: whether the final C{.} arrived.
     @ivar accepted: whether the server answered the final C{.} with 250.
+    @ivar mail_parameters: the parameters of its C{MAIL FROM} command,
+        upper case, e.g. C{("SIZE=120", "REQUIRETLS")} (RFC 5321
+        §4.1.2 Mail-parameters).
     """
 
     mail_from: str
@@ -182,6 +185,7 @@ class ReceivedMessage:
     sni: str | None
     complete: bool
     accepted: bool
+    mail_parameters: tuple[str, ...] = ()
 
 
 @attrs.define
@@ -253,6 +257,7 @@ class _Transaction:
     session: Session
     mail_from: str
     tls_at_mail: bool
+    mail_parameters: tuple[str, ...] = ()
     recipients: list[str] = attrs.field(factory=list)
     lines: list[bytes] = attrs.field(factory=list)
     tls: bool = False
@@ -275,8 +280,18 @@ class _Transaction:
                 sni=self.session.sni if self.tls else None,
                 complete=self.complete,
                 accepted=accepted and self.complete,
+                mail_parameters=self.mail_parameters,
             )
         )
+
+
+def _mail_parameters(session: Session) -> tuple[str, ...]:
+    """The parameters of the session's last C{MAIL FROM} (after the path's C{>})."""
+    for command in reversed(session.commands):
+        if command.verb == "MAIL":
+            rest = command.line.rpartition(b">")[2]
+            return tuple(w.decode("utf-8", "replace").upper() for w in rest.split())
+    return ()
 
 
 @implementer(smtp.IMessageDelivery)
@@ -297,6 +312,7 @@ class _Delivery:
             session=self._proto.session,
             mail_from=str(origin),
             tls_at_mail=self._proto.session.tls,
+            mail_parameters=_mail_parameters(self._proto.session),
         )
         return origin
 

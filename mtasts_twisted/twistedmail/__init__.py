@@ -37,7 +37,12 @@ from mtasts_twisted.twistedmail.context import ContextError, ContextSettings, MT
 from mtasts_twisted.twistedmail.domain import DomainSender
 from mtasts_twisted.twistedmail.routes import Route, RouteHost, Router, Unroutable
 from mtasts_twisted.twistedmail.sender import RecordingSender, RecordingSenderFactory, send_attempt
-from mtasts_twisted.twistedmail.sendmail import MTASTSDeliveryError, MTASTSSender, SendmailResult
+from mtasts_twisted.twistedmail.sendmail import (
+    MTASTSDeliveryError,
+    MTASTSSender,
+    RequireTLSUnsupportedError,
+    SendmailResult,
+)
 
 __all__ = [
     "AttemptOutcome",
@@ -49,6 +54,7 @@ __all__ = [
     "MTASTSSender",
     "RecordingSender",
     "RecordingSenderFactory",
+    "RequireTLSUnsupportedError",
     "Route",
     "RouteHost",
     "Router",

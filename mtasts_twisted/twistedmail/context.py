@@ -209,21 +209,24 @@ class MTASTSContext(MultiService):
     # -- the drop-in, once ready --
 
     def sendmail(self, from_addr: str | bytes, to_addrs: Any, msg: Any, senderDomainName: str | bytes | None = None,
-                 port: int | None = None, requireTransportSecurity: bool = False) -> Deferred[tuple[int, list[Reply]]]:
+                 port: int | None = None, requireTransportSecurity: bool = False, *,
+                 requiretls: bool = False) -> Deferred[tuple[int, list[Reply]]]:
         """
         L{MTASTSSender.sendmail}, once ready (L{when_ready}): twisted.mail's
         C{sendmail} without the host (the recipients' MX hosts, by policy).
+        C{requiretls=True} is refused (L{MTASTSSender.sendmail}).
         """
         return Deferred.fromCoroutine(self._when_ready()).addCallback(
             lambda sender: sender.sendmail(from_addr, to_addrs, msg, senderDomainName, port,
-                                           requireTransportSecurity))
+                                           requireTransportSecurity, requiretls=requiretls))
 
     def deliver(self, from_addr: str | bytes, to_addrs: Any, msg: Any, senderDomainName: str | bytes | None = None,
-                port: int | None = None, requireTransportSecurity: bool = False) -> Deferred[SendmailResult]:
+                port: int | None = None, requireTransportSecurity: bool = False, *,
+                requiretls: bool = False) -> Deferred[SendmailResult]:
         """L{MTASTSSender.deliver} (per-recipient outcomes), once ready."""
         return Deferred.fromCoroutine(self._when_ready()).addCallback(
             lambda sender: sender.deliver(from_addr, to_addrs, msg, senderDomainName, port,
-                                          requireTransportSecurity))
+                                          requireTransportSecurity, requiretls=requiretls))
 
     def when_ready(self) -> Deferred[None]:
         """

@@ -33,7 +33,12 @@ Differences from twisted.mail's C{sendmail}, on purpose:
     chunk boundaries (see L{mtasts_twisted.twistedmail.sender});
   - a recipient that cannot be sent by twisted.mail (a non-ASCII local
     part needs SMTPUTF8, RFC 6531) or has no domain fails permanently
-    without a connection.
+    without a connection;
+  - C{requiretls=True} (RFC 8689) is refused with
+    L{RequireTLSUnsupportedError}: twisted.mail's client writes C{MAIL
+    FROM:<...>} with no parameters (C{SMTPClient.smtpState_from}), so it
+    cannot pass REQUIRETLS on (§4.2.1).  Use L{Deliverer
+    <mtasts_twisted.delivery.Deliverer>}C{.deliver(..., requiretls=True)}.
 
 Replies of our own making (no server said them) carry 451 for transient
 outcomes, 550 for permanent ones and 556 for a null MX (RFC 7505 §4.2),
@@ -48,7 +53,7 @@ from collections.abc import Iterable
 from typing import IO, Any
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.mail.smtp import SMTPDeliveryError
 
 from mtasts_twisted.delivery import DeliveryResult, RecipientOutcome, Status
@@ -57,7 +62,27 @@ from mtasts_twisted.delivery.values import CHUNK_SIZE
 from mtasts_twisted.policy import DomainError, to_alabel
 from mtasts_twisted.twistedmail.domain import DomainSender
 
-__all__ = ["MTASTSDeliveryError", "MTASTSSender", "SendmailResult", "Reply", "reply_of"]
+__all__ = [
+    "MTASTSDeliveryError",
+    "MTASTSSender",
+    "Reply",
+    "RequireTLSUnsupportedError",
+    "SendmailResult",
+    "reply_of",
+]
+
+
+class RequireTLSUnsupportedError(ValueError):
+    """
+    REQUIRETLS (RFC 8689) was asked of twisted.mail's sender, which cannot
+    send a MAIL FROM parameter: nothing was sent.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            "REQUIRETLS (RFC 8689) cannot be sent through twisted.mail's ESMTP client (no MAIL FROM "
+            "parameters); deliver the message with mtasts_twisted.delivery.Deliverer(..., requiretls=True)"
+        )
 
 #: One twisted.mail recipient reply: C{(address, code, response)}.
 Reply = tuple[bytes, int, bytes]
@@ -188,6 +213,8 @@ class MTASTSSender:
         senderDomainName: str | bytes | None = None,
         port: int | None = None,
         requireTransportSecurity: bool = False,
+        *,
+        requiretls: bool = False,
     ) -> Deferred[tuple[int, list[Reply]]]:
         """
         Send C{msg} to C{to_addrs}, like C{twisted.mail.smtp.sendmail}.
@@ -202,11 +229,15 @@ class MTASTSSender:
             wins).
         @param requireTransportSecurity: require STARTTLS at every MX host,
             whatever the policy (verification still as the policy says).
+        @param requiretls: the message requires REQUIRETLS (RFC 8689):
+            always refused here (L{RequireTLSUnsupportedError}, see the
+            module docstring); L{False} sends as before.
         @return: L{Deferred} firing with C{(numOk, [(address, code,
             response)])} when any recipient got the message, else failing
             with L{MTASTSDeliveryError}.
         """
-        d = self.deliver(from_addr, to_addrs, msg, senderDomainName, port, requireTransportSecurity)
+        d = self.deliver(from_addr, to_addrs, msg, senderDomainName, port, requireTransportSecurity,
+                         requiretls=requiretls)
         return d.addCallback(lambda result: result.sendmail_value())
 
     def deliver(
@@ -217,11 +248,18 @@ class MTASTSSender:
         senderDomainName: str | bytes | None = None,
         port: int | None = None,
         requireTransportSecurity: bool = False,
+        *,
+        requiretls: bool = False,
     ) -> Deferred[SendmailResult]:
         """
         Like L{sendmail}, but fire with the L{SendmailResult} (never fails
-        but for bad arguments: L{ValueError} for no recipients).
+        but for bad arguments: L{ValueError} for no recipients,
+        L{RequireTLSUnsupportedError} for C{requiretls=True}).
         """
+        if requiretls:
+            # RFC 8689 §4.2.1: the parameter must be passed on; this client
+            # cannot, so nothing is sent (never silently without it).
+            return fail(RequireTLSUnsupportedError())
         return Deferred.fromCoroutine(
             self._deliver(from_addr, to_addrs, msg, senderDomainName, port, requireTransportSecurity))
 
