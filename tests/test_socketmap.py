@@ -514,11 +514,33 @@ class AnswerTests(ServerTestCase):
         self.assertFalse(self.transport.disconnecting)
 
     def test_map_names(self):
-        self.factory = self.make_factory(SocketmapSettings(map_names=["postfix"]))
+        self.factory = self.make_factory(SocketmapSettings(map_names=["postfix", "tls"]))
         self.proto, self.transport = self.connect()
         self.assertEqual(self.ask("nothing.example"), ["NOTFOUND "])
+        self.assertEqual(self.ask("nothing.example", name=b"tls"), ["NOTFOUND "])
         [answer] = self.ask("nothing.example", name=b"other")
         self.assertTrue(answer.startswith("PERM unknown map name"))
+
+    def test_only_the_configured_map_name_by_default(self):
+        """
+        By default only C{postfix} (README's C{main.cf} line,
+        C{socketmap:inet:127.0.0.1:8461:postfix}) is answered: any other map
+        name gets C{PERM}, even for a domain with a policy, so a map meant for
+        another server is never answered with a TLS policy.
+        """
+        self.assertEqual(SocketmapSettings().map_names, frozenset({"postfix"}))
+        self.publish()
+        self.assertEqual(self.ask("example.com"), ["OK secure match=mx1.example.com servername=hostname"])
+        for name in (b"transport", b"Postfix", b"postfix2"):
+            [answer] = self.ask("example.com", name=name)
+            self.assertEqual(answer, f"PERM unknown map name {name.decode()!r}")
+        self.assertEqual(self.factory.counts["perm"], 3)
+        self.assertEqual(self.factory.counts["ok"], 1)
+
+    def test_any_map_name_when_configured_so(self):
+        self.factory = self.make_factory(SocketmapSettings(map_names=None))
+        self.proto, self.transport = self.connect()
+        self.assertEqual(self.ask("nothing.example", name=b"anything"), ["NOTFOUND "])
 
 
 class PipeliningTests(ServerTestCase):

@@ -36,8 +36,9 @@ class SocketmapSettings:
         connection with no request in flight is closed (bytes of a partial
         request do not count, so a slowloris client is closed too);
         L{None} (or 0) for never.
-    @ivar map_names: the socketmap names accepted (the last field of
-        C{socketmap:inet:host:port:name}); L{None} accepts any.
+    @ivar map_names: the socketmap names answered (the last field of
+        C{socketmap:inet:host:port:name}); a request for any other name is
+        answered C{PERM unknown map name ...}.  L{None} answers any name.
     @ivar max_connections: connections served at once; more are closed on
         accept (default 1024: Postfix opens one per smtp(8) process).
         L{None} for no limit.
@@ -55,7 +56,7 @@ class SocketmapSettings:
     fail_open: bool = False
     max_request: int = 10000
     idle_timeout: float | None = 300.0
-    map_names: frozenset[str] | None = attrs.field(default=None, converter=_frozen_names)
+    map_names: frozenset[str] | None = attrs.field(default=frozenset({"postfix"}), converter=_frozen_names)
     max_connections: int | None = 1024
     testing_level: str | None = "may"
     mx_retry: float = 60.0
