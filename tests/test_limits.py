@@ -17,11 +17,13 @@ The table of limits with their defaults is in tests/RELIABILITY.md
 
 from __future__ import annotations
 
+import socket
 import time
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
@@ -47,6 +49,30 @@ async def _wait(condition, seconds: float = 3.0) -> bool:
     return condition()
 
 
+def buffered(transport: object) -> int:
+    """
+    Bytes a Twisted socket transport holds, not yet sent: its send buffer
+    (C{FileDescriptor}'s private C{dataBuffer}, C{offset} and C{_tempDataLen},
+    read here so the test measures what Twisted really keeps).
+    """
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen  # type: ignore[attr-defined]
+
+
+class NeverReads(Protocol):
+    """Writes C{data} at once and never reads (its transport stops reading on connect)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.closed: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.pauseProducing()
+        self.transport.write(self.data)
+
+    def connectionLost(self, reason: object) -> None:
+        self.closed.callback(None)
+
+
 class SocketmapLimitTests(TestCase):
     timeout = 20
 
@@ -60,7 +86,8 @@ class SocketmapLimitTests(TestCase):
         factory = SocketmapFactory(cache, resolver, reactor, SocketmapSettings(**settings))
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
-        self.endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        self.port = port.getHost().port
+        self.endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port)
         self.factory = factory
 
         async def all_closed() -> None:  # runs after every client's cleanup
@@ -79,6 +106,93 @@ class SocketmapLimitTests(TestCase):
 
         self.addCleanup(lambda: Deferred.fromCoroutine(close()))
         return client
+
+    def instrument(self, sndbuf: int = 4096) -> list[dict[str, int]]:
+        """
+        Watch every connection the server accepts: shrink its kernel send
+        buffer to C{sndbuf} (so a client that does not read fills it at once)
+        and record the peak of the bytes the server holds for it: what its
+        transport has not sent yet, plus what the protocol holds (C{held_bytes}:
+        requests read but not answered, the partial request).
+        """
+        records: list[dict[str, int]] = []
+        build = self.factory.buildProtocol
+
+        def watched(addr: object) -> object:
+            proto = build(addr)
+            if proto is None:
+                return None
+            record = {"peak": 0, "writes": 0}
+            records.append(record)
+            made = proto.connectionMade
+
+            def connectionMade() -> None:
+                transport = proto.transport
+                transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+                write = transport.write
+                pause = transport.pauseProducing
+
+                def measure() -> None:
+                    held = buffered(transport) + getattr(proto, "held_bytes", 0)
+                    record["peak"] = max(record["peak"], held)
+
+                def measured_write(data: bytes) -> None:
+                    write(data)
+                    record["writes"] += 1
+                    measure()
+
+                def measured_pause() -> None:  # the protocol stops reading, holding requests
+                    pause()
+                    measure()
+
+                transport.write = measured_write
+                transport.pauseProducing = measured_pause
+                made()
+
+            proto.connectionMade = connectionMade
+            return proto
+
+        self.factory.buildProtocol = watched
+        return records
+
+    async def never_reading_client(self, data: bytes) -> NeverReads:
+        """Connect a client with a small receive buffer that writes C{data} and never reads."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+        sock.connect(("127.0.0.1", self.port))
+        sock.setblocking(False)
+        client = NeverReads(data)
+        transport = reactor.adoptStreamConnection(sock.fileno(), socket.AF_INET, Factory.forProtocol(lambda: client))
+        sock.close()  # the reactor holds its own descriptor
+        del transport
+
+        def close() -> Deferred[None]:
+            if client.transport.connected:
+                client.transport.abortConnection()
+            return client.closed
+
+        self.addCleanup(close)
+        return client
+
+    async def test_never_reading_client_is_bounded_and_closed(self) -> None:
+        """
+        A client pipelining 100000 requests (2.3 MB) without ever reading:
+        the server stops reading from it once its unsent answers pass the
+        transport's bound, so it holds at most a few hundred KiB for it (not
+        megabytes), answers only what it could send, and closes it at the
+        idle timeout even though answers are still unsent.
+        """
+        requests = 100_000
+        self.serve(idle_timeout=1.0)
+        records = self.instrument()
+        await self.never_reading_client(encode_netstring(b"postfix example.com") * requests)
+        # Not a timing assertion: the bound only keeps a broken server from hanging the test.
+        closed = await _wait(lambda: self.factory.counts["idle"] == 1 and self.factory.connections == 0, 15.0)
+        [record] = records
+        tally("limit_case")
+        self.assertLessEqual(record["peak"], 256 * 1024, record)
+        self.assertLess(self.factory.counts["ok"], requests // 4)
+        self.assertTrue(closed, (self.factory.counts, self.factory.connections))
 
     async def test_request_size_boundary(self) -> None:
         """max_request (10000): a 10000-byte request is answered, 10001 closes the connection."""

@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
+from mtasts_twisted.socketmap import protocol as socketmap_protocol
 from mtasts_twisted.socketmap import server as socketmap_server
 from mtasts_twisted.socketmap.answers import ANSWER_KINDS, answer_kind
 from mtasts_twisted.socketmap.deferreds import PENDING, result_now
@@ -335,10 +336,11 @@ class ServerTestCase(SynchronousTestCase):
     def make_factory(self, settings):
         return SocketmapFactory(self.cache, self.resolver, self.clock, settings, sink=self.sink, metrics=self.counter)
 
-    def connect(self, factory=None):
+    def connect(self, factory=None, transport=None):
+        """Connect a protocol of C{factory} to a L{StringTransport}."""
         factory = factory or self.factory
         proto = factory.buildProtocol(None)
-        transport = StringTransport()
+        transport = transport or StringTransport()
         proto.makeConnection(transport)
         return proto, transport
 
@@ -595,6 +597,49 @@ class PipeliningTests(ServerTestCase):
         self.send("a", "b")
         self.assertEqual(self.answers(), ["NOTFOUND ", "OK b"])
 
+    def count_writes(self, transport=None):
+        transport = transport or self.transport
+        writes = []
+        write = transport.write
+
+        def counted(data):
+            writes.append(data)
+            write(data)
+
+        transport.write = counted
+        return writes
+
+    def test_shared_lookup_answers_leave_in_one_write(self):
+        """
+        Two requests of one read that wait for the same lookup are answered
+        in one write when it completes (issue 17 item 8: written one by one,
+        the second small segment waited for the client's delayed ACK).
+        """
+        slow = Deferred()
+        self.publish("slow.example")
+        self.fetcher.policies["slow.example"] = slow
+        writes = self.count_writes()
+        self.send("slow.example", "slow.example")
+        self.assertEqual(writes, [])
+        slow.callback(FetchedPolicy(policy=parse_policy(ENFORCE), text=ENFORCE))
+        self.assertEqual(len(writes), 1)
+        self.assertEqual(self.answers(), ["OK secure match=mx1.example.com servername=hostname"] * 2)
+
+    def test_one_read_answered_in_one_write(self):
+        """Immediate answers and answers that wait for lookups, of one read: one write."""
+        first, second = Deferred(), Deferred()
+        for domain, d in (("a.example", first), ("b.example", second)):
+            self.publish(domain, mx=None)
+            self.resolver.txt["_mta-sts." + domain] = d
+        writes = self.count_writes()
+        self.send("nothing.example", "a.example", "[192.0.2.1]", "b.example", "nothing.example")
+        self.assertEqual(writes, [])
+        first.errback(DNSTemporaryError("SERVFAIL", name="a", rdtype="TXT"))
+        self.assertEqual(writes, [])
+        second.errback(DNSTemporaryError("SERVFAIL", name="b", rdtype="TXT"))
+        self.assertEqual(len(writes), 1)
+        self.assertEqual([a.split(" ")[0] for a in self.answers()], ["NOTFOUND", "TEMP", "NOTFOUND", "TEMP", "NOTFOUND"])
+
     def test_connection_lost_while_pending(self):
         slow = Deferred()
         self.publish("slow.example")
@@ -673,6 +718,130 @@ class ConnectionTests(ServerTestCase):
         first.connectionLost()
         self.assertIsNotNone(factory.buildProtocol(None))
         self.assertEqual(self.clock.getDelayedCalls()[0].func, self.proto._check_idle)
+
+
+class BoundedTransport(StringTransport):
+    """
+    A L{StringTransport} that treats its producer as a socket transport
+    does: C{pauseProducing} when more than C{bound} bytes wait to be sent,
+    C{resumeProducing} once L{drain} has sent them all.
+    """
+
+    def __init__(self, bound):
+        super().__init__()
+        self.bound = bound
+        self.sent = 0
+        self.paused = False
+        self.peak = 0
+
+    def unsent(self):
+        return len(self.value()) - self.sent
+
+    def write(self, data):
+        super().write(data)
+        self.peak = max(self.peak, self.unsent())
+        if self.producer is not None and not self.paused and self.unsent() > self.bound:
+            self.paused = True
+            self.producer.pauseProducing()
+
+    def drain(self):
+        self.sent = len(self.value())
+        if self.paused:
+            self.paused = False
+            if self.producer is not None:
+                self.producer.resumeProducing()
+
+
+class BackpressureTests(ServerTestCase):
+    """
+    Issue 17 item 2: answers a client does not read are bounded; reading
+    stops while they wait and resumes when they have gone out.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.publish()
+        self.proto.connectionLost()  # the StringTransport one of ServerTestCase
+        self.bounded = BoundedTransport(1000)
+        self.proto, self.transport = self.connect(transport=self.bounded)
+
+    def decode(self):
+        return [a.decode() for a in NetstringDecoder(MAX_REPLY).feed(self.bounded.value())]
+
+    def test_registered_as_streaming_producer(self):
+        self.assertIs(self.bounded.producer, self.proto)
+        self.assertTrue(self.bounded.streaming)
+
+    def test_reading_stops_while_answers_wait(self):
+        requests = 1000
+        self.proto.dataReceived(netstrings(*[b"postfix example.com"] * requests))
+        # The transport's bound was passed: reading stopped, the rest is held.
+        self.assertEqual(self.bounded.producerState, "paused")
+        answered = len(self.decode())
+        self.assertLess(answered, requests // 2)
+        # Answers are written in chunks: the transport holds at most its bound and one chunk.
+        self.assertLessEqual(self.bounded.peak, 1000 + socketmap_protocol.WRITE_CHUNK + 55)
+        self.assertEqual(self.proto.held_bytes, (requests - answered) * len(b"postfix example.com"))
+        # More input while paused (a TLS wrapper may still deliver some) is held in order too.
+        self.proto.dataReceived(netstrings(b"postfix [192.0.2.1]"))
+        rounds = 0
+        while self.bounded.producerState == "paused":
+            rounds += 1
+            self.bounded.drain()
+        self.assertGreaterEqual(rounds, requests * 55 // socketmap_protocol.WRITE_CHUNK)
+        answers = self.decode()
+        self.assertEqual(answers, ["OK secure match=mx1.example.com servername=hostname"] * requests + ["NOTFOUND "])
+        self.assertEqual(self.proto.held_bytes, 0)
+        self.assertEqual(self.factory.counts["ok"], requests)
+
+    def test_requests_arriving_while_paused_wait(self):
+        """Requests a transport still delivers after the pause are held, then answered in order."""
+        self.proto.dataReceived(netstrings(*[b"postfix example.com"] * 30))  # 1650 answer bytes > 1000
+        self.assertEqual(self.bounded.producerState, "paused")
+        self.assertEqual(self.proto.held_bytes, 0)
+        self.proto.dataReceived(netstrings(b"postfix [192.0.2.1]"))
+        self.assertEqual(len(self.decode()), 30)
+        self.assertEqual(self.proto.held_bytes, len(b"postfix [192.0.2.1]"))
+        self.bounded.drain()
+        self.assertEqual(self.decode()[30:], ["NOTFOUND "])
+        self.assertEqual(self.bounded.producerState, "producing")
+
+    def test_pipeline_bound_on_waiting_lookups(self):
+        """At most C{max_pipeline} answers wait for lookups; then reading stops until they go out."""
+        slow = Deferred()
+        self.publish("slow.example")
+        self.fetcher.policies["slow.example"] = slow
+        limit = self.factory.settings.max_pipeline
+        self.proto.dataReceived(netstrings(*[b"postfix slow.example"] * (limit + 10)))
+        self.assertEqual(self.bounded.producerState, "paused")
+        self.assertEqual(self.fetcher.fetches["slow.example"], 1)
+        self.assertEqual(self.proto.held_bytes, 10 * len(b"postfix slow.example"))
+        slow.callback(FetchedPolicy(policy=parse_policy(ENFORCE), text=ENFORCE))
+        self.bounded.drain()
+        self.assertEqual(self.bounded.producerState, "producing")
+        self.assertEqual(len(self.decode()), limit + 10)
+        self.assertEqual(self.proto.held_bytes, 0)
+
+    def test_idle_timeout_aborts_a_client_that_does_not_read(self):
+        """
+        loseConnection would wait for the unsent answers for ever: a client
+        that does not read is aborted at the idle timeout.
+        """
+        self.proto.dataReceived(netstrings(*[b"postfix example.com"] * 100))
+        self.assertEqual(self.bounded.producerState, "paused")
+        self.clock.advance(60)
+        self.assertTrue(self.bounded.disconnected)  # StringTransport.abortConnection
+        self.assertEqual(self.factory.counts["idle"], 1)
+
+    def test_broken_netstring_after_held_requests(self):
+        """The requests before a broken netstring are answered once they can go out, then the connection closes."""
+        self.proto.dataReceived(netstrings(*[b"postfix example.com"] * 1000) + b"x:")
+        self.assertFalse(self.bounded.disconnecting)
+        while self.bounded.paused:
+            self.bounded.drain()
+        self.assertEqual(len(self.decode()), 1000)
+        self.assertTrue(self.bounded.disconnecting)
+        self.assertIsNone(self.bounded.producer)  # unregistered, so the close is not held up
 
 
 class ImmediateWriterTests(SynchronousTestCase):
@@ -829,6 +998,22 @@ class LoopbackTests(TestCase):
         proto.dataReceived(netstrings(b"postfix [192.0.2.1]"))
         # No reactor turn in between: the answer is already in the kernel.
         self.assertEqual(sock.recv(4096), netstrings(b"NOTFOUND "))
+
+    async def test_accepted_socket_has_tcp_nodelay(self):
+        """
+        Issue 17 item 8: Nagle held back a second small answer until the
+        client's delayed ACK (44 ms); accepted sockets have TCP_NODELAY.
+        """
+        built = []
+        build = self.factory.buildProtocol
+        self.factory.buildProtocol = lambda addr: built.append(build(addr)) or built[-1]
+        client = await self.connect()
+        answers = client.wait_for(1)
+        client.transport.write(netstrings(b"postfix example.com"))
+        await answers
+        [proto] = built
+        handle = proto.transport.getHandle()
+        self.assertNotEqual(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 0)
 
     async def test_broken_netstring_closes(self):
         client = await self.connect()

@@ -26,7 +26,8 @@ The rooms, bottom to top:
     <mtasts_twisted.socketmap.deferreds.result_now>}, reading an
     already-fired L{Deferred<twisted.internet.defer.Deferred>};
   - L{protocol<mtasts_twisted.socketmap.protocol>}: one connection (request
-    order, idle timeout, broken netstrings) and L{ImmediateWriter};
+    order, idle timeout, broken netstrings, the bounds on what a client can
+    make us hold, C{TCP_NODELAY}) and L{ImmediateWriter};
   - L{server<mtasts_twisted.socketmap.server>}: L{SocketmapFactory}, the
     lookups, the memo of rendered answers, the counts and the connection
     limit.

@@ -35,13 +35,18 @@ class SocketmapSettings:
     @ivar idle_timeout: seconds without a complete request after which a
         connection with no request in flight is closed (bytes of a partial
         request do not count, so a slowloris client is closed too);
-        L{None} (or 0) for never.
+        L{None} (or 0) for never.  The connection is aborted: answers a
+        client has not read are dropped with it.
     @ivar map_names: the socketmap names answered (the last field of
         C{socketmap:inet:host:port:name}); a request for any other name is
         answered C{PERM unknown map name ...}.  L{None} answers any name.
     @ivar max_connections: connections served at once; more are closed on
         accept (default 1024: Postfix opens one per smtp(8) process).
         L{None} for no limit.
+    @ivar max_pipeline: answers a connection may have waiting for lookups
+        (with the answers queued behind them, in request order); at the cap
+        reading stops until they have gone out.  Postfix sends one request
+        and waits for its answer.
     @ivar testing_level: the Postfix TLS security level answered for a
         C{testing} policy when C{tlsrpt_attributes} is on (see
         L{mtasts_twisted.socketmap.answers}); L{None} answers C{NOTFOUND }.
@@ -58,6 +63,7 @@ class SocketmapSettings:
     idle_timeout: float | None = 300.0
     map_names: frozenset[str] | None = attrs.field(default=frozenset({"postfix"}), converter=_frozen_names)
     max_connections: int | None = 1024
+    max_pipeline: int = 32
     testing_level: str | None = "may"
     mx_retry: float = 60.0
     memo_size: int = 10000
