@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.task import Clock, deferLater
@@ -336,11 +337,14 @@ class ServerTestCase(SynchronousTestCase):
     def make_factory(self, settings):
         return SocketmapFactory(self.cache, self.resolver, self.clock, settings, sink=self.sink, metrics=self.counter)
 
-    def connect(self, factory=None, transport=None):
-        """Connect a protocol of C{factory} to a L{StringTransport}."""
+    def connect(self, factory=None, host=None, transport=None):
+        """Connect a protocol of C{factory} to a L{StringTransport} (from C{host}, if given)."""
         factory = factory or self.factory
-        proto = factory.buildProtocol(None)
-        transport = transport or StringTransport()
+        addr = None if host is None else IPv4Address("TCP", host, 40000)
+        proto = factory.buildProtocol(addr)
+        if proto is None:
+            return None, None
+        transport = transport or StringTransport(peerAddress=addr)
         proto.makeConnection(transport)
         return proto, transport
 
@@ -684,7 +688,7 @@ class ConnectionTests(ServerTestCase):
         self.assertFalse(self.transport.disconnecting)
 
     def test_idle_timeout(self):
-        self.clock.advance(59)
+        self.clock.advance(9)
         self.ask("nothing.example")
         self.clock.advance(59)
         self.assertFalse(self.transport.disconnecting)
@@ -710,14 +714,128 @@ class ConnectionTests(ServerTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_max_connections(self):
+        """
+        At C{max_connections} a new connection is accepted and the oldest
+        connection without a lookup in flight is closed to make room (issue
+        17 item 9: held connections used to shut out every new client).
+        """
         factory = self.make_factory(SocketmapSettings(max_connections=2, idle_timeout=None))
-        first, _ = self.connect(factory)
-        self.connect(factory)
-        self.assertIsNone(factory.buildProtocol(None))
-        self.assertEqual(factory.counts["refused"], 1)
+        first, first_transport = self.connect(factory)
+        second, second_transport = self.connect(factory)
+        third, _ = self.connect(factory)
+        self.assertIsNotNone(third)
+        self.assertTrue(first_transport.disconnected)  # aborted
+        self.assertFalse(second_transport.disconnecting)
+        self.assertEqual((factory.counts["evicted"], factory.counts["refused"]), (1, 0))
+        self.assertEqual(factory.connections, 3)  # until the aborted one is gone
         first.connectionLost()
-        self.assertIsNotNone(factory.buildProtocol(None))
-        self.assertEqual(self.clock.getDelayedCalls()[0].func, self.proto._check_idle)
+        self.assertEqual(factory.connections, 2)
+
+    def test_first_request_timeout(self):
+        """
+        A connection that has not sent a complete request is closed after
+        C{first_request_timeout} (10 s); one that has, after C{idle_timeout}
+        without requests.
+        """
+        factory = self.make_factory(SocketmapSettings(idle_timeout=300.0))
+        self.assertEqual(factory.settings.first_request_timeout, 10.0)
+        _, silent = self.connect(factory)
+        trickling, trickle = self.connect(factory)
+        active, active_transport = self.connect(factory)
+        self.clock.advance(5)
+        active.dataReceived(netstrings(b"postfix nothing.example"))
+        trickling.dataReceived(b"23:postfix")  # part of a request is not a request
+        self.clock.advance(4.9)
+        self.assertEqual(factory.counts["idle"], 0)
+        self.clock.advance(0.1)
+        self.assertTrue(silent.disconnected)
+        self.assertTrue(trickle.disconnected)
+        self.assertFalse(active_transport.disconnecting)
+        self.assertEqual(factory.counts["idle"], 2)
+        self.clock.advance(294.9)  # 299.9 s after its request
+        self.assertFalse(active_transport.disconnecting)
+        self.clock.advance(0.1)
+        self.assertTrue(active_transport.disconnecting)
+        self.assertEqual(factory.counts["idle"], 3)
+
+    def test_shorter_idle_timeout_applies_before_the_first_request(self):
+        factory = self.make_factory(SocketmapSettings(idle_timeout=3.0, first_request_timeout=10.0))
+        _, transport = self.connect(factory)
+        self.clock.advance(3)
+        self.assertTrue(transport.disconnected)
+
+    def test_first_request_timeout_without_idle_timeout(self):
+        factory = self.make_factory(SocketmapSettings(idle_timeout=None))
+        _, silent = self.connect(factory)
+        active, active_transport = self.connect(factory)
+        active.dataReceived(netstrings(b"postfix nothing.example"))
+        self.clock.advance(10)
+        self.assertTrue(silent.disconnected)
+        self.assertFalse(active_transport.disconnecting)
+        self.assertEqual(self.clock.getDelayedCalls(), [])  # no timer for an active connection
+        self.clock.advance(1000)
+        self.assertFalse(active_transport.disconnecting)
+
+    def test_per_client_cap(self):
+        """
+        C{max_connections_per_client}: a client address over its cap loses
+        its own oldest idle connection; other clients are not touched.
+        """
+        factory = self.make_factory(SocketmapSettings(max_connections_per_client=2, idle_timeout=None))
+        hog = [self.connect(factory, "127.0.0.2") for _ in range(2)]
+        postfix, postfix_transport = self.connect(factory, "127.0.0.1")
+        newest, _ = self.connect(factory, "127.0.0.2")
+        self.assertIsNotNone(newest)
+        self.assertTrue(hog[0][1].disconnected)
+        self.assertFalse(hog[1][1].disconnecting)
+        self.assertFalse(postfix_transport.disconnecting)
+        self.assertEqual(factory.counts["evicted"], 1)
+        hog[0][0].connectionLost()
+        self.assertEqual(factory.connections, 3)
+        # The other client is under its own cap.
+        self.assertIsNotNone(self.connect(factory, "127.0.0.1")[0])
+        self.assertEqual(factory.counts["evicted"], 1)
+
+    def test_a_connection_that_never_asked_goes_first(self):
+        """At a cap, connections without a request go before active ones, oldest first."""
+        factory = self.make_factory(SocketmapSettings(max_connections=3, idle_timeout=None))
+        active, active_transport = self.connect(factory)
+        active.dataReceived(netstrings(b"postfix nothing.example"))
+        _, older_fresh = self.connect(factory)
+        _, newer_fresh = self.connect(factory)
+        newcomer, _ = self.connect(factory)
+        self.assertTrue(older_fresh.disconnected)
+        self.assertFalse(newer_fresh.disconnecting)
+        self.assertFalse(active_transport.disconnecting)
+        newcomer.dataReceived(netstrings(b"postfix nothing.example"))
+        self.connect(factory)
+        self.assertTrue(newer_fresh.disconnected)
+        self.assertFalse(active_transport.disconnecting)
+        self.assertEqual(factory.counts["evicted"], 2)
+
+    def test_connections_waiting_for_a_lookup_are_not_closed(self):
+        slow = Deferred()
+        self.publish("slow.example")
+        self.fetcher.policies["slow.example"] = slow
+        factory = self.make_factory(SocketmapSettings(max_connections=2, idle_timeout=None))
+        waiting = [self.connect(factory) for _ in range(2)]
+        for proto, _ in waiting:
+            proto.dataReceived(netstrings(b"postfix slow.example"))
+        self.assertIsNone(factory.buildProtocol(None))
+        self.assertEqual((factory.counts["evicted"], factory.counts["refused"]), (0, 1))
+        slow.callback(FetchedPolicy(policy=parse_policy(ENFORCE), text=ENFORCE))
+        self.assertIsNotNone(self.connect(factory)[0])
+        self.assertTrue(waiting[0][1].disconnected)
+        self.assertEqual(factory.counts["evicted"], 1)
+
+    def test_evictions_closing_at_once_are_bounded(self):
+        """Sockets still closing count: at most EVICTING more than max_connections are open."""
+        factory = self.make_factory(SocketmapSettings(max_connections=2, idle_timeout=None))
+        for _ in range(2 + socketmap_server.EVICTING + 5):
+            self.connect(factory)
+        self.assertEqual(factory.counts["evicted"], socketmap_server.EVICTING)
+        self.assertEqual(factory.counts["refused"], 5)
+        self.assertEqual(factory.connections, 2 + socketmap_server.EVICTING)
 
 
 class BoundedTransport(StringTransport):

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import socket
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Protocol as TypingProtocol
 from typing import cast
 
@@ -74,20 +74,27 @@ class Responder(TypingProtocol):
     What a L{SocketmapProtocol} needs from its factory.
 
     @ivar settings: the L{SocketmapSettings} (C{max_request},
-        C{idle_timeout}, C{max_pipeline}).
-    @ivar clock: the C{IReactorTime} for the idle timeout.
-    @ivar connections: connections open now, counted by each connection.
+        C{idle_timeout}, C{first_request_timeout}, C{max_pipeline}).
+    @ivar clock: the C{IReactorTime} for the idle timeouts.
     @ivar counts: counters by name; a connection adds to C{broken} and
         C{idle}.
     """
 
     settings: SocketmapSettings
     clock: IReactorTime
-    connections: int
     counts: dict[str, int]
 
     def respond(self, request: bytes) -> bytes | Deferred[bytes]:
         """The framed answer to one request payload, or a L{Deferred} firing with it (never failing)."""
+
+    def connection_opened(self, connection: SocketmapProtocol) -> None:
+        """C{connection} is made."""
+
+    def connection_active(self, connection: SocketmapProtocol) -> None:
+        """C{connection} has sent its first complete request."""
+
+    def connection_closed(self, connection: SocketmapProtocol) -> None:
+        """C{connection} is lost."""
 
 
 class ImmediateWriter:
@@ -182,13 +189,17 @@ class SocketmapProtocol(Protocol):
     @ivar factory: the L{Responder} (a L{SocketmapFactory
         <mtasts_twisted.socketmap.server.SocketmapFactory>}) that does the
         lookups.
+    @ivar client: the client's key for the per-client cap (its IP
+        address), or L{None}.
     """
 
-    def __init__(self, factory: Responder) -> None:
+    def __init__(self, factory: Responder, client: Hashable | None = None) -> None:
         """
         @param factory: the L{Responder} serving this connection.
+        @param client: the client's IP address, if it has one.
         """
         self.factory = factory
+        self.client = client
         settings = factory.settings
         self._decoder = NetstringDecoder(settings.max_request)
         # Batches waiting for a lookup, in order; the first one is incomplete.
@@ -199,17 +210,28 @@ class SocketmapProtocol(Protocol):
         self._blocked = False  # the transport has paused us: its buffer is over its bound
         self._paused = False  # we have paused the transport's reading
         self._registered = False
+        self._seen = False  # has a complete request arrived?
         self._closing = False
         self._aborted = False
         self._lost = False
         self._clock = factory.clock
-        self._timeout = settings.idle_timeout or None
-        self._timed = self._timeout is not None
+        idle = settings.idle_timeout or None
+        first = settings.first_request_timeout or None
+        if first is None or (idle is not None and idle < first):
+            first = idle  # the shorter one applies
+        self._idle_timeout = idle
+        self._first_timeout = first
+        self._timed = first is not None
         self._timer: IDelayedCall | None = None
         self._last = 0.0
         # Set by connectionMade: the connection's transport, and its writer.
         self._connection: ITransport
         self._write: Callable[[bytes], None]
+
+    @property
+    def busy(self) -> bool:
+        """Is a lookup in flight for this connection?"""
+        return bool(self._queue)
 
     @property
     def held_bytes(self) -> int:
@@ -230,10 +252,10 @@ class SocketmapProtocol(Protocol):
         if IConsumer.providedBy(transport):
             transport.registerProducer(self, True)
             self._registered = True
-        self.factory.connections += 1
-        if self._timeout is not None:
+        self.factory.connection_opened(self)
+        if self._first_timeout is not None:
             self._last = self._clock.seconds()
-            self._timer = self._clock.callLater(self._timeout, self._check_idle)
+            self._timer = self._clock.callLater(self._first_timeout, self._check_idle)
 
     def dataReceived(self, data: bytes) -> None:
         """Answer every complete request in C{data}, in order (or hold them while paused)."""
@@ -252,6 +274,9 @@ class SocketmapProtocol(Protocol):
                 # Only complete requests are activity: a client trickling a
                 # partial request (slowloris) is idle and closed on time.
                 self._last = self._clock.seconds()
+            if not self._seen:
+                self._seen = True
+                self.factory.connection_active(self)
             if self._paused:
                 # Data read before the pause took effect: served in order
                 # when the bounds allow (L{_continue}).
@@ -413,8 +438,9 @@ class SocketmapProtocol(Protocol):
         self._timer = None
         if self._lost or self._aborted:
             return
-        timeout = self._timeout
-        assert timeout is not None
+        timeout = self._idle_timeout if self._seen else self._first_timeout
+        if timeout is None:
+            return  # active, and no idle timeout
         idle = self._clock.seconds() - self._last
         if self._queue:
             idle = 0.0  # Postfix is waiting for an answer: not idle
@@ -435,4 +461,4 @@ class SocketmapProtocol(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        self.factory.connections -= 1
+        self.factory.connection_closed(self)
