@@ -644,6 +644,14 @@ class PipeliningTests(ServerTestCase):
         self.assertEqual(len(writes), 1)
         self.assertEqual([a.split(" ")[0] for a in self.answers()], ["NOTFOUND", "TEMP", "NOTFOUND", "TEMP", "NOTFOUND"])
 
+    def test_single_request_answered_by_a_fired_deferred(self):
+        """The one-request path: a Deferred answer that has already fired goes out at once."""
+        answers = {b"postfix a": succeed(encode_netstring(b"OK a")), b"postfix b": encode_netstring(b"NOTFOUND ")}
+        self.factory.respond = answers.__getitem__
+        self.assertEqual(self.ask("a"), ["OK a"])
+        self.assertEqual(self.ask("b"), ["NOTFOUND "])
+        self.assertFalse(self.proto.busy)
+
     def test_connection_lost_while_pending(self):
         slow = Deferred()
         self.publish("slow.example")

@@ -281,6 +281,13 @@ class SocketmapProtocol(Protocol):
                 # Data read before the pause took effect: served in order
                 # when the bounds allow (L{_continue}).
                 self._held.extend(frames)
+            elif len(frames) == 1 and not self._queue:
+                # Postfix asks one thing at a time: the hot path.
+                answer = self.factory.respond(frames[0])
+                if isinstance(answer, bytes):
+                    self._write(answer)
+                else:
+                    self._wait_for(answer)
             else:
                 self._serve(frames)
         if self._closing:
@@ -334,6 +341,14 @@ class SocketmapProtocol(Protocol):
                 self._emit(out, batch)
                 if self._waiting >= self._max_pipeline:
                     self._pause()
+
+    def _wait_for(self, answer: Deferred[bytes]) -> None:
+        """Queue the one answer of a read, which waits for a lookup."""
+        parts = [b""]
+        batch = _Batch(parts)
+        batch.missing = 1
+        answer.addCallback(self._fill, batch, 0)
+        self._emit(parts, batch)
 
     def _emit(self, out: list[bytes], batch: _Batch | None) -> None:
         """Write C{out} now, or queue it behind answers that wait."""
