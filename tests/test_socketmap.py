@@ -836,6 +836,18 @@ class ConnectionTests(ServerTestCase):
         self.assertTrue(waiting[0][1].disconnected)
         self.assertEqual(factory.counts["evicted"], 1)
 
+    def test_a_connection_closing_already_is_not_chosen(self):
+        """A connection aborted by its idle timer (gone on the next reactor turn) does not make room twice."""
+        factory = self.make_factory(SocketmapSettings(max_connections=2, idle_timeout=None))
+        _, timed_out = self.connect(factory)
+        self.clock.advance(5)
+        _, younger = self.connect(factory)
+        self.clock.advance(5)  # the first one's first-request timeout
+        self.assertTrue(timed_out.disconnected)
+        self.assertIsNotNone(self.connect(factory)[0])
+        self.assertTrue(younger.disconnected)
+        self.assertEqual((factory.counts["idle"], factory.counts["evicted"]), (1, 1))
+
     def test_evictions_closing_at_once_are_bounded(self):
         """Sockets still closing count: at most EVICTING more than max_connections are open."""
         factory = self.make_factory(SocketmapSettings(max_connections=2, idle_timeout=None))

@@ -41,8 +41,8 @@ class Admitted(TypingProtocol):
     client: Hashable | None
 
     @property
-    def busy(self) -> bool:
-        """Is a lookup in flight for this connection (so it must not be closed to make room)?"""
+    def closable(self) -> bool:
+        """May it be closed to make room: no lookup in flight, and not closing already?"""
 
 
 class _Group:
@@ -60,9 +60,10 @@ class _Group:
 
     def victim(self) -> Admitted | None:
         for connection in self.fresh:
-            return connection
+            if connection.closable:
+                return connection
         for connection in self.active:
-            if not connection.busy:
+            if connection.closable:
                 return connection
         return None
 

@@ -234,6 +234,11 @@ class SocketmapProtocol(Protocol):
         return bool(self._queue)
 
     @property
+    def closable(self) -> bool:
+        """May it be closed to make room at a cap: no lookup in flight, and not closing already?"""
+        return not (self._queue or self._aborted or self._lost)
+
+    @property
     def held_bytes(self) -> int:
         """Bytes of requests read and not answered yet: the held requests and a partial one."""
         return sum(map(len, self._held)) + self._decoder.buffered
