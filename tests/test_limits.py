@@ -17,17 +17,21 @@ The table of limits with their defaults is in tests/RELIABILITY.md
 
 from __future__ import annotations
 
+import socket
 import time
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from mtasts_twisted.cache import PolicyCache, PolicyLookupTemporaryError
 from mtasts_twisted.delivery import _ClientProtocol, Status
 from mtasts_twisted.dns import MAX_CNAME_CHAIN, DNSResolver, DNSTemporaryError
+from mtasts_twisted.fetch import FetchedPolicy
+from mtasts_twisted.policy import parse_policy
 from mtasts_twisted.socketmap import MAX_REPLY, NetstringDecoder, SocketmapFactory, SocketmapSettings, encode_netstring
 from mtasts_twisted.store import MemoryStore
 from mtasts_twisted.testing.memory import FakeFetcher, FakeResolver
@@ -47,12 +51,36 @@ async def _wait(condition, seconds: float = 3.0) -> bool:
     return condition()
 
 
+def buffered(transport: object) -> int:
+    """
+    Bytes a Twisted socket transport holds, not yet sent: its send buffer
+    (C{FileDescriptor}'s private C{dataBuffer}, C{offset} and C{_tempDataLen},
+    read here so the test measures what Twisted really keeps).
+    """
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen  # type: ignore[attr-defined]
+
+
+class NeverReads(Protocol):
+    """Writes C{data} at once and never reads (its transport stops reading on connect)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.closed: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.pauseProducing()
+        self.transport.write(self.data)
+
+    def connectionLost(self, reason: object) -> None:
+        self.closed.callback(None)
+
+
 class SocketmapLimitTests(TestCase):
     timeout = 20
 
     def serve(self, **settings: object) -> SocketmapFactory:
-        resolver = FakeResolver()
-        fetcher = FakeFetcher()
+        resolver = self.resolver = FakeResolver()
+        fetcher = self.fetcher = FakeFetcher()
         resolver.txt["_mta-sts.example.com"] = ["v=STSv1; id=1"]
         resolver.mx["example.com"] = [(10, "mx1.example.com")]
         fetcher.policies["example.com"] = ENFORCE
@@ -60,7 +88,8 @@ class SocketmapLimitTests(TestCase):
         factory = SocketmapFactory(cache, resolver, reactor, SocketmapSettings(**settings))
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
-        self.endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        self.port = port.getHost().port
+        self.endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port)
         self.factory = factory
 
         async def all_closed() -> None:  # runs after every client's cleanup
@@ -79,6 +108,143 @@ class SocketmapLimitTests(TestCase):
 
         self.addCleanup(lambda: Deferred.fromCoroutine(close()))
         return client
+
+    def instrument(self, sndbuf: int = 4096) -> list[dict[str, int]]:
+        """
+        Watch every connection the server accepts: shrink its kernel send
+        buffer to C{sndbuf} (so a client that does not read fills it at once)
+        and record the peak of the bytes the server holds for it: what its
+        transport has not sent yet, plus what the protocol holds (C{held_bytes}:
+        requests read but not answered, the partial request).
+        """
+        records: list[dict[str, int]] = []
+        build = self.factory.buildProtocol
+
+        def watched(addr: object) -> object:
+            proto = build(addr)
+            if proto is None:
+                return None
+            record = {"peak": 0, "writes": 0}
+            records.append(record)
+            made = proto.connectionMade
+
+            def connectionMade() -> None:
+                transport = proto.transport
+                transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+                write = transport.write
+                pause = transport.pauseProducing
+
+                def measure() -> None:
+                    held = buffered(transport) + getattr(proto, "held_bytes", 0)
+                    record["peak"] = max(record["peak"], held)
+
+                def measured_write(data: bytes) -> None:
+                    write(data)
+                    record["writes"] += 1
+                    measure()
+
+                def measured_pause() -> None:  # the protocol stops reading, holding requests
+                    pause()
+                    measure()
+
+                transport.write = measured_write
+                transport.pauseProducing = measured_pause
+                made()
+
+            proto.connectionMade = connectionMade
+            return proto
+
+        self.factory.buildProtocol = watched
+        return records
+
+    async def never_reading_client(self, data: bytes) -> NeverReads:
+        """Connect a client with a small receive buffer that writes C{data} and never reads."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+        sock.connect(("127.0.0.1", self.port))
+        sock.setblocking(False)
+        client = NeverReads(data)
+        transport = reactor.adoptStreamConnection(sock.fileno(), socket.AF_INET, Factory.forProtocol(lambda: client))
+        sock.close()  # the reactor holds its own descriptor
+        del transport
+
+        def close() -> Deferred[None]:
+            if client.transport.connected:
+                client.transport.abortConnection()
+            return client.closed
+
+        self.addCleanup(close)
+        return client
+
+    async def test_never_reading_client_is_bounded_and_closed(self) -> None:
+        """
+        A client pipelining 100000 requests (2.3 MB) without ever reading:
+        the server stops reading from it once its unsent answers pass the
+        transport's bound, so it holds at most a few hundred KiB for it (not
+        megabytes), answers only what it could send, and closes it at the
+        idle timeout even though answers are still unsent.
+        """
+        requests = 100_000
+        self.serve(idle_timeout=1.0)
+        records = self.instrument()
+        await self.never_reading_client(encode_netstring(b"postfix example.com") * requests)
+        # Not a timing assertion: the bound only keeps a broken server from hanging the test.
+        closed = await _wait(lambda: self.factory.counts["idle"] == 1 and self.factory.connections == 0, 15.0)
+        [record] = records
+        tally("limit_case")
+        self.assertLessEqual(record["peak"], 256 * 1024, record)
+        self.assertLess(self.factory.counts["ok"], requests // 4)
+        self.assertTrue(closed, (self.factory.counts, self.factory.connections))
+
+    async def connect_from(self, host: str) -> RawClient:
+        """Connect from the loopback address C{host} (any 127.0.0.0/8 address can be a source)."""
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port, bindAddress=(host, 0))
+        client = await connectProtocol(endpoint, RawClient())
+
+        async def close() -> None:
+            if client.transport.connected:
+                client.transport.loseConnection()
+            await client.closed
+
+        self.addCleanup(lambda: Deferred.fromCoroutine(close()))
+        return client
+
+    async def test_held_connections_do_not_shut_out_postfix(self) -> None:
+        """
+        Issue 17 item 9: connections held open without requests, from
+        several addresses, up to max_connections, no longer shut out a new
+        client: Postfix's connection is accepted and answered, and the
+        oldest held connection is closed to make room.
+        """
+        self.serve(max_connections=8, max_connections_per_client=4, idle_timeout=None)
+        held = [await self.connect_from(f"127.0.0.{2 + i // 4}") for i in range(8)]
+        self.assertTrue(await _wait(lambda: self.factory.connections == 8))
+        postfix = await self.connect_from("127.0.0.1")
+        postfix.transport.write(encode_netstring(b"postfix example.com"))
+        self.assertTrue(await _wait(lambda: b"OK secure" in postfix.data))
+        await held[0].closed
+        self.assertEqual(sum(client.closed.called for client in held), 1)
+        self.assertEqual((self.factory.counts["evicted"], self.factory.counts["refused"]), (1, 0))
+        self.assertTrue(await _wait(lambda: self.factory.connections == 8))
+        tally("limit_case")
+
+    async def test_per_client_cap(self) -> None:
+        """
+        max_connections_per_client: one address opening more loses its own
+        oldest connections; a client on another address keeps its own.
+        """
+        self.serve(max_connections_per_client=3, idle_timeout=None)
+        postfix = await self.connect_from("127.0.0.1")
+        postfix.transport.write(encode_netstring(b"postfix example.com"))
+        self.assertTrue(await _wait(lambda: b"OK secure" in postfix.data))
+        hog = [await self.connect_from("127.0.0.2") for _ in range(5)]
+        await gatherResults([hog[0].closed, hog[1].closed])
+        self.assertTrue(await _wait(lambda: self.factory.connections == 4))
+        self.assertEqual([client.closed.called for client in hog], [True, True, False, False, False])
+        self.assertEqual(self.factory.counts["evicted"], 2)
+        postfix.transport.write(encode_netstring(b"postfix example.com"))
+        self.assertTrue(await _wait(lambda: postfix.data.count(b"OK secure") == 2))
+        tally("limit_case")
 
     async def test_request_size_boundary(self) -> None:
         """max_request (10000): a 10000-byte request is answered, 10001 closes the connection."""
@@ -102,19 +268,38 @@ class SocketmapLimitTests(TestCase):
         tally("limit_case")
 
     async def test_max_connections(self) -> None:
-        """max_connections: the connection over the cap is closed on accept; later ones are served."""
+        """
+        max_connections: over the cap the oldest idle connection is closed
+        to make room; when every connection waits for a lookup, the new one
+        is closed on accept; once answered, they make room again.
+        """
         self.serve(max_connections=3, idle_timeout=None)
+        served = []
+        build = self.factory.buildProtocol
+        self.factory.buildProtocol = lambda addr: served.append(build(addr)) or served[-1]
         clients = [await self.connect() for _ in range(3)]
         self.assertTrue(await _wait(lambda: self.factory.connections == 3))
         extra = await self.connect()
-        await extra.closed
-        self.assertEqual(self.factory.counts["refused"], 1)
-        clients[0].transport.loseConnection()
         await clients[0].closed
-        self.assertTrue(await _wait(lambda: self.factory.connections == 2))
+        self.assertEqual((self.factory.counts["evicted"], self.factory.counts["refused"]), (1, 0))
+        self.assertTrue(await _wait(lambda: self.factory.connections == 3))
+        slow: Deferred[FetchedPolicy] = Deferred()
+        self.resolver.txt["_mta-sts.slow.example"] = ["v=STSv1; id=1"]
+        self.fetcher.policies["slow.example"] = slow
+        waiting = clients[1:] + [extra]
+        for client in waiting:
+            client.transport.write(encode_netstring(b"postfix slow.example"))
+        self.assertTrue(await _wait(lambda: sum(p.busy for p in served[1:]) == 3))
+        refused = await self.connect()
+        await refused.closed
+        self.assertEqual((self.factory.counts["evicted"], self.factory.counts["refused"]), (1, 1))
+        slow.callback(FetchedPolicy(policy=parse_policy(ENFORCE), text=ENFORCE))
+        self.assertTrue(await _wait(lambda: all(b"OK secure" in c.data for c in waiting)))
         again = await self.connect()
         again.transport.write(encode_netstring(b"postfix example.com"))
         self.assertTrue(await _wait(lambda: b"OK secure" in again.data))
+        await waiting[0].closed
+        self.assertEqual((self.factory.counts["evicted"], self.factory.counts["refused"]), (2, 1))
         tally("limit_case")
 
     async def test_idle_client_closed(self) -> None:

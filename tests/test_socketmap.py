@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.task import Clock, deferLater
@@ -23,6 +24,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
+from mtasts_twisted.socketmap import protocol as socketmap_protocol
 from mtasts_twisted.socketmap import server as socketmap_server
 from mtasts_twisted.socketmap.answers import ANSWER_KINDS, answer_kind
 from mtasts_twisted.socketmap.deferreds import PENDING, result_now
@@ -335,10 +337,14 @@ class ServerTestCase(SynchronousTestCase):
     def make_factory(self, settings):
         return SocketmapFactory(self.cache, self.resolver, self.clock, settings, sink=self.sink, metrics=self.counter)
 
-    def connect(self, factory=None):
+    def connect(self, factory=None, host=None, transport=None):
+        """Connect a protocol of C{factory} to a L{StringTransport} (from C{host}, if given)."""
         factory = factory or self.factory
-        proto = factory.buildProtocol(None)
-        transport = StringTransport()
+        addr = None if host is None else IPv4Address("TCP", host, 40000)
+        proto = factory.buildProtocol(addr)
+        if proto is None:
+            return None, None
+        transport = transport or StringTransport(peerAddress=addr)
         proto.makeConnection(transport)
         return proto, transport
 
@@ -514,11 +520,33 @@ class AnswerTests(ServerTestCase):
         self.assertFalse(self.transport.disconnecting)
 
     def test_map_names(self):
-        self.factory = self.make_factory(SocketmapSettings(map_names=["postfix"]))
+        self.factory = self.make_factory(SocketmapSettings(map_names=["postfix", "tls"]))
         self.proto, self.transport = self.connect()
         self.assertEqual(self.ask("nothing.example"), ["NOTFOUND "])
+        self.assertEqual(self.ask("nothing.example", name=b"tls"), ["NOTFOUND "])
         [answer] = self.ask("nothing.example", name=b"other")
         self.assertTrue(answer.startswith("PERM unknown map name"))
+
+    def test_only_the_configured_map_name_by_default(self):
+        """
+        By default only C{postfix} (README's C{main.cf} line,
+        C{socketmap:inet:127.0.0.1:8461:postfix}) is answered: any other map
+        name gets C{PERM}, even for a domain with a policy, so a map meant for
+        another server is never answered with a TLS policy.
+        """
+        self.assertEqual(SocketmapSettings().map_names, frozenset({"postfix"}))
+        self.publish()
+        self.assertEqual(self.ask("example.com"), ["OK secure match=mx1.example.com servername=hostname"])
+        for name in (b"transport", b"Postfix", b"postfix2"):
+            [answer] = self.ask("example.com", name=name)
+            self.assertEqual(answer, f"PERM unknown map name {name.decode()!r}")
+        self.assertEqual(self.factory.counts["perm"], 3)
+        self.assertEqual(self.factory.counts["ok"], 1)
+
+    def test_any_map_name_when_configured_so(self):
+        self.factory = self.make_factory(SocketmapSettings(map_names=None))
+        self.proto, self.transport = self.connect()
+        self.assertEqual(self.ask("nothing.example", name=b"anything"), ["NOTFOUND "])
 
 
 class PipeliningTests(ServerTestCase):
@@ -573,6 +601,57 @@ class PipeliningTests(ServerTestCase):
         self.send("a", "b")
         self.assertEqual(self.answers(), ["NOTFOUND ", "OK b"])
 
+    def count_writes(self, transport=None):
+        transport = transport or self.transport
+        writes = []
+        write = transport.write
+
+        def counted(data):
+            writes.append(data)
+            write(data)
+
+        transport.write = counted
+        return writes
+
+    def test_shared_lookup_answers_leave_in_one_write(self):
+        """
+        Two requests of one read that wait for the same lookup are answered
+        in one write when it completes (issue 17 item 8: written one by one,
+        the second small segment waited for the client's delayed ACK).
+        """
+        slow = Deferred()
+        self.publish("slow.example")
+        self.fetcher.policies["slow.example"] = slow
+        writes = self.count_writes()
+        self.send("slow.example", "slow.example")
+        self.assertEqual(writes, [])
+        slow.callback(FetchedPolicy(policy=parse_policy(ENFORCE), text=ENFORCE))
+        self.assertEqual(len(writes), 1)
+        self.assertEqual(self.answers(), ["OK secure match=mx1.example.com servername=hostname"] * 2)
+
+    def test_one_read_answered_in_one_write(self):
+        """Immediate answers and answers that wait for lookups, of one read: one write."""
+        first, second = Deferred(), Deferred()
+        for domain, d in (("a.example", first), ("b.example", second)):
+            self.publish(domain, mx=None)
+            self.resolver.txt["_mta-sts." + domain] = d
+        writes = self.count_writes()
+        self.send("nothing.example", "a.example", "[192.0.2.1]", "b.example", "nothing.example")
+        self.assertEqual(writes, [])
+        first.errback(DNSTemporaryError("SERVFAIL", name="a", rdtype="TXT"))
+        self.assertEqual(writes, [])
+        second.errback(DNSTemporaryError("SERVFAIL", name="b", rdtype="TXT"))
+        self.assertEqual(len(writes), 1)
+        self.assertEqual([a.split(" ")[0] for a in self.answers()], ["NOTFOUND", "TEMP", "NOTFOUND", "TEMP", "NOTFOUND"])
+
+    def test_single_request_answered_by_a_fired_deferred(self):
+        """The one-request path: a Deferred answer that has already fired goes out at once."""
+        answers = {b"postfix a": succeed(encode_netstring(b"OK a")), b"postfix b": encode_netstring(b"NOTFOUND ")}
+        self.factory.respond = answers.__getitem__
+        self.assertEqual(self.ask("a"), ["OK a"])
+        self.assertEqual(self.ask("b"), ["NOTFOUND "])
+        self.assertFalse(self.proto.busy)
+
     def test_connection_lost_while_pending(self):
         slow = Deferred()
         self.publish("slow.example")
@@ -617,7 +696,7 @@ class ConnectionTests(ServerTestCase):
         self.assertFalse(self.transport.disconnecting)
 
     def test_idle_timeout(self):
-        self.clock.advance(59)
+        self.clock.advance(9)
         self.ask("nothing.example")
         self.clock.advance(59)
         self.assertFalse(self.transport.disconnecting)
@@ -643,14 +722,264 @@ class ConnectionTests(ServerTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_max_connections(self):
+        """
+        At C{max_connections} a new connection is accepted and the oldest
+        connection without a lookup in flight is closed to make room (issue
+        17 item 9: held connections used to shut out every new client).
+        """
         factory = self.make_factory(SocketmapSettings(max_connections=2, idle_timeout=None))
-        first, _ = self.connect(factory)
-        self.connect(factory)
-        self.assertIsNone(factory.buildProtocol(None))
-        self.assertEqual(factory.counts["refused"], 1)
+        first, first_transport = self.connect(factory)
+        second, second_transport = self.connect(factory)
+        third, _ = self.connect(factory)
+        self.assertIsNotNone(third)
+        self.assertTrue(first_transport.disconnected)  # aborted
+        self.assertFalse(second_transport.disconnecting)
+        self.assertEqual((factory.counts["evicted"], factory.counts["refused"]), (1, 0))
+        self.assertEqual(factory.connections, 3)  # until the aborted one is gone
         first.connectionLost()
-        self.assertIsNotNone(factory.buildProtocol(None))
-        self.assertEqual(self.clock.getDelayedCalls()[0].func, self.proto._check_idle)
+        self.assertEqual(factory.connections, 2)
+
+    def test_first_request_timeout(self):
+        """
+        A connection that has not sent a complete request is closed after
+        C{first_request_timeout} (10 s); one that has, after C{idle_timeout}
+        without requests.
+        """
+        factory = self.make_factory(SocketmapSettings(idle_timeout=300.0))
+        self.assertEqual(factory.settings.first_request_timeout, 10.0)
+        _, silent = self.connect(factory)
+        trickling, trickle = self.connect(factory)
+        active, active_transport = self.connect(factory)
+        self.clock.advance(5)
+        active.dataReceived(netstrings(b"postfix nothing.example"))
+        trickling.dataReceived(b"23:postfix")  # part of a request is not a request
+        self.clock.advance(4.9)
+        self.assertEqual(factory.counts["idle"], 0)
+        self.clock.advance(0.1)
+        self.assertTrue(silent.disconnected)
+        self.assertTrue(trickle.disconnected)
+        self.assertFalse(active_transport.disconnecting)
+        self.assertEqual(factory.counts["idle"], 2)
+        self.clock.advance(294.9)  # 299.9 s after its request
+        self.assertFalse(active_transport.disconnecting)
+        self.clock.advance(0.1)
+        self.assertTrue(active_transport.disconnecting)
+        self.assertEqual(factory.counts["idle"], 3)
+
+    def test_shorter_idle_timeout_applies_before_the_first_request(self):
+        factory = self.make_factory(SocketmapSettings(idle_timeout=3.0, first_request_timeout=10.0))
+        _, transport = self.connect(factory)
+        self.clock.advance(3)
+        self.assertTrue(transport.disconnected)
+
+    def test_first_request_timeout_without_idle_timeout(self):
+        factory = self.make_factory(SocketmapSettings(idle_timeout=None))
+        _, silent = self.connect(factory)
+        active, active_transport = self.connect(factory)
+        active.dataReceived(netstrings(b"postfix nothing.example"))
+        self.clock.advance(10)
+        self.assertTrue(silent.disconnected)
+        self.assertFalse(active_transport.disconnecting)
+        self.assertEqual(self.clock.getDelayedCalls(), [])  # no timer for an active connection
+        self.clock.advance(1000)
+        self.assertFalse(active_transport.disconnecting)
+
+    def test_per_client_cap(self):
+        """
+        C{max_connections_per_client}: a client address over its cap loses
+        its own oldest idle connection; other clients are not touched.
+        """
+        factory = self.make_factory(SocketmapSettings(max_connections_per_client=2, idle_timeout=None))
+        hog = [self.connect(factory, "127.0.0.2") for _ in range(2)]
+        postfix, postfix_transport = self.connect(factory, "127.0.0.1")
+        newest, _ = self.connect(factory, "127.0.0.2")
+        self.assertIsNotNone(newest)
+        self.assertTrue(hog[0][1].disconnected)
+        self.assertFalse(hog[1][1].disconnecting)
+        self.assertFalse(postfix_transport.disconnecting)
+        self.assertEqual(factory.counts["evicted"], 1)
+        hog[0][0].connectionLost()
+        self.assertEqual(factory.connections, 3)
+        # The other client is under its own cap.
+        self.assertIsNotNone(self.connect(factory, "127.0.0.1")[0])
+        self.assertEqual(factory.counts["evicted"], 1)
+
+    def test_a_connection_that_never_asked_goes_first(self):
+        """At a cap, connections without a request go before active ones, oldest first."""
+        factory = self.make_factory(SocketmapSettings(max_connections=3, idle_timeout=None))
+        active, active_transport = self.connect(factory)
+        active.dataReceived(netstrings(b"postfix nothing.example"))
+        _, older_fresh = self.connect(factory)
+        _, newer_fresh = self.connect(factory)
+        newcomer, _ = self.connect(factory)
+        self.assertTrue(older_fresh.disconnected)
+        self.assertFalse(newer_fresh.disconnecting)
+        self.assertFalse(active_transport.disconnecting)
+        newcomer.dataReceived(netstrings(b"postfix nothing.example"))
+        self.connect(factory)
+        self.assertTrue(newer_fresh.disconnected)
+        self.assertFalse(active_transport.disconnecting)
+        self.assertEqual(factory.counts["evicted"], 2)
+
+    def test_connections_waiting_for_a_lookup_are_not_closed(self):
+        slow = Deferred()
+        self.publish("slow.example")
+        self.fetcher.policies["slow.example"] = slow
+        factory = self.make_factory(SocketmapSettings(max_connections=2, idle_timeout=None))
+        waiting = [self.connect(factory) for _ in range(2)]
+        for proto, _ in waiting:
+            proto.dataReceived(netstrings(b"postfix slow.example"))
+        self.assertIsNone(factory.buildProtocol(None))
+        self.assertEqual((factory.counts["evicted"], factory.counts["refused"]), (0, 1))
+        slow.callback(FetchedPolicy(policy=parse_policy(ENFORCE), text=ENFORCE))
+        self.assertIsNotNone(self.connect(factory)[0])
+        self.assertTrue(waiting[0][1].disconnected)
+        self.assertEqual(factory.counts["evicted"], 1)
+
+    def test_a_connection_closing_already_is_not_chosen(self):
+        """A connection aborted by its idle timer (gone on the next reactor turn) does not make room twice."""
+        factory = self.make_factory(SocketmapSettings(max_connections=2, idle_timeout=None))
+        _, timed_out = self.connect(factory)
+        self.clock.advance(5)
+        _, younger = self.connect(factory)
+        self.clock.advance(5)  # the first one's first-request timeout
+        self.assertTrue(timed_out.disconnected)
+        self.assertIsNotNone(self.connect(factory)[0])
+        self.assertTrue(younger.disconnected)
+        self.assertEqual((factory.counts["idle"], factory.counts["evicted"]), (1, 1))
+
+    def test_evictions_closing_at_once_are_bounded(self):
+        """Sockets still closing count: at most EVICTING more than max_connections are open."""
+        factory = self.make_factory(SocketmapSettings(max_connections=2, idle_timeout=None))
+        for _ in range(2 + socketmap_server.EVICTING + 5):
+            self.connect(factory)
+        self.assertEqual(factory.counts["evicted"], socketmap_server.EVICTING)
+        self.assertEqual(factory.counts["refused"], 5)
+        self.assertEqual(factory.connections, 2 + socketmap_server.EVICTING)
+
+
+class BoundedTransport(StringTransport):
+    """
+    A L{StringTransport} that treats its producer as a socket transport
+    does: C{pauseProducing} when more than C{bound} bytes wait to be sent,
+    C{resumeProducing} once L{drain} has sent them all.
+    """
+
+    def __init__(self, bound):
+        super().__init__()
+        self.bound = bound
+        self.sent = 0
+        self.paused = False
+        self.peak = 0
+
+    def unsent(self):
+        return len(self.value()) - self.sent
+
+    def write(self, data):
+        super().write(data)
+        self.peak = max(self.peak, self.unsent())
+        if self.producer is not None and not self.paused and self.unsent() > self.bound:
+            self.paused = True
+            self.producer.pauseProducing()
+
+    def drain(self):
+        self.sent = len(self.value())
+        if self.paused:
+            self.paused = False
+            if self.producer is not None:
+                self.producer.resumeProducing()
+
+
+class BackpressureTests(ServerTestCase):
+    """
+    Issue 17 item 2: answers a client does not read are bounded; reading
+    stops while they wait and resumes when they have gone out.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.publish()
+        self.proto.connectionLost()  # the StringTransport one of ServerTestCase
+        self.bounded = BoundedTransport(1000)
+        self.proto, self.transport = self.connect(transport=self.bounded)
+
+    def decode(self):
+        return [a.decode() for a in NetstringDecoder(MAX_REPLY).feed(self.bounded.value())]
+
+    def test_registered_as_streaming_producer(self):
+        self.assertIs(self.bounded.producer, self.proto)
+        self.assertTrue(self.bounded.streaming)
+
+    def test_reading_stops_while_answers_wait(self):
+        requests = 1000
+        self.proto.dataReceived(netstrings(*[b"postfix example.com"] * requests))
+        # The transport's bound was passed: reading stopped, the rest is held.
+        self.assertEqual(self.bounded.producerState, "paused")
+        answered = len(self.decode())
+        self.assertLess(answered, requests // 2)
+        # Answers are written in chunks: the transport holds at most its bound and one chunk.
+        self.assertLessEqual(self.bounded.peak, 1000 + socketmap_protocol.WRITE_CHUNK + 55)
+        self.assertEqual(self.proto.held_bytes, (requests - answered) * len(b"postfix example.com"))
+        # More input while paused (a TLS wrapper may still deliver some) is held in order too.
+        self.proto.dataReceived(netstrings(b"postfix [192.0.2.1]"))
+        rounds = 0
+        while self.bounded.producerState == "paused":
+            rounds += 1
+            self.bounded.drain()
+        self.assertGreaterEqual(rounds, requests * 55 // socketmap_protocol.WRITE_CHUNK)
+        answers = self.decode()
+        self.assertEqual(answers, ["OK secure match=mx1.example.com servername=hostname"] * requests + ["NOTFOUND "])
+        self.assertEqual(self.proto.held_bytes, 0)
+        self.assertEqual(self.factory.counts["ok"], requests)
+
+    def test_requests_arriving_while_paused_wait(self):
+        """Requests a transport still delivers after the pause are held, then answered in order."""
+        self.proto.dataReceived(netstrings(*[b"postfix example.com"] * 30))  # 1650 answer bytes > 1000
+        self.assertEqual(self.bounded.producerState, "paused")
+        self.assertEqual(self.proto.held_bytes, 0)
+        self.proto.dataReceived(netstrings(b"postfix [192.0.2.1]"))
+        self.assertEqual(len(self.decode()), 30)
+        self.assertEqual(self.proto.held_bytes, len(b"postfix [192.0.2.1]"))
+        self.bounded.drain()
+        self.assertEqual(self.decode()[30:], ["NOTFOUND "])
+        self.assertEqual(self.bounded.producerState, "producing")
+
+    def test_pipeline_bound_on_waiting_lookups(self):
+        """At most C{max_pipeline} answers wait for lookups; then reading stops until they go out."""
+        slow = Deferred()
+        self.publish("slow.example")
+        self.fetcher.policies["slow.example"] = slow
+        limit = self.factory.settings.max_pipeline
+        self.proto.dataReceived(netstrings(*[b"postfix slow.example"] * (limit + 10)))
+        self.assertEqual(self.bounded.producerState, "paused")
+        self.assertEqual(self.fetcher.fetches["slow.example"], 1)
+        self.assertEqual(self.proto.held_bytes, 10 * len(b"postfix slow.example"))
+        slow.callback(FetchedPolicy(policy=parse_policy(ENFORCE), text=ENFORCE))
+        self.bounded.drain()
+        self.assertEqual(self.bounded.producerState, "producing")
+        self.assertEqual(len(self.decode()), limit + 10)
+        self.assertEqual(self.proto.held_bytes, 0)
+
+    def test_idle_timeout_aborts_a_client_that_does_not_read(self):
+        """
+        loseConnection would wait for the unsent answers for ever: a client
+        that does not read is aborted at the idle timeout.
+        """
+        self.proto.dataReceived(netstrings(*[b"postfix example.com"] * 100))
+        self.assertEqual(self.bounded.producerState, "paused")
+        self.clock.advance(60)
+        self.assertTrue(self.bounded.disconnected)  # StringTransport.abortConnection
+        self.assertEqual(self.factory.counts["idle"], 1)
+
+    def test_broken_netstring_after_held_requests(self):
+        """The requests before a broken netstring are answered once they can go out, then the connection closes."""
+        self.proto.dataReceived(netstrings(*[b"postfix example.com"] * 1000) + b"x:")
+        self.assertFalse(self.bounded.disconnecting)
+        while self.bounded.paused:
+            self.bounded.drain()
+        self.assertEqual(len(self.decode()), 1000)
+        self.assertTrue(self.bounded.disconnecting)
+        self.assertIsNone(self.bounded.producer)  # unregistered, so the close is not held up
 
 
 class ImmediateWriterTests(SynchronousTestCase):
@@ -807,6 +1136,22 @@ class LoopbackTests(TestCase):
         proto.dataReceived(netstrings(b"postfix [192.0.2.1]"))
         # No reactor turn in between: the answer is already in the kernel.
         self.assertEqual(sock.recv(4096), netstrings(b"NOTFOUND "))
+
+    async def test_accepted_socket_has_tcp_nodelay(self):
+        """
+        Issue 17 item 8: Nagle held back a second small answer until the
+        client's delayed ACK (44 ms); accepted sockets have TCP_NODELAY.
+        """
+        built = []
+        build = self.factory.buildProtocol
+        self.factory.buildProtocol = lambda addr: built.append(build(addr)) or built[-1]
+        client = await self.connect()
+        answers = client.wait_for(1)
+        client.transport.write(netstrings(b"postfix example.com"))
+        await answers
+        [proto] = built
+        handle = proto.transport.getHandle()
+        self.assertNotEqual(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 0)
 
     async def test_broken_netstring_closes(self):
         client = await self.connect()

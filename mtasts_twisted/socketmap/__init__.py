@@ -25,11 +25,14 @@ The rooms, bottom to top:
   - L{deferreds<mtasts_twisted.socketmap.deferreds>}: L{result_now
     <mtasts_twisted.socketmap.deferreds.result_now>}, reading an
     already-fired L{Deferred<twisted.internet.defer.Deferred>};
+  - L{admission<mtasts_twisted.socketmap.admission>}: the open connections
+    and which one is closed to make room at a connection cap;
   - L{protocol<mtasts_twisted.socketmap.protocol>}: one connection (request
-    order, idle timeout, broken netstrings) and L{ImmediateWriter};
+    order, idle timeouts, broken netstrings, the bounds on what a client can
+    make us hold, C{TCP_NODELAY}) and L{ImmediateWriter};
   - L{server<mtasts_twisted.socketmap.server>}: L{SocketmapFactory}, the
     lookups, the memo of rendered answers, the counts and the connection
-    limit.
+    caps.
 
 Every name this package had as one module is importable from here.
 """

@@ -1,7 +1,9 @@
 """
 The socketmap server: L{SocketmapFactory} answers each request from the
 MTA-STS policy cache (and, for a wildcard policy, the domain's MX hosts),
-memoises the rendered answers, counts them, and limits the connections.
+memoises the rendered answers, counts them, and admits connections within
+the caps (L{admission<mtasts_twisted.socketmap.admission>} picks the
+connection that makes room).
 
 Every lookup's TLSRPT result goes to the optional L{IResultSink}; Postfix
 records the delivery itself.  The hot path of a cached answer is: the frame
@@ -28,6 +30,7 @@ from mtasts_twisted.cache import Lookup, PolicyLookupTemporaryError
 from mtasts_twisted.dns import DNSNoRecordError, MXAnswer
 from mtasts_twisted.interfaces import IDNSResolver, IResultSink
 from mtasts_twisted.policy import DomainError, Mode, Policy
+from mtasts_twisted.socketmap.admission import ConnectionTable
 from mtasts_twisted.socketmap.answers import (
     ANSWER_KINDS,
     answer_kind,
@@ -43,12 +46,17 @@ from mtasts_twisted.socketmap.protocol import SocketmapProtocol
 from mtasts_twisted.socketmap.request import MalformedRequestError, ParsedKey, parse_key, parse_request
 from mtasts_twisted.socketmap.settings import DEFAULT_SETTINGS, SocketmapSettings
 
-__all__ = ["CONNECTION_EVENTS", "Counter", "PolicySource", "SocketmapFactory"]
+__all__ = ["CONNECTION_EVENTS", "EVICTING", "Counter", "PolicySource", "SocketmapFactory"]
 
 log = Logger()
 
 #: Connection events also counted in L{SocketmapFactory.counts}.
-CONNECTION_EVENTS = ("broken", "idle", "refused")
+CONNECTION_EVENTS = ("broken", "idle", "evicted", "refused")
+
+#: Connections closed to make room that may be still closing (their sockets
+#: go on the next reactor turn): beyond this many, a new connection over a
+#: cap is refused, so at most C{max_connections + EVICTING} sockets are open.
+EVICTING = 32
 
 _INF = float("inf")
 
@@ -95,11 +103,14 @@ class SocketmapFactory(Factory):
 
     @ivar settings: the L{SocketmapSettings}.
     @ivar clock: the C{IReactorTime} for idle timeouts and MX answer expiry.
-    @ivar connections: connections open now.
+    @ivar connections: connections open now (including those closed to make
+        room whose sockets are still closing).
     @ivar counts: requests by answer kind (L{ANSWER_KINDS}) and connection
         events (C{broken}: closed on a broken netstring; C{idle}: closed
-        after the idle timeout; C{refused}: over C{max_connections}).  A
-        plain dict, cheap to update and to read from a metrics collector.
+        after the idle or first-request timeout; C{evicted}: closed to make
+        room at a cap; C{refused}: closed on accept, over a cap with no
+        connection to close).  A plain dict, cheap to update and to read
+        from a metrics collector.
     """
 
     protocol = SocketmapProtocol
@@ -134,6 +145,8 @@ class SocketmapFactory(Factory):
         self._sink = sink
         self.connections = 0
         self.counts: dict[str, int] = dict.fromkeys(ANSWER_KINDS + CONNECTION_EVENTS, 0)
+        self._table = ConnectionTable()
+        self._evicting: set[SocketmapProtocol] = set()
         self._children: dict[str, _CounterChild] | None = None
         if metrics is not None:
             self._children = {kind: metrics.labels(answer=kind) for kind in ANSWER_KINDS}
@@ -148,12 +161,57 @@ class SocketmapFactory(Factory):
         self._memo: dict[str, tuple[Policy, str | None, float, str, bytes]] = {}
 
     def buildProtocol(self, addr: IAddress | None) -> SocketmapProtocol | None:
-        """A protocol for a new connection, or L{None} (close) over C{max_connections}."""
-        limit = self.settings.max_connections
-        if limit is not None and self.connections >= limit:
+        """
+        A protocol for a new connection from C{addr}, within the caps.
+
+        Over C{max_connections_per_client} (for C{addr}'s IP address) or
+        C{max_connections}, an idle connection of that client (or of any
+        client) is closed to make room (see L{admission
+        <mtasts_twisted.socketmap.admission>}); when there is none, or
+        L{EVICTING} are still closing, the new connection is refused: L{None}
+        (Twisted closes it).
+        """
+        client: str | None = getattr(addr, "host", None)  # IPv4Address, IPv6Address; not UNIXAddress
+        settings = self.settings
+        table = self._table
+        per_client = settings.max_connections_per_client
+        if client is not None and per_client is not None and table.count(client) >= per_client:
+            if not self._make_room(client):
+                return None
+        limit = settings.max_connections
+        if limit is not None and len(table) >= limit:
+            if not self._make_room(None):
+                return None
+        return SocketmapProtocol(self, client)
+
+    def _make_room(self, client: str | None) -> bool:
+        victim = None if len(self._evicting) >= EVICTING else self._table.victim(client)
+        if victim is None:
             self.counts["refused"] += 1
-            return None
-        return SocketmapProtocol(self)
+            return False
+        assert isinstance(victim, SocketmapProtocol)
+        self._table.remove(victim)
+        self._evicting.add(victim)
+        self.counts["evicted"] += 1
+        victim.abort()
+        return True
+
+    # --- connection bookkeeping (called by SocketmapProtocol) --------------------------
+
+    def connection_opened(self, connection: SocketmapProtocol) -> None:
+        """Count a new connection."""
+        self.connections += 1
+        self._table.add(connection)
+
+    def connection_active(self, connection: SocketmapProtocol) -> None:
+        """C{connection} has sent its first complete request."""
+        self._table.activate(connection)
+
+    def connection_closed(self, connection: SocketmapProtocol) -> None:
+        """Uncount a closed connection."""
+        self.connections -= 1
+        self._table.remove(connection)
+        self._evicting.discard(connection)
 
     # --- per request ---------------------------------------------------------------
 

@@ -2,6 +2,17 @@
 How the socketmap server answers and what it allows a client:
 L{SocketmapSettings}, one frozen value read by the answers, the connection
 protocol and the server.
+
+Sizing the connection caps: Postfix's socketmap client (dict_sockmap)
+keeps one connection per process and socketmap endpoint, sends one request
+at a time, closes the connection after 10 s without lookups or 100 s in all,
+and on a connection closed under it reconnects and asks once more.  So
+Postfix needs at most one connection per smtp(8)/lmtp(8) process
+(C{default_process_limit}, 100 per master.cf service), all from one address:
+C{max_connections_per_client} (256) leaves room for two such services,
+C{max_connections} (1024) for four such clients; the service sets both and
+keeps them below its file descriptor limit.  A connection closed to make
+room at a cap costs Postfix a reconnect, not a failed lookup.
 """
 
 from __future__ import annotations
@@ -35,12 +46,30 @@ class SocketmapSettings:
     @ivar idle_timeout: seconds without a complete request after which a
         connection with no request in flight is closed (bytes of a partial
         request do not count, so a slowloris client is closed too);
-        L{None} (or 0) for never.
-    @ivar map_names: the socketmap names accepted (the last field of
-        C{socketmap:inet:host:port:name}); L{None} accepts any.
-    @ivar max_connections: connections served at once; more are closed on
-        accept (default 1024: Postfix opens one per smtp(8) process).
+        L{None} (or 0) for never.  The connection is aborted: answers a
+        client has not read are dropped with it.
+    @ivar first_request_timeout: the same for a connection that has not
+        sent a complete request yet (Postfix sends its request as soon as it
+        connects); the shorter of the two applies.  L{None} (or 0): only
+        C{idle_timeout}.
+    @ivar map_names: the socketmap names answered (the last field of
+        C{socketmap:inet:host:port:name}); a request for any other name is
+        answered C{PERM unknown map name ...}.  L{None} answers any name.
+    @ivar max_connections: connections served at once, from all clients.
+        At the cap a new connection is still accepted and an idle one is
+        closed to make room (see L{SocketmapFactory.buildProtocol
+        <mtasts_twisted.socketmap.server.SocketmapFactory.buildProtocol>});
+        only when every connection waits for a lookup is the new one closed.
         L{None} for no limit.
+    @ivar max_connections_per_client: the same cap per client IP address
+        (connections over UNIX sockets have no address and only count
+        towards C{max_connections}).  Postfix opens at most one connection
+        per smtp(8) or lmtp(8) process, all from one address: keep this above
+        the process limits of those services.  L{None} for no limit.
+    @ivar max_pipeline: answers a connection may have waiting for lookups
+        (with the answers queued behind them, in request order); at the cap
+        reading stops until they have gone out.  Postfix sends one request
+        and waits for its answer.
     @ivar testing_level: the Postfix TLS security level answered for a
         C{testing} policy when C{tlsrpt_attributes} is on (see
         L{mtasts_twisted.socketmap.answers}); L{None} answers C{NOTFOUND }.
@@ -55,8 +84,11 @@ class SocketmapSettings:
     fail_open: bool = False
     max_request: int = 10000
     idle_timeout: float | None = 300.0
-    map_names: frozenset[str] | None = attrs.field(default=None, converter=_frozen_names)
+    first_request_timeout: float | None = 10.0
+    map_names: frozenset[str] | None = attrs.field(default=frozenset({"postfix"}), converter=_frozen_names)
     max_connections: int | None = 1024
+    max_connections_per_client: int | None = 256
+    max_pipeline: int = 32
     testing_level: str | None = "may"
     mx_retry: float = 60.0
     memo_size: int = 10000
