@@ -202,14 +202,14 @@ class PlannedHost:
 def dane_lookup_failed_details(status: DANEStatus) -> FailureDetails:
     """
     Failure-details for a host whose DANE lookups failed: C{dnssec-invalid}
-    (RFC 8460 §4.3.2: no valid records from the recursive resolver), with
-    what failed as additional information.
+    (RFC 8460 §4.3.2: no valid records from the recursive resolver).  What
+    failed (C{status.detail}) is for the log: RFC 8460 §4.4
+    C{additional-information} is a URI.
     """
     return FailureDetails(
         result_type=ResultType.DNSSEC_INVALID,
         receiving_mx_hostname=status.host,
         failure_reason_code=DANE_LOOKUP_FAILED_REASON,
-        additional_information=status.detail or None,
     )
 
 
