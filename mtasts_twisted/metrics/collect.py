@@ -38,6 +38,10 @@ Metric names (all prefixed C{mtasts_}):
     queue (when the relay runs).
   - C{mtasts_reports_total{state}}: TLSRPT report runs' outcomes
     (C{sent}, C{failed}, C{retry}, C{dropped}, C{skipped}).
+  - C{mtasts_dane_lookups_total{state}}: with C{--dane}, the relay's DANE
+    statuses of MX hosts of secure MX RRsets: C{secure-usable},
+    C{secure-unusable}, C{none}, C{insecure}, C{bogus} (RFC 7672 §2.2;
+    bogus hosts are deferred).
 """
 
 from __future__ import annotations
@@ -86,6 +90,8 @@ class ServiceStats:
     @ivar socketmap: the L{SocketmapFactory<mtasts_twisted.socketmap.SocketmapFactory>}, if any.
     @ivar queue_stats: a callable returning C{(messages, oldest_age_seconds)}
         of the relay queue, if a relay runs.
+    @ivar dane_lookups: the relay deliverer's DANE statuses by state
+        (L{Deliverer.dane_lookups<mtasts_twisted.delivery.Deliverer>}).
     """
 
     def __init__(self) -> None:
@@ -96,6 +102,7 @@ class ServiceStats:
         self.cache: PolicyCache | None = None
         self.socketmap: SocketmapFactory | None = None
         self.queue_stats: Callable[[], tuple[int, float]] | None = None
+        self.dane_lookups: collections.Counter[str] = collections.Counter()
 
 
 class StatsCollector(Collector):
@@ -173,6 +180,12 @@ class StatsCollector(Collector):
         for state, n in sorted(stats.reports.items()):
             reports.add_metric([state], n)
         yield reports
+
+        dane = CounterMetricFamily(
+            "mtasts_dane_lookups", "DANE statuses of MX hosts (RFC 7672) by state.", labels=["state"])
+        for state, n in sorted(stats.dane_lookups.items()):
+            dane.add_metric([state], n)
+        yield dane
 
 
 def make_registry(stats: ServiceStats) -> CollectorRegistry:

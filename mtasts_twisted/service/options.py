@@ -66,7 +66,7 @@ MAX_SESSION_REUSE = 300.0
 #: The listener options, in the order the service binds them.
 LISTENERS = ("smtp", "socketmap", "metrics")
 
-_FLAGS = ("no-reports", "report-unsigned", "strict-testing", "tlsrpt-attributes", "fail-open")
+_FLAGS = ("no-reports", "report-unsigned", "strict-testing", "tlsrpt-attributes", "fail-open", "dane")
 _OFF = ("", "none", "off")
 _DATABASE_SCHEMES = ("sqlite:", "postgresql://", "postgres://", "memory:")
 
@@ -108,6 +108,8 @@ class ServiceSettings:
         attributes.
     @ivar fail_open: socketmap: C{NOTFOUND} instead of C{TEMP} when no
         policy can be found.
+    @ivar dane: C{--dane}: the relay delivers with DANE (RFC 7672) for
+        hosts of DNSSEC-secure MX RRsets (C{DeliverySettings.dane}).
     """
 
     data_dir: str
@@ -127,6 +129,7 @@ class ServiceSettings:
     strict_testing: bool = False
     tlsrpt_attributes: bool = False
     fail_open: bool = False
+    dane: bool = False
 
     @property
     def listeners(self) -> dict[str, str]:
@@ -177,6 +180,7 @@ class ServiceSettings:
             strict_testing=bool(config.get("strict-testing", False)),
             tlsrpt_attributes=bool(config.get("tlsrpt-attributes", False)),
             fail_open=bool(config.get("fail-open", False)),
+            dane=bool(config.get("dane", False)),
         )
 
 
@@ -367,6 +371,8 @@ class Options(usage.Options):
         ["strict-testing", None, "socketmap: answer testing policies like enforce"],
         ["tlsrpt-attributes", None, "socketmap: add Postfix >= 3.10 TLSRPT attributes"],
         ["fail-open", None, "socketmap: answer NOTFOUND instead of TEMP when no policy can be found"],
+        ["dane", None, "relay: DANE (RFC 7672) before MTA-STS for MX hosts with DNSSEC-secure TLSA records "
+                       "(needs a validating resolver on loopback as --nameserver)"],
     ]
 
     def __init__(self) -> None:
