@@ -222,6 +222,39 @@ class DANEDeliveryTests(unittest.TestCase):
         self.assertEqual(len(server.messages), 3)
 
 
+    async def test_dane_ta(self) -> None:
+        """
+        DANE-TA(2): a chain to the published anchor naming the host is
+        delivered; one naming another host, or expired, is deferred with
+        the certificate's result type under the tlsa policy.
+        """
+        import datetime
+
+        from mtasts_twisted.dns import TLSARecord
+
+        anchor = tlsa_association_data(_PKI.dane_root, 0, 1)
+        assert anchor is not None
+        past = datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc)
+        cases = [
+            (_PKI.dane_issued(MX), None),
+            (_PKI.dane_issued("other.example"), ResultType.CERTIFICATE_HOST_MISMATCH),
+            (_PKI.dane_issued(MX, not_before=past, not_after=past + datetime.timedelta(days=30)),
+             ResultType.CERTIFICATE_EXPIRED),
+        ]
+        for certificate, failure in cases:
+            server = self.server(Behaviour(certificate=certificate))
+            self.resolver.tlsa[f"_{self.port}._tcp.{MX}"] = [TLSARecord(2, 0, 1, anchor)]
+            result = await self.deliver()
+            [outcome] = result.outcomes
+            [tlsa] = self.tlsa_results(result)
+            if failure is None:
+                self.assertEqual((outcome.status, tlsa.success_count), (Status.DELIVERED, 1))
+                self.assertEqual(len(server.messages), 1)
+            else:
+                self.assertEqual(outcome.status, Status.TRANSIENT)
+                self.assertEqual([f.result_type for f in tlsa.failures], [failure])
+                self.assertNothingSent(server)
+
 class ReportDomainTests(unittest.SynchronousTestCase):
     def test_tlsa_result_kept_for_the_recipient_domain(self) -> None:
         """
@@ -241,3 +274,4 @@ class ReportDomainTests(unittest.SynchronousTestCase):
         self.assertEqual(aggregator.pending_keys, [f"1970-01-01|{DOMAIN}"])
         self.assertEqual(result.to_json()["policy"]["policy-domain"], MX)
         self.assertEqual(Result(policy, 1), result)  # not part of equality (merging)
+
