@@ -275,3 +275,32 @@ class ReportDomainTests(unittest.SynchronousTestCase):
         self.assertEqual(result.to_json()["policy"]["policy-domain"], MX)
         self.assertEqual(Result(policy, 1), result)  # not part of equality (merging)
 
+
+
+class ReportDescriptorTests(unittest.SynchronousTestCase):
+    def test_the_policy_that_decided(self) -> None:
+        """
+        A host is counted under tlsa when DANE decided it, under the
+        delivery's policy when MTA-STS did (secure TLSA none usable, and an
+        enforce policy: the stricter MTA-STS decision).
+        """
+        from mtasts_twisted.dane import DANEState, DANEStatus
+        from mtasts_twisted.delivery import HostAction, plan_host
+        from mtasts_twisted.delivery.danehost import report_descriptor
+        from mtasts_twisted.dns import MXHost, TLSARecord
+        from mtasts_twisted.policy import parse_policy
+        from mtasts_twisted.results import PolicyDescriptor
+
+        record = TLSARecord(1, 1, 1, b"\xab" * 32)
+        unusable = DANEStatus(MX, DANEState.UNUSABLE, 25, base_domain=MX, tlsa_name=f"_25._tcp.{MX}",
+                              records=(record,))
+        sts = PolicyDescriptor(PolicyType.STS, DOMAIN, ("version: STSv1",), (MX,))
+        for mode, action, policy_type in [("enforce", HostAction.REQUIRE_VERIFIED_TLS, PolicyType.STS),
+                                          ("testing", HostAction.REQUIRE_TLS, PolicyType.TLSA)]:
+            target = plan_host(parse_policy(policy_text(mode, MX)), MXHost(10, MX), unusable)
+            self.assertIs(target.action, action)
+            descriptor = report_descriptor(sts, target)
+            self.assertIs(descriptor.policy_type, policy_type)
+            if policy_type is PolicyType.TLSA:
+                self.assertEqual((descriptor.policy_domain, descriptor.policy_strings),
+                                 (MX, (record.to_text(),)))

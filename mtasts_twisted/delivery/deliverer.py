@@ -279,7 +279,8 @@ class Deliverer:
                     results.append(skip_result(plan.descriptor, target))
                     if target.action is HostAction.DEFER:
                         dane_failed = True
-                        errors.append(f"{host}: DANE lookup failed, host deferred")
+                        detail = target.dane.detail if target.dane is not None else ""
+                        errors.append(f"{host}: DANE lookup failed ({detail}), host deferred")
                     else:
                         errors.append(f"{host}: not an MX host of the MTA-STS policy")
                     continue
