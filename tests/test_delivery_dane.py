@@ -50,7 +50,9 @@ def policy_text(mode: str, *mx: str) -> str:
     return "".join(["version: STSv1\n", f"mode: {mode}\n", *(f"mx: {m}\n" for m in mx), "max_age: 86400\n"])
 
 
-class DANEDeliveryTests(unittest.TestCase):
+class _DANEWorld(unittest.TestCase):
+    """A secure FakeResolver, a policy cache, a sink; SMTP test servers per test."""
+
     timeout = 30
 
     def setUp(self) -> None:
@@ -107,6 +109,8 @@ class DANEDeliveryTests(unittest.TestCase):
         self.assertNotIn("MAIL", verbs)
         self.assertNotIn("RCPT", verbs)
 
+
+class DANEDeliveryTests(_DANEWorld):
     async def test_dane_ee_pass_sts_would_refuse(self) -> None:
         """
         DANE-EE with a self-signed certificate: delivered over TLS with SNI
@@ -304,3 +308,47 @@ class ReportDescriptorTests(unittest.SynchronousTestCase):
             if policy_type is PolicyType.TLSA:
                 self.assertEqual((descriptor.policy_domain, descriptor.policy_strings),
                                  (MX, (record.to_text(),)))
+
+
+class RelayDANETests(_DANEWorld):
+    """The relay over a DANE deliverer: a DANE failure keeps the message queued, no DSN."""
+
+    async def test_dane_failure_stays_queued(self) -> None:
+        import shutil
+        import tempfile
+
+        from twisted.internet.defer import Deferred
+
+        from mtasts_twisted.relay import RecipientStatus, RelayService, RelaySettings
+
+        server = self.server(Behaviour(certificate=_PKI.valid(MX)))
+        self.tlsa((3, 1, 1, spki_sha256(OTHER.certificates()[0])))
+        directory = tempfile.mkdtemp(prefix="mtasts-dane-relay-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        settings = RelaySettings(reporting_mta="relay.test", poll_interval=60)
+        queue = settings.make_queue(directory)
+        done: Deferred[DeliveryResult] = Deferred()
+        deliverer = self.deliverer()
+
+        class Notifying:
+            settings = deliverer.settings
+
+            def deliver(self, *args: Any, **kwargs: Any) -> Any:
+                d = deliverer.deliver(*args, **kwargs)
+                d.addCallback(lambda r: (reactor.callLater(0, done.callback, r), r)[1])
+                return d
+
+            def close(self) -> Any:
+                return deliverer.close()
+
+        relay = RelayService(queue, Notifying(), settings, reactor)  # type: ignore[arg-type]
+        message = queue.enqueue(SENDER, [BOB], MESSAGE)
+        relay.startService()
+        self.addCleanup(relay.stopService)
+        result = await done
+        self.assertEqual(result.outcomes[0].status, Status.TRANSIENT)
+        [queued] = queue.list()
+        self.assertEqual(queued.id, message.id)  # no DSN: the original, still pending
+        self.assertEqual([r.state for r in queued.recipients], [RecipientStatus.PENDING])
+        self.assertEqual(queued.recipients[0].attempts, 1)
+        self.assertNothingSent(server)
