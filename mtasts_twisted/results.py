@@ -196,12 +196,24 @@ class Result:
         by default the sum of the details' C{failed_session_count} (each
         detail one failed session).  A policy lookup whose problem did not
         stop delivery passes 0: a failure detail, not a session.
+    @ivar report_domain: the domain whose TLSRPT record (C{_smtp._tls},
+        RFC 8460 §3) the result is reported to, when it is not the
+        policy's C{policy_domain}: a C{tlsa} policy's domain is the TLSA
+        base domain of an MX host (RFC 8460 §3 "Policy Domain"), reported
+        to the recipient domain.  Not part of the JSON form nor of
+        equality (the aggregator keys results by it, L{reported_to}).
     """
 
     policy: PolicyDescriptor
     success_count: int = 0
     failures: tuple[FailureDetails, ...] = attrs.field(default=(), converter=_details)
     failure_count: int = attrs.field(default=attrs.Factory(_sessions_failed, takes_self=True))
+    report_domain: str | None = attrs.field(default=None, eq=False, kw_only=True)
+
+    @property
+    def reported_to(self) -> str:
+        """The domain the result is reported to: C{report_domain}, else the policy domain."""
+        return self.report_domain or self.policy.policy_domain
 
     def to_json(self) -> dict[str, Any]:
         """Return the RFC 8460 ``policies[]`` element."""

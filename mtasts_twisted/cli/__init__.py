@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     lookup.add_argument("--ca-file", metavar="PEM", help="trust these CAs for policy hosts, not the system's")
     lookup.add_argument("--data-dir", default=DEFAULT_DATA_DIR, metavar="DIR",
                         help="the policy cache's directory (default %(default)s)")
+    lookup.add_argument("--dane", action="store_true",
+                        help="per MX host: DANE (RFC 7672) status and which policy decides delivery")
     lookup.add_argument("--no-cache", action="store_true", help="discover afresh; read and write no cache")
     lookup.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                         help="DNS time budget; the policy fetch gets six times this, at most 60 s")

@@ -224,6 +224,7 @@ async def run_lookup(reactor: Reactor, args: argparse.Namespace, out: TextIO, er
                 err.write(f"{alabel}: temporary failure, try again later: {e}\n")
             return EX_TEMPFAIL
         tlsrpt, tlsrpt_error = await _tlsrpt_record(resolver, alabel)
+        dane = await _dane(resolver, alabel, lookup.policy, args)
         await cache.flush()
     finally:
         await cache.stop()
@@ -250,8 +251,10 @@ async def run_lookup(reactor: Reactor, args: argparse.Namespace, out: TextIO, er
         }
         if tlsrpt_error:
             obj["tlsrpt_error"] = tlsrpt_error
+        if dane is not None:
+            obj["dane"] = dane
         out.write(json.dumps(obj) + "\n")
-        return EX_OK
+        return _dane_exit(dane)
     if policy is None:
         out.write(f"{alabel}: no MTA-STS policy\n")
     else:
@@ -273,5 +276,24 @@ async def run_lookup(reactor: Reactor, args: argparse.Namespace, out: TextIO, er
         out.write(f"  TLSRPT record unusable: {tlsrpt_error}\n")
     else:
         out.write("  no TLSRPT record\n")
+    if dane is not None:
+        from mtasts_twisted.cli.dane import write_dane
+
+        write_dane(out, dane)
+        out.write("  (with DANE: a host decided by dane is not subject to the MTA-STS policy, RFC 8461 §2)\n")
     out.write(f"  a sender would {_action(lookup)}\n")
-    return EX_OK
+    return _dane_exit(dane)
+
+
+async def _dane(resolver: IDNSResolver, alabel: str, policy: Any, args: argparse.Namespace) -> dict[str, Any] | None:
+    """C{--dane}: the DANE status per MX host (L{mtasts_twisted.cli.dane}), or L{None} without it."""
+    if not getattr(args, "dane", False):
+        return None
+    from mtasts_twisted.cli.dane import lookup_dane
+
+    return await lookup_dane(resolver, alabel, policy)
+
+
+def _dane_exit(dane: dict[str, Any] | None) -> int:
+    """75 when C{--dane}'s MX lookup failed temporarily, else 0."""
+    return EX_TEMPFAIL if dane is not None and dane["temporary"] else EX_OK

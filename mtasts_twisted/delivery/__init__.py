@@ -78,6 +78,14 @@ Sessions:
     failed handshake counts as a failure; a session without TLS (STARTTLS
     not offered or refused) is not counted at all — there was no TLS
     negotiation to report, and no policy that required one.
+  - Under DANE (C{DeliverySettings.dane}; RFC 7672): a host DANE decided
+    (usable secure TLSA records, secure ones none usable, or a failed
+    lookup) is counted under its C{tlsa} policy instead (policy-domain the
+    TLSA base domain, reported to the recipient domain): every session
+    once, success when TLS was negotiated and authenticated by the records
+    (for records none usable, any TLS), else a failure (C{tlsa-invalid},
+    C{starttls-not-supported}, ...); a host whose lookup failed counts as
+    one C{dnssec-invalid} failure, nothing connected.
   - Sessions that ended before the STARTTLS decision (connection refused,
     timeout, a 4xx/5xx greeting or EHLO) are not counted: RFC 8460 has no
     result type for them and they say nothing about TLS.  The plaintext

@@ -14,26 +14,27 @@ docstring.
 
 from __future__ import annotations
 
+import collections
 import random
 from collections.abc import Mapping, Sequence
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO
 
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.interfaces import IConnector
-from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mtasts_twisted.cache import Lookup, PolicyLookupTemporaryError
+from mtasts_twisted.cache import PolicyLookupTemporaryError
 from mtasts_twisted.delivery.accounting import attempt_result, record, skip_result
+from mtasts_twisted.delivery.danehost import dane_target, reuse_dane
 from mtasts_twisted.delivery.dialogue import Attempt, Connection, Dialogue, OneSessionFactory
 from mtasts_twisted.delivery.logline import AttemptTally, log_result, relay_label
 from mtasts_twisted.delivery.plan import DeliveryPlan, HostAction, PlannedHost, Shuffler, plan_attempts
-from mtasts_twisted.delivery.protocol import ClientProtocol, Clock, SessionError, wire_address
+from mtasts_twisted.delivery.protocol import ClientProtocol, SessionError, wire_address
 from mtasts_twisted.delivery.requiretls import SenderControls
 from mtasts_twisted.delivery.sessions import SessionCache, SessionPool
+from mtasts_twisted.delivery.sources import DeliveryReactor, PolicySource, domain_of
 from mtasts_twisted.delivery.values import (
     DeliveryResult,
     DeliverySettings,
@@ -42,9 +43,9 @@ from mtasts_twisted.delivery.values import (
     Status,
     scan_message,
 )
-from mtasts_twisted.dns import DNSError, DNSNoRecordError
+from mtasts_twisted.dns import AddressAnswer, DNSError, DNSNoRecordError
 from mtasts_twisted.interfaces import IDeliverer, IDNSResolver, IResultSink
-from mtasts_twisted.policy import DomainError, Mode, to_alabel
+from mtasts_twisted.policy import Mode
 from mtasts_twisted.results import Result
 from mtasts_twisted.pkix import TrustRootSpec
 from mtasts_twisted.tls import MXTLSOptionsCache, load_trust_root
@@ -55,39 +56,6 @@ log = Logger()
 
 #: Errors of failed attempts kept for a transient outcome's message.
 MAX_ERRORS_SHOWN = 4
-
-
-class DeliveryReactor(Clock, Protocol):
-    """
-    What delivery needs of a reactor: C{IReactorTime} (L{Clock}: every
-    timeout and the sessions' ages run on it) and C{IReactorTCP} (through
-    Twisted's TCP client endpoints).
-    """
-
-    def connectTCP(
-        self,
-        host: str,
-        port: int,
-        factory: ClientFactory,
-        timeout: float = ...,
-        bindAddress: tuple[str, int] | None = ...,
-        /,
-    ) -> IConnector:
-        """Connect a TCP client."""
-
-
-class PolicySource(Protocol):
-    """
-    Where delivery gets a domain's MTA-STS policy: a
-    L{PolicyCache<mtasts_twisted.cache.PolicyCache>}, or a stand-in with
-    its C{get} (the relay's report mailer answers "no policy").
-    """
-
-    def get(self, domain: str, /) -> Deferred[Lookup]:
-        """
-        The policy of C{domain} (A-labels); fails with
-        L{PolicyLookupTemporaryError} when it cannot be known now.
-        """
 
 
 @implementer(IDeliverer)
@@ -137,6 +105,9 @@ class Deliverer:
         self._sessions = SessionCache(reactor, settings, self._dialogue.close)
         #: Sessions parked for reuse (None: reuse is off).
         self._pool: SessionPool[Connection] | None = self._sessions.pool
+        #: DANE statuses found, by L{DANEState<mtasts_twisted.dane.DANEState>}
+        #: value (with C{settings.dane}; read by the metrics).
+        self.dane_lookups: collections.Counter[str] = collections.Counter()
 
     def deliver(
         self,
@@ -213,28 +184,11 @@ class Deliverer:
     ) -> dict[str, RecipientOutcome]:
         return {r: RecipientOutcome(r, status, None, message, mx_host, None, False) for r in recipients}
 
-    def _domain_of(self, recipients: list[str]) -> str:
-        if not recipients:
-            raise ValueError("no recipients")
-        domains = set()
-        for recipient in recipients:
-            _, at, domain = recipient.rpartition("@")
-            if not at:
-                raise ValueError(f"recipient without a domain: {recipient!r}")
-            try:
-                domains.add(to_alabel(domain))
-            except DomainError as e:
-                # Address literals have no MTA-STS policy and no MX.
-                raise ValueError(f"cannot deliver to {recipient!r}: {e}") from None
-        if len(domains) != 1:
-            raise ValueError(f"recipients of several domains: {sorted(domains)}")
-        return domains.pop()
-
     async def _deliver(
         self, sender: str, recipients: list[str], message: BinaryIO, smtputf8: bool = False,
         requiretls: bool = False,
     ) -> DeliveryResult:
-        domain = self._domain_of(recipients)
+        domain = domain_of(recipients)
         recipients = list(dict.fromkeys(recipients))
         forward_paths = {r: wire_address(r) for r in recipients}
         reverse_path = wire_address(sender)
@@ -308,6 +262,7 @@ class Deliverer:
         errors: list[str] = []
         last_host: str | None = None
         last_code: int | None = None
+        dane_failed = False
         # RFC 5321 §5.1: by preference, equal ones shuffled; among those, a
         # host with a parked session comes first.
         targets = plan_attempts(
@@ -325,17 +280,32 @@ class Deliverer:
                     break
                 host = target.host
                 last_host = host
-                if target.action is HostAction.SKIP:
+                answer: AddressAnswer | None = None
+                if self.settings.dane and mx.secure:
+                    # RFC 7672 §2.2: DANE decides before MTA-STS (RFC 8461 §2).
+                    answer, target = await self._dane(plan, target, errors)
+                    if answer is None:
+                        continue
+                if target.skipped:
                     # RFC 8461 §4.1: never deliver to an MX host outside an
-                    # enforced policy.
+                    # enforced policy; RFC 7672 §2.1.2: nor to one whose
+                    # DANE lookups failed (the message is deferred).
                     results.append(skip_result(plan.descriptor, target))
-                    errors.append(f"{host}: not an MX host of the MTA-STS policy")
+                    if target.action is HostAction.DEFER:
+                        dane_failed = True
+                        detail = target.dane.detail if target.dane is not None else ""
+                        errors.append(f"{host}: DANE lookup failed ({detail}), host deferred")
+                    else:
+                        errors.append(f"{host}: not an MX host of the MTA-STS policy")
                     continue
-                try:
-                    answer = await self._resolver.lookup_addresses(host)
-                except DNSError as e:
-                    errors.append(f"{host}: {e}")
-                    continue
+                if target.decided_by_dane:
+                    dane_failed = True
+                if answer is None:
+                    try:
+                        answer = await self._resolver.lookup_addresses(host)
+                    except DNSError as e:
+                        errors.append(f"{host}: {e}")
+                        continue
                 ips = answer.addresses[: self.settings.max_addresses_per_host]
                 while pending:
                     # A parked session to this host, if one is exactly as
@@ -390,6 +360,9 @@ class Deliverer:
                         recipient, Status.PERMANENT, None, refused, last_host, None, False
                     )
                 pending = []
+            elif dane_failed:
+                # RFC 7672 §2.1.2, §2.2: a DANE failure is temporary.
+                text = f"4.7.5 no MX host of {domain} passed DANE or MTA-STS checks and took the message: "
             elif plan.enforce:
                 # RFC 8461 §5.1: never permanent before a fresh policy check;
                 # the relay's retry looks the policy up again.
@@ -433,11 +406,11 @@ class Deliverer:
         )
         conn: Connection | None = None
         try:
-            extensions = await self._dialogue.open(proto, attempt, target, use_tls)
+            extensions = await self._dialogue.open(proto, attempt, target, use_tls, plan.domain)
             conn = Connection(
                 proto,
                 timer,
-                plan.reuse_key(host, port),
+                plan.reuse_key(host, port, reuse_dane(target)),
                 host,
                 ip,
                 created,
@@ -459,6 +432,25 @@ class Deliverer:
         else:
             await self._dialogue.close(proto, timer)
         return attempt
+
+    async def _dane(
+        self, plan: DeliveryPlan, target: PlannedHost, errors: list[str]
+    ) -> tuple[AddressAnswer | None, PlannedHost]:
+        """
+        A host of a secure MX RRset: its addresses (L{None} when they cannot
+        be had; the error noted), and C{target} decided again with its
+        DANE status (L{dane_target}).
+        """
+        try:
+            answer = await self._resolver.lookup_addresses(target.host)
+        except DNSError as e:
+            errors.append(f"{target.host}: {e}")
+            return None, target
+        port = self.settings.port_of(target.host)
+        target = await dane_target(self._resolver, plan.policy, target, mx_secure=True, port=port, addresses=answer)
+        if target.dane is not None:
+            self.dane_lookups[target.dane.state.value] += 1
+        return answer, target
 
     async def _reused_session(
         self,

@@ -24,6 +24,7 @@ from twisted.internet.interfaces import IAddress, IDelayedCall
 from twisted.internet.protocol import Factory
 from twisted.protocols.basic import FileSender
 
+from mtasts_twisted.delivery.danehost import dane_check, tls_accepted
 from mtasts_twisted.delivery.plan import PlannedHost
 from mtasts_twisted.delivery.protocol import ClientProtocol, Clock, DataEncoder, Reply, SessionError, parse_ehlo
 from mtasts_twisted.delivery.requiretls import RefusalKind, requiretls_allows, session_refusal
@@ -192,10 +193,15 @@ class Dialogue:
         self._helo = settings.helo_name.encode("ascii")
         self._tls_options = tls_options
 
-    async def open(self, proto: ClientProtocol, attempt: Attempt, target: PlannedHost, use_tls: bool) -> dict[str, str]:
+    async def open(
+        self, proto: ClientProtocol, attempt: Attempt, target: PlannedHost, use_tls: bool, next_hop: str = ""
+    ) -> dict[str, str]:
         """
         Greeting, EHLO, STARTTLS (if C{use_tls}) and EHLO again; return the
         extensions to use.  Sets C{attempt}'s TLS fields.
+
+        @param next_hop: the recipient domain (a DANE-TA(2) certificate may
+            name it, RFC 7672 §3.2.2).
         """
         timeout = self._timeout
         # RFC 8460 §4.4 sending-mta-ip: the address this session left from.
@@ -207,11 +213,11 @@ class Dialogue:
         extensions = await self._ehlo(proto)
 
         if use_tls:
-            extensions = await self._starttls(proto, attempt, target, extensions)
+            extensions = await self._starttls(proto, attempt, target, extensions, next_hop)
 
-        if target.require_tls and not attempt.verified:
+        if not tls_accepted(target, target.verify, attempt.tls_negotiated, attempt.verified):
             # _starttls raised already; this guards the promise itself.
-            raise SessionError("not verified: refusing to send under enforce")
+            raise SessionError(f"not verified: refusing to send ({target.action.value})")
         return extensions
 
     async def close(self, proto: ClientProtocol, timer: IDelayedCall) -> None:
@@ -265,9 +271,9 @@ class Dialogue:
         C{envelope}; decide each of them in C{attempt}, or raise
         L{SessionError} before the end of data.
         """
-        if target.require_tls and not (conn.verified and conn.verify_mode is VerifyMode.VERIFY):
+        if not tls_accepted(target, conn.verify_mode, conn.tls_version is not None, conn.verified):
             # Guards the promise for new and reused sessions alike.
-            raise SessionError("not verified: refusing to send under enforce")
+            raise SessionError(f"not verified: refusing to send ({target.action.value})")
         requiretls = self._requiretls(conn, attempt, target, envelope)
         conn.transactions += 1
         proto = conn.proto
@@ -423,7 +429,12 @@ class Dialogue:
         return True
 
     async def _starttls(
-        self, proto: ClientProtocol, attempt: Attempt, target: PlannedHost, extensions: dict[str, str]
+        self,
+        proto: ClientProtocol,
+        attempt: Attempt,
+        target: PlannedHost,
+        extensions: dict[str, str],
+        next_hop: str = "",
     ) -> dict[str, str]:
         """
         Negotiate TLS if offered; record the decision in C{attempt}
@@ -435,7 +446,8 @@ class Dialogue:
         if "STARTTLS" not in extensions:
             attempt.tls_decision(starttls_not_supported_details(host, ip, sending_mta_ip=local), False)
             if target.require_tls:
-                # RFC 8461 §5: enforce requires TLS.
+                # RFC 8461 §5: enforce requires TLS; RFC 7672 §2.2: so do
+                # secure TLSA records.
                 raise SessionError("STARTTLS not offered")
             return extensions
         proto.switching = True
@@ -454,7 +466,11 @@ class Dialogue:
             raise SessionError("plaintext data after the 220 reply to STARTTLS (command injection)")
         # One creator (one recorder) per session; the OpenSSL context under
         # it is cached per MX host (no context or trust store per session).
-        creator = self._tls_options.creator(host, target.verify)
+        # Under DANE: the TLSA records and SNI the TLSA base domain (RFC
+        # 7672 §3, §8.1).
+        creator = self._tls_options.creator(
+            host, target.verify, dane=dane_check(target, next_hop), server_name=target.server_name
+        )
         proto.tls_transport.startTLS(creator)
         # The EHLO is buffered by the TLS layer until the handshake is done,
         # so under VERIFY it never reaches a server that failed verification.

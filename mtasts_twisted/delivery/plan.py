@@ -203,8 +203,8 @@ def dane_lookup_failed_details(status: DANEStatus) -> FailureDetails:
     """
     Failure-details for a host whose DANE lookups failed: C{dnssec-invalid}
     (RFC 8460 §4.3.2: no valid records from the recursive resolver).  What
-    failed (C{status.detail}) is text for the log, not for the report:
-    C{additional-information} is a URI (RFC 8460 §4.4).
+    failed (C{status.detail}) is for the log: RFC 8460 §4.4
+    C{additional-information} is a URI.
     """
     return FailureDetails(
         result_type=ResultType.DNSSEC_INVALID,

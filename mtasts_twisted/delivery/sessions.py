@@ -35,6 +35,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
+from mtasts_twisted.delivery.danehost import DANE_ACTIONS, reuse_dane, tls_accepted
 from mtasts_twisted.delivery.dialogue import Connection
 from mtasts_twisted.delivery.plan import DeliveryPlan, PlannedHost
 from mtasts_twisted.delivery.protocol import ClientProtocol, Clock, SessionError
@@ -224,13 +225,16 @@ class SessionCache:
             or not conn.proto.idle
             or conn.transactions >= settings.reuse_max_transactions
             or self._clock.seconds() - conn.created >= settings.reuse_max_age
-            or conn.key != plan.reuse_key(conn.host, settings.port_of(conn.host))
+            or conn.key != plan.reuse_key(conn.host, settings.port_of(conn.host), reuse_dane(target))
         ):
             return False
         if target.require_tls:
             # RFC 8461 §5: only a session verified (PKIX and the MX host
             # name, §4.1) with verification required, to a host the policy
-            # lists; the key's policy makes this hold already.
+            # lists; the key's policy makes this hold already.  Under DANE
+            # (RFC 7672 §3): authenticated by the TLSA records in the key.
+            if target.action in DANE_ACTIONS:
+                return tls_accepted(target, conn.verify_mode, True, conn.verified)
             return conn.verified and conn.verify_mode is VerifyMode.VERIFY and target.matches_policy
         return True
 
@@ -256,7 +260,7 @@ class SessionCache:
         if not self.pool:
             return None
         host = target.host
-        key = plan.reuse_key(host, self._settings.port_of(host))
+        key = plan.reuse_key(host, self._settings.port_of(host), reuse_dane(target))
         while (conn := self.pool.take(key)) is not None:
             conn.proto.parked_hook = None
             if conn.ip in ips and self.reusable(conn, plan, target):

@@ -80,6 +80,11 @@ class DeliverySettings:
         longer reused.
     @ivar reuse_max_idle_sessions: sessions kept open for reuse at most, for
         all destinations together (the oldest is closed first).
+    @ivar dane: use DANE (RFC 7672) for hosts of DNSSEC-secure MX RRsets:
+        TLSA records looked up per MX host (C{_PORT._tcp.HOST}, PORT the
+        port delivery connects to, L{port_of}) decide the host before
+        MTA-STS (RFC 8461 §2).  Needs a resolver backed by a trusted
+        validating resolver (the AD bit).  Off by default.
     """
 
     helo_name: str = "localhost"
@@ -94,6 +99,7 @@ class DeliverySettings:
     reuse_max_transactions: int = 100
     reuse_max_age: float = 300.0
     reuse_max_idle_sessions: int = 50
+    dane: bool = False
 
     def port_of(self, host: str) -> int:
         """The port to connect to on MX host C{host}."""

@@ -46,6 +46,10 @@ Metric names (all prefixed C{mtasts_}):
     decided (C{enforce}, C{skip}, C{dane-only});
     C{mtasts_policy_override_reloads_total{outcome}}: SIGHUP reloads
     (C{ok}, C{failed}: the previous map was kept).
+  - C{mtasts_dane_lookups_total{state}}: with C{--dane}, the relay's DANE
+    statuses of MX hosts of secure MX RRsets: C{secure-usable},
+    C{secure-unusable}, C{none}, C{insecure}, C{bogus} (RFC 7672 §2.2;
+    bogus hosts are deferred).
 """
 
 from __future__ import annotations
@@ -98,6 +102,8 @@ class ServiceStats:
         use counts it shares with the relay's), once open.
     @ivar queue_stats: a callable returning C{(messages, oldest_age_seconds)}
         of the relay queue, if a relay runs.
+    @ivar dane_lookups: the relay deliverer's DANE statuses by state
+        (L{Deliverer.dane_lookups<mtasts_twisted.delivery.Deliverer>}).
     """
 
     def __init__(self) -> None:
@@ -109,6 +115,7 @@ class ServiceStats:
         self.socketmap: SocketmapFactory | None = None
         self.queue_stats: Callable[[], tuple[int, float]] | None = None
         self.overrides: OverridingPolicySource | None = None
+        self.dane_lookups: collections.Counter[str] = collections.Counter()
 
 
 class StatsCollector(Collector):
@@ -186,6 +193,12 @@ class StatsCollector(Collector):
         for state, n in sorted(stats.reports.items()):
             reports.add_metric([state], n)
         yield reports
+
+        dane = CounterMetricFamily(
+            "mtasts_dane_lookups", "DANE statuses of MX hosts (RFC 7672) by state.", labels=["state"])
+        for state, n in sorted(stats.dane_lookups.items()):
+            dane.add_metric([state], n)
+        yield dane
         yield from _override_families(stats.overrides)
 
 
@@ -215,6 +228,7 @@ def _override_families(source: OverridingPolicySource | None) -> Iterator[Metric
     yield domains
     yield uses
     yield reloads
+
 
 
 def make_registry(stats: ServiceStats) -> CollectorRegistry:

@@ -69,7 +69,8 @@ MAX_SESSION_REUSE = 300.0
 #: The listener options, in the order the service binds them.
 LISTENERS = ("smtp", "socketmap", "metrics")
 
-_FLAGS = ("no-reports", "report-unsigned", "strict-testing", "tlsrpt-attributes", "fail-open", "enforce-as-testing")
+_FLAGS = ("no-reports", "report-unsigned", "strict-testing", "tlsrpt-attributes", "fail-open", "enforce-as-testing",
+          "dane")
 _OFF = ("", "none", "off")
 _DATABASE_SCHEMES = ("sqlite:", "postgresql://", "postgres://", "memory:")
 
@@ -119,6 +120,8 @@ class ServiceSettings:
         offers STARTTLS with, or L{None} (no STARTTLS, so no REQUIRETLS:
         RFC 8689 §2).
     @ivar smtp_tls_key: the PEM private key of C{smtp_tls_cert}.
+    @ivar dane: C{--dane}: the relay delivers with DANE (RFC 7672) for
+        hosts of DNSSEC-secure MX RRsets (C{DeliverySettings.dane}).
     """
 
     data_dir: str
@@ -142,6 +145,7 @@ class ServiceSettings:
     enforce_as_testing: bool = False
     smtp_tls_cert: str | None = None
     smtp_tls_key: str | None = None
+    dane: bool = False
 
     @property
     def listeners(self) -> dict[str, str]:
@@ -196,6 +200,7 @@ class ServiceSettings:
             enforce_as_testing=bool(config.get("enforce-as-testing", False)),
             smtp_tls_cert=config.get("smtp-tls-cert"),
             smtp_tls_key=config.get("smtp-tls-key"),
+            dane=bool(config.get("dane", False)),
         )
 
 
@@ -402,6 +407,8 @@ class Options(usage.Options):
         ["tlsrpt-attributes", None, "socketmap: add Postfix >= 3.10 TLSRPT attributes"],
         ["fail-open", None, "socketmap: answer NOTFOUND instead of TEMP when no policy can be found"],
         ["enforce-as-testing", None, "EMERGENCY: apply every enforce policy as testing (deliver and report)"],
+        ["dane", None, "relay: DANE (RFC 7672) before MTA-STS for MX hosts with DNSSEC-secure TLSA records "
+                       "(needs a validating resolver on loopback as --nameserver)"],
     ]
 
     def __init__(self) -> None:

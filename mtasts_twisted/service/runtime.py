@@ -185,9 +185,13 @@ async def open_runtime(
     # The relay keeps sessions for reuse (--session-reuse, 2 s by default
     # like Postfix's smtp_connection_cache_time_limit); RelayService.stopService
     # closes them.
-    deliverer = MeteredDeliverer(
-        Deliverer(delivery_reactor, resolver, relay_policies, trust_root=settings.ca_file, sink=sink,
-                  settings=attrs.evolve(delivery_settings, reuse_idle_time=settings.session_reuse)), stats)
+    # --dane: the relay's deliveries only (report mail goes out without
+    # DANE, as without MTA-STS: RFC 8460 §5.3).
+    relay_deliverer = Deliverer(delivery_reactor, resolver, relay_policies, trust_root=settings.ca_file, sink=sink,
+                                settings=attrs.evolve(delivery_settings, reuse_idle_time=settings.session_reuse,
+                                                      dane=settings.dane))
+    stats.dane_lookups = relay_deliverer.dane_lookups
+    deliverer = MeteredDeliverer(relay_deliverer, stats)
     # RFC 8460 §5.3: reports are delivered despite MTA-STS failures, and
     # their own sessions are not reported (§3): no policy, NULL_SINK.  One
     # report per domain and day: nothing to reuse, nothing parked to close.

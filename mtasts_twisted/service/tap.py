@@ -207,6 +207,8 @@ class MTASTSService(MultiService):
                 await runtime.close()
                 return False
             self._wire(runtime)
+            if self.settings.dane:
+                _check_dane(runtime, self.settings)
         except (StartupError, OSError) as e:
             log.critical("mtasts: {error}", error=str(e))
             self._fatal(1)
@@ -277,6 +279,18 @@ class MTASTSService(MultiService):
         runtime, self.runtime = self.runtime, None
         if runtime is not None:
             await runtime.close()
+
+
+def _check_dane(runtime: Runtime, settings: ServiceSettings) -> None:
+    """
+    C{--dane}: warn (in the background, start does not wait) when the
+    nameservers are not on loopback or do not validate DNSSEC.
+    """
+    from mtasts_twisted.service.danecheck import check_dane_resolver
+
+    log.info("DANE (RFC 7672) is on for relay deliveries")
+    Deferred.fromCoroutine(check_dane_resolver(runtime.resolver, settings.nameservers)).addErrback(
+        lambda f: log.failure("DANE: the resolver check failed", f))
 
 
 def _log_report_mail(settings: ServiceSettings) -> None:

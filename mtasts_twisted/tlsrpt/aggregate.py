@@ -225,7 +225,7 @@ class ResultAggregator(Service):
             the UTC day the result counts for.
         """
         try:
-            domain = result.policy.policy_domain.lower().rstrip(".")
+            domain = result.reported_to.lower().rstrip(".")
             if domain in self._exclude:
                 return
             if when is None:
