@@ -352,3 +352,44 @@ class RelayDANETests(_DANEWorld):
         self.assertEqual([r.state for r in queued.recipients], [RecipientStatus.PENDING])
         self.assertEqual(queued.recipients[0].attempts, 1)
         self.assertNothingSent(server)
+
+
+class DANEOnlyOverrideTests(_DANEWorld):
+    """
+    The operator's C{dane-only} override with C{--dane}: only hosts that
+    DANE authenticates take the message; anything else is deferred, never
+    sent under MTA-STS or opportunistic TLS.
+    """
+
+    def deliverer(self, **settings: Any) -> Deliverer:
+        from mtasts_twisted.overrides import Override, OverrideKind, OverrideTable, OverridingPolicySource
+
+        table = OverrideTable(overrides={DOMAIN: Override(DOMAIN, OverrideKind.DANE_ONLY)})
+        self.cache = OverridingPolicySource(self.cache, table, reactor)  # type: ignore[assignment]
+        return super().deliverer(**settings)
+
+    async def test_dane_authenticated_host_takes_it(self) -> None:
+        server = self.server(Behaviour(certificate=SELF_SIGNED))
+        self.tlsa((3, 1, 1, spki_sha256(SELF_SIGNED.certificates()[0])))
+        result = await self.deliver()
+        self.assertEqual(result.outcomes[0].status, Status.DELIVERED)
+        self.assertEqual([(m.tls, m.sni) for m in server.messages], [(True, MX)])
+
+    async def test_no_tlsa_deferred(self) -> None:
+        """No TLSA records: MTA-STS or opportunistic TLS would deliver; dane-only defers."""
+        server = self.server(Behaviour(certificate=_PKI.valid(MX)))
+        self.sts("enforce", MX)
+        result = await self.deliver()
+        [outcome] = result.outcomes
+        self.assertEqual(outcome.status, Status.TRANSIENT)
+        self.assertIn("dane-only", outcome.message)
+        self.assertNothingSent(server)
+
+    async def test_insecure_mx_deferred(self) -> None:
+        """An unsigned MX RRset has no DANE at all: deferred."""
+        self.resolver.security[DOMAIN] = False
+        server = self.server(Behaviour(certificate=SELF_SIGNED))
+        self.tlsa((3, 1, 1, spki_sha256(SELF_SIGNED.certificates()[0])))
+        result = await self.deliver()
+        self.assertEqual(result.outcomes[0].status, Status.TRANSIENT)
+        self.assertNothingSent(server)

@@ -35,6 +35,7 @@ from mtasts_twisted.tls import VerifyMode
 __all__ = [
     "DANE_ACTIONS",
     "dane_check",
+    "requires_dane",
     "dane_target",
     "report_descriptor",
     "reuse_dane",
@@ -115,6 +116,18 @@ def tls_accepted(target: PlannedHost, mode: VerifyMode, negotiated: bool, verifi
     if target.action is HostAction.REQUIRE_TLS:
         return True
     return verified and mode is target.verify
+
+
+def requires_dane(lookup: object) -> bool:
+    """
+    Whether the operator's C{dane-only} override decides C{lookup}'s domain
+    (L{mtasts_twisted.overrides}: the policy source marks the lookup), and
+    C{--enforce-as-testing} does not lift it: then only hosts authenticated
+    by DANE (L{HostAction.REQUIRE_DANE}) may take the message.
+    """
+    override = getattr(lookup, "override", None)
+    kind = getattr(getattr(override, "kind", None), "value", None)
+    return kind == "dane-only" and not getattr(lookup, "as_testing", False)
 
 
 def reuse_dane(target: PlannedHost) -> DANEStatus | None:

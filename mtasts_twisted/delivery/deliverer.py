@@ -27,7 +27,7 @@ from zope.interface import implementer
 
 from mtasts_twisted.cache import PolicyLookupTemporaryError
 from mtasts_twisted.delivery.accounting import attempt_result, record, skip_result
-from mtasts_twisted.delivery.danehost import dane_target, reuse_dane
+from mtasts_twisted.delivery.danehost import dane_target, requires_dane, reuse_dane
 from mtasts_twisted.delivery.dialogue import Attempt, Connection, Dialogue, OneSessionFactory
 from mtasts_twisted.delivery.logline import AttemptTally, log_result, relay_label
 from mtasts_twisted.delivery.plan import DeliveryPlan, HostAction, PlannedHost, Shuffler, plan_attempts
@@ -263,6 +263,7 @@ class Deliverer:
         last_host: str | None = None
         last_code: int | None = None
         dane_failed = False
+        dane_only = requires_dane(lookup)
         # RFC 5321 §5.1: by preference, equal ones shuffled; among those, a
         # host with a parked session comes first.
         targets = plan_attempts(
@@ -286,6 +287,12 @@ class Deliverer:
                     answer, target = await self._dane(plan, target, errors)
                     if answer is None:
                         continue
+                if dane_only and target.action is not HostAction.REQUIRE_DANE:
+                    # The operator's dane-only override: DANE-authenticated
+                    # hosts only, never MTA-STS or opportunistic TLS.
+                    dane_failed = True
+                    errors.append(f"{host}: not authenticated by DANE (dane-only override)")
+                    continue
                 if target.skipped:
                     # RFC 8461 §4.1: never deliver to an MX host outside an
                     # enforced policy; RFC 7672 §2.1.2: nor to one whose

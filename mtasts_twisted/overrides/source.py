@@ -186,9 +186,11 @@ class OverridingPolicySource:
         @param clock: when overrides expire (C{until}).
         @param enforce_as_testing: apply every C{enforce} policy as
             C{testing}.
-        @param defer_dane_only: for delivery: a C{dane-only} domain's mail
-            is deferred (this relay does not do DANE yet); else (socketmap,
-            C{lookup}) the answer says C{dane-only}.
+        @param defer_dane_only: for delivery without DANE (no C{--dane}): a
+            C{dane-only} domain's mail is deferred; else the lookup is
+            marked (C{override}) and a DANE-enabled L{Deliverer} sends only
+            to DANE-authenticated hosts, the socketmap answers
+            C{dane-only}.
         @param uses: a counter to share between sources (the relay's and
             the socketmap's), or L{None} for a new one.
         """

@@ -225,7 +225,7 @@ def policy_sources(
     """
     table = OverrideTable.load(settings.policy_overrides) if settings.policy_overrides else OverrideTable()
     relay = OverridingPolicySource(cache, table, clock, enforce_as_testing=settings.enforce_as_testing,
-                                   defer_dane_only=True)
+                                   defer_dane_only=not settings.dane)
     socketmap = OverridingPolicySource(cache, table, clock, enforce_as_testing=settings.enforce_as_testing,
                                        uses=relay.uses)
     if settings.enforce_as_testing:
