@@ -125,6 +125,15 @@ class StatusResource(Resource):
         super().__init__()
         self.sources = sources
 
+    def render(self, request: Request) -> int | bytes:
+        """C{405} for every method but C{GET} and C{HEAD}; else the page."""
+        if request.method not in self.allowedMethods:
+            request.setResponseCode(405)
+            request.setHeader(b"Allow", b"GET, HEAD")
+            request.setHeader(b"Content-Type", b"text/plain")
+            return b"only GET and HEAD: the status page changes nothing\n"
+        return super().render(request)
+
     def render_GET(self, request: Request) -> int | bytes:
         """Answer one page (asynchronously: the store may be read)."""
         for name, value in SECURITY_HEADERS.items():
