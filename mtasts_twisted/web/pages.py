@@ -18,8 +18,8 @@ from urllib.parse import quote
 
 from twisted.web.template import Tag, flattenString, tags
 
-from mtasts_twisted.web.chart import bar_chart, hourly_chart
-from mtasts_twisted.web.data import DomainPage, DomainRow, Overview, QueueRow, ReportRow, format_time
+from mtasts_twisted.web.chart import FAILURE_PALETTE, bar_chart, hourly_chart, outcome_colour
+from mtasts_twisted.web.data import MODES, DomainPage, DomainRow, Overview, QueueRow, ReportRow, format_time
 
 __all__ = ["domain_html", "domains_html", "overview_html", "queue_html", "render", "report_json_html",
            "reports_html"]
@@ -83,11 +83,12 @@ def overview_html(data: Overview) -> Tag:
         "Overview",
         tags.p(f"as of {format_time(data.now)} UTC"),
         tags.h2("Deliveries per hour (outcome/policy mode), last 24 h"),
-        hourly_chart("deliveries per hour", data.hours, data.deliveries),
+        hourly_chart("deliveries per hour", data.hours, data.deliveries,
+                     [outcome_colour(s.label, MODES) for s in data.deliveries]),
         tags.h2("TLS failures per hour by RFC 8460 result type, last 24 h"),
-        hourly_chart("TLS failures per hour", data.hours, data.tls_failures),
+        hourly_chart("TLS failures per hour", data.hours, data.tls_failures, FAILURE_PALETTE),
         tags.h2("TLS failures since start"),
-        bar_chart("TLS failures by result type", data.tls_totals),
+        bar_chart("TLS failures by result type", data.tls_totals, FAILURE_PALETTE),
         tags.h2("State"),
         _table(("what", "now"), [
             ("queue", queue),
