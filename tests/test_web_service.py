@@ -302,6 +302,19 @@ class WebOptionsTests(SynchronousTestCase):
             self.assertUsage(f"--web {endpoint!r}: not a loopback address; give --web-password-file", "--web",
                              endpoint)
 
+    def test_config_file(self) -> None:
+        """C{web} and C{web-password-file} are settings of the config file too."""
+        password, config = self.mktemp(), self.mktemp()
+        with open(password, "w") as f:
+            f.write("admin:s3cret\n")
+        with open(config, "w") as f:
+            f.write(f'web = "tcp:8080"\nweb-password-file = "{password}"\n')
+        settings = self.parse("--config", config).settings
+        self.assertEqual((settings.web, settings.web_password_file), ("tcp:8080", password))
+        with open(config, "w") as f:
+            f.write('web = "tcp:8080"\n')
+        self.assertUsage("--web 'tcp:8080': not a loopback address", "--config", config)
+
     def test_password_file(self) -> None:
         path = self.mktemp()
         with open(path, "w") as f:
