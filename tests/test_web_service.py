@@ -326,3 +326,44 @@ class WebOptionsTests(SynchronousTestCase):
         with open(path, "w") as f:
             f.write("admin\n")
         self.assertUsage("expected lines USER:PASSWORD", "--web", "tcp:8080", "--web-password-file", path)
+
+
+class IdleTimeoutTests(SynchronousTestCase):
+    """The idle timeout counts completed requests as activity, not bytes (a slow client cannot hold a slot)."""
+
+    def connect(self) -> tuple[Any, Any, Any]:
+        from twisted.internet.task import Clock
+        from twisted.internet.testing import StringTransport
+
+        from mtasts_twisted.web import StatusResource, WebSite, WebSources
+
+        clock = Clock()
+        site = WebSite(StatusResource(WebSources(clock=clock, stats=None)), clock)
+        channel = site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        return clock, channel, transport
+
+    def test_trickling_request_times_out(self) -> None:
+        """A request head sent a byte at a time never completes: closed 30 s after the connection opened."""
+        clock, channel, transport = self.connect()
+        for byte in b"GET /queue HTTP/1.1\r\nHost: h\r\n":
+            clock.advance(5)
+            channel.dataReceived(bytes([byte]))
+            if transport.disconnecting:
+                break
+        self.assertTrue(transport.disconnecting)
+        self.assertLessEqual(clock.seconds(), 30)
+        channel.connectionLost(None)
+        self.assertEqual(channel.site.connections, 0)
+
+    def test_completed_requests_are_activity(self) -> None:
+        """After each answered request the connection has another 30 s."""
+        clock, channel, transport = self.connect()
+        for _ in range(3):
+            clock.advance(25)
+            channel.dataReceived(b"GET /nothing HTTP/1.1\r\nHost: h\r\n\r\n")
+            self.assertFalse(transport.disconnecting)
+        self.assertEqual(transport.value().count(b"HTTP/1.1 404 "), 3)
+        clock.advance(31)
+        self.assertTrue(transport.disconnecting)

@@ -14,7 +14,9 @@ Limits, like the metrics endpoint's (L{mtasts_twisted.metrics.http}):
     L{WebLimits.max_headers} fields; C{400} and close beyond).
   - Connections are capped (L{WebLimits.max_connections}); beyond the cap a
     new one is closed on accept.
-  - A connection idle for L{WebLimits.idle_timeout} seconds is closed.
+  - A connection that completes no request for L{WebLimits.idle_timeout}
+    seconds is closed (bytes of a request that never completes are not
+    activity, so a client trickling a head cannot keep a slot).
   - Tables show at most L{MAX_ROWS<mtasts_twisted.web.sources.MAX_ROWS>} rows.
   - No log line per request, unless asked (C{log_requests}).
 
@@ -35,6 +37,7 @@ from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.web.guard import BasicCredentialFactory, HTTPAuthSessionWrapper
 from twisted.web import http
@@ -195,6 +198,14 @@ class _NoBodyChannel(HTTPChannel):
     """An C{HTTPChannel} that refuses a request body before reading any of it, within the head limits."""
 
     site: WebSite
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Take C{data} without restarting the idle timer: bytes of a request
+        that never completes are not activity (C{HTTPChannel} restarts it
+        once a request is answered).
+        """
+        LineReceiver.dataReceived(self, data)
 
     def allHeadersReceived(self) -> None:
         headers = self.requests[-1].requestHeaders
