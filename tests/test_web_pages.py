@@ -27,6 +27,7 @@ from mtasts_twisted.web.data import (
     overview,
     queue_rows,
     report_rows,
+    verdict,
 )
 from mtasts_twisted.web.pages import domain_html, domains_html, overview_html, queue_html, render, reports_html
 from mtasts_twisted.web.server import requires_auth
@@ -132,6 +133,21 @@ class DataTests(SynchronousTestCase):
                          [("sts", 4, 1, (("certificate-expired", "mx1.a.example", 1),))])
         self.assertIn("mode: enforce", page.policy_text)
         self.assertIsNone(domain_page("b.example", None, outcomes, [], "2025-12-03").row)
+
+    def test_verdict(self) -> None:
+        """The domain page says what the cached entry means for mail now."""
+        self.assertIn("not cached", verdict(None, NOW))
+        self.assertEqual(verdict(entry("a.example", mx=("mx1.a.example", "*.a.example")), NOW),
+                         "enforce: mail goes only to MX hosts matching mx1.a.example, *.a.example over TLS with a "
+                         "valid certificate, else it is deferred (RFC 8461 §5)")
+        self.assertIn("testing: failures are reported", verdict(entry("a.example", Mode.TESTING), NOW))
+        self.assertIn("none: the domain withdrew", verdict(entry("a.example", Mode.NONE), NOW))
+        self.assertIn("ended at 2025-12-04 00:00:00 UTC", verdict(entry("a.example"), NOW + 2 * 86400))
+        failed = CacheEntry("b.example", "b.example", NOW, NOW, NOW, backoff_until=NOW + 600,
+                            backoff_failure=FailureDetails(ResultType.STS_POLICY_FETCH_ERROR,
+                                                           failure_reason_code="no-policy-served"))
+        self.assertEqual(verdict(failed, NOW), "no policy cached: the last fetch failed (sts-policy-fetch-error "
+                         "no-policy-served); mail goes as without a policy until 2025-12-03 00:10:00 UTC")
 
     def test_queue_and_report_rows(self) -> None:
         """Queue rows oldest first with their pending recipients; report rows by day and domain."""

@@ -135,6 +135,7 @@ def domain_html(page: DomainPage) -> Tag:
         [(row.mode, row.policy_id, format_time(row.valid_until), tags.span(class_="error")(row.last_error))]))
     return _page(
         f"Domain {page.domain}",
+        tags.p(tags.strong("Now: "), page.verdict),
         summary,
         tags.h2("Policy"),
         tags.pre(page.policy_text) if page.policy_text else tags.p("no policy"),

@@ -126,7 +126,7 @@ async def gather_domain(sources: WebSources, domain: str) -> DomainPage:
     if store is not None and domain:
         alabel = entry.alabel if entry is not None else domain
         results = merge_results(decode_results(await store.shelf(RESULTS_TABLE).get(results_key(day, alabel))))
-    return domain_page(domain, entry, sources.stats.mx_outcomes, results, day)
+    return domain_page(domain, entry, sources.stats.mx_outcomes, results, day, sources.clock.seconds())
 
 
 async def gather_reports(sources: WebSources) -> tuple[ReportRow, ...]:
