@@ -8,6 +8,7 @@ authentication when it binds beyond loopback.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import tempfile
@@ -166,6 +167,12 @@ class WebServiceTests(TestCase):
         self.assertEqual(status, 200)
         self.assertIn(b"\"organization-name\": \"Example\"", body)
         self.assertIn(b"\"total-failure-session-count\": 2", body)
+        status, head, body = await self.get(port, f"/report.json?day={day}&domain=example.com")
+        self.assertEqual(status, 200)
+        self.assertIn(b"Content-Type: application/json", head)
+        self.assertEqual(json.loads(body)["policies"][0]["summary"]["total-successful-session-count"], 5)
+        status, _, _ = await self.get(port, f"/report.json?day={day}&domain=nothing.example")
+        self.assertEqual(status, 404)
 
         status, _, body = await self.get(port, "/queue")
         self.assertEqual((status, b"the relay is off" in body), (200, True))

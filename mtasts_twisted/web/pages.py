@@ -164,9 +164,12 @@ def reports_html(rows: Sequence[ReportRow], sent: Sequence[tuple[str, int]]) -> 
 
 def report_json_html(day: str, domain: str, report: dict[str, Any] | None) -> Tag:
     """One report's JSON (or that there is none)."""
+    if report is None:
+        return _page(f"Report {day} {domain}", tags.p("no results stored for this day and domain"))
     return _page(f"Report {day} {domain}",
-                 tags.pre(json.dumps(report, indent=2, sort_keys=True)) if report is not None
-                 else tags.p("no results stored for this day and domain"))
+                 tags.p(tags.a(href=f"/report.json?day={quote(day, safe='')}&domain={quote(domain, safe='')}")(
+                     "the JSON alone")),
+                 tags.pre(json.dumps(report, indent=2, sort_keys=True)))
 
 
 def queue_html(rows: Sequence[QueueRow] | None, now: float) -> Tag:

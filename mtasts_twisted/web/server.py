@@ -27,6 +27,7 @@ all, so even a value that escaped the escaping could not run.
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -114,8 +115,8 @@ def _parameter(request: Request, name: str) -> str:
 class StatusResource(Resource):
     """
     The status pages, by path: C{/} (overview), C{/domains?q=FILTER},
-    C{/domain?name=DOMAIN}, C{/reports}, C{/report?day=DAY&domain=DOMAIN},
-    C{/queue}.  Read-only: C{GET} and C{HEAD}.
+    C{/domain?name=DOMAIN}, C{/reports}, C{/report?day=DAY&domain=DOMAIN}
+    (and C{/report.json}, the JSON alone), C{/queue}.  Read-only: C{GET} and C{HEAD}.
     """
 
     isLeaf = True
@@ -142,6 +143,11 @@ class StatusResource(Resource):
         for name, value in SECURITY_HEADERS.items():
             request.setHeader(name, value)
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+        if request.path == b"/report.json":
+            d0: Deferred[bytes] = Deferred.fromCoroutine(self._report_json(request))
+            d0.addCallback(lambda body: self._write(request, body))
+            d0.addErrback(self._failed, request)
+            return NOT_DONE_YET
         page = self._pages().get(request.path)
         if page is None:
             request.setResponseCode(404)
@@ -175,6 +181,17 @@ class StatusResource(Resource):
         day, domain = _parameter(request, "day"), _parameter(request, "domain")
         report = await gather_report(self.sources, day, domain) if _DAY.fullmatch(day) else None
         return report_json_html(day, domain, report)
+
+    async def _report_json(self, request: Request) -> bytes:
+        """The report's JSON itself (C{application/json}; 404 when there is none)."""
+        day, domain = _parameter(request, "day"), _parameter(request, "domain")
+        report = await gather_report(self.sources, day, domain) if _DAY.fullmatch(day) else None
+        if report is None:
+            request.setResponseCode(404)
+            request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+            return b"no results stored for this day and domain\n"
+        request.setHeader(b"Content-Type", b"application/json")
+        return json.dumps(report, indent=2, sort_keys=True).encode("utf-8") + b"\n"
 
     async def _queue(self, request: Request) -> Tag:
         return queue_html(gather_queue(self.sources), self.sources.clock.seconds())
