@@ -269,6 +269,7 @@ class WebServiceTests(TestCase):
         with open(path, "w") as f:
             f.write("admin:s3cret\n")
         _, port = await self.start("--web-password-file", path)
+        os.remove(path)  # read once at start (before twistd -u drops privileges)
         for credentials, expected in [(None, 401), ("admin:wrong", 401), ("nobody:s3cret", 401),
                                       ("admin:s3cret", 200)]:
             headers = "" if credentials is None else (

@@ -26,6 +26,7 @@ all, so even a value that escaped the escaping could not run.
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import json
 import re
@@ -33,9 +34,11 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import attrs
-from twisted.cred.checkers import FilePasswordDB
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
@@ -67,7 +70,7 @@ from mtasts_twisted.web.sources import (
     gather_reports,
 )
 
-__all__ = ["WebLimits", "WebSite", "StatusResource", "protect", "read_password_file", "requires_auth"]
+__all__ = ["PasswordFile", "WebLimits", "WebSite", "StatusResource", "protect", "read_password_file", "requires_auth"]
 
 log = Logger()
 
@@ -306,20 +309,54 @@ class _Realm:
         raise NotImplementedError()
 
 
-def read_password_file(path: str) -> FilePasswordDB:
+@implementer(ICredentialsChecker)
+class PasswordFile:
     """
-    The checker of a C{--web-password-file}: lines C{USER:PASSWORD}.
+    The users of a C{--web-password-file}, read once (before C{twistd -u}
+    drops privileges, so the file may be readable by root only); passwords
+    are compared in constant time.
+    """
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, users: dict[bytes, bytes]) -> None:
+        """
+        @param users: password by user name.
+        """
+        self._users = users
+
+    def requestAvatarId(self, credentials: IUsernamePassword) -> Deferred[bytes | tuple[()]]:
+        """The user name, or a failure with L{UnauthorizedLogin}."""
+        expected = self._users.get(credentials.username)
+        password = credentials.password
+        if expected is not None and hmac.compare_digest(expected, password):
+            return succeed(credentials.username)
+        return fail(UnauthorizedLogin())
+
+
+def read_password_file(path: str) -> PasswordFile:
+    """
+    The checker of a C{--web-password-file}: lines C{USER:PASSWORD}
+    (C{#} starts a comment line).
 
     @raise ValueError: the file cannot be read or names no user (one line).
     """
     try:
         with open(path, "rb") as f:
-            lines = [line for line in f.read().splitlines() if line.strip() and not line.startswith(b"#")]
+            lines = [line.strip() for line in f.read().splitlines()]
     except OSError as e:
         raise ValueError(f"cannot read it: {e.strerror}") from None
-    if not lines or any(b":" not in line or not line.partition(b":")[2] for line in lines):
+    users = {}
+    for line in lines:
+        if not line or line.startswith(b"#"):
+            continue
+        user, colon, password = line.partition(b":")
+        if not colon or not user or not password:
+            raise ValueError("expected lines USER:PASSWORD")
+        users[user] = password
+    if not users:
         raise ValueError("expected lines USER:PASSWORD")
-    return FilePasswordDB(path, cache=True)
+    return PasswordFile(users)
 
 
 def protect(resource: IResource, password_file: str) -> IResource:
