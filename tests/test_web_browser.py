@@ -75,7 +75,7 @@ class BrowserTests(TestCase):
 
         overview = await visit("/", "overview")
         self.assertEqual(overview["title"], "mtasts: Overview")
-        self.assertEqual(overview["svgs"], 3)
+        self.assertEqual(overview["svgs"], 4)
         # Deliveries (3 delivered/enforce, 1 transient/testing), TLS failures this hour (2), since start (2).
         self.assertEqual(overview["values"], ["3", "1", "2", "2"])
         self.assertEqual(overview["drawn"], 4)

@@ -238,7 +238,7 @@ class ChartTests(SynchronousTestCase):
         data = overview(NOW, deliveries.series(NOW), HourlyCounts().series(NOW), {"starttls-not-supported": 4},
                         None, {}, [], 0, None)
         html = render(overview_html(data)).decode()
-        self.assertEqual(html.count("<svg"), 3)
+        self.assertEqual(html.count("<svg"), 4)
         self.assertEqual(re.findall(r'class="point"[^>]*data-value="(\d+)"', html), ["3", "1", "2", "4"])
 
 

@@ -138,7 +138,7 @@ class WebServiceTests(TestCase):
         self.assertEqual(status, 200, body)
         self.assertIn(b"Content-Security-Policy: default-src 'none'", head)
         self.assertIn(b"X-Content-Type-Options: nosniff", head)
-        self.assertEqual(body.count(b"<svg"), 3)
+        self.assertEqual(body.count(b"<svg"), 4)
         self.assertEqual(re.findall(rb'class="point"[^>]*data-value="(\d+)"', body), [b"3", b"1", b"2", b"2"])
         self.assertIn(b"delivered/enforce (3)", body)
         self.assertIn(b"certificate-expired", body)
@@ -178,6 +178,23 @@ class WebServiceTests(TestCase):
         self.assertEqual((status, b"the relay is off" in body), (200, True))
         status, _, _ = await self.get(port, "/nothing")
         self.assertEqual(status, 404)
+
+    async def test_lookup_chart(self) -> None:
+        """Socketmap answers are sampled into the overview's lookups chart."""
+        from mtasts_twisted.web import CounterSampler
+
+        from .test_service import socketmap_query
+
+        svc, port = await self.start("--socketmap", EPHEMERAL)
+        socketmap_port = svc.listeners["socketmap"].port.getHost().port
+        for _ in range(3):
+            await socketmap_query(socketmap_port, "nothing.example")
+        (sampler,) = [s for s in svc if isinstance(s, CounterSampler)]
+        sampler.sample()
+        status, _, body = await self.get(port, "/")
+        self.assertEqual(status, 200)
+        self.assertIn(b"notfound (3)", body)
+        self.assertIn(b'data-value="3"><title>notfound ', body)
 
     async def test_queue(self) -> None:
         """
@@ -375,3 +392,28 @@ class IdleTimeoutTests(SynchronousTestCase):
         self.assertEqual(transport.value().count(b"HTTP/1.1 404 "), 3)
         clock.advance(31)
         self.assertTrue(transport.disconnecting)
+
+
+class CounterSamplerTests(SynchronousTestCase):
+    def test_increases_per_hour(self) -> None:
+        """Each reading counts what the totals grew by, in the reading's hour; a total that fell counts from zero."""
+        from twisted.internet.task import Clock
+
+        from mtasts_twisted.metrics import HourlyCounts
+        from mtasts_twisted.web import CounterSampler
+
+        clock = Clock()
+        clock.advance(1_764_720_000)
+        totals: dict[str, int] = {}
+        hourly = HourlyCounts()
+        sampler = CounterSampler(lambda: totals or None, hourly.add, clock, interval=60)
+        sampler.startService()
+        totals.update(ok=5, temp=1)
+        clock.advance(60)
+        totals.update(ok=7)
+        clock.pump([60] * 60)
+        totals.update(ok=2)  # the component was replaced: counts from zero
+        sampler.stopService()
+        series = hourly.series(clock.seconds())
+        self.assertEqual(dict(series[-2][1]), {"ok": 7, "temp": 1})
+        self.assertEqual(dict(series[-1][1]), {"ok": 2})

@@ -160,6 +160,8 @@ class ServiceStats:
     @ivar hourly_deliveries: recipients by C{(outcome, policy_mode)} per
         hour (L{HourlyCounts}, the status page's chart).
     @ivar hourly_tls_failures: failed sessions by result type per hour.
+    @ivar hourly_lookups: socketmap answers by kind per hour (fed by the
+        status page's sampler of L{socketmap}'s counts).
     @ivar mx_outcomes: the last L{HostOutcome} by C{(domain, mx_host)},
         the L{MAX_MX_OUTCOMES} most recent.
     @ivar clock: the time of the hourly counts.
@@ -179,6 +181,7 @@ class ServiceStats:
         self.clock = clock
         self.hourly_deliveries = HourlyCounts()
         self.hourly_tls_failures = HourlyCounts()
+        self.hourly_lookups = HourlyCounts()
         self.mx_outcomes: collections.OrderedDict[tuple[str, str], HostOutcome] = collections.OrderedDict()
 
     def record_host(self, domain: str, host: str, outcome: HostOutcome) -> None:

@@ -129,7 +129,7 @@ class MTASTSService(MultiService):
 
     def _web_site(self, reactor: IServiceReactor) -> IProtocolFactory:
         """The status page (C{--web}): reads the components once they run."""
-        from mtasts_twisted.web import StatusResource, WebSite, WebSources, protect
+        from mtasts_twisted.web import CounterSampler, StatusResource, WebSite, WebSources, protect
 
         def store() -> Any:
             return self.runtime.store if self.runtime is not None else None
@@ -141,6 +141,9 @@ class MTASTSService(MultiService):
             queue=lambda: self.relay.queue if self.relay is not None else None,
             refresher=lambda: self.refresher,
             report_settings=self.settings.report_settings)
+        # The socketmap keeps running totals only: the page's chart samples them.
+        CounterSampler(lambda: self.stats.socketmap.counts if self.stats.socketmap is not None else None,
+                       self.stats.hourly_lookups.add, reactor).setServiceParent(self)
         resource: Any = StatusResource(sources)
         if self.settings.web_password_file is not None:
             resource = protect(resource, self.settings.web_password_file)

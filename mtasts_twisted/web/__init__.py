@@ -6,6 +6,8 @@ twisted.web, charts drawn as SVG on the server (no script).
     pure functions that make them.
   - L{sources <mtasts_twisted.web.sources>}: what the pages read
     (L{WebSources}) and the coroutines that read it.
+  - L{sampler <mtasts_twisted.web.sampler>}: per-hour counts of running
+    totals (the socketmap's answers).
   - L{chart <mtasts_twisted.web.chart>}: SVG charts.
   - L{pages <mtasts_twisted.web.pages>}: rendering (twisted.web.template,
     so every value is escaped).
@@ -15,7 +17,8 @@ twisted.web, charts drawn as SVG on the server (no script).
 Nothing of the package imports this one except the service.
 """
 
+from mtasts_twisted.web.sampler import CounterSampler
 from mtasts_twisted.web.server import StatusResource, WebLimits, WebSite, protect, read_password_file, requires_auth
 from mtasts_twisted.web.sources import WebSources
 
-__all__ = ["StatusResource", "WebLimits", "WebSite", "WebSources", "protect", "read_password_file", "requires_auth"]
+__all__ = ["CounterSampler", "StatusResource", "WebLimits", "WebSite", "WebSources", "protect", "read_password_file", "requires_auth"]

@@ -16,7 +16,7 @@ from twisted.web.template import Tag
 
 from mtasts_twisted.web.data import Series
 
-__all__ = ["FAILURE_PALETTE", "OUTCOME_COLOURS", "PALETTE", "bar_chart", "hourly_chart", "outcome_colour"]
+__all__ = ["FAILURE_PALETTE", "LOOKUP_COLOURS", "OUTCOME_COLOURS", "PALETTE", "bar_chart", "hourly_chart", "outcome_colour"]
 
 #: Fill colours, one per series in turn.
 PALETTE = ("#1565c0", "#6a1b9a", "#00838f", "#ef6c00", "#5d4037", "#455a64", "#ad1457", "#2e7d32",
@@ -25,6 +25,9 @@ PALETTE = ("#1565c0", "#6a1b9a", "#00838f", "#ef6c00", "#5d4037", "#455a64", "#a
 #: Fill colours of failures: reds, oranges and purples.
 FAILURE_PALETTE = ("#c62828", "#ef6c00", "#ad1457", "#6a1b9a", "#8d6e63", "#f9a825", "#d84315", "#4527a0",
                    "#880e4f", "#bf360c")
+
+#: Socketmap answers' colours: ok, notfound, temp, perm.
+LOOKUP_COLOURS = ("#2e7d32", "#90a4ae", "#fb8c00", "#c62828")
 
 #: Delivery outcomes' colours (green, amber, red), one shade per policy mode.
 OUTCOME_COLOURS = {

@@ -36,6 +36,8 @@ __all__ = [
 
 #: Delivery outcomes in chart order.
 OUTCOMES = ("delivered", "transient", "permanent")
+#: Socketmap answers in chart order.
+ANSWERS = ("ok", "notfound", "temp", "perm")
 #: Policy modes in chart order (C{no-policy}: the domain has none).
 MODES = ("enforce", "testing", "none", "no-policy")
 
@@ -73,6 +75,8 @@ class Overview:
     @ivar hours: the start of each chart hour, oldest first.
     @ivar deliveries: recipients per hour, one L{Series} per
         C{outcome/mode} with any count.
+    @ivar lookups: socketmap answers per hour by kind (C{ok},
+        C{notfound}, C{temp}, C{perm}).
     @ivar tls_failures: failed sessions per hour by RFC 8460 result type.
     @ivar tls_totals: failed sessions since start by result type.
     @ivar queue_messages: messages queued, or L{None} without a relay.
@@ -89,6 +93,7 @@ class Overview:
     now: float
     hours: tuple[float, ...]
     deliveries: tuple[Series, ...]
+    lookups: tuple[Series, ...]
     tls_failures: tuple[Series, ...]
     tls_totals: tuple[tuple[str, int], ...]
     queue_messages: int | None
@@ -124,6 +129,7 @@ def overview(
     pending_states: Iterable[str],
     cache_entries: int | None,
     last_refresh: Mapping[str, int] | None,
+    hourly_lookups: Sequence[tuple[float, Mapping[Hashable, int]]] = (),
 ) -> Overview:
     """
     The L{Overview} of the given counts.
@@ -137,6 +143,7 @@ def overview(
     @param pending_states: the state of each report not yet sent.
     @param cache_entries: the cache front's size, or L{None}.
     @param last_refresh: the refresher's last summary, or L{None}.
+    @param hourly_lookups: C{HourlyCounts.series} of socketmap answers.
     """
     keys = [(o, m) for o in OUTCOMES for m in MODES]
     deliveries = _series(hourly_deliveries, _ordered_keys(hourly_deliveries, keys),
@@ -149,6 +156,7 @@ def overview(
         now=now,
         hours=tuple(hour for hour, _ in hourly_deliveries),
         deliveries=deliveries,
+        lookups=_series(hourly_lookups, _ordered_keys(hourly_lookups, ANSWERS), str),
         tls_failures=failures,
         tls_totals=tuple(sorted(tls_totals.items())),
         queue_messages=queue[0] if queue is not None else None,

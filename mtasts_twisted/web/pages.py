@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 from twisted.web.template import Tag, flattenString, tags
 
-from mtasts_twisted.web.chart import FAILURE_PALETTE, bar_chart, hourly_chart, outcome_colour
+from mtasts_twisted.web.chart import FAILURE_PALETTE, LOOKUP_COLOURS, bar_chart, hourly_chart, outcome_colour
 from mtasts_twisted.web.data import MODES, DomainPage, DomainRow, Overview, QueueRow, ReportRow, format_time
 
 __all__ = ["domain_html", "domains_html", "overview_html", "queue_html", "render", "report_json_html",
@@ -85,6 +85,8 @@ def overview_html(data: Overview) -> Tag:
         tags.h2("Deliveries per hour (outcome/policy mode), last 24 h"),
         hourly_chart("deliveries per hour", data.hours, data.deliveries,
                      [outcome_colour(s.label, MODES) for s in data.deliveries]),
+        tags.h2("Policy lookups per hour (socketmap answers), last 24 h"),
+        hourly_chart("socketmap answers per hour", data.hours, data.lookups, LOOKUP_COLOURS),
         tags.h2("TLS failures per hour by RFC 8460 result type, last 24 h"),
         hourly_chart("TLS failures per hour", data.hours, data.tls_failures, FAILURE_PALETTE),
         tags.h2("TLS failures since start"),

@@ -105,6 +105,7 @@ async def gather_overview(sources: WebSources) -> Overview:
         [p.state for p in await _pending(sources)],
         len(cache._front) if cache is not None else None,
         runs[-1] if runs else None,
+        stats.hourly_lookups.series(now),
     )
 
 
