@@ -393,6 +393,19 @@ class IdleTimeoutTests(SynchronousTestCase):
         clock.advance(31)
         self.assertTrue(transport.disconnecting)
 
+    def test_idle_close_is_quiet(self) -> None:
+        """A browser's idle keep-alive connection is closed without a log line (no line per visit)."""
+        from twisted.logger import globalLogPublisher
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        clock, channel, transport = self.connect()
+        channel.dataReceived(b"GET /nothing HTTP/1.1\r\nHost: h\r\n\r\n")
+        clock.advance(31)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual([e.get("log_format") for e in events], [])
+
 
 class CounterSamplerTests(SynchronousTestCase):
     def test_increases_per_hour(self) -> None:

@@ -18,7 +18,8 @@ Limits, like the metrics endpoint's (L{mtasts_twisted.metrics.http}):
     seconds is closed (bytes of a request that never completes are not
     activity, so a client trickling a head cannot keep a slot).
   - Tables show at most L{MAX_ROWS<mtasts_twisted.web.sources.MAX_ROWS>} rows.
-  - No log line per request, unless asked (C{log_requests}).
+  - No log line per request, unless asked (C{log_requests}), nor per idle
+    connection closed.
 
 Every answer carries a C{Content-Security-Policy} that allows no script at
 all, so even a value that escaped the escaping could not run.
@@ -226,6 +227,12 @@ class _NoBodyChannel(HTTPChannel):
         once a request is answered).
         """
         LineReceiver.dataReceived(self, data)
+
+    def timeoutConnection(self) -> None:
+        """Close an idle connection, quietly (a browser leaves one idle after each visit)."""
+        if self.abortTimeout is not None:
+            self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+        self.loseConnection()
 
     def allHeadersReceived(self) -> None:
         headers = self.requests[-1].requestHeaders
