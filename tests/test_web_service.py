@@ -179,6 +179,27 @@ class WebServiceTests(TestCase):
         status, _, _ = await self.get(port, "/nothing")
         self.assertEqual(status, 404)
 
+    async def test_domains_capped(self) -> None:
+        """The domains table shows at most its cap of rows, and counts every match."""
+        from mtasts_twisted.web.sources import gather_domains
+
+        svc, _ = await self.start()
+        now = reactor.seconds()
+        shelf = svc.runtime.store.shelf(POLICY_TABLE)
+        for n in range(1203):
+            domain = f"d{n:05d}.example"
+            entry = CacheEntry(domain, domain, now, now, now, record_id="1",
+                               policy=Policy(mode=Mode.ENFORCE, max_age=86400, mx=("mx.example",),
+                                             text="version: STSv1\nmode: enforce\nmx: mx.example\nmax_age: 86400\n"),
+                               valid_end=now + 86400)
+            await shelf.put(domain, entry.to_json())
+        sources = svc.listeners["web"].factory.resource.sources
+        rows, total = await gather_domains(sources, "", max_rows=1000)
+        self.assertEqual((len(rows), total), (1000, 1203))
+        self.assertEqual(rows[0].domain, "d00000.example")
+        rows, total = await gather_domains(sources, "d0120")
+        self.assertEqual([r.domain for r in rows], ["d01200.example", "d01201.example", "d01202.example"])
+
     async def test_lookup_chart(self) -> None:
         """Socketmap answers are sampled into the overview's lookups chart."""
         from mtasts_twisted.web import CounterSampler

@@ -109,11 +109,23 @@ async def gather_overview(sources: WebSources) -> Overview:
     )
 
 
-async def gather_domains(sources: WebSources, query: str) -> tuple[tuple[DomainRow, ...], int]:
-    """The cached policies matching C{query}: the first L{MAX_ROWS}, and how many match."""
+async def gather_domains(sources: WebSources, query: str,
+                         max_rows: int = MAX_ROWS) -> tuple[tuple[DomainRow, ...], int]:
+    """
+    The cached policies matching C{query}: the first C{max_rows} in
+    domain order, and how many match.  The store is read a page at a
+    time, so a cache of any size is never held whole.
+    """
     cache = sources.cache()
-    rows = domain_rows(await cache.entries() if cache is not None else [], query)
-    return rows[:MAX_ROWS], len(rows)
+    if cache is None:
+        return (), 0
+    shown: list[DomainRow] = []
+    total = 0
+    async for page in cache.entry_pages():
+        rows = domain_rows(page, query)
+        total += len(rows)
+        shown.extend(rows[: max(0, max_rows - len(shown))])
+    return tuple(sorted(shown, key=lambda r: r.domain)), total
 
 
 async def gather_domain(sources: WebSources, domain: str) -> DomainPage:
