@@ -40,6 +40,7 @@ LAYERS: dict[str, int] = {
     "socketmap": 7,
     "twistedmail": 7,
     "metrics": 8,
+    "web": 8,
     "service": 9,
     "cli": 10,
     "__main__": 11,

@@ -10,6 +10,8 @@ Prometheus metrics for the C{twistd mtasts} service.
 """
 
 from mtasts_twisted.metrics.collect import (
+    HostOutcome,
+    HourlyCounts,
     MeteredDeliverer,
     MeteredFetcher,
     MeteredSink,
@@ -21,6 +23,8 @@ from mtasts_twisted.metrics.collect import (
 from mtasts_twisted.metrics.http import MetricsFactory, MetricsLimits, MetricsProtocol
 
 __all__ = [
+    "HostOutcome",
+    "HourlyCounts",
     "MeteredDeliverer",
     "MeteredFetcher",
     "MeteredSink",

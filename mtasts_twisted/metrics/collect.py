@@ -55,9 +55,11 @@ Metric names (all prefixed C{mtasts_}):
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+import attrs
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -77,6 +79,8 @@ if TYPE_CHECKING:
     from mtasts_twisted.tlsrpt import SendOutcome
 
 __all__ = [
+    "HostOutcome",
+    "HourlyCounts",
     "MeteredDeliverer",
     "MeteredFetcher",
     "MeteredSink",
@@ -85,6 +89,73 @@ __all__ = [
     "count_report_outcomes",
     "make_registry",
 ]
+
+
+class HourlyCounts:
+    """
+    Counts per UTC hour over the last L{hours} hours: a small ring for the
+    status page's charts (the Prometheus counters have no history).  Hours
+    older than the ring are dropped when a newer one is counted.
+
+    @ivar hours: how many hours are kept (24).
+    """
+
+    def __init__(self, hours: int = 24) -> None:
+        """
+        @param hours: how many hours to keep.
+        """
+        self.hours = hours
+        self._counts: dict[int, collections.Counter[Hashable]] = {}
+
+    def add(self, key: Hashable, when: float, n: int = 1) -> None:
+        """
+        Count C{n} for C{key} in the hour of C{when}.
+
+        @param key: what is counted (e.g. C{(outcome, policy_mode)}).
+        @param when: POSIX time.
+        @param n: how many.
+        """
+        hour = int(when // 3600)
+        self._counts.setdefault(hour, collections.Counter())[key] += n
+        if len(self._counts) > self.hours:
+            for old in sorted(self._counts)[: len(self._counts) - self.hours]:
+                del self._counts[old]
+
+    def series(self, now: float) -> list[tuple[float, Mapping[Hashable, int]]]:
+        """
+        The last L{hours} hours up to C{now}'s, oldest first: each hour's
+        start (POSIX time) and its counts (empty for an hour without any).
+
+        @param now: POSIX time.
+        """
+        last = int(now // 3600)
+        return [(float(h * 3600), dict(self._counts.get(h, {})))
+                for h in range(last - self.hours + 1, last + 1)]
+
+
+@attrs.frozen
+class HostOutcome:
+    """
+    The last delivery attempt to one MX host of a domain (the status page).
+
+    @ivar when: POSIX time.
+    @ivar status: the L{Status<mtasts_twisted.delivery.Status>} value
+        (C{delivered}, C{transient}, C{permanent}).
+    @ivar tls_version: the TLS version, or L{None} (no TLS session).
+    @ivar verified: whether the certificate was verified.
+    @ivar message: the server's reply or the error, as the peer said it
+        (attacker-controlled text).
+    """
+
+    when: float
+    status: str
+    tls_version: str | None
+    verified: bool
+    message: str
+
+
+#: MX hosts whose last outcome L{ServiceStats.mx_outcomes} keeps.
+MAX_MX_OUTCOMES = 4096
 
 
 class ServiceStats:
@@ -104,9 +175,20 @@ class ServiceStats:
         of the relay queue, if a relay runs.
     @ivar dane_lookups: the relay deliverer's DANE statuses by state
         (L{Deliverer.dane_lookups<mtasts_twisted.delivery.Deliverer>}).
+    @ivar hourly_deliveries: recipients by C{(outcome, policy_mode)} per
+        hour (L{HourlyCounts}, the status page's chart).
+    @ivar hourly_tls_failures: failed sessions by result type per hour.
+    @ivar hourly_lookups: socketmap answers by kind per hour (fed by the
+        status page's sampler of L{socketmap}'s counts).
+    @ivar mx_outcomes: the last L{HostOutcome} by C{(domain, mx_host)},
+        the L{MAX_MX_OUTCOMES} most recent.
+    @ivar clock: the time of the hourly counts.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        """
+        @param clock: returns POSIX time (the reactor's C{seconds}).
+        """
         self.fetches: collections.Counter[str] = collections.Counter()
         self.deliveries: collections.Counter[tuple[str, str]] = collections.Counter()
         self.tls_failures: collections.Counter[str] = collections.Counter()
@@ -116,6 +198,19 @@ class ServiceStats:
         self.queue_stats: Callable[[], tuple[int, float]] | None = None
         self.overrides: OverridingPolicySource | None = None
         self.dane_lookups: collections.Counter[str] = collections.Counter()
+        self.clock = clock
+        self.hourly_deliveries = HourlyCounts()
+        self.hourly_tls_failures = HourlyCounts()
+        self.hourly_lookups = HourlyCounts()
+        self.mx_outcomes: collections.OrderedDict[tuple[str, str], HostOutcome] = collections.OrderedDict()
+
+    def record_host(self, domain: str, host: str, outcome: HostOutcome) -> None:
+        """Keep C{outcome} as the last one of C{host} (an MX of C{domain})."""
+        key = (domain, host)
+        self.mx_outcomes.pop(key, None)
+        self.mx_outcomes[key] = outcome
+        while len(self.mx_outcomes) > MAX_MX_OUTCOMES:
+            self.mx_outcomes.popitem(last=False)
 
 
 class StatsCollector(Collector):
@@ -283,8 +378,10 @@ class MeteredSink:
 
     def record(self, result: Result, when: float | None = None) -> None:
         """Count C{result}'s failures and pass it on."""
+        now = self._stats.clock()
         for failure in result.failures:
             self._stats.tls_failures[failure.result_type.value] += failure.failed_session_count
+            self._stats.hourly_tls_failures.add(failure.result_type.value, now, failure.failed_session_count)
         if self._sink is not None:
             self._sink.record(result, when)
 
@@ -315,9 +412,15 @@ class MeteredDeliverer:
         """Deliver through the wrapped deliverer; count each recipient's outcome."""
 
         def count(result: DeliveryResult) -> DeliveryResult:
+            stats = self._stats
             mode = result.policy_mode.value if result.policy_mode is not None else "no-policy"
+            now = stats.clock()
             for outcome in result.outcomes:
-                self._stats.deliveries[(outcome.status.value, mode)] += 1
+                stats.deliveries[(outcome.status.value, mode)] += 1
+                stats.hourly_deliveries.add((outcome.status.value, mode), now)
+                if outcome.mx_host:
+                    stats.record_host(result.domain, outcome.mx_host, HostOutcome(
+                        now, outcome.status.value, outcome.tls_version, outcome.verified, outcome.message))
             return result
 
         return self._deliverer.deliver(

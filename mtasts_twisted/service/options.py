@@ -47,6 +47,8 @@ DEFAULTS: dict[str, Any] = {
     "smtp": "tcp:2525:interface=127.0.0.1",
     "socketmap": "tcp:8461:interface=127.0.0.1",
     "metrics": "none",
+    "web": "none",
+    "web-password-file": None,
     "ca-file": None,
     "report-org": None,
     "report-from": None,
@@ -67,7 +69,7 @@ DEFAULTS: dict[str, Any] = {
 MAX_SESSION_REUSE = 300.0
 
 #: The listener options, in the order the service binds them.
-LISTENERS = ("smtp", "socketmap", "metrics")
+LISTENERS = ("smtp", "socketmap", "metrics", "web")
 
 _FLAGS = ("no-reports", "report-unsigned", "strict-testing", "tlsrpt-attributes", "fail-open", "enforce-as-testing",
           "dane")
@@ -91,6 +93,10 @@ class ServiceSettings:
     @ivar smtp: the relay intake's endpoint, or L{None} when off.
     @ivar socketmap: the socketmap server's endpoint, or L{None} when off.
     @ivar metrics: the metrics page's endpoint, or L{None} when off.
+    @ivar web: the status page's endpoint, or L{None} when off.
+    @ivar web_password_file: C{USER:PASSWORD} lines the status page asks
+        for (HTTP basic authentication), or L{None}: then C{web} is
+        loopback only.
     @ivar nameservers: C{IP[:PORT]} of the DNS servers; empty for
         C{/etc/resolv.conf}.
     @ivar ca_file: PEM CA certificates trusted instead of the system's, or
@@ -130,6 +136,8 @@ class ServiceSettings:
     smtp: str | None = None
     socketmap: str | None = None
     metrics: str | None = None
+    web: str | None = None
+    web_password_file: str | None = None
     nameservers: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     ca_file: str | None = None
     report_settings: ReportSettings | None = None
@@ -150,7 +158,7 @@ class ServiceSettings:
     @property
     def listeners(self) -> dict[str, str]:
         """The endpoints of the listeners that are on, by option name, in L{LISTENERS} order."""
-        endpoints = {"smtp": self.smtp, "socketmap": self.socketmap, "metrics": self.metrics}
+        endpoints = {"smtp": self.smtp, "socketmap": self.socketmap, "metrics": self.metrics, "web": self.web}
         return {name: endpoint for name in LISTENERS if (endpoint := endpoints[name]) is not None}
 
     @property
@@ -185,6 +193,8 @@ class ServiceSettings:
             smtp=config.get("smtp"),
             socketmap=config.get("socketmap"),
             metrics=config.get("metrics"),
+            web=config.get("web"),
+            web_password_file=config.get("web-password-file"),
             nameservers=config["nameserver"] or (),
             ca_file=config["ca-file"],
             report_settings=config["report_settings"],
@@ -228,6 +238,23 @@ def _check_endpoint(name: str, description: str) -> None:
         serverFromString(_NoReactor(), description)
     except Exception as e:
         raise usage.UsageError(f"--{name} {description!r}: not a valid endpoint ({e})") from None
+
+
+def _check_web(endpoint: str | None, password_file: str | None) -> None:
+    """
+    The status page binds loopback unless a password file guards it; a
+    password file must name at least one user.
+    """
+    from mtasts_twisted.web import read_password_file, requires_auth
+
+    if password_file is not None:
+        try:
+            read_password_file(password_file)
+        except ValueError as e:
+            raise usage.UsageError(f"--web-password-file {password_file}: {e}") from None
+    elif endpoint is not None and requires_auth(endpoint):
+        raise usage.UsageError(f"--web {endpoint!r}: not a loopback address; give --web-password-file "
+                               "(or bind interface=127.0.0.1)")
 
 
 def _check_writable_dir(path: str) -> None:
@@ -383,6 +410,9 @@ class Options(usage.Options):
         ["socketmap", None, None, f"Postfix socketmap endpoint [default: {DEFAULTS['socketmap']}]"],
         ["metrics", None, None, "Prometheus metrics endpoint, e.g. tcp:9461:interface=127.0.0.1 "
                                 "[default: none]"],
+        ["web", None, None, "read-only status page endpoint, e.g. tcp:8080:interface=127.0.0.1; any "
+                            "address but loopback needs --web-password-file [default: none]"],
+        ["web-password-file", None, None, "USER:PASSWORD lines: the status page asks for one (HTTP basic auth)"],
         ["ca-file", None, None, "PEM CA certificates to trust instead of the system's"],
         ["report-org", None, None, "TLSRPT organization-name"],
         ["report-from", None, None, "From address of mailed TLSRPT reports"],
@@ -478,6 +508,7 @@ class Options(usage.Options):
             from mtasts_twisted.service.intaketls import load_smtp_tls
 
             load_smtp_tls(self["smtp-tls-cert"], self["smtp-tls-key"])
+        _check_web(self["web"], self["web-password-file"])
 
         from mtasts_twisted.dns import parse_nameserver
 

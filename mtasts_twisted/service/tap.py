@@ -4,7 +4,8 @@ The C{twistd mtasts} service: L{MTASTSService} and L{makeService}.
   - listeners (bound in C{privilegedStartService}, so C{twistd -u/-g}
     drops privileges after binding): the Postfix socketmap policy server
     (C{--socketmap}), the relay's SMTP intake (C{--smtp}, when the relay
-    module is installed) and the Prometheus metrics page (C{--metrics});
+    module is installed), the Prometheus metrics page (C{--metrics}) and
+    the read-only status page (C{--web}, L{mtasts_twisted.web});
   - once the store is open (asynchronously, right after start, by
     L{open_runtime<mtasts_twisted.service.runtime.open_runtime>}): the
     L{PolicyCache} with its L{PolicyRefresher}, the TLSRPT
@@ -108,7 +109,7 @@ class MTASTSService(MultiService):
         self.settings = as_settings(config)
         self._reactor = reactor
         self._fatal = fatal if fatal is not None else (lambda code: _exit_later(reactor, code))
-        self.stats = ServiceStats()
+        self.stats = ServiceStats(reactor.seconds)
         self.registry = make_registry(self.stats)
         self.listeners: dict[str, ListenerService] = {}
         self.runtime: Runtime | None = None
@@ -116,6 +117,7 @@ class MTASTSService(MultiService):
         self.relay: RelayService | None = None
         self.fd_limit: FDLimit | None = None
         self.caps: ConnectionCaps | None = None
+        self.refresher: PolicyRefresher | None = None
         self._late: dict[str, LateFactory] = {}
         self._install_signals = install_signals
         self._previous_sighup: Any = None
@@ -123,6 +125,8 @@ class MTASTSService(MultiService):
             factory: IProtocolFactory
             if name == "metrics":
                 factory = MetricsFactory(self.registry, reactor)
+            elif name == "web":
+                factory = self._web_site(reactor)
             else:
                 factory = self._late[name] = LateFactory(name)
             listener = ListenerService(name, description, serverFromString(reactor, description), factory)
@@ -148,6 +152,28 @@ class MTASTSService(MultiService):
             log.warn("SIGHUP: nothing to reload yet")  # noqa: G010
             return False
         return runtime.overrides.reload()
+
+    def _web_site(self, reactor: IServiceReactor) -> IProtocolFactory:
+        """The status page (C{--web}): reads the components once they run."""
+        from mtasts_twisted.web import CounterSampler, StatusResource, WebSite, WebSources, protect
+
+        def store() -> Any:
+            return self.runtime.store if self.runtime is not None else None
+
+        sources = WebSources(
+            clock=reactor, stats=self.stats,
+            cache=lambda: self.runtime.cache if self.runtime is not None else None,
+            store=store,
+            queue=lambda: self.relay.queue if self.relay is not None else None,
+            refresher=lambda: self.refresher,
+            report_settings=self.settings.report_settings)
+        # The socketmap keeps running totals only: the page's chart samples them.
+        CounterSampler(lambda: self.stats.socketmap.counts if self.stats.socketmap is not None else None,
+                       self.stats.hourly_lookups.add, reactor).setServiceParent(self)
+        resource: Any = StatusResource(sources)
+        if self.settings.web_password_file is not None:
+            resource = protect(resource, self.settings.web_password_file)
+        return WebSite(resource, reactor)
 
     def startService(self) -> None:
         """
@@ -185,6 +211,10 @@ class MTASTSService(MultiService):
 
             socketmap = SocketmapSettings().max_connections or 1024
         metrics = MetricsLimits().max_connections if "metrics" in self.settings.listeners else 0
+        if "web" in self.settings.listeners:
+            from mtasts_twisted.web import WebLimits
+
+            metrics += WebLimits().max_connections  # answered from memory and the store, like metrics
         if "smtp" not in self._late:
             return size_connection_caps(fd_limit, socketmap=socketmap, smtp=0, smtp_per_ip=0,
                                         delivery_slots=0, parked_sessions=0, metrics=metrics)
@@ -224,7 +254,8 @@ class MTASTSService(MultiService):
     def _wire(self, runtime: Runtime) -> None:
         settings = self.settings
         runtime.cache.start()
-        PolicyRefresher(runtime.cache, self._reactor).setServiceParent(self)
+        self.refresher = PolicyRefresher(runtime.cache, self._reactor)
+        self.refresher.setServiceParent(self)
         if runtime.aggregator is not None:
             runtime.aggregator.setServiceParent(self)
         if runtime.scheduler is not None:

@@ -1,0 +1,24 @@
+"""
+The read-only status pages of C{twistd mtasts} (C{--web}), served with
+twisted.web, charts drawn as SVG on the server (no script).
+
+  - L{data <mtasts_twisted.web.data>}: the pages' frozen values and the
+    pure functions that make them.
+  - L{sources <mtasts_twisted.web.sources>}: what the pages read
+    (L{WebSources}) and the coroutines that read it.
+  - L{sampler <mtasts_twisted.web.sampler>}: per-hour counts of running
+    totals (the socketmap's answers).
+  - L{chart <mtasts_twisted.web.chart>}: SVG charts.
+  - L{pages <mtasts_twisted.web.pages>}: rendering (twisted.web.template,
+    so every value is escaped).
+  - L{server <mtasts_twisted.web.server>}: the resource, the bounded
+    L{WebSite}, basic authentication, L{requires_auth}.
+
+Nothing of the package imports this one except the service.
+"""
+
+from mtasts_twisted.web.sampler import CounterSampler
+from mtasts_twisted.web.server import StatusResource, WebLimits, WebSite, protect, read_password_file, requires_auth
+from mtasts_twisted.web.sources import WebSources
+
+__all__ = ["CounterSampler", "StatusResource", "WebLimits", "WebSite", "WebSources", "protect", "read_password_file", "requires_auth"]

@@ -1,0 +1,170 @@
+"""
+What the status pages read: L{WebSources}, the service's components as
+callables (most exist only once the store is open), and L{gather_*}
+coroutines that read them and make the page data with the pure functions
+of L{mtasts_twisted.web.data}.  Nothing here writes.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+
+from mtasts_twisted.tlsrpt import (
+    NoResultsError,
+    RESULTS_TABLE,
+    SENDS_TABLE,
+    merge_results,
+    pending_reports,
+    preview_report,
+)
+from mtasts_twisted.tlsrpt.aggregate import decode_results, results_key
+from mtasts_twisted.tlsrpt.report import day_of
+from mtasts_twisted.web.data import (
+    DomainPage,
+    DomainRow,
+    Overview,
+    QueueRow,
+    ReportRow,
+    domain_page,
+    domain_rows,
+    overview,
+    queue_rows,
+    report_rows,
+)
+
+if TYPE_CHECKING:
+    from mtasts_twisted.cache import PolicyCache, PolicyRefresher
+    from mtasts_twisted.interfaces import IStore
+    from mtasts_twisted.relay import Queue
+    from mtasts_twisted.tlsrpt import ReportSettings
+
+__all__ = ["MAX_ROWS", "WebSources", "gather_domain", "gather_domains", "gather_overview", "gather_queue",
+           "gather_report", "gather_reports"]
+
+#: Rows shown at most in a table (the rest is counted, and a filter narrows it).
+MAX_ROWS = 1000
+
+
+def _none() -> None:
+    return None
+
+
+@attrs.frozen
+class WebSources:
+    """
+    The components the pages read.
+
+    @ivar clock: the reactor's time.
+    @ivar stats: the service's C{ServiceStats} (L{mtasts_twisted.metrics}),
+        read by attribute: C{hourly_deliveries}, C{hourly_tls_failures},
+        C{tls_failures}, C{reports}, C{queue_stats}, C{mx_outcomes}.
+    @ivar cache: returns the L{PolicyCache}, or L{None} before it is open.
+    @ivar store: returns the open L{IStore}, or L{None}.
+    @ivar queue: returns the relay's L{Queue}, or L{None} (no relay).
+    @ivar refresher: returns the L{PolicyRefresher}, or L{None}.
+    @ivar report_settings: the report metadata (for a report's JSON), or
+        L{None} when reports are off.
+    """
+
+    clock: IReactorTime
+    stats: Any
+    cache: Callable[[], PolicyCache | None] = _none
+    store: Callable[[], IStore | None] = _none
+    queue: Callable[[], Queue | None] = _none
+    refresher: Callable[[], PolicyRefresher | None] = _none
+    report_settings: ReportSettings | None = None
+
+
+async def _pending(sources: WebSources, **kw: Any) -> list[Any]:
+    store = sources.store()
+    if store is None:
+        return []
+    return await pending_reports(store.shelf(RESULTS_TABLE), store.shelf(SENDS_TABLE),
+                                 day_of(sources.clock.seconds()), **kw)
+
+
+async def gather_overview(sources: WebSources) -> Overview:
+    """The L{Overview} now."""
+    now = sources.clock.seconds()
+    stats = sources.stats
+    cache = sources.cache()
+    refresher = sources.refresher()
+    runs = refresher.runs if refresher is not None else []
+    return overview(
+        now,
+        stats.hourly_deliveries.series(now),
+        stats.hourly_tls_failures.series(now),
+        stats.tls_failures,
+        stats.queue_stats() if stats.queue_stats is not None else None,
+        stats.reports,
+        [p.state for p in await _pending(sources)],
+        len(cache._front) if cache is not None else None,
+        runs[-1] if runs else None,
+        stats.hourly_lookups.series(now),
+    )
+
+
+async def gather_domains(sources: WebSources, query: str,
+                         max_rows: int = MAX_ROWS) -> tuple[tuple[DomainRow, ...], int]:
+    """
+    The cached policies matching C{query}: the first C{max_rows} in
+    domain order, and how many match.  The store is read a page at a
+    time, so a cache of any size is never held whole.
+    """
+    cache = sources.cache()
+    if cache is None:
+        return (), 0
+    shown: list[DomainRow] = []
+    total = 0
+    async for page in cache.entry_pages():
+        rows = domain_rows(page, query)
+        total += len(rows)
+        shown.extend(rows[: max(0, max_rows - len(shown))])
+    return tuple(sorted(shown, key=lambda r: r.domain)), total
+
+
+async def gather_domain(sources: WebSources, domain: str) -> DomainPage:
+    """One domain's L{DomainPage}."""
+    domain = domain.strip().rstrip(".").lower()
+    cache = sources.cache()
+    entry = await cache.entry(domain) if cache is not None and domain else None
+    day = day_of(sources.clock.seconds())
+    results: list[Any] = []
+    store = sources.store()
+    if store is not None and domain:
+        alabel = entry.alabel if entry is not None else domain
+        results = merge_results(decode_results(await store.shelf(RESULTS_TABLE).get(results_key(day, alabel))))
+    return domain_page(domain, entry, sources.stats.mx_outcomes, results, day, sources.clock.seconds())
+
+
+async def gather_reports(sources: WebSources) -> tuple[ReportRow, ...]:
+    """The reports not yet sent."""
+    return report_rows(await _pending(sources))
+
+
+async def gather_report(sources: WebSources, day: str, domain: str) -> dict[str, Any] | None:
+    """
+    The RFC 8460 JSON of one report (as C{report preview} shows it), or
+    L{None} when nothing is stored for it or reports are off.
+
+    @raise ValueError: C{day} is not C{YYYY-MM-DD}.
+    """
+    store = sources.store()
+    if store is None or sources.report_settings is None:
+        return None
+    try:
+        return await preview_report(store.shelf(RESULTS_TABLE), store.shelf(SENDS_TABLE), sources.report_settings,
+                                    day, domain, random.Random())
+    except NoResultsError:
+        return None
+
+
+def gather_queue(sources: WebSources) -> tuple[QueueRow, ...] | None:
+    """The queued messages, oldest first, or L{None} without a relay."""
+    queue = sources.queue()
+    return None if queue is None else queue_rows(queue.list(fresh=False))
