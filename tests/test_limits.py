@@ -36,7 +36,7 @@ from mtasts_twisted.socketmap import MAX_REPLY, NetstringDecoder, SocketmapFacto
 from mtasts_twisted.store import MemoryStore
 from mtasts_twisted.testing.memory import FakeFetcher, FakeResolver
 from mtasts_twisted.testing.smtp import Behaviour, Reply, Stage
-from tests.test_faults import Harness, RawSMTP, policy_text, tally
+from tests.test_faults import Harness, RawSMTP, policy_text, probe, tally
 from tests.clients import RawClient
 from twisted.trial import unittest
 
@@ -192,6 +192,7 @@ class SocketmapLimitTests(TestCase):
         closed = await _wait(lambda: self.factory.counts["idle"] == 1 and self.factory.connections == 0, 15.0)
         [record] = records
         tally("limit_case")
+        probe("socketmap_never_reading_buffered_bytes", record["peak"])
         self.assertLessEqual(record["peak"], 256 * 1024, record)
         self.assertLess(self.factory.counts["ok"], requests // 4)
         self.assertTrue(closed, (self.factory.counts, self.factory.connections))
