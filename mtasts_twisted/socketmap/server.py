@@ -5,6 +5,10 @@ memoises the rendered answers, counts them, and admits connections within
 the caps (L{admission<mtasts_twisted.socketmap.admission>} picks the
 connection that makes room).
 
+With C{SocketmapSettings.dane}, an answer that would set a TLS level
+waits for the next hop's DANE verdict (L{mtasts_twisted.socketmap.dane})
+and is memoised for its TTL like the others.
+
 Every lookup's TLSRPT result goes to the optional L{IResultSink}; Postfix
 records the delivery itself.  The hot path of a cached answer is: the frame
 cut from the input, a dict hit for the parsed key, L{PolicyCache.get
