@@ -267,7 +267,7 @@ class MTASTSService(MultiService):
                 runtime.policies or runtime.cache, runtime.resolver, self._reactor,
                 settings=SocketmapSettings(strict_testing=settings.strict_testing,
                                            tlsrpt_attributes=settings.tlsrpt_attributes,
-                                           fail_open=settings.fail_open,
+                                           fail_open=settings.fail_open, dane=settings.dane,
                                            max_connections=self.caps.socketmap if self.caps else 1024),
                 sink=runtime.sink,
             )

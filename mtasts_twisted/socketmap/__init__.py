@@ -22,6 +22,9 @@ The rooms, bottom to top:
   - L{settings<mtasts_twisted.socketmap.settings>}: L{SocketmapSettings};
   - L{answers<mtasts_twisted.socketmap.answers>}: the pure decision from a
     policy (and the MX hosts) to the reply text, with every answer form;
+  - L{dane<mtasts_twisted.socketmap.dane>}: with C{SocketmapSettings.dane},
+    what DANE says of the next hop and the answer that never overrides it
+    (C{OK dane-only}, C{OK dane}, C{TEMP});
   - L{deferreds<mtasts_twisted.socketmap.deferreds>}: L{result_now
     <mtasts_twisted.socketmap.deferreds.result_now>}, reading an
     already-fired L{Deferred<twisted.internet.defer.Deferred>};

@@ -77,6 +77,12 @@ answers the same unless noted:
 
     or C{NOTFOUND } with C{fail_open}.
 
+With C{SocketmapSettings.dane} the server asks
+L{mtasts_twisted.socketmap.dane} first, before any of these answers but
+C{NOTFOUND }: where DANE applies it answers C{OK dane-only}, C{OK dane} or
+C{TEMP} instead, without TLSRPT attributes; where it does not, the answer
+is the one above.
+
 Operator overrides (L{mtasts_twisted.overrides}) reach the server through
 its policy source, so the answers follow the same decision as the relay's:
 

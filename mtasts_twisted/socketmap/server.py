@@ -5,6 +5,10 @@ memoises the rendered answers, counts them, and admits connections within
 the caps (L{admission<mtasts_twisted.socketmap.admission>} picks the
 connection that makes room).
 
+With C{SocketmapSettings.dane}, an answer that would set a TLS level
+waits for the next hop's DANE verdict (L{mtasts_twisted.socketmap.dane})
+and is memoised for its TTL like the others.
+
 Every lookup's TLSRPT result goes to the optional L{IResultSink}; Postfix
 records the delivery itself.  The hot path of a cached answer is: the frame
 cut from the input, a dict hit for the parsed key, L{PolicyCache.get
@@ -31,6 +35,7 @@ from mtasts_twisted.dns import DNSNoRecordError, MXAnswer
 from mtasts_twisted.interfaces import IDNSResolver, IResultSink
 from mtasts_twisted.policy import DomainError, Mode, Policy
 from mtasts_twisted.socketmap.admission import ConnectionTable
+from mtasts_twisted.socketmap.dane import DomainDANE, NextHopDANE, dane_reply, next_hop_dane
 from mtasts_twisted.socketmap.answers import (
     ANSWER_KINDS,
     answer_kind,
@@ -297,6 +302,15 @@ class SocketmapFactory(Factory):
         ):
             self._count(memo[3])
             return memo[4]
+        if self.settings.dane:
+            # Never override DANE: its verdict before the MTA-STS answer.
+            found = next_hop_dane(self._resolver, domain, bracketed=parsed.bracketed)
+            now = result_now(found)
+            if now is PENDING:
+                return found.addCallback(self._dane_answered, key, domain, lookup, parsed.bracketed)
+            if isinstance(now, Failure):
+                now.raiseException()
+            return self._dane_answered(now, key, domain, lookup, parsed.bracketed)
         if not need_mx:
             return self._render(key, domain, lookup, None, _INF)
         if parsed.bracketed:
@@ -334,12 +348,42 @@ class SocketmapFactory(Factory):
             expires = now + self.settings.mx_retry
         return self._render(key, domain, lookup, hosts, expires)
 
+    def _dane_answered(self, found: DomainDANE, key: str, domain: str, lookup: Lookup, bracketed: bool) -> bytes:
+        """The answer once the next hop's DANE verdict is known (C{settings.dane})."""
+        settings = self.settings
+        now = self.clock.seconds()
+        if found.verdict is NextHopDANE.FAILED:
+            expires = now + settings.mx_retry
+        else:
+            expires = now + min(max(found.ttl, 0), settings.dane_max_age)
+        text = dane_reply(domain, found)
+        if text is not None:
+            if found.verdict is NextHopDANE.FAILED:
+                log.warn(  # noqa: G010 - twisted.logger has no warning()
+                    "DANE lookup for {domain} failed ({detail}); answering TEMP, never MTA-STS instead",
+                    domain=domain, detail=found.detail)
+            return self._render(key, domain, lookup, None, expires, text)
+        # No DANE anywhere: the MTA-STS answer as without --dane, the MX
+        # hosts used only where that answer uses them (a wildcard policy, a
+        # [host] next hop).
+        policy = lookup.policy
+        assert policy is not None
+        hosts = found.hosts if (bracketed or policy_has_wildcard(policy)) else None
+        return self._render(key, domain, lookup, hosts, expires)
+
     def _render(
-        self, key: str, domain: str, lookup: Lookup, hosts: Sequence[str] | None, expires: float
+        self,
+        key: str,
+        domain: str,
+        lookup: Lookup,
+        hosts: Sequence[str] | None,
+        expires: float,
+        text: str | None = None,
     ) -> bytes:
         policy = lookup.policy
         assert policy is not None
-        text = render_answer(domain, policy, answer_settings(lookup, self.settings), hosts)
+        if text is None:
+            text = render_answer(domain, policy, answer_settings(lookup, self.settings), hosts)
         kind = answer_kind(text)
         frame = _frame(text)
         _evict(self._memo, self.settings.memo_size)

@@ -75,6 +75,14 @@ class SocketmapSettings:
         L{mtasts_twisted.socketmap.answers}); L{None} answers C{NOTFOUND }.
     @ivar mx_retry: seconds an answer built without a usable MX answer
         (lookup failed or no MX) is reused before the MX is looked up again.
+    @ivar dane: never override DANE (RFC 7672): before an answer that sets
+        a TLS level (an MTA-STS C{OK} answer), look up the MX hosts' DANE
+        status and answer C{OK dane-only}, C{OK dane} or C{TEMP} when DANE
+        applies (see L{mtasts_twisted.socketmap.dane}).  Off: the answers
+        ignore DANE.
+    @ivar dane_max_age: the longest a next hop's DANE verdict (and the
+        answer built on it) is reused, in seconds, whatever its TTLs say; a
+        failed DANE lookup's C{TEMP} is reused for C{mx_retry}.
     @ivar memo_size: rendered answers kept, and parsed keys kept (each table
         evicts its oldest entry when full).
     """
@@ -92,6 +100,8 @@ class SocketmapSettings:
     testing_level: str | None = "may"
     mx_retry: float = 60.0
     memo_size: int = 10000
+    dane: bool = False
+    dane_max_age: float = 3600.0
 
 
 #: The settings used when none are given.
