@@ -23,10 +23,12 @@ from __future__ import annotations
 
 from twisted.logger import Logger
 
+from mtasts_twisted.cache import Lookup
 from mtasts_twisted.dane import DANEState, DANEStatus, discover_dane
 from mtasts_twisted.delivery.plan import HostAction, PlannedHost, plan_host
 from mtasts_twisted.dns import AddressAnswer, MXHost
 from mtasts_twisted.interfaces import IDNSResolver
+from mtasts_twisted.overrides import OverriddenLookup, OverrideKind
 from mtasts_twisted.pkix import DANECheck
 from mtasts_twisted.policy import Policy
 from mtasts_twisted.results import PolicyDescriptor, PolicyType
@@ -118,16 +120,19 @@ def tls_accepted(target: PlannedHost, mode: VerifyMode, negotiated: bool, verifi
     return verified and mode is target.verify
 
 
-def requires_dane(lookup: object) -> bool:
+def requires_dane(lookup: Lookup) -> bool:
     """
     Whether the operator's C{dane-only} override decides C{lookup}'s domain
     (L{mtasts_twisted.overrides}: the policy source marks the lookup), and
     C{--enforce-as-testing} does not lift it: then only hosts authenticated
     by DANE (L{HostAction.REQUIRE_DANE}) may take the message.
     """
-    override = getattr(lookup, "override", None)
-    kind = getattr(getattr(override, "kind", None), "value", None)
-    return kind == "dane-only" and not getattr(lookup, "as_testing", False)
+    return (
+        isinstance(lookup, OverriddenLookup)
+        and lookup.override is not None
+        and lookup.override.kind is OverrideKind.DANE_ONLY
+        and not lookup.as_testing
+    )
 
 
 def reuse_dane(target: PlannedHost) -> DANEStatus | None:
