@@ -7,6 +7,8 @@ L{Options} and L{makeService} as twistd wants them:
   - L{options<mtasts_twisted.service.options>}: the twistd L{Options}, the
     TOML config file and option checks, ending in a frozen
     L{ServiceSettings};
+  - L{settings<mtasts_twisted.service.settings>}: L{ServiceSettings} itself
+    and the options' defaults;
   - L{runtime<mtasts_twisted.service.runtime>}: the composition root,
     L{open_runtime}, building every component from the settings (also used
     by the CLI's C{report} commands);
@@ -30,7 +32,8 @@ collected, nothing is sent, and a warning says so at start.
 """
 
 from mtasts_twisted.service.listeners import ListenerService
-from mtasts_twisted.service.options import DEFAULTS, MAX_SESSION_REUSE, Options, ServiceSettings
+from mtasts_twisted.service.options import MAX_SESSION_REUSE, Options
+from mtasts_twisted.service.settings import DEFAULTS, ServiceSettings
 from mtasts_twisted.service.reportmail import NoPolicyCache, ReportMailError, ReportMailer
 from mtasts_twisted.service.runtime import (
     IServiceReactor,

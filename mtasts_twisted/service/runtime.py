@@ -40,7 +40,7 @@ from mtasts_twisted.metrics import (
     count_report_outcomes,
 )
 from mtasts_twisted.overrides import OverrideFileError, OverrideTable, OverridingPolicySource
-from mtasts_twisted.service.options import ServiceSettings, as_settings
+from mtasts_twisted.service.settings import ServiceSettings, as_settings
 from mtasts_twisted.service.reportmail import NoPolicyCache, ReportMailer
 from mtasts_twisted.tlsrpt import ReportScheduler
 from mtasts_twisted.tlsrpt.schedule import ReportPoster, SchedulerSettings

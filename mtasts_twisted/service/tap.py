@@ -40,7 +40,7 @@ from mtasts_twisted.delivery import DeliverySettings
 from mtasts_twisted.metrics import MetricsFactory, MetricsLimits, ServiceStats, make_registry
 from mtasts_twisted.service.fdlimits import ConnectionCaps, FDLimit, raise_fd_limit, size_connection_caps
 from mtasts_twisted.service.listeners import LateFactory, ListenerService, address
-from mtasts_twisted.service.options import ServiceSettings, as_settings
+from mtasts_twisted.service.settings import ServiceSettings, as_settings
 from mtasts_twisted.service.runtime import IServiceReactor, Runtime, StartupError, open_runtime
 
 if TYPE_CHECKING:
