@@ -1,72 +1,15 @@
 """
-Client TLS for MX hosts that verifies I{and} records why verification failed.
-
-RFC 8461 §4.1 requires the MX host's certificate to chain to a trusted root
-and to be valid for the MX host name (RFC 6125; not for the recipient
-domain), and RFC 8460 §4.3 wants a failure reported by kind:
-certificate-expired, certificate-not-trusted, certificate-host-mismatch or
-validation-failure.  L{twisted.internet.ssl.optionsForClientTLS} verifies,
-but a failed connection only says "certificate verify failed".  So
-L{MXConnectionCreator} wraps it: each connection it makes gets a
-L{TLSOutcomeRecorder} of its own, the package's recording verify callback
-(L{mtasts_twisted.pkix.VerifyRecorder}: the OpenSSL verify error numbers
-with their depth and the service_identity outcome) plus an info callback
-that records the TLS version, the cipher and any TLS alert, one per
-C{clientConnectionForTLS} call.  L{TLSOutcome.classify} maps that record
-to an RFC 8460 result type per docs/design.rst.
-
-Three modes (L{VerifyMode}):
-
-  - C{VERIFY} (policy mode C{enforce}): the first verification failure
-    aborts the handshake; the connection is lost with a
-    L{TLSVerificationError} that carries the L{TLSOutcome}.
-  - C{RECORD_ONLY} (C{testing}, C{none}, no policy: opportunistic TLS): the
-    handshake completes whatever the certificate; the outcome says
-    C{verified=False} and why.
-  - C{DANE} (a host with usable secure TLSA records, RFC 7672 §3): the
-    TLSA records of a L{DANECheck} authenticate the presented chain instead
-    of PKIX and the host name (L{mtasts_twisted.pkix.dane_verify}); a
-    mismatch aborts the handshake as in C{VERIFY}; SNI is the TLSA base
-    domain (C{server_name}, §8.1).
-
-How delivery uses it (L{mtasts_twisted.delivery.Deliverer}, over its own
-SMTP client protocol)::
-
-    options = MXTLSOptionsCache(load_trust_root(ca_file))  # once per Deliverer
-    # per session, after the MX host's 220 to STARTTLS:
-    creator = options.creator(
-        mx_host, VerifyMode.VERIFY if enforce else VerifyMode.RECORD_ONLY)
-    transport.startTLS(creator)
-    # after the EHLO that follows (or its failure):
-    outcome = creator.outcome()             # None: TLS never started
-    details = outcome.failure_details(ip)   # None if verified
-
-The OpenSSL context is cached per MX host (L{MXTLSOptionsCache}); the
-creator, and so the recorder, is per session.  STARTTLS not offered or
-refused, and an MX host outside the policy, are reported by
-L{mtasts_twisted.delivery.details}: they are not TLS outcomes.
-
-twisted.mail's C{ESMTPSenderFactory} takes an L{MXConnectionCreator} as
-its C{contextFactory} (C{ESMTPClient.esmtpState_starttls} hands it to
-C{transport.startTLS}; tests/test_tls.py does so): a refused certificate
-then fails the sender with an C{SMTPConnectError} whose C{__cause__} is the
-L{TLSVerificationError}; a 454 to STARTTLS fails it with a
-C{twisted.mail.smtp.TLSError} even when TLS is not required (RFC 3207 §4
-leaves going on without TLS to the client).  L{mtasts_twisted.twistedmail}
-is the hook that does this for twisted.mail users: per MX host the
-planner's decision, a creator per connection
-(L{SessionAttempt<mtasts_twisted.twistedmail.SessionAttempt>}), and
-twisted.mail's outcomes turned into TLSRPT results
-(L{classify<mtasts_twisted.twistedmail.classify>}).
+The recording side of MX TLS: L{TLSOutcomeRecorder} (the package's verify
+callback plus an info callback, per connection), L{MXTLSOptionsCache} (one
+OpenSSL context per MX host) and L{MXConnectionCreator} (the
+C{IOpenSSLClientConnectionCreator} a session hands to C{startTLS}).
 """
 
 from __future__ import annotations
 
-import enum
 from collections import OrderedDict
 from collections.abc import Mapping
 
-import attrs
 from OpenSSL import SSL
 from twisted.internet import ssl
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -75,29 +18,13 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
-from mtasts_twisted.pkix import (
-    DANECheck,
-    DANEVerdict,
-    TrustRootSpec,
-    VerifyRecorder,
-    classify_verify_error,
-    deciding_verify_error,
-    load_trust_roots,
-    verify_error_name,
-)
-from mtasts_twisted.results import FailureDetails, ResultType
+from mtasts_twisted.pkix import DANECheck, TrustRootSpec, VerifyRecorder, load_trust_roots
+from mtasts_twisted.tls.outcome import TLSOutcome, TLSVerificationError, VerifyMode, _ascii_hostname
 
-__all__ = [
-    "MXConnectionCreator",
-    "MXTLSOptionsCache",
-    "TLSOutcome",
-    "TLSOutcomeRecorder",
-    "TLSVerificationError",
-    "VerifyMode",
-    "load_trust_root",
-]
+__all__ = ["MXConnectionCreator", "MXTLSOptionsCache", "TLSOutcomeRecorder", "load_trust_root"]
 
-log = Logger()
+# The package is the log namespace, as before the split into modules.
+log = Logger(namespace="mtasts_twisted.tls")
 
 #: L{mtasts_twisted.pkix.load_trust_roots}, under the name delivery imports.
 load_trust_root = load_trust_roots
@@ -133,188 +60,6 @@ _ALERT_NAMES: Mapping[int, str] = {
     116: "certificate-required",
     120: "no-application-protocol",
 }
-
-
-class VerifyMode(enum.Enum):
-    """
-    What a failed verification does to the connection.
-
-    @cvar VERIFY: abort the handshake (policy mode C{enforce}, RFC 8461 §5).
-    @cvar RECORD_ONLY: complete the handshake and record the failure
-        (C{testing}, C{none} and no policy: opportunistic TLS, RFC 8461 §5).
-    @cvar DANE: authenticate by the host's TLSA records instead of PKIX
-        and names (RFC 7672 §3), and abort the handshake on a mismatch.
-    """
-
-    VERIFY = "verify"
-    RECORD_ONLY = "record-only"
-    DANE = "dane"
-
-
-def _ascii_hostname(hostname: str) -> str:
-    hostname = hostname.rstrip(".").lower()
-    try:
-        hostname.encode("ascii")
-    except UnicodeEncodeError:
-        import idna
-
-        return idna.encode(hostname, uts46=True).decode("ascii")
-    return hostname
-
-
-@attrs.frozen
-class TLSOutcome:
-    """
-    What happened on one TLS connection to an MX host.
-
-    Take it after the handshake completed or the connection ended; while a
-    handshake is in progress it shows the handshake as failed.
-
-    @ivar hostname: the MX host name the certificate was checked against
-        (the SNI name; A-labels).
-    @ivar mode: the L{VerifyMode} of the connection.
-    @ivar handshake_completed: whether the TLS handshake finished.
-    @ivar tls_version: e.g. C{"TLSv1.3"}, when the handshake finished.
-    @ivar cipher: the cipher suite's OpenSSL name, when it finished.
-    @ivar peer_certificate_names: the DNS names and IP addresses in the
-        server certificate's subjectAltName.
-    @ivar verify_errors: the distinct OpenSSL verify errors (X509_V_ERR_*
-        numbers), in the order OpenSSL reported them.
-    @ivar verify_error_depths: every C{(depth, errnum)} OpenSSL reported;
-        depth 0 is the server's own certificate.
-    @ivar certificate_checked: whether the server certificate's name was
-        checked (false when the handshake failed before any certificate).
-    @ivar host_mismatch: whether service_identity found the certificate not
-        valid for C{hostname} (RFC 6125; RFC 8461 §4.1).
-    @ivar alerts: TLS alerts as C{"sent:<name>"} / C{"received:<name>"}.
-    @ivar internal_error: our verify code raised (logged); never verified.
-    @ivar dane_verdict: under L{VerifyMode.DANE}, the TLSA records' verdict
-        on the presented chain (RFC 7672 §3), once it was checked; the
-        OpenSSL verify errors then decide nothing.
-    """
-
-    hostname: str
-    mode: VerifyMode
-    handshake_completed: bool = False
-    tls_version: str | None = None
-    cipher: str | None = None
-    peer_certificate_names: tuple[str, ...] = ()
-    verify_errors: tuple[int, ...] = ()
-    verify_error_depths: tuple[tuple[int, int], ...] = ()
-    certificate_checked: bool = False
-    host_mismatch: bool = False
-    alerts: tuple[str, ...] = ()
-    internal_error: bool = False
-    dane_verdict: DANEVerdict | None = None
-
-    @property
-    def verified(self) -> bool:
-        """
-        Whether the handshake completed with a certificate that chains to a
-        trusted root and is valid for C{hostname} (RFC 8461 §4.1), or,
-        under L{VerifyMode.DANE}, that the TLSA records authenticate (RFC
-        7672 §3.2).
-        """
-        if self.mode is VerifyMode.DANE:
-            return (
-                self.handshake_completed
-                and self.dane_verdict is not None
-                and self.dane_verdict.passed
-                and not self.internal_error
-            )
-        return (
-            self.handshake_completed
-            and self.certificate_checked
-            and not self.verify_errors
-            and not self.host_mismatch
-            and not self.internal_error
-        )
-
-    def classify(self) -> tuple[ResultType, str | None] | None:
-        """
-        Classify a failure as an RFC 8460 §4.3.1 result type and a
-        failure-reason-code, per docs/design.rst "TLS failure → RFC 8460
-        result type".
-
-        When several problems were seen, the most fundamental wins: a chain
-        that does not lead to a trusted root, then expiry, then other chain
-        errors (L{mtasts_twisted.pkix.deciding_verify_error}), then the
-        name.  OpenSSL reports them in the same order, so C{VERIFY} (which
-        stops at the first) and C{RECORD_ONLY} (which sees them all) agree.
-
-        @return: L{None} when L{verified}; else C{(result_type, reason)}
-            where C{reason} is the deciding OpenSSL symbol, a
-            C{tls-alert-*} / C{tls-handshake-failure} code, or L{None} for a
-            host mismatch.
-        """
-        if self.verified:
-            return None
-        if self.mode is VerifyMode.DANE:
-            # RFC 8460 §4.3: the TLSA verdict's type (tlsa-invalid, or the
-            # certificate's under DANE-TA(2)); PKIX errors do not count.
-            if self.dane_verdict is not None and not self.dane_verdict.passed:
-                assert self.dane_verdict.result_type is not None
-                return self.dane_verdict.result_type, self.dane_verdict.reason
-            return self._handshake_failure()
-        errnum = deciding_verify_error(self.verify_errors)
-        if errnum is not None:
-            return classify_verify_error(errnum).result_type, verify_error_name(errnum)
-        if self.host_mismatch:
-            return ResultType.CERTIFICATE_HOST_MISMATCH, None
-        return self._handshake_failure()
-
-    def _handshake_failure(self) -> tuple[ResultType, str | None]:
-        """Classify a failure that no certificate check explains."""
-        if self.internal_error:
-            return ResultType.VALIDATION_FAILURE, "internal-error"
-        if not self.handshake_completed:
-            for alert in self.alerts:
-                if not alert.endswith(":close-notify"):
-                    return ResultType.VALIDATION_FAILURE, "tls-alert-" + alert.split(":", 1)[1]
-            return ResultType.VALIDATION_FAILURE, "tls-handshake-failure"
-        return ResultType.VALIDATION_FAILURE, "certificate-not-checked"
-
-    def failure_details(
-        self,
-        receiving_ip: str | None = None,
-        *,
-        receiving_mx_helo: str | None = None,
-        sending_mta_ip: str | None = None,
-    ) -> FailureDetails | None:
-        """
-        Return the RFC 8460 §4.3 failure-details for this connection, or
-        L{None} when it L{verified}.
-        """
-        classified = self.classify()
-        if classified is None:
-            return None
-        result_type, reason = classified
-        return FailureDetails(
-            result_type=result_type,
-            sending_mta_ip=sending_mta_ip,
-            receiving_mx_hostname=self.hostname,
-            receiving_mx_helo=receiving_mx_helo,
-            receiving_ip=receiving_ip,
-            failure_reason_code=reason,
-        )
-
-
-class TLSVerificationError(Exception):
-    """
-    The MX host's certificate failed verification in L{VerifyMode.VERIFY};
-    the connection was aborted.  The reason handed to C{connectionLost}.
-
-    @ivar outcome: the L{TLSOutcome} at the moment of failure.
-    """
-
-    def __init__(self, outcome: TLSOutcome) -> None:
-        super().__init__(outcome)
-        self.outcome = outcome
-
-    def __str__(self) -> str:
-        classified = self.outcome.classify()
-        kind = f"{classified[0].value} ({classified[1]})" if classified else "?"
-        return f"TLS verification of {self.outcome.hostname} failed: {kind}"
 
 
 class TLSOutcomeRecorder(VerifyRecorder):
