@@ -1,12 +1,19 @@
-"""A raw TCP client for tests of our own listeners (SMTP intake, socketmap)."""
+"""
+Clients the tests share: a raw TCP client for our own listeners (SMTP
+intake, socketmap), and twisted.mail's ESMTP sender that says when its
+connection is gone.
+"""
 
 from __future__ import annotations
 
 import re
 
 from twisted.internet import reactor
+from typing import Any
+
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
+from twisted.mail import smtp
 from twisted.python.failure import Failure
 
 
@@ -44,3 +51,19 @@ class RawClient(Protocol):
 
     def send(self, data: bytes) -> None:
         self.transport.write(data)
+
+
+class ClosingSenderFactory(smtp.ESMTPSenderFactory):
+    """twisted.mail's C{ESMTPSenderFactory} that also says when its connection is gone."""
+
+    domain = b"client.test"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.closed: Deferred[None] = Deferred()
+
+    def clientConnectionLost(self, connector: Any, err: Failure) -> None:
+        super().clientConnectionLost(connector, err)
+        self.closed.callback(None)
+
+    clientConnectionFailed = clientConnectionLost

@@ -23,6 +23,7 @@ from mtasts_twisted.pkix import DANECheck, tlsa_association_data
 from mtasts_twisted.results import ResultType
 from mtasts_twisted.testing.pki import PKI, IssuedCertificate
 from mtasts_twisted.testing.smtp import Behaviour, SMTPTestServer, StartTLS
+from tests.clients import ClosingSenderFactory
 from mtasts_twisted.tls import MXConnectionCreator, MXTLSOptionsCache, TLSVerificationError, VerifyMode
 
 MX = "mx.example.com"
@@ -41,22 +42,6 @@ def check(*records: TLSARecord, base: str = BASE) -> DANECheck:
     return DANECheck(records, (base, DOMAIN))
 
 
-class _SenderFactory(smtp.ESMTPSenderFactory):
-    """ESMTPSenderFactory that also says when its connection is gone."""
-
-    domain = b"client.test"
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.closed: defer.Deferred[None] = defer.Deferred()
-
-    def clientConnectionLost(self, connector: Any, err: Failure) -> None:
-        super().clientConnectionLost(connector, err)
-        self.closed.callback(None)
-
-    clientConnectionFailed = clientConnectionLost
-
-
 class DANESTARTTLSTests(unittest.TestCase):
     timeout = 30
 
@@ -70,7 +55,7 @@ class DANESTARTTLSTests(unittest.TestCase):
         # heed it.
         creator = MXConnectionCreator(MX, _PKI.ca_pem, mode=VerifyMode.DANE, dane=dane, server_name=server_name)
         done: defer.Deferred[Any] = defer.Deferred()
-        factory = _SenderFactory(
+        factory = ClosingSenderFactory(
             None, None, "a@example.org", ["b@example.com"], io.BytesIO(b"Subject: t\r\n\r\nbody\r\n"), done,
             retries=0, contextFactory=creator, requireAuthentication=False, requireTransportSecurity=True,
         )

@@ -35,6 +35,7 @@ from mtasts_twisted.results import ResultType
 from mtasts_twisted.testing.dnssec import DNSSECWorld, Security, Zone, require_world
 from mtasts_twisted.testing.pki import PKI, IssuedCertificate
 from mtasts_twisted.testing.smtp import Behaviour, SMTPTestServer, StartTLS
+from tests.clients import ClosingSenderFactory
 from mtasts_twisted.tls import MXConnectionCreator, TLSVerificationError, VerifyMode
 
 DOMAIN = "dane.test"
@@ -91,20 +92,6 @@ def policy(mode: str, *mx: str) -> Policy:
     return parse_policy("\n".join(lines) + "\n")
 
 
-class _SenderFactory(smtp.ESMTPSenderFactory):
-    domain = b"client.test"
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.closed: defer.Deferred[None] = defer.Deferred()
-
-    def clientConnectionLost(self, connector: Any, err: Failure) -> None:
-        super().clientConnectionLost(connector, err)
-        self.closed.callback(None)
-
-    clientConnectionFailed = clientConnectionLost
-
-
 class DANEWorldTests(unittest.TestCase):
     timeout = 60
 
@@ -136,7 +123,7 @@ class DANEWorldTests(unittest.TestCase):
         else:
             creator = MXConnectionCreator(target.host, _PKI.ca_pem, mode=target.verify)
         done: defer.Deferred[Any] = defer.Deferred()
-        factory = _SenderFactory(
+        factory = ClosingSenderFactory(
             None, None, "a@example.org", [f"b@{domain}"], io.BytesIO(b"Subject: t\r\n\r\nbody\r\n"), done,
             retries=0, contextFactory=creator, requireAuthentication=False,
             requireTransportSecurity=target.require_tls,

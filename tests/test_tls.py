@@ -30,6 +30,7 @@ from mtasts_twisted.testing.smtp import (
     StartTLS,
     TLS11OnlyServer,
 )
+from tests.clients import ClosingSenderFactory
 from mtasts_twisted.tls import (
     MXConnectionCreator,
     MXTLSOptionsCache,
@@ -521,22 +522,6 @@ class ValueTests(unittest.TestCase):
         self.assertRaises(ValueError, load_trust_root, b"not a certificate")
 
 
-class _SenderFactory(smtp.ESMTPSenderFactory):
-    """ESMTPSenderFactory that also says when its connection is gone."""
-
-    domain = b"client.test"
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.closed: defer.Deferred[None] = defer.Deferred()
-
-    def clientConnectionLost(self, connector: Any, err: Failure) -> None:
-        super().clientConnectionLost(connector, err)
-        self.closed.callback(None)
-
-    clientConnectionFailed = clientConnectionLost
-
-
 class STARTTLSTests(unittest.TestCase):
     """The creator as twisted.mail's ESMTP client context, over STARTTLS."""
 
@@ -548,7 +533,7 @@ class STARTTLSTests(unittest.TestCase):
         self.addCleanup(server.stop)
         creator = MXConnectionCreator(MX, _PKI.ca_pem, mode=mode)
         done: defer.Deferred[Any] = defer.Deferred()
-        factory = _SenderFactory(
+        factory = ClosingSenderFactory(
             None,
             None,
             "a@example.org",
