@@ -1,22 +1,24 @@
 """
 What a L{Deliverer<mtasts_twisted.delivery.Deliverer>} is given: the
 reactor it needs (L{DeliveryReactor}), where it gets policies
-(L{PolicySource}), and the recipient domain of a call (L{domain_of}).
+(L{PolicySource}, or L{NoPolicySource} for report mail), and the
+recipient domain of a call (L{domain_of}).
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IConnector
 from twisted.internet.protocol import ClientFactory
 
 from mtasts_twisted.cache import Lookup
 from mtasts_twisted.delivery.protocol import Clock
 from mtasts_twisted.policy import DomainError, to_alabel
+from mtasts_twisted.results import PolicyDescriptor, PolicyType, Result
 
-__all__ = ["DeliveryReactor", "PolicySource", "domain_of"]
+__all__ = ["DeliveryReactor", "NoPolicySource", "PolicySource", "domain_of"]
 
 
 class DeliveryReactor(Clock, Protocol):
@@ -74,3 +76,19 @@ def domain_of(recipients: list[str]) -> str:
     if len(domains) != 1:
         raise ValueError(f"recipients of several domains: {sorted(domains)}")
     return domains.pop()
+
+
+class NoPolicySource:
+    """
+    A L{PolicySource} that answers "no policy" for every domain.
+
+    TLSRPT report mail goes through a sender built with this instead of
+    the policy cache: RFC 8460 §5.3 says a report must be delivered even
+    when MTA-STS (or DANE) would refuse the recipient's MX, so report
+    delivery is opportunistic STARTTLS, never enforced.  Both the service's
+    report mailer and the twisted.mail hook's use it.
+    """
+
+    def get(self, domain: str) -> Deferred[Lookup]:
+        """The L{Lookup} of "no policy" for C{domain}."""
+        return succeed(Lookup(None, Result(PolicyDescriptor(PolicyType.NO_POLICY_FOUND, domain)), True))

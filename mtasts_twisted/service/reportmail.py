@@ -12,29 +12,18 @@ refuse its MX.
 from __future__ import annotations
 
 import io
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 
-from mtasts_twisted.cache import Lookup
+from mtasts_twisted.delivery.sources import NoPolicySource
 from mtasts_twisted.interfaces import IDeliverer
 from mtasts_twisted.policy import MTASTSError
-from mtasts_twisted.results import PolicyDescriptor, PolicyType, Result
 
 __all__ = ["NoPolicyCache", "ReportMailError", "ReportMailer"]
 
 
-class NoPolicyCache:
-    """
-    A policy cache stand-in that answers "no policy" for every domain.
-
-    Report mail goes through a L{Deliverer} built with this instead of the
-    real cache: RFC 8460 §5.3 says a report must be delivered even when
-    MTA-STS (or DANE) would refuse the recipient's MX, so report delivery is
-    opportunistic STARTTLS, never enforced.
-    """
-
-    def get(self, domain: str) -> Deferred[Lookup]:
-        """The L{Lookup} of "no policy" for C{domain}."""
-        return succeed(Lookup(None, Result(PolicyDescriptor(PolicyType.NO_POLICY_FOUND, domain)), True))
+#: The policy source of report mail (RFC 8460 §5.3), under the name the
+#: service has always exported.
+NoPolicyCache = NoPolicySource
 
 
 class ReportMailError(MTASTSError):

@@ -41,14 +41,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mtasts_twisted.cache import POLICY_TABLE, CacheSettings, Lookup, PolicyCache, PolicyRefresher
+from mtasts_twisted.cache import POLICY_TABLE, CacheSettings, PolicyCache, PolicyRefresher
 from mtasts_twisted.delivery import DeliverySettings
+from mtasts_twisted.delivery.sources import NoPolicySource
 from mtasts_twisted.dns import DNSHostnameResolver, DNSResolver
 from mtasts_twisted.fetch import PolicyFetcher
 from mtasts_twisted.interfaces import IResultSink, IStore
 from mtasts_twisted.pkix import load_trust_roots
 from mtasts_twisted.policy import MTASTSError
-from mtasts_twisted.results import PolicyDescriptor, PolicyType, Result
+from mtasts_twisted.results import Result
 from mtasts_twisted.store import default_database_url, open_store
 from mtasts_twisted.tls import MXTLSOptionsCache
 from mtasts_twisted.tlsrpt import (
@@ -135,13 +136,6 @@ class _Sinks:
     def record(self, result: Result, when: float | None = None) -> None:
         for sink in self._sinks:
             sink.record(result, when)
-
-
-class _NoPolicy:
-    """A policy source answering "no policy": report mail (RFC 8460 §5.3)."""
-
-    def get(self, domain: str) -> Deferred[Lookup]:
-        return succeed(Lookup(None, Result(PolicyDescriptor(PolicyType.NO_POLICY_FOUND, domain)), True))
 
 
 class MTASTSContext(MultiService):
@@ -299,7 +293,7 @@ class MTASTSContext(MultiService):
         self.sender = MTASTSSender(DomainSender(reactor, router, settings.delivery))
         # RFC 8460 §5.3: reports are delivered despite MTA-STS failures, and
         # their own sessions are not reported (§3): no policy, NULL_SINK.
-        report_router = Router(self.resolver, _NoPolicy(), self.tls_options, NULL_SINK, settings.delivery,
+        report_router = Router(self.resolver, NoPolicySource(), self.tls_options, NULL_SINK, settings.delivery,
                                rng=self._rng)
         self._report_sender = MTASTSSender(DomainSender(reactor, report_router, settings.delivery))
         cache.start()
