@@ -121,7 +121,13 @@ class FetchSuccessTests(_LoopbackMixin, TestCase):
         self.assertEqual(self.server.request_count("mta-sts.example.com", WELL_KNOWN_PATH), 1)
         request = self.server.requests[0]
         self.assertEqual(request.method, "GET")
-        self.assertEqual(dict(request.headers)["host"], "mta-sts.example.com")
+        headers = dict(request.headers)
+        self.assertEqual(headers["host"], "mta-sts.example.com")
+        # One request per connection, the text as served (RFC 9110 §12.5.3:
+        # without Accept-Encoding any coding would be acceptable).
+        self.assertEqual(headers["connection"], "close")
+        self.assertEqual(headers["accept-encoding"], "identity")
+        self.assertTrue(headers["user-agent"].startswith("mtasts-twisted/"))
 
     async def test_content_type_parameters(self) -> None:
         """C{text/plain} with parameters, in any case, is accepted."""

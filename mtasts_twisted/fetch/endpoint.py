@@ -4,8 +4,8 @@ resolver, then TLS with the package's recording verify callback
 (L{mtasts_twisted.pkix.RecordingConnectionCreator}), tracked so that the
 fetch can abort it and wait until it is gone.
 
-L{PolicyFetcher} hands L{Agent} an L{EndpointFactory} whose one endpoint,
-L{PolicyHostEndpoint}, connects to the addresses the fetch looked up
+L{PolicyFetcher} makes its one request (L{mtasts_twisted.fetch.onerequest})
+through L{PolicyHostEndpoint}, which connects to the addresses the fetch looked up
 already (no second resolution) or else resolves through the fetcher's name
 resolver.  L{Attempt} holds what one fetch needs to classify a failure (the
 creator's verify records) and to close everything at the end.
@@ -40,14 +40,13 @@ from twisted.internet.protocol import ClientFactory, connectionDone
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
-from twisted.web.client import URI
 from zope.interface import implementer
 
 from mtasts_twisted.dns import reactor_with_resolver
 from mtasts_twisted.fetch.errors import FetchTimeoutError
 from mtasts_twisted.pkix import RecordingConnectionCreator
 
-__all__ = ["Attempt", "ClientReactor", "EndpointFactory", "PolicyHostEndpoint"]
+__all__ = ["Attempt", "ClientReactor", "PolicyHostEndpoint"]
 
 
 class ClientReactor(Protocol):
@@ -255,20 +254,7 @@ class PolicyHostEndpoint:
         d = self._tcp_endpoint().connect(tracking)
 
         def unwrap(tracked: IProtocol) -> IProtocol:
-            # tracked connection → TLS protocol → the HTTP protocol Agent wants
+            # tracked connection → TLS protocol → the HTTP protocol the fetch uses
             return cast(ProtocolWrapper, cast(ProtocolWrapper, tracked).wrappedProtocol).wrappedProtocol
 
         return d.addCallback(unwrap)
-
-
-class EndpointFactory:
-    """The endpoint factory of a fetch's C{Agent}: always its one endpoint."""
-
-    def __init__(self, endpoint: PolicyHostEndpoint) -> None:
-        """@param endpoint: the fetch's endpoint."""
-        self._endpoint = endpoint
-
-    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        """The fetch's endpoint, whatever C{uri} says."""
-        # The URL names the policy host; the port may be overridden (tests).
-        return self._endpoint

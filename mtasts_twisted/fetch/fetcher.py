@@ -31,7 +31,6 @@ from collections.abc import Callable
 
 import attrs
 from OpenSSL import SSL
-from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.error import (
     ConnectingCancelledError,
@@ -43,20 +42,15 @@ from twisted.internet.interfaces import IHostnameResolver
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import (
-    Agent,
-    HTTPConnectionPool,
-    ResponseDone,
-    ResponseFailed,
-    ResponseNeverReceived,
-)
+from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface import implementer
 
 from mtasts_twisted import __version__
 from mtasts_twisted.dns import DNSHostnameResolver, DNSNoRecordError, DNSTemporaryError, reactor_with_resolver
-from mtasts_twisted.fetch.endpoint import Attempt, ClientReactor, EndpointFactory, PolicyHostEndpoint
+from mtasts_twisted.fetch.endpoint import Attempt, ClientReactor, PolicyHostEndpoint
+from mtasts_twisted.fetch.onerequest import WELL_KNOWN_PATH, get_once
 from mtasts_twisted.fetch.errors import (
     InvalidPolicyError,
     NoPolicyServedError,
@@ -97,8 +91,7 @@ log = Logger()
 #: RFC 8461 §3.3: "a timeout [...] of 60 seconds is RECOMMENDED".
 DEFAULT_TIMEOUT = 60.0
 
-_USER_AGENT = f"mtasts-twisted/{__version__}"
-_HEADERS: dict[bytes | str, bytes | str] = {"User-Agent": _USER_AGENT, "Cache-Control": "no-cache"}
+_USER_AGENT = f"mtasts-twisted/{__version__}".encode("ascii")
 
 
 @attrs.frozen
@@ -322,21 +315,12 @@ class PolicyFetcher:
         endpoint = PolicyHostEndpoint(
             self._connect_reactor, self._reactor, host, self._port, attempt, addresses
         )
-        agent = Agent.usingEndpointFactory(
-            self._reactor,
-            EndpointFactory(endpoint),
-            # No connection reuse (RFC 8461 §3.3 needs none).
-            pool=HTTPConnectionPool(self._reactor, persistent=False),
-        )
-        client = HTTPClient(agent)
         try:
-            response: IResponse = await client.get(
-                url,
-                # RFC 8461 §3.3: "HTTP 3xx redirects MUST NOT be followed".
-                allow_redirects=False,
-                unbuffered=True,
-                headers=_HEADERS,
-            )
+            # One GET on a connection of its own: no pool, no redirects
+            # (RFC 8461 §3.3: "HTTP 3xx redirects MUST NOT be followed").
+            # Host names the policy host as the URL does (the port is
+            # overridden only in tests).
+            response: IResponse = await get_once(endpoint, host.encode("ascii"), WELL_KNOWN_PATH, _USER_AGENT)
         except CancelledError:
             raise
         except Exception:
