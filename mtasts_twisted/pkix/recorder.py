@@ -162,7 +162,7 @@ class VerifyRecorder:
         self._identity = identity if identity is not None else _service_id(hostname)
         self.errors: list[tuple[int, int]] = []
         self.leaf: x509.Certificate | None = None
-        self.names: tuple[str, ...] = ()
+        self._names: tuple[str, ...] | None = None
         self.certificate_checked = False
         self.host_mismatch = False
         self.internal_error = False
@@ -170,6 +170,20 @@ class VerifyRecorder:
         #: The connection's TLS protocol until the handshake is over (weak:
         #: the connection must not be kept alive by its callback).
         self._protocol: weakref.ref[TLSMemoryBIOProtocol] | None = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """
+        The server certificate's subjectAltName DNS names and addresses
+        (L{certificate_names}), empty before it was checked.
+        """
+        # Read only for reports and messages: computed when first asked,
+        # not in every handshake's verify callback.
+        if self._names is None:
+            if self.leaf is None:
+                return ()
+            self._names = certificate_names(self.leaf)
+        return self._names
 
     def attach(self, connection: SSL.Connection, tlsProtocol: TLSMemoryBIOProtocol) -> None:
         """
@@ -253,7 +267,6 @@ class VerifyRecorder:
             return self.dane_verdict is None or self.dane_verdict.passed or not self.enforce
         self.certificate_checked = True
         leaf = self.leaf = certificate.to_cryptography()
-        self.names = certificate_names(leaf)
         # The chain as the server presented it (RFC 7671 §5.2.2: a DANE-TA
         # anchor is one of its certificates), not as OpenSSL built it.
         chain = connection.get_peer_cert_chain(as_cryptography=True) or [leaf]
@@ -266,7 +279,6 @@ class VerifyRecorder:
     def _check_name(self, certificate: crypto.X509) -> None:
         self.certificate_checked = True
         leaf = self.leaf = certificate.to_cryptography()
-        self.names = certificate_names(leaf)
         # RFC 6125: SAN dNSName (or iPAddress) only
         # (= service_identity's verify_certificate_hostname).
         identity = self._identity if self._identity is not None else DNS_ID(self.hostname)
