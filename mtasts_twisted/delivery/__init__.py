@@ -169,6 +169,12 @@ it):
     L{scan_message}, and the L{Envelope} every transaction sends.
   - L{mtasts_twisted.delivery.plan}: MX order and the MTA-STS decision per
     MX host (L{plan_attempts}, L{PlannedHost}), pure.
+  - L{mtasts_twisted.delivery.attempt}: the records of one session
+    (L{Attempt<mtasts_twisted.delivery.attempt.Attempt>}, what it did;
+    L{Connection<mtasts_twisted.delivery.attempt.Connection>}, a session
+    past its setup).
+  - L{mtasts_twisted.delivery.starttls}: STARTTLS in a session and its
+    TLSRPT decision.
   - L{mtasts_twisted.delivery.dialogue}: one session: greeting, EHLO,
     STARTTLS, one transaction, QUIT.
   - L{mtasts_twisted.delivery.accounting}: the TLSRPT results of skipped

@@ -28,7 +28,8 @@ from zope.interface import implementer
 from mtasts_twisted.cache import PolicyLookupTemporaryError
 from mtasts_twisted.delivery.accounting import attempt_result, record, skip_result
 from mtasts_twisted.delivery.danehost import dane_target, requires_dane, reuse_dane
-from mtasts_twisted.delivery.dialogue import Attempt, Connection, Dialogue, OneSessionFactory
+from mtasts_twisted.delivery.attempt import Attempt, Connection
+from mtasts_twisted.delivery.dialogue import Dialogue, OneSessionFactory
 from mtasts_twisted.delivery.logline import AttemptTally, log_result, relay_label
 from mtasts_twisted.delivery.plan import DeliveryPlan, HostAction, PlannedHost, Shuffler, plan_attempts
 from mtasts_twisted.delivery.protocol import ClientProtocol, SessionError, wire_address
