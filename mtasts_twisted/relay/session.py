@@ -45,7 +45,8 @@ from mtasts_twisted.relay.settings import RelaySettings, client_key
 
 __all__ = ["IntakeFactory", "IntakeSession"]
 
-log = Logger()
+# The intake's events keep the namespace they had before this module was split off.
+log = Logger(namespace="mtasts_twisted.relay.intake")
 
 
 class _Connection(Protocol):
