@@ -19,7 +19,6 @@ from __future__ import annotations
 import ipaddress
 
 from twisted.internet.interfaces import IAddress, IDelayedCall
-from twisted.internet.protocol import Factory
 from twisted.protocols.basic import FileSender
 
 from mtasts_twisted.delivery.attempt import Attempt, Connection
@@ -35,7 +34,6 @@ __all__ = [
     "CLOSE_TIMEOUT",
     "QUIT_TIMEOUT",
     "Dialogue",
-    "OneSessionFactory",
     "ip_of",
     "status_of",
 ]
@@ -44,26 +42,6 @@ __all__ = [
 QUIT_TIMEOUT = 10.0
 #: Longest wait for a closed connection to be gone before aborting it.
 CLOSE_TIMEOUT = 5.0
-
-
-class OneSessionFactory(Factory):
-    """
-    Hands a client endpoint the one L{ClientProtocol} of a session, without
-    Twisted's "Starting factory" / "Stopping factory" lines per connection
-    (which C{connectProtocol}'s factory logs).
-    """
-
-    noisy = False
-
-    def __init__(self, proto: ClientProtocol) -> None:
-        """
-        @param proto: the session's protocol.
-        """
-        self._proto = proto
-
-    def buildProtocol(self, addr: IAddress | None) -> ClientProtocol:
-        """The session's protocol."""
-        return self._proto
 
 
 def ip_of(address: IAddress | None) -> str | None:
