@@ -169,6 +169,12 @@ it):
     L{scan_message}, and the L{Envelope} every transaction sends.
   - L{mtasts_twisted.delivery.plan}: MX order and the MTA-STS decision per
     MX host (L{plan_attempts}, L{PlannedHost}), pure.
+  - L{mtasts_twisted.delivery.attempt}: the records of one session
+    (L{Attempt<mtasts_twisted.delivery.attempt.Attempt>}, what it did;
+    L{Connection<mtasts_twisted.delivery.attempt.Connection>}, a session
+    past its setup).
+  - L{mtasts_twisted.delivery.starttls}: STARTTLS in a session and its
+    TLSRPT decision.
   - L{mtasts_twisted.delivery.dialogue}: one session: greeting, EHLO,
     STARTTLS, one transaction, QUIT.
   - L{mtasts_twisted.delivery.accounting}: the TLSRPT results of skipped
@@ -178,16 +184,15 @@ it):
     policy=…, dsn=…, status=sent|deferred|bounced (reply)}).
   - L{mtasts_twisted.delivery.sessions}: session reuse (L{SessionPool}, the
     reuse rules).
-  - L{mtasts_twisted.delivery.deliverer}: L{Deliverer} and L{deliver}.
+  - L{mtasts_twisted.delivery.runner}: one session of a delivery, new or
+    parked, ending in one L{Attempt<mtasts_twisted.delivery.attempt.Attempt>}.
+  - L{mtasts_twisted.delivery.verdict}: the outcomes decided without a
+    server's reply (a failed lookup, no MX host took the message), pure.
+  - L{mtasts_twisted.delivery.deliverer}: L{Deliverer} and L{deliver}: the
+    lookups and the course through the MX hosts.
 """
 
-from mtasts_twisted.delivery.deliverer import (
-    MAX_ERRORS_SHOWN,
-    Deliverer,
-    DeliveryReactor,
-    PolicySource,
-    deliver,
-)
+from mtasts_twisted.delivery.deliverer import Deliverer, DeliveryReactor, PolicySource, deliver
 from mtasts_twisted.delivery.dialogue import CLOSE_TIMEOUT, QUIT_TIMEOUT
 from mtasts_twisted.delivery.plan import (
     DeliveryPlan,
@@ -199,6 +204,7 @@ from mtasts_twisted.delivery.plan import (
 )
 from mtasts_twisted.delivery.protocol import ClientProtocol, DataEncoder
 from mtasts_twisted.delivery.sessions import RSET_TIMEOUT, SessionPool
+from mtasts_twisted.delivery.verdict import MAX_ERRORS_SHOWN
 from mtasts_twisted.delivery.values import (
     CHUNK_SIZE,
     DeliveryResult,

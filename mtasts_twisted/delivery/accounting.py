@@ -34,7 +34,7 @@ from collections.abc import Iterable
 from twisted.logger import Logger
 
 from mtasts_twisted.delivery.danehost import DANE_ACTIONS, report_descriptor
-from mtasts_twisted.delivery.dialogue import Attempt
+from mtasts_twisted.delivery.attempt import Attempt
 from mtasts_twisted.delivery.plan import HostAction, PlannedHost
 from mtasts_twisted.interfaces import IResultSink
 from mtasts_twisted.results import FailureDetails, PolicyDescriptor, Result, ResultType

@@ -5,9 +5,10 @@ enforcing the domain's MTA-STS policy; and the one-off L{deliver}.
 Per delivery it looks the policy and the MX hosts up, plans the hosts
 (L{mtasts_twisted.delivery.plan}), and goes through them: per host a parked
 session if one may carry the mail (L{mtasts_twisted.delivery.sessions}),
-else per address one new session (L{mtasts_twisted.delivery.dialogue}),
-with the opportunistic plaintext retry; it gathers the recipients'
-outcomes and the TLSRPT results (L{mtasts_twisted.delivery.accounting}).
+else per address one new session (L{mtasts_twisted.delivery.runner}), with
+the opportunistic plaintext retry; it gathers the recipients' outcomes
+(those no host decided: L{mtasts_twisted.delivery.verdict}) and the TLSRPT
+results (L{mtasts_twisted.delivery.accounting}).
 What all that does, and why, is in the L{mtasts_twisted.delivery}
 docstring.
 """
@@ -21,20 +22,22 @@ from typing import Any, BinaryIO
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from mtasts_twisted.cache import PolicyLookupTemporaryError
 from mtasts_twisted.delivery.accounting import attempt_result, record, skip_result
-from mtasts_twisted.delivery.danehost import dane_target, requires_dane, reuse_dane
-from mtasts_twisted.delivery.dialogue import Attempt, Connection, Dialogue, OneSessionFactory
+from mtasts_twisted.delivery.attempt import Connection
+from mtasts_twisted.delivery.danehost import dane_target, requires_dane
+from mtasts_twisted.delivery.dialogue import Dialogue
 from mtasts_twisted.delivery.logline import AttemptTally, log_result, relay_label
 from mtasts_twisted.delivery.plan import DeliveryPlan, HostAction, PlannedHost, Shuffler, plan_attempts
-from mtasts_twisted.delivery.protocol import ClientProtocol, SessionError, wire_address
+from mtasts_twisted.delivery.protocol import wire_address
 from mtasts_twisted.delivery.requiretls import SenderControls
+from mtasts_twisted.delivery.runner import SessionRunner
 from mtasts_twisted.delivery.sessions import SessionCache, SessionPool
 from mtasts_twisted.delivery.sources import DeliveryReactor, PolicySource, domain_of
+from mtasts_twisted.delivery.verdict import every_recipient, unsent
 from mtasts_twisted.delivery.values import (
     DeliveryResult,
     DeliverySettings,
@@ -50,12 +53,9 @@ from mtasts_twisted.results import Result
 from mtasts_twisted.pkix import TrustRootSpec
 from mtasts_twisted.tls import MXTLSOptionsCache, load_trust_root
 
-__all__ = ["MAX_ERRORS_SHOWN", "Deliverer", "DeliveryReactor", "PolicySource", "deliver"]
+__all__ = ["Deliverer", "DeliveryReactor", "PolicySource", "deliver"]
 
 log = Logger()
-
-#: Errors of failed attempts kept for a transient outcome's message.
-MAX_ERRORS_SHOWN = 4
 
 
 @implementer(IDeliverer)
@@ -105,6 +105,8 @@ class Deliverer:
         self._sessions = SessionCache(reactor, settings, self._dialogue.close)
         #: Sessions parked for reuse (None: reuse is off).
         self._pool: SessionPool[Connection] | None = self._sessions.pool
+        #: Runs each session: a new connection, or a transaction on a parked one.
+        self._runner = SessionRunner(reactor, settings, self._dialogue, self._sessions)
         #: DANE statuses found, by L{DANEState<mtasts_twisted.dane.DANEState>}
         #: value (with C{settings.dane}; read by the metrics).
         self.dane_lookups: collections.Counter[str] = collections.Counter()
@@ -178,12 +180,6 @@ class Deliverer:
         log_result(log, result, tally, self._reactor.seconds(), self.settings.port_of, policy_known)
         return result
 
-    @staticmethod
-    def _all(
-        recipients: list[str], status: Status, message: str, mx_host: str | None = None
-    ) -> dict[str, RecipientOutcome]:
-        return {r: RecipientOutcome(r, status, None, message, mx_host, None, False) for r in recipients}
-
     async def _deliver(
         self, sender: str, recipients: list[str], message: BinaryIO, smtputf8: bool = False,
         requiretls: bool = False,
@@ -203,7 +199,7 @@ class Deliverer:
                 domain,
                 None,
                 recipients,
-                self._all(recipients, Status.TRANSIENT, f"4.4.3 MTA-STS policy lookup for {domain} failed: {e}"),
+                every_recipient(recipients, Status.TRANSIENT, f"4.4.3 MTA-STS policy lookup for {domain} failed: {e}"),
                 results,
                 tally,
                 policy_known=False,
@@ -216,7 +212,7 @@ class Deliverer:
                 domain,
                 None,
                 recipients,
-                self._all(recipients, Status.TRANSIENT, f"4.3.0 MTA-STS policy lookup for {domain} failed: {e!r}"),
+                every_recipient(recipients, Status.TRANSIENT, f"4.3.0 MTA-STS policy lookup for {domain} failed: {e!r}"),
                 results,
                 tally,
                 policy_known=False,
@@ -231,7 +227,7 @@ class Deliverer:
                 domain,
                 plan.mode,
                 recipients,
-                self._all(recipients, Status.PERMANENT, f"5.1.2 {domain} has no mail exchanger: {e}"),
+                every_recipient(recipients, Status.PERMANENT, f"5.1.2 {domain} has no mail exchanger: {e}"),
                 results,
                 tally,
             )
@@ -240,7 +236,7 @@ class Deliverer:
                 domain,
                 plan.mode,
                 recipients,
-                self._all(recipients, Status.TRANSIENT, f"4.4.3 MX lookup for {domain} failed: {e}"),
+                every_recipient(recipients, Status.TRANSIENT, f"4.4.3 MX lookup for {domain} failed: {e}"),
                 results,
                 tally,
             )
@@ -250,7 +246,7 @@ class Deliverer:
                 domain,
                 plan.mode,
                 recipients,
-                self._all(recipients, Status.PERMANENT, f"5.1.10 {domain} accepts no mail (null MX, RFC 7505)"),
+                every_recipient(recipients, Status.PERMANENT, f"5.1.10 {domain} accepts no mail (null MX, RFC 7505)"),
                 results,
                 tally,
             )
@@ -321,7 +317,7 @@ class Deliverer:
                     conn = self._sessions.take(plan, target, ips)
                     if conn is None:
                         break
-                    reused = await self._reused_session(conn, plan, target, envelope, pending)
+                    reused = await self._runner.reused(conn, plan, target, envelope, pending)
                     if reused is None:
                         continue
                     outcomes.update(reused.outcomes)
@@ -331,7 +327,7 @@ class Deliverer:
                 for ip in ips:
                     if not pending:
                         break
-                    attempt = await self._session(plan, target, ip, envelope, pending, True)
+                    attempt = await self._runner.new(plan, target, ip, envelope, pending, True)
                     controls.attempted(attempt)
                     counted = attempt_result(plan.descriptor, target, attempt)
                     if counted is not None:
@@ -345,7 +341,7 @@ class Deliverer:
                             relay=relay_label(host, ip, self.settings.port_of(host)),
                             error=attempt.error,
                         )
-                        attempt = await self._session(plan, target, ip, envelope, pending, False)
+                        attempt = await self._runner.new(plan, target, ip, envelope, pending, False)
                     outcomes.update(attempt.outcomes)
                     tally.decided(attempt)
                     pending = [r for r in pending if r not in outcomes]
@@ -358,87 +354,11 @@ class Deliverer:
             message.seek(envelope.info.start)
 
         if pending:
-            shown = errors[-MAX_ERRORS_SHOWN:] or ["no MX host could be tried"]
-            refused = controls.unsent(domain, planned_hosts)
-            if refused is not None:
-                # RFC 8689 §4.2.1: no host meets REQUIRETLS: permanent.
-                for recipient in pending:
-                    outcomes[recipient] = RecipientOutcome(
-                        recipient, Status.PERMANENT, None, refused, last_host, None, False
-                    )
-                pending = []
-            elif dane_failed:
-                # RFC 7672 §2.1.2, §2.2: a DANE failure is temporary.
-                text = f"4.7.5 no MX host of {domain} passed DANE or MTA-STS checks and took the message: "
-            elif plan.enforce:
-                # RFC 8461 §5.1: never permanent before a fresh policy check;
-                # the relay's retry looks the policy up again.
-                text = f"4.7.5 no MX host of {domain} passed MTA-STS (enforce) checks and took the message: "
-            else:
-                text = f"4.4.1 no MX host of {domain} took the message: "
-            for recipient in pending:
-                outcomes[recipient] = RecipientOutcome(
-                    recipient, Status.TRANSIENT, last_code, text + "; ".join(shown), last_host, None, False
-                )
+            outcomes.update(unsent(
+                domain, pending, errors, refused=controls.unsent(domain, planned_hosts), dane_failed=dane_failed,
+                enforce=plan.enforce, last_host=last_host, last_code=last_code,
+            ))
         return self._finish(domain, plan.mode, recipients, outcomes, results, tally)
-
-    # -- one session --
-
-    async def _session(
-        self,
-        plan: DeliveryPlan,
-        target: PlannedHost,
-        ip: str,
-        envelope: Envelope,
-        pending: list[str],
-        use_tls: bool,
-    ) -> Attempt:
-        """One new session with address C{ip} of C{target}."""
-        host = target.host
-        attempt = Attempt(host, ip)
-        proto = ClientProtocol(self._reactor)
-        endpoint_type = TCP6ClientEndpoint if ":" in ip else TCP4ClientEndpoint
-        port = self.settings.port_of(host)
-        endpoint = endpoint_type(self._reactor, ip, port, timeout=self.settings.connect_timeout)
-        created = self._reactor.seconds()
-        try:
-            await endpoint.connect(OneSessionFactory(proto))
-        except Exception as e:
-            attempt.error = f"cannot connect to port {port}: {e}"
-            return attempt
-        timer = self._reactor.callLater(
-            self.settings.session_timeout,
-            proto.expire,
-            SessionError(f"session timed out after {self.settings.session_timeout:g} s"),
-        )
-        conn: Connection | None = None
-        try:
-            extensions = await self._dialogue.open(proto, attempt, target, use_tls, plan.domain)
-            conn = Connection(
-                proto,
-                timer,
-                plan.reuse_key(host, port, reuse_dane(target)),
-                host,
-                ip,
-                created,
-                target.verify,
-                attempt.tls_version,
-                attempt.verified,
-                extensions,
-            )
-            await self._dialogue.transaction(conn, attempt, target, envelope, pending)
-        except SessionError as e:
-            attempt.error = str(e)
-            attempt.code = e.code
-        except Exception as e:
-            log.failure("SMTP session with {host} [{ip}] failed", host=host, ip=ip)
-            attempt.error = f"internal error: {e!r}"
-        if attempt.error is None:
-            assert conn is not None
-            self._sessions.release(conn, plan, target, use_tls)
-        else:
-            await self._dialogue.close(proto, timer)
-        return attempt
 
     async def _dane(
         self, plan: DeliveryPlan, target: PlannedHost, errors: list[str]
@@ -458,49 +378,6 @@ class Deliverer:
         if target.dane is not None:
             self.dane_lookups[target.dane.state.value] += 1
         return answer, target
-
-    async def _reused_session(
-        self,
-        conn: Connection,
-        plan: DeliveryPlan,
-        target: PlannedHost,
-        envelope: Envelope,
-        pending: list[str],
-    ) -> Attempt | None:
-        """
-        One transaction on a parked session.  L{None} when the session
-        turned out dead before the transaction began (the caller goes on
-        as if it had never been parked).  A session that fails before the
-        end of data leaves its undecided recipients pending for a new
-        connection, like any failed session.  No TLSRPT result: RFC 8460
-        §4 counts TLS sessions, and this one was counted when it was made.
-        """
-        if not await self._sessions.probe(conn):
-            return None
-        log.debug(
-            "reusing the session to {host} [{ip}] ({tls_version}, verified={verified}) for transaction {number}",
-            host=conn.host,
-            ip=conn.ip,
-            tls_version=conn.tls_version,
-            verified=conn.verified,
-            number=conn.transactions + 1,
-        )
-        attempt = Attempt(conn.host, conn.ip, tls_version=conn.tls_version, verified=conn.verified)
-        try:
-            await self._dialogue.transaction(conn, attempt, target, envelope, pending)
-        except SessionError as e:
-            attempt.error = str(e)
-            attempt.code = e.code
-        except Exception as e:  # noqa: BLE001 - a bug here must not lose the delivery
-            log.failure("SMTP session with {host} [{ip}] failed", host=conn.host, ip=conn.ip)
-            attempt.error = f"internal error: {e!r}"
-        if attempt.error is None:
-            self._sessions.release(conn, plan, target, True)
-        else:
-            log.debug("reused session to {host} [{ip}] failed ({error}); connecting anew",
-                      host=conn.host, ip=conn.ip, error=attempt.error)
-            await self._dialogue.close(conn.proto, conn.timer)
-        return attempt
 
 
 def deliver(

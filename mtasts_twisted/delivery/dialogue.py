@@ -1,45 +1,39 @@
 """
 The client's side of one SMTP session with one MX host address, as the
 plan asks (RFC 5321 §3–§4, RFC 3207): the greeting, EHLO (HELO fallback),
-STARTTLS with the certificate checked in the host's L{VerifyMode}, one
-transaction (MAIL, one RCPT per recipient, DATA) for an L{Envelope}, and
-QUIT.
+STARTTLS (L{mtasts_twisted.delivery.starttls}), one transaction (MAIL, one
+RCPT per recipient, DATA) for an L{Envelope}, and QUIT.
 
   - L{Dialogue}: says all that over a L{ClientProtocol}; one per
-    L{Deliverer<mtasts_twisted.delivery.Deliverer>}.
-  - L{Attempt}: what one session did: the recipients it decided, why it
-    ended, and what its STARTTLS decision was (for the TLSRPT accounting
-    in L{mtasts_twisted.delivery.accounting}).
-  - L{Connection}: a session past its (TLS) setup, as carried from
-    transaction to transaction when it is reused.
+    L{Deliverer<mtasts_twisted.delivery.Deliverer>}.  What a session did
+    goes into its L{Attempt}; a session past its setup is a L{Connection}
+    (L{mtasts_twisted.delivery.attempt}).
+  - Before MAIL, what the message and the addresses need of the server
+    (C{8BITMIME}, C{SMTPUTF8}, C{SIZE}; RFC 6152, RFC 6531, RFC 1870) and
+    whether MAIL carries C{REQUIRETLS} (RFC 8689,
+    L{mtasts_twisted.delivery.requiretls}).
 """
 
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
 
-import attrs
 from twisted.internet.interfaces import IAddress, IDelayedCall
-from twisted.internet.protocol import Factory
 from twisted.protocols.basic import FileSender
 
-from mtasts_twisted.delivery.danehost import dane_check, tls_accepted
+from mtasts_twisted.delivery.attempt import Attempt, Connection
+from mtasts_twisted.delivery.danehost import tls_accepted
 from mtasts_twisted.delivery.plan import PlannedHost
 from mtasts_twisted.delivery.protocol import ClientProtocol, Clock, DataEncoder, Reply, SessionError, parse_ehlo
-from mtasts_twisted.delivery.requiretls import RefusalKind, requiretls_allows, session_refusal
-from mtasts_twisted.delivery.values import DeliverySettings, Envelope, RecipientOutcome, Status
-from mtasts_twisted.results import FailureDetails, ResultType
-from mtasts_twisted.delivery.details import starttls_not_supported_details
-from mtasts_twisted.tls import MXTLSOptionsCache, VerifyMode
+from mtasts_twisted.delivery.requiretls import requiretls_allows, session_refusal
+from mtasts_twisted.delivery.starttls import start_tls
+from mtasts_twisted.delivery.values import DeliverySettings, Envelope, Status
+from mtasts_twisted.tls import MXTLSOptionsCache
 
 __all__ = [
     "CLOSE_TIMEOUT",
     "QUIT_TIMEOUT",
-    "Attempt",
-    "Connection",
     "Dialogue",
-    "OneSessionFactory",
     "ip_of",
     "status_of",
 ]
@@ -48,110 +42,6 @@ __all__ = [
 QUIT_TIMEOUT = 10.0
 #: Longest wait for a closed connection to be gone before aborting it.
 CLOSE_TIMEOUT = 5.0
-
-
-@attrs.define
-class Attempt:
-    """
-    What one session with one address of one MX host did.
-
-    @ivar host: the MX host.
-    @ivar ip: the address.
-    @ivar local_ip: the local address of the connection (RFC 8460 §4.4
-        C{sending-mta-ip}), once connected.
-    @ivar outcomes: the recipients it decided.
-    @ivar error: why it ended without deciding the others, or L{None}.
-    @ivar code: the reply code that ended it, if any.
-    @ivar retry_plaintext: its TLS handshake failed and the plan allows a
-        retry without STARTTLS on a new connection.
-    @ivar tls_version: e.g. C{"TLSv1.3"} once TLS is negotiated.
-    @ivar verified: whether the certificate verified.
-    @ivar tls_decided: whether it reached the STARTTLS decision (STARTTLS
-        not offered, refused, or a handshake, failed or completed).
-    @ivar tls_failure: why TLS was not negotiated or not verified, once
-        decided; L{None} for verified TLS.
-    @ivar tls_negotiated: whether the TLS handshake completed.
-    @ivar requiretls_refused: why this session could not carry a
-        REQUIRETLS message (RFC 8689 §4.2.1), or L{None}.
-    """
-
-    host: str
-    ip: str
-    local_ip: str | None = None
-    outcomes: dict[str, RecipientOutcome] = attrs.field(factory=dict)
-    error: str | None = None
-    code: int | None = None
-    retry_plaintext: bool = False
-    tls_version: str | None = None
-    verified: bool = False
-    tls_decided: bool = False
-    tls_failure: FailureDetails | None = None
-    tls_negotiated: bool = False
-    requiretls_refused: RefusalKind | None = None
-
-    def decide(self, recipient: str, status: Status, code: int | None, message: str) -> None:
-        """Record the outcome for C{recipient}."""
-        self.outcomes[recipient] = RecipientOutcome(
-            recipient, status, code, message, self.host, self.tls_version, self.verified
-        )
-
-    def tls_decision(self, failure: FailureDetails | None, negotiated: bool) -> None:
-        """Record the STARTTLS decision: C{failure} (or L{None}), and whether TLS was negotiated."""
-        self.tls_decided = True
-        self.tls_failure = failure
-        self.tls_negotiated = negotiated
-
-
-@attrs.define(eq=False)
-class Connection:
-    """
-    An open SMTP session past its (TLS) setup, as parked for reuse.
-
-    @ivar proto: its protocol.
-    @ivar timer: its session timeout.
-    @ivar key: its L{DeliveryPlan.reuse_key
-        <mtasts_twisted.delivery.plan.DeliveryPlan.reuse_key>}.
-    @ivar host: the MX host.
-    @ivar ip: the address connected to.
-    @ivar created: when it connected (the clock's seconds).
-    @ivar verify_mode: the L{VerifyMode} its handshake ran under.
-    @ivar tls_version: e.g. C{"TLSv1.3"}, or L{None} without TLS.
-    @ivar verified: whether its certificate verified.
-    @ivar extensions: the EHLO keywords after STARTTLS.
-    @ivar transactions: transactions it has carried.
-    """
-
-    proto: ClientProtocol
-    timer: IDelayedCall
-    key: tuple[Any, ...]
-    host: str
-    ip: str
-    created: float
-    verify_mode: VerifyMode
-    tls_version: str | None
-    verified: bool
-    extensions: dict[str, str]
-    transactions: int = 0
-
-
-class OneSessionFactory(Factory):
-    """
-    Hands a client endpoint the one L{ClientProtocol} of a session, without
-    Twisted's "Starting factory" / "Stopping factory" lines per connection
-    (which C{connectProtocol}'s factory logs).
-    """
-
-    noisy = False
-
-    def __init__(self, proto: ClientProtocol) -> None:
-        """
-        @param proto: the session's protocol.
-        """
-        self._proto = proto
-
-    def buildProtocol(self, addr: IAddress | None) -> ClientProtocol:
-        """The session's protocol."""
-        return self._proto
 
 
 def ip_of(address: IAddress | None) -> str | None:
@@ -213,10 +103,15 @@ class Dialogue:
         extensions = await self._ehlo(proto)
 
         if use_tls:
-            extensions = await self._starttls(proto, attempt, target, extensions, next_hop)
+            reply = await start_tls(
+                proto, attempt, target, extensions,
+                tls_options=self._tls_options, helo=self._helo, timeout=timeout, next_hop=next_hop,
+            )
+            if reply is not None:
+                extensions = await self._extensions(proto, reply, "EHLO after STARTTLS")
 
         if not tls_accepted(target, target.verify, attempt.tls_negotiated, attempt.verified):
-            # _starttls raised already; this guards the promise itself.
+            # start_tls raised already; this guards the promise itself.
             raise SessionError(f"not verified: refusing to send ({target.action.value})")
         return extensions
 
@@ -427,87 +322,3 @@ class Dialogue:
             attempt.requiretls_refused = refusal.kind
             raise refusal
         return True
-
-    async def _starttls(
-        self,
-        proto: ClientProtocol,
-        attempt: Attempt,
-        target: PlannedHost,
-        extensions: dict[str, str],
-        next_hop: str = "",
-    ) -> dict[str, str]:
-        """
-        Negotiate TLS if offered; record the decision in C{attempt}
-        (L{Attempt.tls_decision}, C{.tls_version}, C{.verified}).  Return
-        the extensions to use.
-        """
-        host, ip, local = attempt.host, attempt.ip, attempt.local_ip
-        timeout = self._timeout
-        if "STARTTLS" not in extensions:
-            attempt.tls_decision(starttls_not_supported_details(host, ip, sending_mta_ip=local), False)
-            if target.require_tls:
-                # RFC 8461 §5: enforce requires TLS; RFC 7672 §2.2: so do
-                # secure TLSA records.
-                raise SessionError("STARTTLS not offered")
-            return extensions
-        proto.switching = True
-        reply = await proto.command(b"STARTTLS", timeout)
-        proto.switching = False
-        if reply.code != 220:
-            attempt.tls_decision(
-                starttls_not_supported_details(host, ip, reply_code=reply.code, sending_mta_ip=local), False
-            )
-            if target.require_tls:
-                raise SessionError(f"STARTTLS refused: {reply}", reply.code)
-            # RFC 3207 §4: the client decides whether to go on; opportunistic
-            # delivery goes on in plaintext on this connection.
-            return extensions
-        if proto.injected:
-            raise SessionError("plaintext data after the 220 reply to STARTTLS (command injection)")
-        # One creator (one recorder) per session; the OpenSSL context under
-        # it is cached per MX host (no context or trust store per session).
-        # Under DANE: the TLSA records and SNI the TLSA base domain (RFC
-        # 7672 §3, §8.1).
-        creator = self._tls_options.creator(
-            host, target.verify, dane=dane_check(target, next_hop), server_name=target.server_name
-        )
-        proto.tls_transport.startTLS(creator)
-        # The EHLO is buffered by the TLS layer until the handshake is done,
-        # so under VERIFY it never reaches a server that failed verification.
-        try:
-            reply = await proto.command(b"EHLO " + self._helo, timeout)
-        except SessionError as e:
-            outcome = creator.outcome()
-            if outcome is not None and outcome.handshake_completed:
-                # TLS was negotiated; the session failed afterwards.
-                attempt.tls_version = outcome.tls_version
-                attempt.verified = outcome.verified
-                attempt.tls_decision(outcome.failure_details(ip, sending_mta_ip=local), True)
-                raise
-            details: FailureDetails | None = None
-            kind = "failed"
-            if outcome is not None:
-                details = outcome.failure_details(ip, sending_mta_ip=local)
-                classified = outcome.classify()
-                if classified:
-                    kind = f"{classified[0].value} ({classified[1]})"
-            if details is None:
-                details = FailureDetails(
-                    ResultType.VALIDATION_FAILURE,
-                    sending_mta_ip=local,
-                    receiving_mx_hostname=host,
-                    receiving_ip=ip,
-                    failure_reason_code="tls-handshake-failure",
-                )
-            attempt.tls_decision(details, False)
-            attempt.retry_plaintext = not target.require_tls
-            # The reason once: a refused certificate's error repeats it.
-            why = "" if kind != "failed" and kind in str(e) else f"; {e}"
-            raise SessionError(f"TLS with {host} failed: {kind}{why}") from None
-        outcome = creator.outcome()
-        assert outcome is not None
-        attempt.tls_version = outcome.tls_version
-        attempt.verified = outcome.verified
-        attempt.tls_decision(outcome.failure_details(ip, sending_mta_ip=local), True)
-        return await self._extensions(proto, reply, "EHLO after STARTTLS")
-

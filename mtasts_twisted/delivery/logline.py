@@ -34,7 +34,7 @@ from collections.abc import Callable
 import attrs
 from twisted.logger import Logger
 
-from mtasts_twisted.delivery.dialogue import Attempt
+from mtasts_twisted.delivery.attempt import Attempt
 from mtasts_twisted.delivery.values import DeliveryResult, RecipientOutcome, Status
 from mtasts_twisted.policy import Mode
 

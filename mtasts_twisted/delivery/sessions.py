@@ -36,7 +36,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from mtasts_twisted.delivery.danehost import DANE_ACTIONS, reuse_dane, tls_accepted
-from mtasts_twisted.delivery.dialogue import Connection
+from mtasts_twisted.delivery.attempt import Connection
 from mtasts_twisted.delivery.plan import DeliveryPlan, PlannedHost
 from mtasts_twisted.delivery.protocol import ClientProtocol, Clock, SessionError
 from mtasts_twisted.delivery.values import DeliverySettings

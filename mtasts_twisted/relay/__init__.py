@@ -19,8 +19,10 @@ The rooms, bottom to top:
     its C{Received:} line.
   - L{transaction <mtasts_twisted.relay.transaction>}: one MAIL
     transaction of the intake and the C{IMessage} that spools its data.
+  - L{session <mtasts_twisted.relay.session>}: one SMTP connection of the
+    intake: who may connect, the limits and timers, how lines are read.
   - L{intake <mtasts_twisted.relay.intake>}: the SMTP server side,
-    L{RelaySMTPFactory} and its L{RelaySMTP} protocol.
+    L{RelaySMTPFactory} and its L{RelaySMTP} protocol (the commands).
   - L{timetable <mtasts_twisted.relay.timetable>}: L{Timetable}, when
     each queued message is due (the workers' in-memory schedule).
   - L{outcomes <mtasts_twisted.relay.outcomes>}: L{OutcomeRecorder}, what
