@@ -16,7 +16,7 @@ import json
 from typing import Any, Callable, Optional, Sequence
 
 from twisted.enterprise import adbapi
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -25,6 +25,7 @@ from mtasts_twisted.interfaces import IShelf, IStore
 from mtasts_twisted.store.codec import JSONDict, UpdateFunction, _check_key, _decode, _encode
 from mtasts_twisted.store.dialects import StoreReactor, _Dialect
 from mtasts_twisted.store.errors import StoreError
+from mtasts_twisted.store.reader import ReactorReader, WouldWait
 from mtasts_twisted.store.schema import Cursor
 
 __all__ = ["Shelf", "Store"]
@@ -59,6 +60,15 @@ class Store:
         self._closed = False
         self._in_flight = 0
         self._idle: list[Deferred[None]] = []
+        #: Key reads in the reactor thread (SQLite), or None: all in the pool.
+        self._reader: ReactorReader | None = None
+
+    def read_in_reactor(self, reader: ReactorReader) -> None:
+        """
+        Answer L{Shelf.get} with C{reader} from the calling (reactor)
+        thread when it can (see L{mtasts_twisted.store.reader}).
+        """
+        self._reader = reader
 
     def __repr__(self) -> str:
         return f"<Store {self.url}>"
@@ -92,6 +102,9 @@ class Store:
     async def _close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
             if self._in_flight:
                 waiting: Deferred[None] = Deferred()
                 self._idle.append(waiting)
@@ -149,6 +162,9 @@ class Shelf:
         self._store = store
         self._dialect = store._dialect
         self.name = name
+        #: Keys with a write of this process in flight, and how many: their
+        #: reads go through the pool, after those writes.
+        self._writing: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"<Shelf {self.name} of {self._store.url}>"
@@ -160,6 +176,21 @@ class Shelf:
         @param key: the key.
         @return: L{Deferred} firing with the stored dict, or L{None}.
         """
+        reader = self._store._reader
+        if reader is not None:
+            try:
+                _check_key(key)
+                if key in self._writing:
+                    raise WouldWait("a write of this key is in flight")
+                return succeed(_decode(reader.value(self.name, key)))
+            except WouldWait:
+                pass  # the pool thread may wait; the reactor may not
+            except self._dialect.dbapi.Error as e:
+                error = self._dialect.translate(e)
+                error.__cause__ = e
+                return fail(error)
+            except Exception:
+                return fail()
         return Deferred.fromCoroutine(self._get(key))
 
     async def _get(self, key: str) -> Optional[JSONDict]:
@@ -186,7 +217,19 @@ class Shelf:
 
     async def _put(self, key: str, value: JSONDict) -> None:
         _check_key(key)
-        await self._store._run(self._upsert, key, _encode(value))
+        await self._write(key, self._upsert, key, _encode(value))
+
+    async def _write(self, key: str, interaction: Callable[..., Any], *args: Any) -> Any:
+        """Run a write of C{key} in the pool; reads of C{key} wait for it."""
+        writing = self._writing
+        writing[key] = writing.get(key, 0) + 1
+        try:
+            return await self._store._run(interaction, *args)
+        finally:
+            if writing[key] == 1:
+                del writing[key]
+            else:
+                writing[key] -= 1
 
     def _upsert(self, txn: Cursor, key: str, text: str) -> None:
         txn.execute(
@@ -208,7 +251,7 @@ class Shelf:
 
     async def _delete(self, key: str) -> bool:
         _check_key(key)
-        return bool(await self._store._run(self._remove, key))
+        return bool(await self._write(key, self._remove, key))
 
     def _remove(self, txn: Cursor, key: str) -> int:
         txn.execute(
@@ -268,7 +311,7 @@ class Shelf:
 
     async def _update(self, key: str, function: UpdateFunction) -> Optional[JSONDict]:
         _check_key(key)
-        return _decode(await self._store._run(self._read_modify_write, key, function))
+        return _decode(await self._write(key, self._read_modify_write, key, function))
 
     def _read_modify_write(
         self, txn: Cursor, key: str, function: UpdateFunction
