@@ -64,6 +64,10 @@ def _check_web(endpoint: str | None, password_file: str | None) -> None:
     The status page binds loopback unless a password file guards it; a
     password file must name at least one user.
     """
+    if endpoint is None and password_file is None:
+        return
+    # The status page's modules (twisted.web.server, templates) load only
+    # when it is configured: a socketmap-only process stays smaller.
     from mtasts_twisted.web import read_password_file, requires_auth
 
     if password_file is not None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import cast
 
 from OpenSSL import SSL
-from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IHostnameResolver, IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
@@ -157,6 +156,10 @@ class HTTPSReportSender:
                 # One report per connection: nothing to keep open between days.
                 pool=_quiet_pool(reactor),
             )
+        # treq (and hyperlink, for its URLs) loads only once a report
+        # sender exists: a process that sends no reports stays smaller.
+        from treq.client import HTTPClient
+
         self._client = HTTPClient(agent)
 
     def send(self, uri: str, report: Report) -> Deferred[int]:
