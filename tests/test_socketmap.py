@@ -1242,6 +1242,28 @@ class ResultNowTests(SynchronousTestCase):
             else:
                 self.assertEqual(now, seen[0])
 
+    def test_store_errors_are_one_line(self):
+        """A store error is TEMP with one log line and no traceback (shutdown: info)."""
+        from twisted.logger import LogLevel, globalLogPublisher
+
+        from mtasts_twisted.store import StoreError
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        resolver = FakeResolver()
+        cache = PolicyCache(MemoryStore(), resolver, FakeFetcher(), Clock())
+        factory = SocketmapFactory(cache, resolver, Clock(), SocketmapSettings(idle_timeout=None))
+        expected = encode_netstring(b"TEMP MTA-STS policy of example.com unavailable (internal-error)")
+        for reason, level in (("database-locked", LogLevel.error), ("store-closed", LogLevel.info)):
+            del events[:]
+            cache.get = lambda domain, reason=reason: fail(StoreError("sqlite:/x: " + reason, reason=reason))
+            self.assertEqual(factory.respond(b"postfix example.com"), expected)
+            [event] = [e for e in events if "example.com" in str(e.get("domain", ""))]
+            self.assertIs(event["log_level"], level)
+            self.assertNotIn("log_failure", event)
+        self.assertEqual(self.flushLoggedErrors(StoreError), [])
+
     def test_hot_cache_answer_adds_no_callback(self):
         """The server reads a fired lookup without a callback, and consumes a failure."""
         clock = Clock()

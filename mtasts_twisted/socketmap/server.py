@@ -50,6 +50,7 @@ from mtasts_twisted.socketmap.netstring import encode_netstring
 from mtasts_twisted.socketmap.protocol import SocketmapProtocol
 from mtasts_twisted.socketmap.request import MalformedRequestError, ParsedKey, parse_key, parse_request
 from mtasts_twisted.socketmap.settings import DEFAULT_SETTINGS, SocketmapSettings
+from mtasts_twisted.store import StoreError
 
 __all__ = ["CONNECTION_EVENTS", "EVICTING", "Counter", "PolicySource", "SocketmapFactory"]
 
@@ -400,6 +401,16 @@ class SocketmapFactory(Factory):
             text = render_failure(domain, error.reason, self.settings)
         elif isinstance(error, DomainError):
             text = "PERM " + str(error)[:200]
+        elif isinstance(error, StoreError):
+            # A known condition with its own reason (the database is down,
+            # locked or full, or closed while the service stops): one line,
+            # no traceback; Postfix retries on TEMP.
+            if error.reason == "store-closed":
+                log.info("MTA-STS policy lookup of {domain} ended by shutdown; answering TEMP", domain=domain)
+            else:
+                log.error("MTA-STS policy lookup of {domain} failed: store error ({reason}): {error}",
+                          domain=domain, reason=error.reason, error=str(error))
+            text = render_failure(domain, "internal-error", self.settings)
         else:
             log.failure("MTA-STS policy lookup of {domain} failed", failure, domain=domain)
             text = render_failure(domain, "internal-error", self.settings)
