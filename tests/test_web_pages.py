@@ -30,7 +30,7 @@ from mtasts_twisted.web.data import (
     verdict,
 )
 from mtasts_twisted.web.pages import domain_html, domains_html, overview_html, queue_html, render, reports_html
-from mtasts_twisted.web.server import requires_auth
+from mtasts_twisted.web.auth import requires_auth
 
 NOW = 1_764_720_000.0  # 2025-12-03 00:00 UTC
 HOUR = 3600.0

@@ -171,8 +171,8 @@ class MTASTSService(MultiService):
         CounterSampler(lambda: self.stats.socketmap.counts if self.stats.socketmap is not None else None,
                        self.stats.hourly_lookups.add, reactor).setServiceParent(self)
         resource: Any = StatusResource(sources)
-        if self.settings.web_password_file is not None:
-            resource = protect(resource, self.settings.web_password_file)
+        if self.settings.web_password_file is not None or self.settings.web_token_file is not None:
+            resource = protect(resource, self.settings.web_password_file, self.settings.web_token_file)
         return WebSite(resource, reactor)
 
     def startService(self) -> None:
