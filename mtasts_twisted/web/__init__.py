@@ -8,6 +8,8 @@ twisted.web, charts drawn as SVG on the server (no script).
     (L{WebSources}) and the coroutines that read it.
   - L{sampler <mtasts_twisted.web.sampler>}: per-hour counts of running
     totals (the socketmap's answers).
+  - L{verdict <mtasts_twisted.web.verdict>}: what the service would answer
+    for a domain now, from the cache (no lookup made).
   - L{chart <mtasts_twisted.web.chart>}: SVG charts.
   - L{pages <mtasts_twisted.web.pages>}: rendering (twisted.web.template,
     so every value is escaped).

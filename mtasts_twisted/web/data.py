@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Hashable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
+
+if TYPE_CHECKING:
+    from mtasts_twisted.web.verdict import Verdict
 
 __all__ = [
     "DomainPage",
@@ -31,7 +34,6 @@ __all__ = [
     "overview",
     "queue_rows",
     "report_rows",
-    "verdict",
 ]
 
 #: Delivery outcomes in chart order.
@@ -262,33 +264,6 @@ class ResultRow:
     details: tuple[tuple[str, str, int], ...] = ()
 
 
-def verdict(entry: Any | None, now: float) -> str:
-    """
-    What the cached entry means for mail to its domain now (no lookup is
-    made: the page changes nothing; C{mtasts-twisted lookup} looks now).
-
-    @param entry: a L{CacheEntry<mtasts_twisted.cache.CacheEntry>}, or L{None}.
-    @param now: POSIX time.
-    """
-    if entry is None:
-        return "not cached: the next delivery looks the policy up (mtasts-twisted lookup DOMAIN looks now)"
-    policy = entry.policy
-    if policy is None:
-        error = _error_text(entry.backoff_failure) or "unknown error"
-        until = f" until {format_time(entry.backoff_until)} UTC" if entry.backoff_until > now else ""
-        return f"no policy cached: the last fetch failed ({error}); mail goes as without a policy{until}"
-    if not entry.valid(now):
-        return f"the cached policy ended at {format_time(entry.valid_end)} UTC: the next lookup fetches it again"
-    mode = policy.mode.value
-    # RFC 8461 §5: enforce refuses MX hosts that fail validation; testing only reports them.
-    if mode == "enforce":
-        return ("enforce: mail goes only to MX hosts matching " + ", ".join(policy.mx)
-                + " over TLS with a valid certificate, else it is deferred (RFC 8461 §5)")
-    if mode == "testing":
-        return "testing: failures are reported (TLSRPT) and mail is delivered anyway (RFC 8461 §5)"
-    return "none: the domain withdrew its policy; mail goes as without one (RFC 8461 §5)"
-
-
 @attrs.frozen
 class DomainPage:
     """
@@ -301,7 +276,8 @@ class DomainPage:
         delivered to) with their last outcome.
     @ivar results: today's TLSRPT results.
     @ivar day: today, C{YYYY-MM-DD}.
-    @ivar verdict: what the cached entry means for mail now (L{verdict}).
+    @ivar verdict: what the service would answer now, from the cache
+        (L{Verdict<mtasts_twisted.web.verdict.Verdict>}), or L{None}.
     """
 
     domain: str
@@ -310,11 +286,11 @@ class DomainPage:
     hosts: tuple[HostRow, ...]
     results: tuple[ResultRow, ...]
     day: str
-    verdict: str = ""
+    verdict: Verdict | None = None
 
 
 def domain_page(domain: str, entry: Any | None, outcomes: Mapping[tuple[str, str], Any],
-                results: Iterable[Any], day: str, now: float = 0.0) -> DomainPage:
+                results: Iterable[Any], day: str, verdict: Verdict | None = None) -> DomainPage:
     """
     The L{DomainPage} of C{domain}.
 
@@ -324,7 +300,7 @@ def domain_page(domain: str, entry: Any | None, outcomes: Mapping[tuple[str, str
         (C{ServiceStats.mx_outcomes}).
     @param results: today's merged L{Result<mtasts_twisted.results.Result>}s.
     @param day: today.
-    @param now: POSIX time (the verdict).
+    @param verdict: the L{Verdict<mtasts_twisted.web.verdict.Verdict>}.
     """
     row = domain_row(entry) if entry is not None else None
     policy = entry.policy if entry is not None else None
@@ -340,7 +316,7 @@ def domain_page(domain: str, entry: Any | None, outcomes: Mapping[tuple[str, str
             tuple((f.result_type.value, f.receiving_mx_hostname or "-", f.failed_session_count)
                   for f in result.failures)))
     return DomainPage(domain, row, policy.text if policy is not None else "", tuple(hosts.values()),
-                      tuple(rows), day, verdict(entry, now))
+                      tuple(rows), day, verdict)
 
 
 @attrs.frozen

@@ -20,6 +20,7 @@ from twisted.web.template import Tag, flattenString, tags
 
 from mtasts_twisted.web.chart import FAILURE_PALETTE, LOOKUP_COLOURS, bar_chart, hourly_chart, outcome_colour
 from mtasts_twisted.web.data import MODES, DomainPage, DomainRow, Overview, QueueRow, ReportRow, format_time
+from mtasts_twisted.web.verdict import NO_LOOKUP, Verdict
 
 __all__ = ["domain_html", "domains_html", "overview_html", "queue_html", "render", "report_json_html",
            "reports_html"]
@@ -129,6 +130,31 @@ def domains_html(rows: Sequence[DomainRow], query: str, total: int | None = None
     )
 
 
+def _verdict_html(verdict: Verdict | None) -> list[Any]:
+    """The verdict section: the answer now, labelled as made from the cache without a lookup."""
+    if verdict is None:
+        return []
+    rows: list[tuple[str, Any]] = [
+        ("socketmap answer", tags.code(verdict.answer) if verdict.answer is not None else "unknown"),
+        ("how", verdict.how),
+    ]
+    if verdict.answer is not None or verdict.cached or verdict.override:
+        policy = ("none" if verdict.mode == "-" else f"mode {verdict.mode}"
+                  + (", mx " + " ".join(verdict.mx) if verdict.mx else ""))
+        state = ("confirmed by DNS within its TTL" if verdict.confirmed
+                 else "cached; the next request re-checks the TXT id" if verdict.cached else "nothing cached")
+        rows.append(("policy applied", f"{policy} ({state})"))
+    if verdict.override:
+        rows.append(("override", verdict.override))
+    if verdict.as_testing:
+        rows.append(("--enforce-as-testing", "on: the enforce policy is applied as testing"))
+    if verdict.problem:
+        rows.append(("problem", tags.span(class_="error")(verdict.problem)))
+    if verdict.relay:
+        rows.append(("relay", verdict.relay))
+    return [tags.h2(f"Verdict now ({NO_LOOKUP})"), _table(("what", "now"), rows)]
+
+
 def domain_html(page: DomainPage) -> Tag:
     """One domain's page."""
     row = page.row
@@ -137,8 +163,8 @@ def domain_html(page: DomainPage) -> Tag:
         [(row.mode, row.policy_id, format_time(row.valid_until), tags.span(class_="error")(row.last_error))]))
     return _page(
         f"Domain {page.domain}",
-        tags.p(tags.strong("Now: "), page.verdict),
         summary,
+        *_verdict_html(page.verdict),
         tags.h2("Policy"),
         tags.pre(page.policy_text) if page.policy_text else tags.p("no policy"),
         tags.h2("MX hosts and their last TLS outcome"),

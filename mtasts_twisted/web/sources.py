@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 from twisted.internet.interfaces import IReactorTime
 
+from mtasts_twisted.socketmap.settings import DEFAULT_SETTINGS, SocketmapSettings
 from mtasts_twisted.tlsrpt import (
     NoResultsError,
     RESULTS_TABLE,
@@ -24,6 +25,7 @@ from mtasts_twisted.tlsrpt import (
 )
 from mtasts_twisted.tlsrpt.aggregate import decode_results, results_key
 from mtasts_twisted.tlsrpt.report import day_of
+from mtasts_twisted.web.verdict import gather_verdict
 from mtasts_twisted.web.data import (
     DomainPage,
     DomainRow,
@@ -40,7 +42,9 @@ from mtasts_twisted.web.data import (
 if TYPE_CHECKING:
     from mtasts_twisted.cache import PolicyCache, PolicyRefresher
     from mtasts_twisted.interfaces import IStore
+    from mtasts_twisted.overrides import OverridingPolicySource
     from mtasts_twisted.relay import Queue
+    from mtasts_twisted.socketmap import SocketmapFactory
     from mtasts_twisted.tlsrpt import ReportSettings
 
 __all__ = ["MAX_ROWS", "WebSources", "gather_domain", "gather_domains", "gather_overview", "gather_queue",
@@ -69,6 +73,13 @@ class WebSources:
     @ivar refresher: returns the L{PolicyRefresher}, or L{None}.
     @ivar report_settings: the report metadata (for a report's JSON), or
         L{None} when reports are off.
+    @ivar policies: returns the socketmap's policy source (the cache with
+        the overrides applied), or L{None} before it is open.
+    @ivar socketmap: returns the L{SocketmapFactory} (its settings and
+        memoised answers), or L{None} (no C{--socketmap}).
+    @ivar answer_settings: the socketmap settings the verdict is rendered
+        with when no socketmap runs.
+    @ivar dane: whether the relay delivers with DANE (C{--dane}).
     """
 
     clock: IReactorTime
@@ -78,6 +89,10 @@ class WebSources:
     queue: Callable[[], Queue | None] = _none
     refresher: Callable[[], PolicyRefresher | None] = _none
     report_settings: ReportSettings | None = None
+    policies: Callable[[], OverridingPolicySource | None] = _none
+    socketmap: Callable[[], SocketmapFactory | None] = _none
+    answer_settings: SocketmapSettings = DEFAULT_SETTINGS
+    dane: bool = False
 
 
 async def _pending(sources: WebSources, **kw: Any) -> list[Any]:
@@ -129,7 +144,7 @@ async def gather_domains(sources: WebSources, query: str,
 
 
 async def gather_domain(sources: WebSources, domain: str) -> DomainPage:
-    """One domain's L{DomainPage}."""
+    """One domain's L{DomainPage}, with its L{verdict<mtasts_twisted.web.verdict>} (no lookup made)."""
     domain = domain.strip().rstrip(".").lower()
     cache = sources.cache()
     entry = await cache.entry(domain) if cache is not None and domain else None
@@ -139,7 +154,8 @@ async def gather_domain(sources: WebSources, domain: str) -> DomainPage:
     if store is not None and domain:
         alabel = entry.alabel if entry is not None else domain
         results = merge_results(decode_results(await store.shelf(RESULTS_TABLE).get(results_key(day, alabel))))
-    return domain_page(domain, entry, sources.stats.mx_outcomes, results, day, sources.clock.seconds())
+    verdict = await gather_verdict(sources, domain) if domain else None
+    return domain_page(domain, entry, sources.stats.mx_outcomes, results, day, verdict)
 
 
 async def gather_reports(sources: WebSources) -> tuple[ReportRow, ...]:
