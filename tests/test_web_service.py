@@ -93,8 +93,8 @@ class _Elements(HTMLParser):
         self.attributes.extend(name for name, _ in attrs)
 
 
-class WebServiceTests(TestCase):
-    """The service's C{--web} listener."""
+class WebServiceCase(TestCase):
+    """A running service with C{--web} (and a DNS server), and requests to it."""
 
     timeout = 60
 
@@ -129,6 +129,10 @@ class WebServiceTests(TestCase):
         await settle(lambda: client.closed.called)
         head, _, body = client.data.partition(b"\r\n\r\n")
         return int(head.split(b" ")[1]), head, body
+
+
+class WebServiceTests(WebServiceCase):
+    """The service's C{--web} listener."""
 
     async def test_pages(self) -> None:
         """Every page answers 200 with its data; charts have one point per non-zero hour and series."""

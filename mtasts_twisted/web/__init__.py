@@ -10,6 +10,8 @@ twisted.web, charts drawn as SVG on the server (no script).
     totals (the socketmap's answers).
   - L{verdict <mtasts_twisted.web.verdict>}: what the service would answer
     for a domain now, from the cache (no lookup made).
+  - L{dane <mtasts_twisted.web.dane>}: DANE status per domain from today's
+    stored TLSRPT results.
   - L{chart <mtasts_twisted.web.chart>}: SVG charts.
   - L{pages <mtasts_twisted.web.pages>}: rendering (twisted.web.template,
     so every value is escaped).

@@ -1,6 +1,6 @@
 """
 The status page's data: frozen values made by pure functions from what the
-service's components hold (L{mtasts_twisted.web.gather} reads them; the
+service's components hold (L{mtasts_twisted.web.sources} reads them; the
 pages render them, L{mtasts_twisted.web.pages}).
 
 Every string here that came from a peer (a policy text, an MX host name,
@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 if TYPE_CHECKING:
+    from mtasts_twisted.web.dane import DANESummary
     from mtasts_twisted.web.verdict import Verdict
 
 __all__ = [
@@ -182,6 +183,9 @@ class DomainRow:
     @ivar last_error: the last fetch failure (reason code and detail), or
         C{""}.
     @ivar mx: the policy's C{mx} patterns.
+    @ivar dane: its DANE status today
+        (L{DANESummary<mtasts_twisted.web.dane.DANESummary>}), or L{None}
+        when not read.
     """
 
     domain: str
@@ -190,6 +194,7 @@ class DomainRow:
     valid_until: float | None
     last_error: str
     mx: tuple[str, ...] = ()
+    dane: DANESummary | None = None
 
 
 def _error_text(failure: Any) -> str:
@@ -252,16 +257,19 @@ class ResultRow:
     """
     Today's TLSRPT counts of one policy of a domain.
 
-    @ivar policy_type: C{sts}, C{no-policy-found}, ...
+    @ivar policy_type: C{sts}, C{tlsa}, C{no-policy-found}.
     @ivar successes: successful sessions.
     @ivar failures: failed sessions.
     @ivar details: C{(result_type, mx_host, count)} per failure detail.
+    @ivar policy_domain: the policy's domain: the domain itself, or for
+        C{tlsa} the TLSA base domain of an MX host (RFC 8460 §3).
     """
 
     policy_type: str
     successes: int
     failures: int
     details: tuple[tuple[str, str, int], ...] = ()
+    policy_domain: str = ""
 
 
 @attrs.frozen
@@ -278,6 +286,8 @@ class DomainPage:
     @ivar day: today, C{YYYY-MM-DD}.
     @ivar verdict: what the service would answer now, from the cache
         (L{Verdict<mtasts_twisted.web.verdict.Verdict>}), or L{None}.
+    @ivar dane: its DANE status today
+        (L{DANESummary<mtasts_twisted.web.dane.DANESummary>}), or L{None}.
     """
 
     domain: str
@@ -287,10 +297,12 @@ class DomainPage:
     results: tuple[ResultRow, ...]
     day: str
     verdict: Verdict | None = None
+    dane: DANESummary | None = None
 
 
 def domain_page(domain: str, entry: Any | None, outcomes: Mapping[tuple[str, str], Any],
-                results: Iterable[Any], day: str, verdict: Verdict | None = None) -> DomainPage:
+                results: Iterable[Any], day: str, verdict: Verdict | None = None,
+                dane: DANESummary | None = None) -> DomainPage:
     """
     The L{DomainPage} of C{domain}.
 
@@ -301,6 +313,7 @@ def domain_page(domain: str, entry: Any | None, outcomes: Mapping[tuple[str, str
     @param results: today's merged L{Result<mtasts_twisted.results.Result>}s.
     @param day: today.
     @param verdict: the L{Verdict<mtasts_twisted.web.verdict.Verdict>}.
+    @param dane: the L{DANESummary<mtasts_twisted.web.dane.DANESummary>}.
     """
     row = domain_row(entry) if entry is not None else None
     policy = entry.policy if entry is not None else None
@@ -314,9 +327,9 @@ def domain_page(domain: str, entry: Any | None, outcomes: Mapping[tuple[str, str
         rows.append(ResultRow(
             result.policy.policy_type.value, result.success_count, result.failure_count,
             tuple((f.result_type.value, f.receiving_mx_hostname or "-", f.failed_session_count)
-                  for f in result.failures)))
+                  for f in result.failures), result.policy.policy_domain))
     return DomainPage(domain, row, policy.text if policy is not None else "", tuple(hosts.values()),
-                      tuple(rows), day, verdict)
+                      tuple(rows), day, verdict, dane)
 
 
 @attrs.frozen

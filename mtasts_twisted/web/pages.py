@@ -20,6 +20,7 @@ from twisted.web.template import Tag, flattenString, tags
 
 from mtasts_twisted.web.chart import FAILURE_PALETTE, LOOKUP_COLOURS, bar_chart, hourly_chart, outcome_colour
 from mtasts_twisted.web.data import MODES, DomainPage, DomainRow, Overview, QueueRow, ReportRow, format_time
+from mtasts_twisted.web.dane import DANESummary
 from mtasts_twisted.web.verdict import NO_LOOKUP, Verdict
 
 __all__ = ["domain_html", "domains_html", "overview_html", "queue_html", "render", "report_json_html",
@@ -124,9 +125,9 @@ def domains_html(rows: Sequence[DomainRow], query: str, total: int | None = None
             tags.input(type="submit", value="filter")),
         tags.p(f"{total} policies" + (f" matching {query!r}" if query else "")
                + (f", the first {len(rows)} shown" if total > len(rows) else "")),
-        _table(("domain", "mode", "id", "valid until (UTC)", "last fetch error"),
+        _table(("domain", "mode", "id", "valid until (UTC)", "last fetch error", "DANE today"),
                [(_domain_link(r.domain), r.mode, r.policy_id, format_time(r.valid_until),
-                 tags.span(class_="error")(r.last_error)) for r in rows], "no cached policy"),
+                 tags.span(class_="error")(r.last_error), _dane_cell(r.dane)) for r in rows], "no cached policy"),
     )
 
 
@@ -155,6 +156,25 @@ def _verdict_html(verdict: Verdict | None) -> list[Any]:
     return [tags.h2(f"Verdict now ({NO_LOOKUP})"), _table(("what", "now"), rows)]
 
 
+def _dane_cell(dane: DANESummary | None) -> Any:
+    if dane is None:
+        return "-"
+    return tags.span(class_="error")(dane.text) if dane.failures else dane.text
+
+
+def _dane_html(dane: DANESummary | None) -> list[Any]:
+    """The DANE section: today's sessions DANE decided, their TLSA base domains and failing MX hosts."""
+    if dane is None:
+        return []
+    out: list[Any] = [tags.h2("DANE today (RFC 7672, from the TLSRPT results kept for reports)"),
+                      tags.p(_dane_cell(dane))]
+    if dane.base_domains:
+        out.append(tags.p("TLSA base domains: " + ", ".join(dane.base_domains)))
+    if dane.mx_hosts:
+        out.append(tags.p("MX hosts with failures: " + ", ".join(dane.mx_hosts)))
+    return out
+
+
 def domain_html(page: DomainPage) -> Tag:
     """One domain's page."""
     row = page.row
@@ -165,14 +185,15 @@ def domain_html(page: DomainPage) -> Tag:
         f"Domain {page.domain}",
         summary,
         *_verdict_html(page.verdict),
+        *_dane_html(page.dane),
         tags.h2("Policy"),
         tags.pre(page.policy_text) if page.policy_text else tags.p("no policy"),
         tags.h2("MX hosts and their last TLS outcome"),
         _table(("host", "last attempt (UTC)", "outcome", "TLS", "reply or error"),
                [(h.host, format_time(h.when), h.status, h.tls, h.message) for h in page.hosts]),
         tags.h2(f"TLSRPT results today ({page.day})"),
-        _table(("policy type", "successful sessions", "failed sessions", "failures"),
-               [(r.policy_type, str(r.successes), str(r.failures),
+        _table(("policy type", "policy domain", "successful sessions", "failed sessions", "failures"),
+               [(r.policy_type, r.policy_domain, str(r.successes), str(r.failures),
                  tags.ul(*(tags.li(f"{kind} {host}: {n}") for kind, host, n in r.details)))
                 for r in page.results], "no results today"),
     )

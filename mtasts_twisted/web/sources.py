@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 from twisted.internet.interfaces import IReactorTime
 
+from mtasts_twisted.policy import DomainError, to_alabel
 from mtasts_twisted.socketmap.settings import DEFAULT_SETTINGS, SocketmapSettings
 from mtasts_twisted.tlsrpt import (
     NoResultsError,
@@ -25,6 +26,7 @@ from mtasts_twisted.tlsrpt import (
 )
 from mtasts_twisted.tlsrpt.aggregate import decode_results, results_key
 from mtasts_twisted.tlsrpt.report import day_of
+from mtasts_twisted.web.dane import dane_summary, gather_dane
 from mtasts_twisted.web.verdict import gather_verdict
 from mtasts_twisted.web.data import (
     DomainPage,
@@ -140,7 +142,18 @@ async def gather_domains(sources: WebSources, query: str,
         rows = domain_rows(page, query)
         total += len(rows)
         shown.extend(rows[: max(0, max_rows - len(shown))])
-    return tuple(sorted(shown, key=lambda r: r.domain)), total
+    alabels = {row.domain: _alabel(row.domain) for row in shown}
+    dane = await gather_dane(sources, sorted(set(alabels.values())))
+    return tuple(sorted((attrs.evolve(r, dane=dane.get(alabels[r.domain])) for r in shown),
+                        key=lambda r: r.domain)), total
+
+
+def _alabel(domain: str) -> str:
+    """The A-labels of a cached domain (its results' key), or itself if it has none."""
+    try:
+        return to_alabel(domain)
+    except DomainError:
+        return domain
 
 
 async def gather_domain(sources: WebSources, domain: str) -> DomainPage:
@@ -152,10 +165,12 @@ async def gather_domain(sources: WebSources, domain: str) -> DomainPage:
     results: list[Any] = []
     store = sources.store()
     if store is not None and domain:
-        alabel = entry.alabel if entry is not None else domain
+        alabel = entry.alabel if entry is not None else _alabel(domain)
         results = merge_results(decode_results(await store.shelf(RESULTS_TABLE).get(results_key(day, alabel))))
     verdict = await gather_verdict(sources, domain) if domain else None
-    return domain_page(domain, entry, sources.stats.mx_outcomes, results, day, verdict)
+    # Results are kept only while reports are on (the aggregator stores them).
+    dane = dane_summary(results if sources.report_settings is not None else None, sources.dane)
+    return domain_page(domain, entry, sources.stats.mx_outcomes, results, day, verdict, dane if domain else None)
 
 
 async def gather_reports(sources: WebSources) -> tuple[ReportRow, ...]:
