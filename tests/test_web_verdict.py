@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from mtasts_twisted.cache import CacheEntry, Lookup, PolicyCache
+from mtasts_twisted.metrics import ServiceStats
 from mtasts_twisted.overrides import OverrideTable, OverridingPolicySource, parse_overrides
 from mtasts_twisted.policy import Mode, Policy, parse_policy
 from mtasts_twisted.results import FailureDetails, PolicyDescriptor, PolicyType, Result, ResultType
@@ -22,6 +24,7 @@ from mtasts_twisted.testing.memory import FakeFetcher, FakeResolver, MemoryStore
 from mtasts_twisted.web import WebSources
 from mtasts_twisted.web.data import domain_page
 from mtasts_twisted.web.pages import domain_html, render
+from mtasts_twisted.web.sources import gather_domain
 from mtasts_twisted.web.verdict import NO_LOOKUP, Verdict, gather_verdict, verdict_of
 
 from .test_web_pages import EVIL, NOW, assert_escaped
@@ -184,6 +187,18 @@ class GatherVerdictTests(SynchronousTestCase):
         self.assertIn("not a domain name", bad.how)
         self.assertIn("not open yet", self.successResultOf(Deferred.fromCoroutine(
             gather_verdict(WebSources(clock=self.clock, stats=None), "example.com"))).how)
+
+    def test_domain_page_by_either_name(self) -> None:
+        """An IDN's page, asked by A-label or U-label, shows its cache entry and verdict."""
+        self.publish("xn--bcher-kva.example", EXACT)
+        self.successResultOf(self.cache.get("bücher.example"))
+        sources = attrs.evolve(self.sources, stats=ServiceStats(), store=lambda: self.store)
+        for name in ("xn--bcher-kva.example", "Bücher.example."):
+            page = self.successResultOf(Deferred.fromCoroutine(gather_domain(sources, name)))
+            assert page.row is not None and page.verdict is not None
+            self.assertEqual((page.row.mode, page.verdict.domain, page.verdict.answer),
+                             ("enforce", "xn--bcher-kva.example",
+                              "OK secure match=mx1.example.com:mx2.example.com servername=hostname"), name)
 
     def test_without_socketmap_or_overrides(self) -> None:
         """Without a socketmap the service's settings render the answer; without overrides the cache's stands."""

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 from twisted.internet.interfaces import IReactorTime
 
-from mtasts_twisted.policy import DomainError, to_alabel
+from mtasts_twisted.policy import DomainError, to_alabel, to_unicode
 from mtasts_twisted.socketmap.settings import DEFAULT_SETTINGS, SocketmapSettings
 from mtasts_twisted.tlsrpt import (
     NoResultsError,
@@ -148,6 +148,14 @@ async def gather_domains(sources: WebSources, query: str,
                         key=lambda r: r.domain)), total
 
 
+def _unicode(domain: str) -> str:
+    """The cache's key of a domain (Unicode), or the name itself if it is not a domain."""
+    try:
+        return to_unicode(domain)
+    except DomainError:
+        return domain
+
+
 def _alabel(domain: str) -> str:
     """The A-labels of a cached domain (its results' key), or itself if it has none."""
     try:
@@ -160,7 +168,7 @@ async def gather_domain(sources: WebSources, domain: str) -> DomainPage:
     """One domain's L{DomainPage}, with its L{verdict<mtasts_twisted.web.verdict>} (no lookup made)."""
     domain = domain.strip().rstrip(".").lower()
     cache = sources.cache()
-    entry = await cache.entry(domain) if cache is not None and domain else None
+    entry = await cache.entry(_unicode(domain)) if cache is not None and domain else None
     day = day_of(sources.clock.seconds())
     results: list[Any] = []
     store = sources.store()
