@@ -53,7 +53,7 @@ from mtasts_twisted.policy import (
     to_alabel,
     to_unicode,
 )
-from mtasts_twisted.results import FailureDetails, PolicyDescriptor, PolicyType, Result, ResultType
+from mtasts_twisted.results import PolicyDescriptor, PolicyType, Result, ResultType
 from mtasts_twisted.store import JSONDict, UpdateFunction
 
 __all__ = ["PolicyCache"]
