@@ -96,6 +96,7 @@ class VerdictOfTests(SynchronousTestCase):
         self.assertEqual((pinned.answer, pinned.cached, pinned.override),
                          ("OK secure match=mx.pinned.example servername=hostname", False,
                           "enforce (o.toml:1), mx mx.pinned.example: ticket 7"))
+        self.assertIn("the override decides whatever a lookup finds (nothing cached)", pinned.how)
         skipped = verdict_of("skipped.example", source.applied(lookup_of(EXACT, "skipped.example"),
                                                                "skipped.example"), SocketmapSettings())
         self.assertEqual((skipped.answer, skipped.mode), ("NOTFOUND ", "-"))

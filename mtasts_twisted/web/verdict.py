@@ -107,7 +107,8 @@ def verdict_of(
     answer = cached_answer(domain, lookup, settings)
     policy = lookup.policy
     if answer is not None:
-        how = "as the socketmap answers it from the cache"
+        how = ("as the socketmap answers it from the cache" if cached
+               else "as the socketmap answers it: the override decides whatever a lookup finds (nothing cached)")
     elif memo is not None:
         answer, how = memo[0], f"as the socketmap memoised it, until {format_time(memo[1])} UTC"
     elif settings.dane:
