@@ -279,9 +279,12 @@ def fixed_answer(lookup: Lookup, settings: SocketmapSettings) -> str | None:
     DANE verdict with C{settings.dane}, with the MX hosts where
     L{needs_mx_hosts}.  The server's first step, and the status page's.
     """
-    fixed = override_answer(lookup)
-    if fixed is not None:
-        return fixed
+    if type(lookup) is not Lookup:
+        # Only a policy source's OverriddenLookup carries an override (the
+        # cache's plain Lookup, the hot path, needs no second call).
+        fixed = override_answer(lookup)
+        if fixed is not None:
+            return fixed
     policy = lookup.policy
     if policy is None or policy.mode is Mode.NONE:
         return NOTFOUND
