@@ -590,6 +590,57 @@ class ConfirmedAnswerTests(CacheTestCase):
         self.assertEqual(row["last_use"], self.clock.seconds())
 
 
+class PeekTests(CacheTestCase):
+    """C{peek}: what C{get} would answer from the cache alone, asking no one and counting nothing."""
+
+    def asked(self):
+        return (sum(self.resolver.queries.values()), sum(self.fetcher.fetches.values()), dict(self.cache.stats))
+
+    def peek(self, domain="example.com"):
+        before = self.asked()
+        lookup = self.successResultOf(Deferred.fromCoroutine(self.cache.peek(domain)))
+        self.assertEqual(self.asked(), before)
+        return lookup
+
+    def test_not_cached(self):
+        self.publish()
+        self.assertIsNone(self.peek())
+        self.assertEqual(self.resolver.queries[("TXT", TXT)], 0)
+
+    def test_confirmed_then_cached(self):
+        """Within the TXT TTL the confirmed answer itself; after it the cached policy, not confirmed now."""
+        self.resolver.ttl = 60
+        self.publish()
+        first = self.get()
+        self.assertIs(self.peek(), first)
+        self.clock.advance(60)
+        lookup = self.peek()
+        self.assertEqual((lookup.policy, lookup.fresh, lookup.record_id, lookup.result),
+                         (first.policy, False, "1", first.result))
+        self.assertEqual(self.get().fresh, True)  # get asks DNS again, as before
+
+    def test_ended_and_backoff(self):
+        """An ended policy peeks as not cached; a backoff as get answers it, until it ends."""
+        self.publish()
+        self.get()
+        self.clock.advance(86400)
+        self.assertIsNone(self.peek())
+        self.fetcher.policies["example.com"] = PolicyFetchError("https://x", "500")
+        self.successResultOf(self.cache.delete("example.com"))
+        self.get()
+        lookup = self.peek()
+        self.assertEqual((lookup.policy, lookup.fresh), (None, False))
+        self.assertEqual(self.failure(lookup), self.failure(self.get()))
+        self.clock.advance(301)
+        self.assertIsNone(self.peek())
+
+    def test_idn_and_bad_domain(self):
+        self.publish(domain="xn--bcher-kva.example")
+        self.get("bücher.example")
+        self.assertEqual(self.peek("xn--bcher-kva.example").policy.mode, Mode.ENFORCE)
+        self.failureResultOf(Deferred.fromCoroutine(self.cache.peek("not a domain")), DomainError)
+
+
 class ReportingTests(SynchronousTestCase):
     """The TLSRPT helpers of mtasts_twisted.cache.reporting."""
 

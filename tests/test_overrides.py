@@ -123,7 +123,7 @@ class FakeCache:
         return fail(answer) if isinstance(answer, Exception) else succeed(answer)
 
 
-class SourceTests(SynchronousTestCase):
+class _SourceCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(UNTIL - 86400)
@@ -138,6 +138,8 @@ class SourceTests(SynchronousTestCase):
     def get(self, domain: str, **kw) -> Lookup:
         return self.successResultOf(self.source(**kw).get(domain))
 
+
+class SourceTests(_SourceCase):
     def test_no_override_is_the_cache_answer_itself(self) -> None:
         answer = published("other.example")
         self.cache.answers["other.example"] = answer
@@ -260,6 +262,59 @@ class SourceTests(SynchronousTestCase):
         os.remove(path)
         self.assertFalse(table.reload())
         self.assertEqual(dict(table.reloads), {"ok": 1, "failed": 2})
+
+
+class AppliedTests(_SourceCase):
+    """C{applied}: a cache answer through the overrides as C{get} would, asking, counting and logging nothing."""
+
+    def test_same_decisions_as_get(self) -> None:
+        for domain in ("example.com", "broken.example", "xn--bcher-kva.example", "other.example"):
+            self.cache.answers[domain] = published(domain)
+        for kw in ({}, {"enforce_as_testing": True}):
+            source = self.source(**kw)
+            for domain in ("example.com", "broken.example", "xn--bcher-kva.example", "other.example"):
+                self.assertEqual(source.applied(published(domain), domain), self.get(domain, **kw), (domain, kw))
+            self.assertEqual(source.uses, {})
+        events = len(self.events)
+        self.assertGreater(events, 0)  # get logged its skip and --enforce-as-testing uses
+        source = self.source(enforce_as_testing=True)
+        source.applied(published("broken.example"), "broken.example")
+        source.applied(published("other.example"), "other.example")
+        self.assertEqual((len(self.events), source.uses), (events, {}))
+        self.assertEqual(self.cache.asked.count("other.example"), 2)  # by the two gets only
+
+    def test_nothing_cached(self) -> None:
+        """Nothing cached: an override still decides; without one the answer stays None."""
+        source = self.source()
+        self.assertIsNone(source.applied(None, "other.example"))
+        lookup = source.applied(None, "example.com")
+        assert isinstance(lookup, OverriddenLookup) and lookup.policy is not None
+        self.assertEqual((lookup.policy.mx, lookup.published), (("mx1.example.com", "*.example.net"), None))
+        self.assertIsNone(self.source().applied(None, "broken.example").policy)  # type: ignore[union-attr]
+        self.assertRaises(PolicyLookupTemporaryError,
+                          self.source(defer_dane_only=True).applied, None, "xn--bcher-kva.example")
+
+    def test_words(self) -> None:
+        """The sender's action and the override line, as C{lookup} and the status page say them."""
+        from mtasts_twisted.overrides import override_text, sender_action
+
+        source = self.source()
+        dane = source.applied(published("xn--bcher-kva.example"), "xn--bcher-kva.example")
+        assert isinstance(dane, OverriddenLookup) and dane.override is not None
+        self.assertIn("a relay without --dane defers", sender_action(dane))
+        self.assertIn("the relay (no --dane) defers", sender_action(dane, relay_dane=False))
+        self.assertIn("only to MX hosts DANE authenticates", sender_action(dane, relay_dane=True))
+        self.assertEqual(override_text(dane.override), "dane-only (o.toml:11)")
+        skip = source.applied(published("broken.example"), "broken.example")
+        assert isinstance(skip, OverriddenLookup) and skip.override is not None
+        self.assertEqual(sender_action(skip), "deliver as usual (opportunistic TLS): no MTA-STS policy applies")
+        self.assertEqual(override_text(skip.override),
+                         "skip (o.toml:6), until 2030-01-02T00:00:00+00:00: stale policy, ticket 99")
+        enforce = source.applied(None, "example.com")
+        assert isinstance(enforce, OverriddenLookup) and enforce.override is not None
+        self.assertEqual(override_text(enforce.override),
+                         "enforce (o.toml:1), mx mx1.example.com *.example.net: no policy published yet")
+        self.assertIn("to MX hosts the policy names", sender_action(enforce))
 
 
 class SocketmapOverrideTests(ServerTestCase):

@@ -26,9 +26,9 @@ from zope.interface.verify import verifyObject
 
 from mtasts_twisted.socketmap import protocol as socketmap_protocol
 from mtasts_twisted.socketmap import server as socketmap_server
-from mtasts_twisted.socketmap.answers import ANSWER_KINDS, answer_kind
+from mtasts_twisted.socketmap.answers import ANSWER_KINDS, answer_kind, cached_answer, fixed_answer, needs_mx_hosts
 from mtasts_twisted.socketmap.deferreds import PENDING, result_now
-from mtasts_twisted.cache import PolicyCache
+from mtasts_twisted.cache import Lookup, PolicyCache
 from mtasts_twisted.dns import DNSNoRecordError, DNSTemporaryError
 from mtasts_twisted.fetch import FetchedPolicy
 from mtasts_twisted.interfaces import IResultSink
@@ -547,6 +547,61 @@ class AnswerTests(ServerTestCase):
         self.factory = self.make_factory(SocketmapSettings(map_names=None))
         self.proto, self.transport = self.connect()
         self.assertEqual(self.ask("nothing.example", name=b"anything"), ["NOTFOUND "])
+
+
+class CachedAnswerTests(ServerTestCase):
+    """
+    C{cached_answer} (the status page's) is the server's answer wherever
+    no DNS is needed, and says it does not know where the answer needs MX
+    hosts or DANE; C{memoised} shows what the server memoised.
+    """
+
+    EXACT = "version: STSv1\nmode: enforce\nmx: mx1.example.com\nmx: mx2.example.com\nmax_age: 86400\n"
+
+    def test_same_as_the_server(self):
+        seen = set()
+        for domain, text in (("e.example", self.EXACT), ("t.example", TESTING), ("n.example", NONE)):
+            self.publish(domain, text, mx=(("elsewhere.example.net", 10),))
+            lookup = self.successResultOf(self.cache.get(domain))
+            self.assertEqual(lookup.policy, parse_policy(text))
+            for settings in (SocketmapSettings(), SocketmapSettings(strict_testing=True),
+                             SocketmapSettings(tlsrpt_attributes=True)):
+                self.factory = self.make_factory(settings)
+                self.proto, self.transport = self.connect()
+                expected = cached_answer(domain, lookup, settings)
+                self.assertIsNotNone(expected)
+                self.assertEqual(self.ask(domain), [expected], (text, settings))
+                seen.add(expected)
+            self.assertEqual(self.resolver.queries[("MX", domain)], 0)
+        self.assertEqual(len(seen), 5)  # enforce with and without attributes, NOTFOUND, strict testing, OK may
+
+    def test_unknown_without_dns(self):
+        """A wildcard policy needs the MX hosts, and with C{dane} every TLS level waits for the DANE verdict."""
+        self.publish()
+        lookup = self.successResultOf(self.cache.get("example.com"))
+        self.assertIsNone(cached_answer("example.com", lookup, SocketmapSettings()))
+        self.assertTrue(needs_mx_hosts(lookup.policy, SocketmapSettings()))
+        exact = Lookup(parse_policy(self.EXACT), lookup.result, True)
+        self.assertIsNone(cached_answer("example.com", exact, SocketmapSettings(dane=True)))
+        self.assertEqual(cached_answer("example.com", exact, SocketmapSettings()),
+                         "OK secure match=mx1.example.com:mx2.example.com servername=hostname")
+        # What needs no TLS level is known with dane too.
+        testing = Lookup(parse_policy(TESTING), lookup.result, True)
+        self.assertEqual(cached_answer("example.com", testing, SocketmapSettings(dane=True)), "NOTFOUND ")
+        self.assertEqual(fixed_answer(Lookup(None, lookup.result, True), SocketmapSettings(dane=True)), "NOTFOUND ")
+
+    def test_memoised(self):
+        self.publish(mx=(("mx1.example.com", 10), ("b.example.net", 20)))
+        lookup = self.successResultOf(self.cache.get("example.com"))
+        self.assertIsNone(self.factory.memoised("example.com", lookup))
+        [answer] = self.ask("example.com")
+        counts = dict(self.factory.counts)
+        self.assertEqual(self.factory.memoised("example.com", lookup), (answer, self.clock.seconds() + 300))
+        self.assertEqual(self.factory.counts, counts)
+        other = Lookup(lookup.policy, lookup.result, True, record_id="2")
+        self.assertIsNone(self.factory.memoised("example.com", other))
+        self.clock.advance(300)
+        self.assertIsNone(self.factory.memoised("example.com", lookup))
 
 
 class PipeliningTests(ServerTestCase):

@@ -89,6 +89,7 @@ class BrowserTests(TestCase):
         domain = await visit("/domain?name=testing.example", "domain")
         self.assertIn('x_evil: <script>alert(1)</script>"><img/src/onerror', domain["text"])
         self.assertIn('<script>alert(1)</script>"><img src=x onerror=alert(2)>', domain["text"])
+        self.assertIn("Verdict now (from the cache, no lookup made)", domain["text"])
         self.assertEqual(domain["svgs"], 0)
 
         reports = await visit("/reports", "reports")

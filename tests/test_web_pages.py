@@ -27,10 +27,9 @@ from mtasts_twisted.web.data import (
     overview,
     queue_rows,
     report_rows,
-    verdict,
 )
 from mtasts_twisted.web.pages import domain_html, domains_html, overview_html, queue_html, render, reports_html
-from mtasts_twisted.web.server import requires_auth
+from mtasts_twisted.web.auth import requires_auth
 
 NOW = 1_764_720_000.0  # 2025-12-03 00:00 UTC
 HOUR = 3600.0
@@ -134,21 +133,6 @@ class DataTests(SynchronousTestCase):
         self.assertIn("mode: enforce", page.policy_text)
         self.assertIsNone(domain_page("b.example", None, outcomes, [], "2025-12-03").row)
 
-    def test_verdict(self) -> None:
-        """The domain page says what the cached entry means for mail now."""
-        self.assertIn("not cached", verdict(None, NOW))
-        self.assertEqual(verdict(entry("a.example", mx=("mx1.a.example", "*.a.example")), NOW),
-                         "enforce: mail goes only to MX hosts matching mx1.a.example, *.a.example over TLS with a "
-                         "valid certificate, else it is deferred (RFC 8461 §5)")
-        self.assertIn("testing: failures are reported", verdict(entry("a.example", Mode.TESTING), NOW))
-        self.assertIn("none: the domain withdrew", verdict(entry("a.example", Mode.NONE), NOW))
-        self.assertIn("ended at 2025-12-04 00:00:00 UTC", verdict(entry("a.example"), NOW + 2 * 86400))
-        failed = CacheEntry("b.example", "b.example", NOW, NOW, NOW, backoff_until=NOW + 600,
-                            backoff_failure=FailureDetails(ResultType.STS_POLICY_FETCH_ERROR,
-                                                           failure_reason_code="no-policy-served"))
-        self.assertEqual(verdict(failed, NOW), "no policy cached: the last fetch failed (sts-policy-fetch-error "
-                         "no-policy-served); mail goes as without a policy until 2025-12-03 00:10:00 UTC")
-
     def test_queue_and_report_rows(self) -> None:
         """Queue rows oldest first with their pending recipients; report rows by day and domain."""
         messages = [
@@ -177,6 +161,20 @@ class _Elements(HTMLParser):
         self.attributes.extend(name for name, _ in attrs)
 
 
+def assert_escaped(case: SynchronousTestCase, html: bytes) -> None:
+    """No element or event attribute came from L{EVIL}; its markup is there as text."""
+    text = html.decode("utf-8")
+    found = _Elements()
+    found.feed(text)
+    case.assertEqual(found.tags & {"script", "img", "iframe", "object"}, set())
+    case.assertEqual([a for a in found.attributes if a.startswith("on")], [])
+    case.assertNotIn("<script", text)
+    case.assertNotIn("<img", text)
+    case.assertNotIn("<svg onload", text)
+    case.assertIn("&lt;script&gt;alert(1)&lt;/script&gt;", text)
+    case.assertIn("&lt;img src=x onerror=alert(2)&gt;", text)
+
+
 class EscapingTests(SynchronousTestCase):
     """
     Every value from a peer is escaped: a policy text, an MX name, an SMTP
@@ -184,16 +182,7 @@ class EscapingTests(SynchronousTestCase):
     """
 
     def assert_escaped(self, html: bytes) -> None:
-        text = html.decode("utf-8")
-        found = _Elements()
-        found.feed(text)
-        self.assertEqual(found.tags & {"script", "img", "iframe", "object"}, set())
-        self.assertEqual([a for a in found.attributes if a.startswith("on")], [])
-        self.assertNotIn("<script", text)
-        self.assertNotIn("<img", text)
-        self.assertNotIn("<svg onload", text)
-        self.assertIn("&lt;script&gt;alert(1)&lt;/script&gt;", text)
-        self.assertIn("&lt;img src=x onerror=alert(2)&gt;", text)
+        assert_escaped(self, html)
 
     def test_domain_page_escapes(self) -> None:
         """Policy text, MX patterns and names, replies, and the domain itself are escaped."""

@@ -93,8 +93,8 @@ class _Elements(HTMLParser):
         self.attributes.extend(name for name, _ in attrs)
 
 
-class WebServiceTests(TestCase):
-    """The service's C{--web} listener."""
+class WebServiceCase(TestCase):
+    """A running service with C{--web} (and a DNS server), and requests to it."""
 
     timeout = 60
 
@@ -130,6 +130,10 @@ class WebServiceTests(TestCase):
         head, _, body = client.data.partition(b"\r\n\r\n")
         return int(head.split(b" ")[1]), head, body
 
+
+class WebServiceTests(WebServiceCase):
+    """The service's C{--web} listener."""
+
     async def test_pages(self) -> None:
         """Every page answers 200 with its data; charts have one point per non-zero hour and series."""
         svc, port = await self.start()
@@ -151,12 +155,19 @@ class WebServiceTests(TestCase):
         self.assertIn(b"testing.example", body)
         self.assertNotIn(b">example.com<", body)
 
+        queries = sum(self.dns.queries.values())
         status, _, body = await self.get(port, "/domain?name=example.com")
         self.assertEqual(status, 200)
         self.assertIn(b"mode: enforce", body)
         self.assertIn(b"<td>mx.example.com</td>", body)
         self.assertIn(b"TLSv1.3 verified", body)
         self.assertIn(b"certificate-expired mx.example.com: 2", body)
+        # The verdict: the socketmap's answer from the cache, and nothing asked of DNS for it.
+        self.assertIn(b"Verdict now (from the cache, no lookup made)", body)
+        self.assertIn(b"<code>OK secure match=mx.example.com servername=hostname</code>", body)
+        status, _, body = await self.get(port, "/domain?name=uncached.example")
+        self.assertIn(b"not cached: the next request for it looks the policy up", body)
+        self.assertEqual(sum(self.dns.queries.values()), queries)
 
         status, _, body = await self.get(port, "/reports")
         self.assertEqual(status, 200)
@@ -249,6 +260,19 @@ class WebServiceTests(TestCase):
         status, _, body = await self.get(port, "/domain?name=testing.example")
         self.assertGreaterEqual(body.count(b"&lt;script&gt;alert(1)&lt;/script&gt;"), 4)
         self.assertIn(b"x_evil: &lt;script&gt;alert(1)&lt;/script&gt;\"&gt;&lt;img/src/onerror", body)
+        # The verdict of a domain backing off after a failed fetch carries the failure's reason.
+        now = reactor.seconds()
+        backoff = CacheEntry("backoff.example", "backoff.example", now, now, now, backoff_id="1",
+                             backoff_until=now + 300, backoff_failure=FailureDetails(
+                                 ResultType.STS_POLICY_FETCH_ERROR, failure_reason_code=EVIL))
+        await svc.runtime.store.shelf(POLICY_TABLE).put("backoff.example", backoff.to_json())
+        status, _, body = await self.get(port, "/domain?name=backoff.example")
+        self.assertEqual(status, 200)
+        found = _Elements()
+        found.feed(body.decode())
+        self.assertEqual(found.tags & {"script", "img"}, set())
+        self.assertIn(b"<code>NOTFOUND </code>", body)
+        self.assertIn(b"backing off after a failed policy fetch (&lt;script&gt;alert(1)&lt;/script&gt;", body)
 
     async def test_read_only_and_no_body(self) -> None:
         """Only GET and HEAD; a request announcing a body is refused before any of it is read or spooled."""

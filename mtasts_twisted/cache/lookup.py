@@ -1,7 +1,8 @@
 """
 What L{PolicyCache.get<mtasts_twisted.cache.PolicyCache.get>} answers: a
 L{Lookup}, or L{PolicyLookupTemporaryError} when the policy cannot be
-determined now.
+determined now; and the two rules of answering from a cache entry alone
+(L{usable_entry}, L{backoff_lookup}), shared by C{get} and C{peek}.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from typing import Any, Iterator
 import attrs
 
 from mtasts_twisted.cache.entry import CacheEntry
+from mtasts_twisted.cache.reporting import BACKOFF_REASON, _failure, lookup_problem
 from mtasts_twisted.policy import MTASTSError, Policy
-from mtasts_twisted.results import Result
+from mtasts_twisted.results import FailureDetails, PolicyDescriptor, PolicyType, Result, ResultType
 
-__all__ = ["Lookup", "PolicyLookupTemporaryError"]
+__all__ = ["Lookup", "PolicyLookupTemporaryError", "backoff_lookup", "usable_entry"]
 
 
 class PolicyLookupTemporaryError(MTASTSError):
@@ -59,3 +61,34 @@ class Lookup:
     def __iter__(self) -> Iterator[Any]:
         """Unpack as C{(policy, result, fresh)}."""
         return iter((self.policy, self.result, self.fresh))
+
+
+def usable_entry(entry: CacheEntry | None, now: float) -> CacheEntry | None:
+    """
+    The entry a lookup at C{now} answers from: a policy still valid (RFC
+    8461 §5.1: it may be used until C{max_age} ends), or, without a policy,
+    a backoff in force after a failed fetch; L{None} when the lookup
+    starts afresh (nothing cached, a policy that ended, a backoff that
+    ended).
+    """
+    if entry is None:
+        return None
+    if entry.policy is not None:
+        return entry if entry.valid(now) else None
+    return entry if entry.in_backoff(now) else None
+
+
+def _backoff_text(failure: FailureDetails | None) -> str:
+    """The words of a lookup that backs off after a failed fetch."""
+    why = f" ({failure.failure_reason_code})" if failure is not None else ""
+    return f"backing off after a failed policy fetch{why}"
+
+
+def backoff_lookup(entry: CacheEntry) -> Lookup:
+    """
+    The answer while C{entry} (no policy) backs off after a failed fetch:
+    no policy, and the backoff as a failure detail that counts no session.
+    """
+    failure = _failure(ResultType.STS_POLICY_FETCH_ERROR, BACKOFF_REASON)
+    return Lookup(None, lookup_problem(PolicyDescriptor(PolicyType.STS, entry.alabel), failure), False,
+                  entry.backoff_id, entry, error=_backoff_text(entry.backoff_failure))

@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 
 from mtasts_twisted.cache.entry import POLICY_TABLE, CacheEntry
 from mtasts_twisted.cache.front import _Front
-from mtasts_twisted.cache.lookup import Lookup, PolicyLookupTemporaryError
+from mtasts_twisted.cache.lookup import Lookup, PolicyLookupTemporaryError, _backoff_text, backoff_lookup, usable_entry
 from mtasts_twisted.cache.reporting import (
     BACKOFF_REASON,
     _classify,
@@ -53,16 +53,11 @@ from mtasts_twisted.policy import (
     to_alabel,
     to_unicode,
 )
-from mtasts_twisted.results import FailureDetails, PolicyDescriptor, PolicyType, Result, ResultType
+from mtasts_twisted.results import PolicyDescriptor, PolicyType, Result, ResultType
 from mtasts_twisted.store import JSONDict, UpdateFunction
 
 __all__ = ["PolicyCache"]
 
-
-def _backoff_text(failure: FailureDetails | None) -> str:
-    """The words of a lookup that backs off after a failed fetch."""
-    why = f" ({failure.failure_reason_code})" if failure is not None else ""
-    return f"backing off after a failed policy fetch{why}"
 
 # The package is the log namespace, as before the split into modules.
 log = Logger(namespace="mtasts_twisted.cache")
@@ -201,6 +196,26 @@ class PolicyCache:
             del self._confirmed[key]
         return self._coalesce(key, lambda: self._get(key, alabel))
 
+    async def peek(self, domain: str) -> Lookup | None:
+        """
+        What L{get} would answer from the cache alone (no DNS, no fetch,
+        nothing counted; the status page): the confirmed answer while its
+        TXT TTL holds, else a valid policy as if its id were confirmed
+        again (C{fresh} false) or the backoff in force; L{None} when L{get}
+        would look C{domain} up.  Raises L{DomainError} for a non-domain.
+        """
+        alabel, key = to_alabel(domain), to_unicode(domain)
+        now = self._clock.seconds()
+        confirmed = self._confirmed.get(key)
+        if confirmed is not None and now < confirmed[0]:
+            return confirmed[1]
+        entry = usable_entry(await self.entry(key), now)
+        if entry is None:
+            return None
+        if entry.policy is None:
+            return backoff_lookup(entry)
+        return Lookup(entry.policy, self._describe(alabel, entry), False, entry.record_id, entry)
+
     def _confirm(self, lookup: Lookup, now: float, ttl: int) -> Lookup:
         """Remember a lookup confirmed by DNS now, while its TXT answer holds."""
         entry = lookup.entry
@@ -328,17 +343,12 @@ class PolicyCache:
 
     async def _get(self, key: str, alabel: str) -> Lookup:
         now = self._clock.seconds()
-        entry = await self.entry(key)
-        if entry is not None and not entry.valid(now) and entry.policy is not None:
-            entry = None  # expired: as if nothing were cached
-        if entry is not None and entry.policy is None and entry.in_backoff(now):
+        # An ended policy or backoff: as if nothing were cached.
+        entry = usable_entry(await self.entry(key), now)
+        if entry is not None and entry.policy is None:
             # No policy and a recent failed fetch: no lookups at all until it ends.
             self._used(entry, now)
-            failure = _failure(ResultType.STS_POLICY_FETCH_ERROR, BACKOFF_REASON)
-            return Lookup(None, lookup_problem(PolicyDescriptor(PolicyType.STS, alabel), failure), False,
-                          entry.backoff_id, entry, error=_backoff_text(entry.backoff_failure))
-        if entry is not None and entry.policy is None:
-            entry = None  # a backoff that ended
+            return backoff_lookup(entry)
         if entry is None:
             self.stats["misses"] += 1
             return await self._discover(key, alabel, now)

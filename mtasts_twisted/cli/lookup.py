@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from mtasts_twisted.cli.common import EX_CANTCREAT, EX_OK, EX_TEMPFAIL, EX_USAGE, iso, sqlite_path
 from mtasts_twisted.interfaces import IPolicyFetcher
-from mtasts_twisted.policy import MTASTSError, Mode
+from mtasts_twisted.policy import MTASTSError
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
@@ -39,14 +39,6 @@ if TYPE_CHECKING:
     from mtasts_twisted.policy import Policy
 
 __all__ = ["run_lookup"]
-
-
-_ACTIONS = {
-    Mode.ENFORCE: "deliver only over STARTTLS with a verified certificate, to MX hosts the policy names",
-    Mode.TESTING: "deliver as usual, and report what would have failed under enforce",
-    Mode.NONE: "deliver as usual (opportunistic TLS); the domain asks for no enforcement",
-    None: "deliver as usual (opportunistic TLS): no MTA-STS policy applies",
-}
 
 
 @implementer(IPolicyFetcher)
@@ -130,28 +122,17 @@ def _override_json(lookup: Lookup) -> dict[str, Any] | None:
 
 def _override_lines(lookup: Lookup) -> list[str]:
     """The human lines saying an override decides the domain (none without one)."""
+    from mtasts_twisted.overrides import override_text
+
     override = getattr(lookup, "override", None)
-    if override is None:
-        return []
-    line = f"  override: {override.kind.value} ({override.source})"
-    if override.policy is not None:
-        line += ", mx " + " ".join(override.policy.mx)
-    if override.until is not None:
-        line += f", until {override.to_json()['until']}"
-    line += f": {override.reason}" if override.reason else ""
-    return [line + "\n"]
+    return [] if override is None else [f"  override: {override_text(override)}\n"]
 
 
 def _action(lookup: Lookup) -> str:
     """What a sender would do, with the override (if any) applied."""
-    from mtasts_twisted.overrides import OverrideKind
+    from mtasts_twisted.overrides import sender_action
 
-    override = getattr(lookup, "override", None)
-    if override is not None and override.kind is OverrideKind.DANE_ONLY:
-        return ("deliver only over DANE-authenticated TLS (socketmap: dane-only); the relay defers this "
-                "domain's mail until it does DANE")
-    policy = lookup.policy
-    return _ACTIONS[policy.mode if policy else None]
+    return sender_action(lookup)
 
 
 async def run_lookup(reactor: Reactor, args: argparse.Namespace, out: TextIO, err: TextIO, policy_port: int = 443) -> int:

@@ -7,7 +7,10 @@ socketmap and C{mtasts-twisted lookup} all ask.
     values (pure);
   - L{mtasts_twisted.overrides.source}: L{OverrideTable} (the map in
     force, reloaded on SIGHUP) and L{OverridingPolicySource} (the cache's
-    C{get} with the overrides applied → L{OverriddenLookup}).
+    C{get} with the overrides applied → L{OverriddenLookup}, by
+    L{apply_override});
+  - L{mtasts_twisted.overrides.describe}: a lookup's consequence in words
+    (L{sender_action}, L{override_text}) for C{lookup} and the status page.
 """
 
 from mtasts_twisted.overrides.parse import (
@@ -23,9 +26,12 @@ from mtasts_twisted.overrides.source import (
     OverriddenLookup,
     OverrideTable,
     OverridingPolicySource,
+    apply_override,
 )
+from mtasts_twisted.overrides.describe import ACTIONS, override_text, sender_action
 
 __all__ = [
+    "ACTIONS",
     "ENFORCE_MAX_AGE",
     "USE_LOG_INTERVAL",
     "Override",
@@ -34,6 +40,9 @@ __all__ = [
     "OverriddenLookup",
     "OverrideTable",
     "OverridingPolicySource",
+    "apply_override",
     "load_overrides",
+    "override_text",
     "parse_overrides",
+    "sender_action",
 ]

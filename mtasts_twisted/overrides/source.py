@@ -45,10 +45,11 @@ from twisted.logger import Logger
 from mtasts_twisted.cache import Lookup, PolicyLookupTemporaryError
 from mtasts_twisted.overrides.parse import Override, OverrideFileError, OverrideKind, load_overrides
 from mtasts_twisted.policy import Mode, Policy
-from mtasts_twisted.results import Result
+from mtasts_twisted.results import PolicyDescriptor, PolicyType, Result
 
 __all__ = [
     "CachePolicySource",
+    "apply_override",
     "OverrideTable",
     "OverriddenLookup",
     "OverridingPolicySource",
@@ -158,6 +159,34 @@ def _as_testing(policy: Policy) -> Policy:
     return attrs.evolve(policy, mode=Mode.TESTING)
 
 
+def apply_override(lookup: Lookup, domain: str, override: Override | None, *, enforce_as_testing: bool,
+                   defer_dane_only: bool) -> OverriddenLookup:
+    """
+    C{lookup} of C{domain} with C{override} (in force now, or L{None}) and
+    the C{--enforce-as-testing} switch applied (see the module docstring).
+    Pure: L{OverridingPolicySource} counts and logs around it.
+
+    @raise PolicyLookupTemporaryError: a C{dane-only} override under
+        C{defer_dane_only} without the switch (the relay defers the mail).
+    """
+    policy, record_id = lookup.policy, lookup.record_id
+    if override is not None:
+        if override.kind is OverrideKind.SKIP:
+            # The domain's MTA-STS is ignored: delivery as without a policy.
+            policy, record_id = None, None
+        elif override.kind is OverrideKind.ENFORCE:
+            policy, record_id = override.policy, None
+        elif defer_dane_only and not enforce_as_testing:
+            raise PolicyLookupTemporaryError(
+                f"{domain} requires DANE (policy override dane-only, {override.source}), "
+                "which this relay does not do yet", _no_session(lookup.result))
+    as_testing = False
+    if enforce_as_testing and policy is not None and policy.mode is Mode.ENFORCE:
+        policy, as_testing = _as_testing(policy), True
+    return OverriddenLookup(policy, lookup.result, lookup.fresh, record_id, lookup.entry, lookup.error,
+                            override=override, as_testing=as_testing, published=lookup.policy)
+
+
 class OverridingPolicySource:
     """
     A policy source (C{get(domain) -> Deferred[Lookup]}) over the policy
@@ -224,30 +253,45 @@ class OverridingPolicySource:
         return self._decide(lookup, domain, override)
 
     def _decide(self, lookup: Lookup, domain: str, override: Override | None) -> Lookup:
-        policy, record_id = lookup.policy, lookup.record_id
         if override is not None:
             self.uses[override.kind.value] += 1
             if override.kind is OverrideKind.SKIP:
-                # The domain's MTA-STS is ignored: delivery as without a policy.
                 log.warn("policy override: skipping the MTA-STS policy of {domain} until {until} ({reason}; {source})",
                          domain=domain, until=override.to_json()["until"], reason=override.reason or "no reason given",
                          source=override.source)
-                policy, record_id = None, None
-            elif override.kind is OverrideKind.ENFORCE:
-                policy, record_id = override.policy, None
-            elif self._defer_dane_only and not self.enforce_as_testing:
-                log.info("policy override: {domain} is dane-only; deferring (DANE is not wired into delivery yet)",
-                         domain=domain)
-                raise PolicyLookupTemporaryError(
-                    f"{domain} requires DANE (policy override dane-only, {override.source}), "
-                    "which this relay does not do yet", _no_session(lookup.result))
-        as_testing = False
-        if self.enforce_as_testing and policy is not None and policy.mode is Mode.ENFORCE:
+        try:
+            decided = apply_override(lookup, domain, override, enforce_as_testing=self.enforce_as_testing,
+                                     defer_dane_only=self._defer_dane_only)
+        except PolicyLookupTemporaryError:
+            log.info("policy override: {domain} is dane-only; deferring (DANE is not wired into delivery yet)",
+                     domain=domain)
+            raise
+        if decided.as_testing:
             self.uses["enforce-as-testing"] += 1
-            policy, as_testing = _as_testing(policy), True
             self._log_as_testing(domain)
-        return OverriddenLookup(policy, lookup.result, lookup.fresh, record_id, lookup.entry, lookup.error,
-                                override=override, as_testing=as_testing, published=lookup.policy)
+        return decided
+
+    def applied(self, lookup: Lookup | None, domain: str) -> Lookup | None:
+        """
+        What L{get} makes of C{lookup} (a cache answer, e.g. L{PolicyCache.peek
+        <mtasts_twisted.cache.PolicyCache.peek>}'s) for C{domain} (A-labels),
+        by the same rules (L{apply_override}) but counting and logging
+        nothing: the status page's verdict.  With nothing cached (L{None})
+        an override still decides, as when the lookup fails; without one
+        the answer stays L{None}.
+
+        @raise PolicyLookupTemporaryError: as L{get} (a C{dane-only} domain
+            under C{defer_dane_only}).
+        """
+        override = self.table.find(domain, self._clock.seconds())
+        if override is None and not self.enforce_as_testing:
+            return lookup
+        if lookup is None:
+            if override is None:
+                return None
+            lookup = Lookup(None, Result(PolicyDescriptor(PolicyType.NO_POLICY_FOUND, domain)), False)
+        return apply_override(lookup, domain, override, enforce_as_testing=self.enforce_as_testing,
+                              defer_dane_only=self._defer_dane_only)
 
     def _log_as_testing(self, domain: str) -> None:
         now = self._clock.seconds()

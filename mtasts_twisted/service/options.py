@@ -59,25 +59,31 @@ def _check_endpoint(name: str, description: str) -> None:
         raise usage.UsageError(f"--{name} {description!r}: not a valid endpoint ({e})") from None
 
 
-def _check_web(endpoint: str | None, password_file: str | None) -> None:
+def _check_web(endpoint: str | None, password_file: str | None, token_file: str | None) -> None:
     """
-    The status page binds loopback unless a password file guards it; a
-    password file must name at least one user.
+    The status page binds loopback unless a password file or a token file
+    guards it; each file given must be usable (L{read_password_file},
+    L{read_token_file}).
     """
-    if endpoint is None and password_file is None:
+    if endpoint is None and password_file is None and token_file is None:
         return
     # The status page's modules (twisted.web.server, templates) load only
     # when it is configured: a socketmap-only process stays smaller.
-    from mtasts_twisted.web import read_password_file, requires_auth
+    from mtasts_twisted.web import read_password_file, read_token_file, requires_auth
 
     if password_file is not None:
         try:
             read_password_file(password_file)
         except ValueError as e:
             raise usage.UsageError(f"--web-password-file {password_file}: {e}") from None
-    elif endpoint is not None and requires_auth(endpoint):
-        raise usage.UsageError(f"--web {endpoint!r}: not a loopback address; give --web-password-file "
-                               "(or bind interface=127.0.0.1)")
+    if token_file is not None:
+        try:
+            read_token_file(token_file)
+        except ValueError as e:
+            raise usage.UsageError(f"--web-token-file {token_file}: {e}") from None
+    if password_file is None and token_file is None and endpoint is not None and requires_auth(endpoint):
+        raise usage.UsageError(f"--web {endpoint!r}: not a loopback address; give --web-password-file or "
+                               "--web-token-file (or bind interface=127.0.0.1)")
 
 
 def _check_writable_dir(path: str) -> None:
@@ -234,8 +240,10 @@ class Options(usage.Options):
         ["metrics", None, None, "Prometheus metrics endpoint, e.g. tcp:9461:interface=127.0.0.1 "
                                 "[default: none]"],
         ["web", None, None, "read-only status page endpoint, e.g. tcp:8080:interface=127.0.0.1; any "
-                            "address but loopback needs --web-password-file [default: none]"],
+                            "address but loopback needs --web-password-file or --web-token-file [default: none]"],
         ["web-password-file", None, None, "USER:PASSWORD lines: the status page asks for one (HTTP basic auth)"],
+        ["web-token-file", None, None, "tokens, one a line (>= 16 characters, file mode 600): the status page "
+                                       "accepts 'Authorization: Bearer TOKEN'"],
         ["ca-file", None, None, "PEM CA certificates to trust instead of the system's"],
         ["report-org", None, None, "TLSRPT organization-name"],
         ["report-from", None, None, "From address of mailed TLSRPT reports"],
@@ -331,7 +339,7 @@ class Options(usage.Options):
             from mtasts_twisted.service.intaketls import load_smtp_tls
 
             load_smtp_tls(self["smtp-tls-cert"], self["smtp-tls-key"])
-        _check_web(self["web"], self["web-password-file"])
+        _check_web(self["web"], self["web-password-file"], self["web-token-file"])
 
         from mtasts_twisted.dns import parse_nameserver
 

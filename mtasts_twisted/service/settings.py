@@ -31,6 +31,7 @@ DEFAULTS: dict[str, Any] = {
     "metrics": "none",
     "web": "none",
     "web-password-file": None,
+    "web-token-file": None,
     "ca-file": None,
     "report-org": None,
     "report-from": None,
@@ -65,8 +66,10 @@ class ServiceSettings:
     @ivar metrics: the metrics page's endpoint, or L{None} when off.
     @ivar web: the status page's endpoint, or L{None} when off.
     @ivar web_password_file: C{USER:PASSWORD} lines the status page asks
-        for (HTTP basic authentication), or L{None}: then C{web} is
-        loopback only.
+        for (HTTP basic authentication), or L{None}.
+    @ivar web_token_file: bearer tokens (one a line) the status page
+        accepts (C{Authorization: Bearer}), or L{None}.  Without either
+        file C{web} is loopback only.
     @ivar nameservers: C{IP[:PORT]} of the DNS servers; empty for
         C{/etc/resolv.conf}.
     @ivar ca_file: PEM CA certificates trusted instead of the system's, or
@@ -108,6 +111,7 @@ class ServiceSettings:
     metrics: str | None = None
     web: str | None = None
     web_password_file: str | None = None
+    web_token_file: str | None = None
     nameservers: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     ca_file: str | None = None
     report_settings: ReportSettings | None = None
@@ -165,6 +169,7 @@ class ServiceSettings:
             metrics=config.get("metrics"),
             web=config.get("web"),
             web_password_file=config.get("web-password-file"),
+            web_token_file=config.get("web-token-file"),
             nameservers=config["nameserver"] or (),
             ca_file=config["ca-file"],
             report_settings=config["report_settings"],

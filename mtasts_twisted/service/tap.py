@@ -45,6 +45,7 @@ from mtasts_twisted.service.runtime import IServiceReactor, Runtime, StartupErro
 
 if TYPE_CHECKING:
     from mtasts_twisted.relay import RelayService, RelaySettings
+    from mtasts_twisted.socketmap import SocketmapSettings
 
 __all__ = ["MTASTSService", "makeService", "queue_directory"]
 
@@ -166,13 +167,17 @@ class MTASTSService(MultiService):
             store=store,
             queue=lambda: self.relay.queue if self.relay is not None else None,
             refresher=lambda: self.refresher,
-            report_settings=self.settings.report_settings)
+            report_settings=self.settings.report_settings,
+            policies=lambda: self.runtime.policies if self.runtime is not None else None,
+            socketmap=lambda: self.stats.socketmap,
+            answer_settings=self._socketmap_settings(),
+            dane=self.settings.dane)
         # The socketmap keeps running totals only: the page's chart samples them.
         CounterSampler(lambda: self.stats.socketmap.counts if self.stats.socketmap is not None else None,
                        self.stats.hourly_lookups.add, reactor).setServiceParent(self)
         resource: Any = StatusResource(sources)
-        if self.settings.web_password_file is not None:
-            resource = protect(resource, self.settings.web_password_file)
+        if self.settings.web_password_file is not None or self.settings.web_token_file is not None:
+            resource = protect(resource, self.settings.web_password_file, self.settings.web_token_file)
         return WebSite(resource, reactor)
 
     def startService(self) -> None:
@@ -193,6 +198,14 @@ class MTASTSService(MultiService):
                      " raise the hard limit (ulimit -Hn, LimitNOFILE=)", soft=limit.soft)
         super().startService()
         self.ready = Deferred.fromCoroutine(self._start())
+
+    def _socketmap_settings(self) -> SocketmapSettings:
+        """The socketmap's answers as the options ask (its caps are sized at start)."""
+        from mtasts_twisted.socketmap import SocketmapSettings
+
+        settings = self.settings
+        return SocketmapSettings(strict_testing=settings.strict_testing, tlsrpt_attributes=settings.tlsrpt_attributes,
+                                 fail_open=settings.fail_open, dane=settings.dane)
 
     def _relay_settings(self) -> RelaySettings:
         from mtasts_twisted.relay import RelaySettings
@@ -252,7 +265,6 @@ class MTASTSService(MultiService):
         return True
 
     def _wire(self, runtime: Runtime) -> None:
-        settings = self.settings
         runtime.cache.start()
         self.refresher = PolicyRefresher(runtime.cache, self._reactor)
         self.refresher.setServiceParent(self)
@@ -261,14 +273,12 @@ class MTASTSService(MultiService):
         if runtime.scheduler is not None:
             runtime.scheduler.setServiceParent(self)
         if "socketmap" in self._late:
-            from mtasts_twisted.socketmap import SocketmapFactory, SocketmapSettings
+            from mtasts_twisted.socketmap import SocketmapFactory
 
             factory = SocketmapFactory(
                 runtime.policies or runtime.cache, runtime.resolver, self._reactor,
-                settings=SocketmapSettings(strict_testing=settings.strict_testing,
-                                           tlsrpt_attributes=settings.tlsrpt_attributes,
-                                           fail_open=settings.fail_open, dane=settings.dane,
-                                           max_connections=self.caps.socketmap if self.caps else 1024),
+                settings=attrs.evolve(self._socketmap_settings(),
+                                      max_connections=self.caps.socketmap if self.caps else 1024),
                 sink=runtime.sink,
             )
             self.stats.socketmap = factory

@@ -110,8 +110,12 @@ from mtasts_twisted.socketmap.settings import DEFAULT_SETTINGS, SocketmapSetting
 __all__ = [
     "ANSWER_KINDS",
     "MAX_REPLY",
+    "NOTFOUND",
     "answer_kind",
     "answer_settings",
+    "cached_answer",
+    "fixed_answer",
+    "needs_mx_hosts",
     "override_answer",
     "policy_has_wildcard",
     "render_answer",
@@ -125,6 +129,9 @@ MAX_REPLY = 100000
 #: <mtasts_twisted.socketmap.server.SocketmapFactory.counts>} and passed to
 #: the C{metrics} counter as its C{answer} label (see L{answer_kind}).
 ANSWER_KINDS = ("ok", "notfound", "temp", "perm")
+
+#: The reply for "no policy applies" (socketmap_table(5): the key is not found).
+NOTFOUND = "NOTFOUND "
 
 
 def _dedupe(names: Iterable[str]) -> list[str]:
@@ -260,3 +267,58 @@ def answer_settings(lookup: Lookup, settings: SocketmapSettings) -> SocketmapSet
             and lookup.override.kind is OverrideKind.ENFORCE):
         return attrs.evolve(settings, tlsrpt_attributes=False)
     return settings
+
+
+def fixed_answer(lookup: Lookup, settings: SocketmapSettings) -> str | None:
+    """
+    The reply to C{lookup} that no next hop can change, or L{None}: an
+    override's (L{override_answer}), or L{NOTFOUND} when no policy applies
+    (none, mode C{none}, or C{testing} answered as none: without
+    C{strict_testing} and without the testing attributes).  L{None} means
+    the reply sets a TLS level: L{render_answer}'s, after the next hop's
+    DANE verdict with C{settings.dane}, with the MX hosts where
+    L{needs_mx_hosts}.  The server's first step, and the status page's.
+    """
+    if type(lookup) is not Lookup:
+        # Only a policy source's OverriddenLookup carries an override (the
+        # cache's plain Lookup, the hot path, needs no second call).
+        fixed = override_answer(lookup)
+        if fixed is not None:
+            return fixed
+    policy = lookup.policy
+    if policy is None or policy.mode is Mode.NONE:
+        return NOTFOUND
+    if policy.mode is Mode.TESTING and not settings.strict_testing and not (
+            settings.tlsrpt_attributes and settings.testing_level):
+        return NOTFOUND
+    return None
+
+
+def needs_mx_hosts(policy: Policy, settings: SocketmapSettings) -> bool:
+    """
+    Whether the reply for C{policy} (one that sets a TLS level) lists the
+    domain's MX hosts: an enforced policy (C{enforce}, or C{testing} with
+    C{strict_testing}) with a C{*.} pattern, whose match list is the MX
+    hosts that match it (RFC 8461 §4.1: one label; see the module
+    docstring).  Exact patterns are listed as they are.
+    """
+    enforced = policy.mode is Mode.ENFORCE or (policy.mode is Mode.TESTING and settings.strict_testing)
+    return enforced and policy_has_wildcard(policy)
+
+
+def cached_answer(policy_domain: str, lookup: Lookup, settings: SocketmapSettings) -> str | None:
+    """
+    The reply to C{lookup} for the next hop C{policy_domain} as far as it
+    is known without a DNS query (the status page): L{fixed_answer}, else
+    the rendered answer when it needs neither the next hop's DANE verdict
+    (C{settings.dane}) nor its MX hosts (L{needs_mx_hosts}); L{None} when
+    it needs either.
+    """
+    fixed = fixed_answer(lookup, settings)
+    if fixed is not None:
+        return fixed
+    policy = lookup.policy
+    assert policy is not None, "fixed_answer answers a lookup without a policy"
+    if settings.dane or needs_mx_hosts(policy, settings):
+        return None
+    return render_answer(policy_domain, policy, answer_settings(lookup, settings))

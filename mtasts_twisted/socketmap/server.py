@@ -33,14 +33,16 @@ from twisted.python.failure import Failure
 from mtasts_twisted.cache import Lookup, PolicyLookupTemporaryError
 from mtasts_twisted.dns import DNSNoRecordError, MXAnswer
 from mtasts_twisted.interfaces import IDNSResolver, IResultSink
-from mtasts_twisted.policy import DomainError, Mode, Policy
+from mtasts_twisted.policy import DomainError, Policy
 from mtasts_twisted.socketmap.admission import ConnectionTable
 from mtasts_twisted.socketmap.dane import DomainDANE, NextHopDANE, dane_reply, next_hop_dane
 from mtasts_twisted.socketmap.answers import (
     ANSWER_KINDS,
+    NOTFOUND,
     answer_kind,
     answer_settings,
-    override_answer,
+    fixed_answer,
+    needs_mx_hosts,
     policy_has_wildcard,
     render_answer,
     render_failure,
@@ -92,7 +94,7 @@ def _frame(text: str) -> bytes:
     return encode_netstring(text.encode("utf-8"))
 
 
-_NOTFOUND = _frame("NOTFOUND ")
+_NOTFOUND = _frame(NOTFOUND)
 _NOTFOUND_ANSWER = ("notfound", _NOTFOUND)
 
 
@@ -159,8 +161,6 @@ class SocketmapFactory(Factory):
         self._names = (
             None if settings.map_names is None else frozenset(n.encode("utf-8") for n in settings.map_names)
         )
-        self._testing_attributes = bool(settings.tlsrpt_attributes and settings.testing_level)
-        self._strict = settings.strict_testing
         # request payload -> ParsedKey, or (kind, frame) of an immediate answer
         self._requests: dict[bytes, ParsedKey | tuple[str, bytes]] = {}
         # memo key -> (policy, record_id, expires, kind, frame)
@@ -219,6 +219,21 @@ class SocketmapFactory(Factory):
         self._table.remove(connection)
         self._evicting.discard(connection)
 
+    def memoised(self, key: str, lookup: Lookup) -> tuple[str, float] | None:
+        """
+        The answer memoised for C{key} (a domain in A-labels, or C{[host]})
+        and C{lookup}'s policy and id, with when it expires, while it
+        holds; else L{None}.  Nothing is looked up or counted (the status
+        page shows it).
+        """
+        memo = self._memo.get(key)
+        if memo is None or memo[0] != lookup.policy or memo[1] != lookup.record_id:
+            return None
+        if memo[2] <= self.clock.seconds():
+            return None
+        # The frame is "LENGTH:TEXT," (encode_netstring).
+        return memo[4].partition(b":")[2][:-1].decode("utf-8"), memo[2]
+
     # --- per request ---------------------------------------------------------------
 
     def _count(self, kind: str) -> None:
@@ -276,22 +291,14 @@ class SocketmapFactory(Factory):
         sink = self._sink
         if sink is not None:
             sink.record(lookup.result)
-        fixed = override_answer(lookup)
+        fixed = fixed_answer(lookup, self.settings)
         if fixed is not None:
+            if fixed == NOTFOUND:
+                self._count("notfound")
+                return _NOTFOUND
             self._count(answer_kind(fixed))
             return _frame(fixed)
-        policy = lookup.policy
-        if policy is None:
-            self._count("notfound")
-            return _NOTFOUND
-        mode = policy.mode
-        if mode is Mode.ENFORCE or (mode is Mode.TESTING and self._strict):
-            need_mx = True
-        elif mode is Mode.TESTING and self._testing_attributes:
-            need_mx = False
-        else:
-            self._count("notfound")
-            return _NOTFOUND
+        policy: Policy = lookup.policy  # type: ignore[assignment]
         domain: str = parsed.domain  # type: ignore[assignment]
         key = "[" + domain + "]" if parsed.bracketed else domain
         memo = self._memo.get(key)
@@ -312,15 +319,14 @@ class SocketmapFactory(Factory):
             if isinstance(now, Failure):
                 now.raiseException()
             return self._dane_answered(now, key, domain, lookup, parsed.bracketed)
-        if not need_mx:
-            return self._render(key, domain, lookup, None, _INF)
         if parsed.bracketed:
             # Postfix connects to a [host] next hop itself: no MX lookup.
             return self._render(key, domain, lookup, (domain,), _INF)
-        if not policy_has_wildcard(policy):
+        if not needs_mx_hosts(policy, self.settings):
             # Exact patterns only: the match list is the patterns themselves,
             # as safe as any MX-derived list (Postfix verifies the MX host's
-            # certificate against it), so no MX query is needed.
+            # certificate against it), so no MX query is needed.  (A testing
+            # policy answered with attributes lists no MX host at all.)
             return self._render(key, domain, lookup, None, _INF)
         d = self._resolver.lookup_mx(domain)
         result = result_now(d)

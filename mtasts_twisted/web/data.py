@@ -1,6 +1,6 @@
 """
 The status page's data: frozen values made by pure functions from what the
-service's components hold (L{mtasts_twisted.web.gather} reads them; the
+service's components hold (L{mtasts_twisted.web.sources} reads them; the
 pages render them, L{mtasts_twisted.web.pages}).
 
 Every string here that came from a peer (a policy text, an MX host name,
@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Hashable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
+
+if TYPE_CHECKING:
+    from mtasts_twisted.web.dane import DANESummary
+    from mtasts_twisted.web.verdict import Verdict
 
 __all__ = [
     "DomainPage",
@@ -31,7 +35,6 @@ __all__ = [
     "overview",
     "queue_rows",
     "report_rows",
-    "verdict",
 ]
 
 #: Delivery outcomes in chart order.
@@ -180,6 +183,9 @@ class DomainRow:
     @ivar last_error: the last fetch failure (reason code and detail), or
         C{""}.
     @ivar mx: the policy's C{mx} patterns.
+    @ivar dane: its DANE status today
+        (L{DANESummary<mtasts_twisted.web.dane.DANESummary>}), or L{None}
+        when not read.
     """
 
     domain: str
@@ -188,6 +194,7 @@ class DomainRow:
     valid_until: float | None
     last_error: str
     mx: tuple[str, ...] = ()
+    dane: DANESummary | None = None
 
 
 def _error_text(failure: Any) -> str:
@@ -250,43 +257,19 @@ class ResultRow:
     """
     Today's TLSRPT counts of one policy of a domain.
 
-    @ivar policy_type: C{sts}, C{no-policy-found}, ...
+    @ivar policy_type: C{sts}, C{tlsa}, C{no-policy-found}.
     @ivar successes: successful sessions.
     @ivar failures: failed sessions.
     @ivar details: C{(result_type, mx_host, count)} per failure detail.
+    @ivar policy_domain: the policy's domain: the domain itself, or for
+        C{tlsa} the TLSA base domain of an MX host (RFC 8460 §3).
     """
 
     policy_type: str
     successes: int
     failures: int
     details: tuple[tuple[str, str, int], ...] = ()
-
-
-def verdict(entry: Any | None, now: float) -> str:
-    """
-    What the cached entry means for mail to its domain now (no lookup is
-    made: the page changes nothing; C{mtasts-twisted lookup} looks now).
-
-    @param entry: a L{CacheEntry<mtasts_twisted.cache.CacheEntry>}, or L{None}.
-    @param now: POSIX time.
-    """
-    if entry is None:
-        return "not cached: the next delivery looks the policy up (mtasts-twisted lookup DOMAIN looks now)"
-    policy = entry.policy
-    if policy is None:
-        error = _error_text(entry.backoff_failure) or "unknown error"
-        until = f" until {format_time(entry.backoff_until)} UTC" if entry.backoff_until > now else ""
-        return f"no policy cached: the last fetch failed ({error}); mail goes as without a policy{until}"
-    if not entry.valid(now):
-        return f"the cached policy ended at {format_time(entry.valid_end)} UTC: the next lookup fetches it again"
-    mode = policy.mode.value
-    # RFC 8461 §5: enforce refuses MX hosts that fail validation; testing only reports them.
-    if mode == "enforce":
-        return ("enforce: mail goes only to MX hosts matching " + ", ".join(policy.mx)
-                + " over TLS with a valid certificate, else it is deferred (RFC 8461 §5)")
-    if mode == "testing":
-        return "testing: failures are reported (TLSRPT) and mail is delivered anyway (RFC 8461 §5)"
-    return "none: the domain withdrew its policy; mail goes as without one (RFC 8461 §5)"
+    policy_domain: str = ""
 
 
 @attrs.frozen
@@ -301,7 +284,10 @@ class DomainPage:
         delivered to) with their last outcome.
     @ivar results: today's TLSRPT results.
     @ivar day: today, C{YYYY-MM-DD}.
-    @ivar verdict: what the cached entry means for mail now (L{verdict}).
+    @ivar verdict: what the service would answer now, from the cache
+        (L{Verdict<mtasts_twisted.web.verdict.Verdict>}), or L{None}.
+    @ivar dane: its DANE status today
+        (L{DANESummary<mtasts_twisted.web.dane.DANESummary>}), or L{None}.
     """
 
     domain: str
@@ -310,11 +296,13 @@ class DomainPage:
     hosts: tuple[HostRow, ...]
     results: tuple[ResultRow, ...]
     day: str
-    verdict: str = ""
+    verdict: Verdict | None = None
+    dane: DANESummary | None = None
 
 
 def domain_page(domain: str, entry: Any | None, outcomes: Mapping[tuple[str, str], Any],
-                results: Iterable[Any], day: str, now: float = 0.0) -> DomainPage:
+                results: Iterable[Any], day: str, verdict: Verdict | None = None,
+                dane: DANESummary | None = None) -> DomainPage:
     """
     The L{DomainPage} of C{domain}.
 
@@ -324,7 +312,8 @@ def domain_page(domain: str, entry: Any | None, outcomes: Mapping[tuple[str, str
         (C{ServiceStats.mx_outcomes}).
     @param results: today's merged L{Result<mtasts_twisted.results.Result>}s.
     @param day: today.
-    @param now: POSIX time (the verdict).
+    @param verdict: the L{Verdict<mtasts_twisted.web.verdict.Verdict>}.
+    @param dane: the L{DANESummary<mtasts_twisted.web.dane.DANESummary>}.
     """
     row = domain_row(entry) if entry is not None else None
     policy = entry.policy if entry is not None else None
@@ -338,9 +327,9 @@ def domain_page(domain: str, entry: Any | None, outcomes: Mapping[tuple[str, str
         rows.append(ResultRow(
             result.policy.policy_type.value, result.success_count, result.failure_count,
             tuple((f.result_type.value, f.receiving_mx_hostname or "-", f.failed_session_count)
-                  for f in result.failures)))
+                  for f in result.failures), result.policy.policy_domain))
     return DomainPage(domain, row, policy.text if policy is not None else "", tuple(hosts.values()),
-                      tuple(rows), day, verdict(entry, now))
+                      tuple(rows), day, verdict, dane)
 
 
 @attrs.frozen

@@ -20,6 +20,8 @@ from twisted.web.template import Tag, flattenString, tags
 
 from mtasts_twisted.web.chart import FAILURE_PALETTE, LOOKUP_COLOURS, bar_chart, hourly_chart, outcome_colour
 from mtasts_twisted.web.data import MODES, DomainPage, DomainRow, Overview, QueueRow, ReportRow, format_time
+from mtasts_twisted.web.dane import DANESummary
+from mtasts_twisted.web.verdict import NO_LOOKUP, Verdict
 
 __all__ = ["domain_html", "domains_html", "overview_html", "queue_html", "render", "report_json_html",
            "reports_html"]
@@ -123,10 +125,54 @@ def domains_html(rows: Sequence[DomainRow], query: str, total: int | None = None
             tags.input(type="submit", value="filter")),
         tags.p(f"{total} policies" + (f" matching {query!r}" if query else "")
                + (f", the first {len(rows)} shown" if total > len(rows) else "")),
-        _table(("domain", "mode", "id", "valid until (UTC)", "last fetch error"),
+        _table(("domain", "mode", "id", "valid until (UTC)", "last fetch error", "DANE today"),
                [(_domain_link(r.domain), r.mode, r.policy_id, format_time(r.valid_until),
-                 tags.span(class_="error")(r.last_error)) for r in rows], "no cached policy"),
+                 tags.span(class_="error")(r.last_error), _dane_cell(r.dane)) for r in rows], "no cached policy"),
     )
+
+
+def _verdict_html(verdict: Verdict | None) -> list[Any]:
+    """The verdict section: the answer now, labelled as made from the cache without a lookup."""
+    if verdict is None:
+        return []
+    rows: list[tuple[str, Any]] = [
+        ("socketmap answer", tags.code(verdict.answer) if verdict.answer is not None else "unknown"),
+        ("how", verdict.how),
+    ]
+    if verdict.answer is not None or verdict.cached or verdict.override:
+        policy = ("none" if verdict.mode == "-" else f"mode {verdict.mode}"
+                  + (", mx " + " ".join(verdict.mx) if verdict.mx else ""))
+        state = ("confirmed by DNS within its TTL" if verdict.confirmed
+                 else "cached; the next request re-checks the TXT id" if verdict.cached else "nothing cached")
+        rows.append(("policy applied", f"{policy} ({state})"))
+    if verdict.override:
+        rows.append(("override", verdict.override))
+    if verdict.as_testing:
+        rows.append(("--enforce-as-testing", "on: the enforce policy is applied as testing"))
+    if verdict.problem:
+        rows.append(("problem", tags.span(class_="error")(verdict.problem)))
+    if verdict.relay:
+        rows.append(("relay", verdict.relay))
+    return [tags.h2(f"Verdict now ({NO_LOOKUP})"), _table(("what", "now"), rows)]
+
+
+def _dane_cell(dane: DANESummary | None) -> Any:
+    if dane is None:
+        return "-"
+    return tags.span(class_="error")(dane.text) if dane.failures else dane.text
+
+
+def _dane_html(dane: DANESummary | None) -> list[Any]:
+    """The DANE section: today's sessions DANE decided, their TLSA base domains and failing MX hosts."""
+    if dane is None:
+        return []
+    out: list[Any] = [tags.h2("DANE today (RFC 7672, from the TLSRPT results kept for reports)"),
+                      tags.p(_dane_cell(dane))]
+    if dane.base_domains:
+        out.append(tags.p("TLSA base domains: " + ", ".join(dane.base_domains)))
+    if dane.mx_hosts:
+        out.append(tags.p("MX hosts with failures: " + ", ".join(dane.mx_hosts)))
+    return out
 
 
 def domain_html(page: DomainPage) -> Tag:
@@ -137,16 +183,17 @@ def domain_html(page: DomainPage) -> Tag:
         [(row.mode, row.policy_id, format_time(row.valid_until), tags.span(class_="error")(row.last_error))]))
     return _page(
         f"Domain {page.domain}",
-        tags.p(tags.strong("Now: "), page.verdict),
         summary,
+        *_verdict_html(page.verdict),
+        *_dane_html(page.dane),
         tags.h2("Policy"),
         tags.pre(page.policy_text) if page.policy_text else tags.p("no policy"),
         tags.h2("MX hosts and their last TLS outcome"),
         _table(("host", "last attempt (UTC)", "outcome", "TLS", "reply or error"),
                [(h.host, format_time(h.when), h.status, h.tls, h.message) for h in page.hosts]),
         tags.h2(f"TLSRPT results today ({page.day})"),
-        _table(("policy type", "successful sessions", "failed sessions", "failures"),
-               [(r.policy_type, str(r.successes), str(r.failures),
+        _table(("policy type", "policy domain", "successful sessions", "failed sessions", "failures"),
+               [(r.policy_type, r.policy_domain, str(r.successes), str(r.failures),
                  tags.ul(*(tags.li(f"{kind} {host}: {n}") for kind, host, n in r.details)))
                 for r in page.results], "no results today"),
     )

@@ -1,7 +1,7 @@
 """
 The status page's HTTP server (C{--web}): a twisted.web L{Site} with one
-read-only resource (L{StatusResource}), optionally behind HTTP basic
-authentication (L{protect}), within L{WebLimits}.
+read-only resource (L{StatusResource}), optionally behind authentication
+(L{protect<mtasts_twisted.web.auth.protect>}), within L{WebLimits}.
 
 Limits, like the metrics endpoint's (L{mtasts_twisted.metrics.http}):
 
@@ -27,30 +27,22 @@ all, so even a value that escaped the escaping could not run.
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
 import json
 import re
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import attrs
-from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import IUsernamePassword
-from twisted.cred.error import UnauthorizedLogin
-from twisted.cred.portal import IRealm, Portal
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
-from twisted.web.guard import BasicCredentialFactory, HTTPAuthSessionWrapper
 from twisted.web import http
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted.web.template import Tag
-from zope.interface import implementer
 
 from mtasts_twisted.web.pages import (
     domain_html,
@@ -71,7 +63,7 @@ from mtasts_twisted.web.sources import (
     gather_reports,
 )
 
-__all__ = ["PasswordFile", "WebLimits", "WebSite", "StatusResource", "protect", "read_password_file", "requires_auth"]
+__all__ = ["WebLimits", "WebSite", "StatusResource"]
 
 log = Logger()
 
@@ -303,114 +295,3 @@ class WebSite(Site):
             log.info("web: {method} {uri} from {peer}: {code}", method=request.method.decode("ascii", "replace"),
                      uri=request.uri.decode("ascii", "replace"), peer=str(request.getClientAddress()),
                      code=request.code)
-
-
-@implementer(IRealm)
-class _Realm:
-    def __init__(self, resource: IResource) -> None:
-        self._resource = resource
-
-    def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> tuple[Any, IResource, Callable[[], None]]:
-        if IResource in interfaces:
-            return IResource, self._resource, _ignore
-        raise NotImplementedError()
-
-
-@implementer(ICredentialsChecker)
-class PasswordFile:
-    """
-    The users of a C{--web-password-file}, read once (before C{twistd -u}
-    drops privileges, so the file may be readable by root only); passwords
-    are compared in constant time.
-    """
-
-    credentialInterfaces = (IUsernamePassword,)
-
-    def __init__(self, users: dict[bytes, bytes]) -> None:
-        """
-        @param users: password by user name.
-        """
-        self._users = users
-
-    def requestAvatarId(self, credentials: IUsernamePassword) -> Deferred[bytes | tuple[()]]:
-        """The user name, or a failure with L{UnauthorizedLogin}."""
-        expected = self._users.get(credentials.username)
-        password = credentials.password
-        if expected is not None and hmac.compare_digest(expected, password):
-            return succeed(credentials.username)
-        return fail(UnauthorizedLogin())
-
-
-def read_password_file(path: str) -> PasswordFile:
-    """
-    The checker of a C{--web-password-file}: lines C{USER:PASSWORD}
-    (C{#} starts a comment line).
-
-    @raise ValueError: the file cannot be read or names no user (one line).
-    """
-    try:
-        with open(path, "rb") as f:
-            lines = [line.strip() for line in f.read().splitlines()]
-    except OSError as e:
-        raise ValueError(f"cannot read it: {e.strerror}") from None
-    users = {}
-    for line in lines:
-        if not line or line.startswith(b"#"):
-            continue
-        user, colon, password = line.partition(b":")
-        if not colon or not user or not password:
-            raise ValueError("expected lines USER:PASSWORD")
-        users[user] = password
-    if not users:
-        raise ValueError("expected lines USER:PASSWORD")
-    return PasswordFile(users)
-
-
-def protect(resource: IResource, password_file: str) -> IResource:
-    """C{resource} behind HTTP basic authentication (RFC 7617) with the users of C{password_file}."""
-    portal = Portal(_Realm(resource), [read_password_file(password_file)])
-    return HTTPAuthSessionWrapper(portal, [BasicCredentialFactory(b"mtasts status")])
-
-
-def _split_endpoint(description: str) -> list[str]:
-    """Split an endpoint description at unescaped colons, unescaping."""
-    parts, current, escaped = [], "", False
-    for char in description:
-        if escaped:
-            current += char
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == ":":
-            parts.append(current)
-            current = ""
-        else:
-            current += char
-    parts.append(current)
-    return parts
-
-
-def requires_auth(description: str) -> bool:
-    """
-    Whether a server endpoint description may be reached from beyond this
-    host, so the status page must ask for a password: every C{tcp},
-    C{tcp6} or C{ssl} endpoint except one whose C{interface=} is a loopback
-    address (C{127.0.0.0/8}, C{::1}), and every other kind except C{unix}.
-    A host name as the interface counts as not loopback.
-
-    @param description: e.g. C{tcp:8080:interface=127.0.0.1}.
-    """
-    kind, *args = _split_endpoint(description)
-    kind = kind.strip().lower()
-    if kind == "unix":
-        return False
-    if kind not in ("tcp", "tcp6", "ssl"):
-        return True
-    for arg in args:
-        name, equals, value = arg.partition("=")
-        if equals and name.strip() == "interface":
-            try:
-                return not ipaddress.ip_address(value.strip().strip("[]")).is_loopback
-            except ValueError:
-                return True
-    return True

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 import attrs
 from twisted.internet.interfaces import IReactorTime
 
+from mtasts_twisted.policy import DomainError, to_alabel, to_unicode
+from mtasts_twisted.socketmap.settings import DEFAULT_SETTINGS, SocketmapSettings
 from mtasts_twisted.tlsrpt import (
     NoResultsError,
     RESULTS_TABLE,
@@ -24,6 +26,8 @@ from mtasts_twisted.tlsrpt import (
 )
 from mtasts_twisted.tlsrpt.aggregate import decode_results, results_key
 from mtasts_twisted.tlsrpt.report import day_of
+from mtasts_twisted.web.dane import dane_summary, gather_dane
+from mtasts_twisted.web.verdict import gather_verdict
 from mtasts_twisted.web.data import (
     DomainPage,
     DomainRow,
@@ -40,7 +44,9 @@ from mtasts_twisted.web.data import (
 if TYPE_CHECKING:
     from mtasts_twisted.cache import PolicyCache, PolicyRefresher
     from mtasts_twisted.interfaces import IStore
+    from mtasts_twisted.overrides import OverridingPolicySource
     from mtasts_twisted.relay import Queue
+    from mtasts_twisted.socketmap import SocketmapFactory
     from mtasts_twisted.tlsrpt import ReportSettings
 
 __all__ = ["MAX_ROWS", "WebSources", "gather_domain", "gather_domains", "gather_overview", "gather_queue",
@@ -69,6 +75,13 @@ class WebSources:
     @ivar refresher: returns the L{PolicyRefresher}, or L{None}.
     @ivar report_settings: the report metadata (for a report's JSON), or
         L{None} when reports are off.
+    @ivar policies: returns the socketmap's policy source (the cache with
+        the overrides applied), or L{None} before it is open.
+    @ivar socketmap: returns the L{SocketmapFactory} (its settings and
+        memoised answers), or L{None} (no C{--socketmap}).
+    @ivar answer_settings: the socketmap settings the verdict is rendered
+        with when no socketmap runs.
+    @ivar dane: whether the relay delivers with DANE (C{--dane}).
     """
 
     clock: IReactorTime
@@ -78,6 +91,10 @@ class WebSources:
     queue: Callable[[], Queue | None] = _none
     refresher: Callable[[], PolicyRefresher | None] = _none
     report_settings: ReportSettings | None = None
+    policies: Callable[[], OverridingPolicySource | None] = _none
+    socketmap: Callable[[], SocketmapFactory | None] = _none
+    answer_settings: SocketmapSettings = DEFAULT_SETTINGS
+    dane: bool = False
 
 
 async def _pending(sources: WebSources, **kw: Any) -> list[Any]:
@@ -125,21 +142,43 @@ async def gather_domains(sources: WebSources, query: str,
         rows = domain_rows(page, query)
         total += len(rows)
         shown.extend(rows[: max(0, max_rows - len(shown))])
-    return tuple(sorted(shown, key=lambda r: r.domain)), total
+    alabels = {row.domain: _alabel(row.domain) for row in shown}
+    dane = await gather_dane(sources, sorted(set(alabels.values())))
+    return tuple(sorted((attrs.evolve(r, dane=dane.get(alabels[r.domain])) for r in shown),
+                        key=lambda r: r.domain)), total
+
+
+def _unicode(domain: str) -> str:
+    """The cache's key of a domain (Unicode), or the name itself if it is not a domain."""
+    try:
+        return to_unicode(domain)
+    except DomainError:
+        return domain
+
+
+def _alabel(domain: str) -> str:
+    """The A-labels of a cached domain (its results' key), or itself if it has none."""
+    try:
+        return to_alabel(domain)
+    except DomainError:
+        return domain
 
 
 async def gather_domain(sources: WebSources, domain: str) -> DomainPage:
-    """One domain's L{DomainPage}."""
+    """One domain's L{DomainPage}, with its L{verdict<mtasts_twisted.web.verdict>} (no lookup made)."""
     domain = domain.strip().rstrip(".").lower()
     cache = sources.cache()
-    entry = await cache.entry(domain) if cache is not None and domain else None
+    entry = await cache.entry(_unicode(domain)) if cache is not None and domain else None
     day = day_of(sources.clock.seconds())
     results: list[Any] = []
     store = sources.store()
     if store is not None and domain:
-        alabel = entry.alabel if entry is not None else domain
+        alabel = entry.alabel if entry is not None else _alabel(domain)
         results = merge_results(decode_results(await store.shelf(RESULTS_TABLE).get(results_key(day, alabel))))
-    return domain_page(domain, entry, sources.stats.mx_outcomes, results, day, sources.clock.seconds())
+    verdict = await gather_verdict(sources, domain) if domain else None
+    # Results are kept only while reports are on (the aggregator stores them).
+    dane = dane_summary(results if sources.report_settings is not None else None, sources.dane)
+    return domain_page(domain, entry, sources.stats.mx_outcomes, results, day, verdict, dane if domain else None)
 
 
 async def gather_reports(sources: WebSources) -> tuple[ReportRow, ...]:
