@@ -59,6 +59,11 @@ def ip_of(address: IAddress | None) -> str | None:
         return None
 
 
+#: A message body up to this size goes in one write with its final dot;
+#: a larger one through a producer, chunk by chunk.
+ONE_WRITE_BODY = 64 * 1024
+
+
 def status_of(reply: Reply) -> Status:
     """A refusal's L{Status}: permanent for 5xx, else transient."""
     return Status.PERMANENT if reply.kind == 5 else Status.TRANSIENT
@@ -250,23 +255,38 @@ class Dialogue:
             params += b" REQUIRETLS"  # RFC 8689 §2 item 4, §4.2.1: passed on
 
         # -- the transaction (RFC 5321 §3.3)
-        reply = await proto.command(b"MAIL FROM:<" + reverse_path.address + b">" + params, timeout)
-        if reply.kind == 5:
+        mail = b"MAIL FROM:<" + reverse_path.address + b">" + params
+        rcpts = [b"RCPT TO:<" + paths[recipient].address + b">" for recipient in sendable]
+        data_reply: Reply | None = None
+        if "PIPELINING" in extensions:
+            # RFC 2920 §3.1: MAIL and RCPT may go anywhere in a group, DATA
+            # only last; one write, then every reply checked in order.
+            proto.send_group([mail, *rcpts, b"DATA"])
+            mail_reply = await proto.reply(timeout, "MAIL")
+            rcpt_replies = [await proto.reply(timeout, "RCPT") for _ in rcpts]
+            data_reply = await proto.reply(timeout, "DATA")
+        else:
+            mail_reply = await proto.command(mail, timeout)
+            rcpt_replies = []
+            if mail_reply.kind == 2:
+                rcpt_replies = [await proto.command(rcpt, timeout) for rcpt in rcpts]
+        if mail_reply.kind == 5:
             for recipient in sendable:
-                attempt.decide(recipient, Status.PERMANENT, reply.code, f"MAIL FROM refused: {reply.text}")
+                attempt.decide(recipient, Status.PERMANENT, mail_reply.code, f"MAIL FROM refused: {mail_reply.text}")
+            await _end_unwanted_data(proto, data_reply, timeout)
             return
-        if reply.kind != 2:
-            raise SessionError(f"MAIL FROM: {reply}", reply.code)
+        if mail_reply.kind != 2:
+            raise SessionError(f"MAIL FROM: {mail_reply}", mail_reply.code)
         accepted = []
-        for recipient in sendable:
-            reply = await proto.command(b"RCPT TO:<" + paths[recipient].address + b">", timeout)
+        for recipient, reply in zip(sendable, rcpt_replies):
             if reply.kind == 2:
                 accepted.append(recipient)
             else:
                 attempt.decide(recipient, status_of(reply), reply.code, reply.text)
         if not accepted:
+            await _end_unwanted_data(proto, data_reply, timeout)
             return
-        reply = await proto.command(b"DATA", timeout)
+        reply = data_reply if data_reply is not None else await proto.command(b"DATA", timeout)
         if reply.code != 354:
             for recipient in accepted:
                 attempt.decide(recipient, status_of(reply), reply.code, f"DATA refused: {reply.text}")
@@ -275,13 +295,20 @@ class Dialogue:
         message.seek(info.start)
         encoder = DataEncoder()
         transport = proto.tls_transport
-        try:
-            await FileSender().beginFileTransfer(message, transport, encoder.encode)
-        except Exception:
-            raise SessionError(f"connection lost while sending the message ({proto.error or 'stopped'})")
-        if proto.gone:
-            raise SessionError(f"connection lost while sending the message ({proto.error})")
-        transport.write(encoder.finish())
+        head = message.read(ONE_WRITE_BODY)
+        if len(head) < ONE_WRITE_BODY:
+            # The usual message: content and the final dot in one write
+            # (one TLS record, one send) instead of a producer's rounds.
+            transport.write(encoder.encode(head) + encoder.finish())
+        else:
+            transport.write(encoder.encode(head))
+            try:
+                await FileSender().beginFileTransfer(message, transport, encoder.encode)
+            except Exception:
+                raise SessionError(f"connection lost while sending the message ({proto.error or 'stopped'})")
+            if proto.gone:
+                raise SessionError(f"connection lost while sending the message ({proto.error})")
+            transport.write(encoder.finish())
         try:
             reply = await proto.reply(timeout, "the end of data")
         except SessionError as e:
@@ -322,3 +349,15 @@ class Dialogue:
             attempt.requiretls_refused = refusal.kind
             raise refusal
         return True
+
+
+async def _end_unwanted_data(proto: ClientProtocol, data_reply: Reply | None, timeout: float) -> None:
+    """
+    After a pipelined group whose MAIL or every RCPT failed: if the server
+    took DATA anyway (354), end it with the empty content (RFC 2920 §3.1:
+    the client must check every reply and cope with an accepted DATA), so
+    the session stays in step for its next transaction.
+    """
+    if data_reply is not None and data_reply.code == 354:
+        proto.tls_transport.write(b".\r\n")
+        await proto.reply(timeout, "the end of data")

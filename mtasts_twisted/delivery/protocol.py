@@ -299,6 +299,15 @@ class ClientProtocol(LineReceiver):
 
         return waiter.addBoth(done)
 
+    def send_group(self, lines: list[bytes]) -> None:
+        """
+        Send several command lines in one write (RFC 2920 pipelining); read
+        their replies, in order, with L{reply}.
+        """
+        if self._error is None:
+            assert self.transport is not None
+            self.transport.write(b"".join(line + b"\r\n" for line in lines))
+
     def command(self, line: bytes, timeout: float) -> Deferred[Reply]:
         """Send one command line and wait for its reply."""
         what = line.split(b" ", 1)[0].split(b":", 1)[0].decode("ascii", "replace")

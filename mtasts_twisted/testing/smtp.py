@@ -144,10 +144,13 @@ class Command:
 
     @ivar line: the line, without CRLF.
     @ivar tls: whether it arrived under TLS.
+    @ivar read: which read of the session's input it came in (1, 2, ...):
+        lines sent in one write by a pipelining client (RFC 2920) share it.
     """
 
     line: bytes
     tls: bool
+    read: int = 0
 
     @property
     def verb(self) -> str:
@@ -350,7 +353,12 @@ class _ServerProtocol(smtp.ESMTP):
         self.host = behaviour.hostname.encode("ascii")
         self._stalled = False
         self._muted = False
+        self._reads = 0
         self._lost: defer.Deferred[None] = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._reads += 1
+        super().dataReceived(data)
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()  # type: ignore[union-attr]
@@ -393,7 +401,7 @@ class _ServerProtocol(smtp.ESMTP):
     def lineReceived(self, line: bytes) -> Any:
         self._note_tls()
         if self.mode is not smtp.DATA:
-            command = Command(line=line, tls=self.session.tls)
+            command = Command(line=line, tls=self.session.tls, read=self._reads)
             self.session.commands.append(command)
             if self._stalled:
                 return None
