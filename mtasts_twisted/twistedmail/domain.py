@@ -34,6 +34,7 @@ from twisted.logger import Logger
 from twisted.mail.smtp import SMTPDeliveryError
 
 from mtasts_twisted.delivery import DeliveryResult, DeliverySettings, RecipientOutcome, Status
+from mtasts_twisted.delivery.verdict import MAX_ERRORS_SHOWN, unsent
 from mtasts_twisted.results import Result
 from mtasts_twisted.twistedmail.attempts import AttemptOutcome, SessionAttempt, describe_error
 from mtasts_twisted.twistedmail.routes import Route, Router
@@ -43,8 +44,6 @@ __all__ = ["MAX_ERRORS_SHOWN", "DomainSender"]
 
 log = Logger()
 
-#: Errors of failed attempts kept in a transient outcome's message.
-MAX_ERRORS_SHOWN = 4
 
 
 def _status(code: int) -> Status:
@@ -146,15 +145,13 @@ class DomainSender:
         finally:
             message.seek(start)
         if pending:
-            shown = errors[-MAX_ERRORS_SHOWN:] or ["no MX host could be tried"]
-            if route.plan is not None and route.plan.enforce:
-                # RFC 8461 §5.1: never permanent before a fresh policy check.
-                text = f"4.7.5 no MX host of {domain} passed MTA-STS (enforce) checks and took the message: "
-            else:
-                text = f"4.4.1 no MX host of {domain} took the message: "
-            for recipient in pending:
-                outcomes[recipient] = RecipientOutcome(
-                    recipient, Status.TRANSIENT, last_code, text + "; ".join(shown), last_host, None, False)
+            # The Deliverer's own words (RFC 8461 §5.1: under enforce never
+            # permanent before a fresh policy check); no DANE or REQUIRETLS
+            # here (module docstring).
+            outcomes.update(unsent(
+                domain, pending, errors, refused=None, dane_failed=False,
+                enforce=route.plan is not None and route.plan.enforce, last_host=last_host, last_code=last_code,
+            ))
         return self._result(route, outcomes, recipients)
 
     async def _send(
