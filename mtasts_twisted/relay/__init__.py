@@ -10,8 +10,12 @@ The rooms, bottom to top:
     L{RecipientState}, frozen values, and their JSON form on disk.
   - L{spool <mtasts_twisted.relay.spool>}: L{MessageWriter}, one message
     written and committed durably (the fsyncs), and the file helpers.
+  - L{recent <mtasts_twisted.relay.recent>}: the bodies just committed,
+    kept in memory (bounded) for their first delivery attempt.
+  - L{recovery <mtasts_twisted.relay.recovery>}: one queue entry checked
+    after a crash, and the quarantine.
   - L{queue <mtasts_twisted.relay.queue>}: the durable on-disk L{Queue}
-    (layout, limits, listing, crash recovery, quarantine).
+    (layout, limits, listing, crash recovery).
   - L{settings <mtasts_twisted.relay.settings>}: L{RelaySettings}.
   - L{dsn <mtasts_twisted.relay.dsn>}: the bytes of a DSN (RFC 3464).
   - L{commands <mtasts_twisted.relay.commands>}: the intake's command

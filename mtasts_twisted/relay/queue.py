@@ -44,8 +44,8 @@ right after can only bring a message back, never lose one).
 from __future__ import annotations
 
 import builtins
+import io
 import os
-import re
 import secrets
 import shutil
 import time
@@ -56,8 +56,11 @@ from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from mtasts_twisted.relay.envelope import MAX_ENVELOPE_BYTES, QueuedMessage, decode_envelope, encode_envelope
+from mtasts_twisted.relay.envelope import QueuedMessage, encode_envelope
 from mtasts_twisted.relay.errors import QueueFullError, UnknownMessageError
+from mtasts_twisted.relay.recent import RecentBodies
+from mtasts_twisted.relay.recovery import ID_RE as _ID_RE
+from mtasts_twisted.relay.recovery import check_entry, quarantine, read_envelope
 from mtasts_twisted.relay.spool import (
     BODY_NAME,
     ENVELOPE_NAME,
@@ -75,7 +78,6 @@ log = Logger()
 #: Bytes copied at a time when a message is given as a file.
 CHUNK_SIZE = 64 * 1024
 
-_ID_RE = re.compile(r"^[0-9a-f]{16}-[0-9a-f]{8}$")
 
 
 class Queue:
@@ -113,6 +115,10 @@ class Queue:
         self._threads = threads
         self._writers: set[MessageWriter] = set()
         self._cache: dict[str, tuple[tuple[int, int, int], QueuedMessage]] = {}
+        self._recent = RecentBodies()
+        # Ids carry 32 random bits (unique across processes sharing the
+        # directory); drawn from a pool, not a getrandom call per message.
+        self._id_bits = b""
         self._sizes: dict[str, int] | None = None
         self._total = 0
         # The last full listing, kept up to date by this process's own
@@ -145,7 +151,10 @@ class Queue:
         return float(self._clock.seconds()) if self._clock is not None else time.time()
 
     def _new_id(self, now: float) -> str:
-        return f"{int(now * 1_000_000):016x}-{secrets.token_hex(4)}"
+        if len(self._id_bits) < 4:
+            self._id_bits = secrets.token_bytes(4096)
+        bits, self._id_bits = self._id_bits[:4], self._id_bits[4:]
+        return f"{int(now * 1_000_000):016x}-{bits.hex()}"
 
     def _path(self, ident: str) -> str:
         if not isinstance(ident, str) or not _ID_RE.match(ident):
@@ -162,8 +171,19 @@ class Queue:
         self._sizes = {m.id: m.size for m in messages}
         self._total = sum(self._sizes.values())  # kept up to date: O(1) checks
 
-    def _committed(self, writer: MessageWriter, message: QueuedMessage) -> None:
+    def _committed(
+        self,
+        writer: MessageWriter,
+        message: QueuedMessage,
+        body: bytes | None = None,
+        envelope_key: tuple[int, int, int] | None = None,
+    ) -> None:
         self._writers.discard(writer)
+        # Its first delivery attempt, a moment from now, reads neither file.
+        if envelope_key is not None:
+            self._cache[message.id] = (envelope_key, message)
+        if body is not None:
+            self._recent.put(message.id, body)
         sizes = self._index()
         self._total += message.size - sizes.get(message.id, 0)
         sizes[message.id] = message.size
@@ -305,6 +325,7 @@ class Queue:
         if threads is None:
             delete_removed(self.directory, gone)
         self._cache.pop(ident, None)
+        self._recent.pop(ident)
         self._total -= self._index().pop(ident, 0)
         if self._known is not None:
             self._known.pop(ident, None)
@@ -333,7 +354,7 @@ class Queue:
         cached = self._cache.get(ident)
         if cached is not None and cached[0] == key:
             return cached[1]
-        message = _read_envelope(path)
+        message = read_envelope(path)
         self._cache[ident] = (key, message)
         return message
 
@@ -344,8 +365,17 @@ class Queue:
 
         @raise UnknownMessageError: no such message.
         """
+        path = self._path(ident)
+        body = self._recent.get(ident)
+        if body is not None:
+            # Still queued?  Another process (queue delete) may have removed
+            # it: answer as the file would.
+            if not os.path.exists(os.path.join(path, ENVELOPE_NAME)):
+                self._recent.pop(ident)
+                raise UnknownMessageError(ident)
+            return io.BytesIO(body)
         try:
-            return open(os.path.join(self._path(ident), BODY_NAME), "rb")
+            return open(os.path.join(path, BODY_NAME), "rb")
         except FileNotFoundError:
             raise UnknownMessageError(ident) from None
 
@@ -415,9 +445,9 @@ class Queue:
                     os.unlink(path)
                 changed = True
                 continue
-            problem = self._check(name, path)
+            problem = check_entry(name, path)
             if problem is not None:
-                self._quarantine(name, problem)
+                quarantine(self.directory, name, problem)
                 changed = True
         if changed:
             fsync_dir(self.directory)
@@ -426,56 +456,9 @@ class Queue:
         log.info("queue recovered: {count} message(s)", count=len(messages))
         return messages
 
-    def _check(self, name: str, path: str) -> str | None:
-        if not _ID_RE.match(name) or os.path.islink(path) or not os.path.isdir(path):
-            return "not a queue entry"
-        tmp = os.path.join(path, ENVELOPE_NAME + ".tmp")
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-            fsync_dir(path)
-        extra = set(os.listdir(path)) - {BODY_NAME, ENVELOPE_NAME}
-        if extra:
-            return f"unexpected files {sorted(extra)}"
-        body = os.path.join(path, BODY_NAME)
-        envelope = os.path.join(path, ENVELOPE_NAME)
-        if not os.path.isfile(envelope):
-            return "body without envelope"
-        if not os.path.isfile(body):
-            return "envelope without body"
-        try:
-            message = _read_envelope(envelope)
-        except (ValueError, KeyError, TypeError) as e:
-            return f"envelope does not parse: {e}"
-        if message.id != name:
-            return f"envelope id {message.id!r} differs from its directory"
-        size = os.path.getsize(body)
-        if size != message.size:
-            return f"body has {size} octets, envelope says {message.size}"
-        return None
-
-    def _quarantine(self, name: str, problem: str) -> None:
-        qdir = os.path.join(self.directory, "quarantine")
-        os.makedirs(qdir, exist_ok=True)
-        target = os.path.join(qdir, f"{name}.{int(time.time())}.{secrets.token_hex(2)}")
-        os.rename(os.path.join(self.directory, name), target)
-        fsync_dir(qdir)
-        log.error(
-            "queue entry {name} quarantined to {target}: {problem}",
-            name=name,
-            target=target,
-            problem=problem,
-        )
-
     def quarantined(self) -> builtins.list[str]:
         """Names of the entries in C{quarantine/}."""
         try:
             return sorted(os.listdir(os.path.join(self.directory, "quarantine")))
         except FileNotFoundError:
             return []
-
-
-def _read_envelope(path: str) -> QueuedMessage:
-    """Read and validate an envelope file, never more than it may hold."""
-    with open(path, "rb") as f:
-        # One octet more than allowed: decode_envelope refuses the excess.
-        return decode_envelope(f.read(MAX_ENVELOPE_BYTES + 1))

@@ -104,8 +104,20 @@ class WriterQueue(Protocol):
     def _check_room(self, size: int) -> None:
         """Raise L{QueueFullError} unless a message of C{size} octets fits."""
 
-    def _committed(self, writer: MessageWriter, message: QueuedMessage) -> None:
-        """C{writer} made C{message} durable: count it and tell the observers."""
+    def _committed(
+        self,
+        writer: MessageWriter,
+        message: QueuedMessage,
+        body: bytes | None = None,
+        envelope_key: tuple[int, int, int] | None = None,
+    ) -> None:
+        """
+        C{writer} made C{message} durable: count it and tell the observers.
+
+        @param body: the body, when it was held in memory until the commit.
+        @param envelope_key: C{(st_mtime_ns, st_size, st_ino)} of the
+            envelope file written.
+        """
 
 
 class MessageWriter:
@@ -135,6 +147,9 @@ class MessageWriter:
         self._done = False
         self._committing = False
         self._renamed = False
+        #: The body is all in C{_buffer} (no file written before the commit).
+        self._in_memory = True
+        self._envelope_key: tuple[int, int, int] | None = None
 
     def write(self, data: bytes) -> None:
         """
@@ -159,6 +174,7 @@ class MessageWriter:
                 if len(self._buffer) <= BUFFERED_SIZE:
                     return
                 self._create()
+                self._in_memory = False
                 data, self._buffer = bytes(self._buffer), bytearray()
             assert self._file is not None
             self._file.write(data)
@@ -244,7 +260,11 @@ class MessageWriter:
         f.flush()
         os.fsync(f.fileno())
         f.close()
-        write_durably(os.path.join(self._tmpdir, ENVELOPE_NAME), encode_envelope(message))
+        envelope = os.path.join(self._tmpdir, ENVELOPE_NAME)
+        write_durably(envelope, encode_envelope(message))
+        st = os.stat(envelope)
+        # The queue's envelope cache key (a rename of the directory keeps it).
+        self._envelope_key = (st.st_mtime_ns, st.st_size, st.st_ino)
         fsync_dir(self._tmpdir)
         os.rename(self._tmpdir, os.path.join(self._queue.directory, message.id))
         self._renamed = True  # the commit point
@@ -254,8 +274,9 @@ class MessageWriter:
         self._committing = False
         self._done = True
         self._file = None
+        body = bytes(self._buffer) if self._in_memory else None
         self._buffer = bytearray()
-        self._queue._committed(self, message)
+        self._queue._committed(self, message, body, self._envelope_key)
         log.info(
             "queued {id} from <{sender}> to {count} recipient(s), {size} octets",
             id=message.id,
