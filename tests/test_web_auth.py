@@ -15,7 +15,6 @@ from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mtasts_twisted import service
@@ -25,6 +24,7 @@ from mtasts_twisted.web.auth import MIN_TOKEN
 
 from .clients import RawClient
 from .test_metrics_http import settle
+from .test_web_service import OptionsMixin
 
 TOKEN = "tok-0123456789abcdef"
 OTHER = "Zm9vYmFyYmF6cXV4MTIzNDU2Nzg="
@@ -146,18 +146,8 @@ class ProtectTests(SynchronousTestCase):
         self.assertRaises(ValueError, protect, StatusResource(WebSources(clock=Clock(), stats=None)))
 
 
-class TokenOptionsTests(SynchronousTestCase):
+class TokenOptionsTests(OptionsMixin, SynchronousTestCase):
     """C{--web-token-file}: a way off loopback, checked at start with one-line errors."""
-
-    def parse(self, *argv: str) -> service.Options:
-        options = service.Options()
-        options.parseOptions(["--data-dir", self.mktemp(), *argv])
-        return options
-
-    def assertUsage(self, message: str, *argv: str) -> None:
-        error = self.assertRaises(usage.UsageError, self.parse, *argv)
-        self.assertIn(message, str(error))
-        self.assertNotIn("\n", str(error))
 
     def test_token_file_opens_other_addresses(self) -> None:
         path = secret_file(self, f"{TOKEN}\n")

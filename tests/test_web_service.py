@@ -344,18 +344,22 @@ class WebServiceTests(WebServiceCase):
                     self.assertNotIn(b"<svg", body)
 
 
-class WebOptionsTests(SynchronousTestCase):
-    """C{--web} binds loopback unless a password file is given; errors are one line."""
+class OptionsMixin:
+    """Parse service options; a usage error must be one line naming C{message}."""
 
     def parse(self, *argv: str) -> service.Options:
         options = service.Options()
-        options.parseOptions(["--data-dir", self.mktemp(), *argv])
+        options.parseOptions(["--data-dir", self.mktemp(), *argv])  # type: ignore[attr-defined]
         return options
 
     def assertUsage(self, message: str, *argv: str) -> None:
-        error = self.assertRaises(usage.UsageError, self.parse, *argv)
-        self.assertIn(message, str(error))
-        self.assertNotIn("\n", str(error))
+        error = self.assertRaises(usage.UsageError, self.parse, *argv)  # type: ignore[attr-defined]
+        self.assertIn(message, str(error))  # type: ignore[attr-defined]
+        self.assertNotIn("\n", str(error))  # type: ignore[attr-defined]
+
+
+class WebOptionsTests(OptionsMixin, SynchronousTestCase):
+    """C{--web} binds loopback unless a password file is given; errors are one line."""
 
     def test_default_off(self) -> None:
         self.assertIsNone(self.parse().settings.web)
