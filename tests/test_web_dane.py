@@ -22,7 +22,8 @@ from mtasts_twisted.tlsrpt import RESULTS_TABLE
 from mtasts_twisted.tlsrpt.aggregate import encode_results, results_key
 from mtasts_twisted.tlsrpt.report import day_of
 from mtasts_twisted.web import WebSources
-from mtasts_twisted.web.dane import DANESummary, dane_summary, gather_dane
+from mtasts_twisted.web.dane import DANESummary, dane_summary
+from mtasts_twisted.web.sources import gather_dane
 from mtasts_twisted.web.data import DomainRow, domain_page
 from mtasts_twisted.web.pages import domain_html, domains_html, render
 

@@ -25,7 +25,8 @@ from mtasts_twisted.web import WebSources
 from mtasts_twisted.web.data import domain_page
 from mtasts_twisted.web.pages import domain_html, render
 from mtasts_twisted.web.sources import gather_domain
-from mtasts_twisted.web.verdict import NO_LOOKUP, Verdict, gather_verdict, verdict_of
+from mtasts_twisted.web.sources import gather_verdict
+from mtasts_twisted.web.verdict import NO_LOOKUP, Verdict, verdict_of
 
 from .test_web_pages import EVIL, NOW, assert_escaped
 

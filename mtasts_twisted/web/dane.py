@@ -19,19 +19,12 @@ escape it.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
 
 import attrs
-from twisted.internet.defer import gatherResults
 
 from mtasts_twisted.results import PolicyType, Result
-from mtasts_twisted.tlsrpt import RESULTS_TABLE
-from mtasts_twisted.tlsrpt.aggregate import decode_results, results_key
-from mtasts_twisted.tlsrpt.report import day_of
 
-if TYPE_CHECKING:
-    from mtasts_twisted.web.sources import WebSources
 
 __all__ = ["DANESummary", "dane_summary", "gather_dane"]
 
@@ -115,25 +108,3 @@ def dane_summary(results: Iterable[Result] | None, dane_on: bool) -> DANESummary
             if detail.receiving_mx_hostname:
                 hosts.add(detail.receiving_mx_hostname)
     return DANESummary(dane_on, True, successes, failures, sorted(types.items()), sorted(bases), sorted(hosts))
-
-
-async def gather_dane(sources: WebSources, alabels: Sequence[str]) -> dict[str, DANESummary]:
-    """
-    The L{DANESummary} of each domain (A-labels) from today's stored
-    results, read C{READ_BATCH} at a time; without C{--dane} nothing is
-    read (the relay decides no session by DANE).
-    """
-    store = sources.store()
-    if not sources.dane:
-        return {alabel: DANESummary(False) for alabel in alabels}
-    if store is None or sources.report_settings is None:
-        return {alabel: DANESummary(True, kept=False) for alabel in alabels}
-    shelf = store.shelf(RESULTS_TABLE)
-    day = day_of(sources.clock.seconds())
-    found: dict[str, DANESummary] = {}
-    for start in range(0, len(alabels), READ_BATCH):
-        batch = alabels[start:start + READ_BATCH]
-        rows: list[Any] = await gatherResults([shelf.get(results_key(day, a)) for a in batch], consumeErrors=True)
-        for alabel, row in zip(batch, rows):
-            found[alabel] = dane_summary(decode_results(row), True)
-    return found

@@ -10,15 +10,14 @@ as it is, and the rendering escapes it.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Hashable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 
-if TYPE_CHECKING:
-    from mtasts_twisted.web.dane import DANESummary
-    from mtasts_twisted.web.verdict import Verdict
+from mtasts_twisted.web.dane import DANESummary
+from mtasts_twisted.web.timestamps import format_time
+from mtasts_twisted.web.verdict import Verdict
 
 __all__ = [
     "DomainPage",
@@ -43,13 +42,6 @@ OUTCOMES = ("delivered", "transient", "permanent")
 ANSWERS = ("ok", "notfound", "temp", "perm")
 #: Policy modes in chart order (C{no-policy}: the domain has none).
 MODES = ("enforce", "testing", "none", "no-policy")
-
-
-def format_time(when: float | None) -> str:
-    """C{YYYY-MM-DD HH:MM:SS} UTC, or C{-} for L{None}."""
-    if not when:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(when))
 
 
 def _ints(values: Iterable[int]) -> tuple[int, ...]:

@@ -8,13 +8,17 @@ of L{mtasts_twisted.web.data}.  Nothing here writes.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
+from twisted.internet.defer import gatherResults
 from twisted.internet.interfaces import IReactorTime
 
-from mtasts_twisted.policy import DomainError, to_alabel, to_unicode
+from mtasts_twisted.cache import Lookup, PolicyLookupTemporaryError
+from mtasts_twisted.policy import DomainError, is_address_literal, to_alabel, to_unicode
+from mtasts_twisted.results import PolicyDescriptor, PolicyType, Result
+from mtasts_twisted.socketmap.answers import render_failure
 from mtasts_twisted.socketmap.settings import DEFAULT_SETTINGS, SocketmapSettings
 from mtasts_twisted.tlsrpt import (
     NoResultsError,
@@ -26,8 +30,8 @@ from mtasts_twisted.tlsrpt import (
 )
 from mtasts_twisted.tlsrpt.aggregate import decode_results, results_key
 from mtasts_twisted.tlsrpt.report import day_of
-from mtasts_twisted.web.dane import dane_summary, gather_dane
-from mtasts_twisted.web.verdict import gather_verdict
+from mtasts_twisted.web.dane import READ_BATCH, DANESummary, dane_summary
+from mtasts_twisted.web.verdict import Verdict, verdict_of
 from mtasts_twisted.web.data import (
     DomainPage,
     DomainRow,
@@ -207,3 +211,56 @@ def gather_queue(sources: WebSources) -> tuple[QueueRow, ...] | None:
     """The queued messages, oldest first, or L{None} without a relay."""
     queue = sources.queue()
     return None if queue is None else queue_rows(queue.list(fresh=False))
+
+
+# --- the reading parts of the DANE status and the verdict -------------------
+
+
+async def gather_dane(sources: WebSources, alabels: Sequence[str]) -> dict[str, DANESummary]:
+    """
+    The L{DANESummary} of each domain (A-labels) from today's stored
+    results, read C{READ_BATCH} at a time; without C{--dane} nothing is
+    read (the relay decides no session by DANE).
+    """
+    store = sources.store()
+    if not sources.dane:
+        return {alabel: DANESummary(False) for alabel in alabels}
+    if store is None or sources.report_settings is None:
+        return {alabel: DANESummary(True, kept=False) for alabel in alabels}
+    shelf = store.shelf(RESULTS_TABLE)
+    day = day_of(sources.clock.seconds())
+    found: dict[str, DANESummary] = {}
+    for start in range(0, len(alabels), READ_BATCH):
+        batch = alabels[start:start + READ_BATCH]
+        rows: list[Any] = await gatherResults([shelf.get(results_key(day, a)) for a in batch], consumeErrors=True)
+        for alabel, row in zip(batch, rows):
+            found[alabel] = dane_summary(decode_results(row), True)
+    return found
+
+
+async def gather_verdict(sources: WebSources, domain: str) -> Verdict:
+    """The L{Verdict} for C{domain} now, reading the cache, the overrides and the socketmap's memo."""
+    cache = sources.cache()
+    factory = sources.socketmap()
+    settings = factory.settings if factory is not None else sources.answer_settings
+    if cache is None:
+        return Verdict(domain, None, "the policy cache is not open yet")
+    if is_address_literal(domain):
+        # An address literal has no policy domain (RFC 8461 §4): the socketmap answers NOTFOUND.
+        literal = Lookup(None, Result(PolicyDescriptor(PolicyType.NO_POLICY_FOUND, domain)), True)
+        return verdict_of(domain, literal, settings, relay_dane=sources.dane)
+    try:
+        alabel = to_alabel(domain)
+    except DomainError as e:
+        return Verdict(domain, None, f"not a domain name: {e}")
+    peeked = await cache.peek(alabel)
+    lookup: Lookup | None = peeked
+    policies = sources.policies()
+    try:
+        if policies is not None:
+            lookup = policies.applied(peeked, alabel)
+    except PolicyLookupTemporaryError as e:
+        return Verdict(alabel, render_failure(alabel, e.reason, settings), f"the policy source refuses: {e}",
+                       peeked is not None)
+    memo = factory.memoised(alabel, lookup) if factory is not None and lookup is not None else None
+    return verdict_of(alabel, lookup, settings, memo, cached=peeked is not None, relay_dane=sources.dane)

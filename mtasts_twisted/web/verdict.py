@@ -23,20 +23,15 @@ L{verdict_of} is pure; L{gather_verdict} reads the components.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 
 import attrs
 
-from mtasts_twisted.cache import Lookup, PolicyLookupTemporaryError
+from mtasts_twisted.cache import Lookup
 from mtasts_twisted.overrides import OverriddenLookup, override_text, sender_action
-from mtasts_twisted.policy import DomainError, is_address_literal, to_alabel
-from mtasts_twisted.results import PolicyDescriptor, PolicyType, Result
-from mtasts_twisted.socketmap.answers import cached_answer, needs_mx_hosts, render_failure
+from mtasts_twisted.socketmap.answers import cached_answer, needs_mx_hosts
 from mtasts_twisted.socketmap.settings import SocketmapSettings
-from mtasts_twisted.web.data import format_time
+from mtasts_twisted.web.timestamps import format_time
 
-if TYPE_CHECKING:
-    from mtasts_twisted.web.sources import WebSources
 
 __all__ = ["NO_LOOKUP", "Verdict", "gather_verdict", "verdict_of"]
 
@@ -128,31 +123,3 @@ def verdict_of(
         relay=sender_action(lookup, relay_dane),
         problem=lookup.error or "",
     )
-
-
-async def gather_verdict(sources: WebSources, domain: str) -> Verdict:
-    """The L{Verdict} for C{domain} now, reading the cache, the overrides and the socketmap's memo."""
-    cache = sources.cache()
-    factory = sources.socketmap()
-    settings = factory.settings if factory is not None else sources.answer_settings
-    if cache is None:
-        return Verdict(domain, None, "the policy cache is not open yet")
-    if is_address_literal(domain):
-        # An address literal has no policy domain (RFC 8461 §4): the socketmap answers NOTFOUND.
-        literal = Lookup(None, Result(PolicyDescriptor(PolicyType.NO_POLICY_FOUND, domain)), True)
-        return verdict_of(domain, literal, settings, relay_dane=sources.dane)
-    try:
-        alabel = to_alabel(domain)
-    except DomainError as e:
-        return Verdict(domain, None, f"not a domain name: {e}")
-    peeked = await cache.peek(alabel)
-    lookup: Lookup | None = peeked
-    policies = sources.policies()
-    try:
-        if policies is not None:
-            lookup = policies.applied(peeked, alabel)
-    except PolicyLookupTemporaryError as e:
-        return Verdict(alabel, render_failure(alabel, e.reason, settings), f"the policy source refuses: {e}",
-                       peeked is not None)
-    memo = factory.memoised(alabel, lookup) if factory is not None and lookup is not None else None
-    return verdict_of(alabel, lookup, settings, memo, cached=peeked is not None, relay_dane=sources.dane)
