@@ -10,7 +10,8 @@ success or failure per session, under the TLSA base domain of the MX host
 The results exist only where they are kept: the relay's deliveries with
 C{--dane} (Postfix reports its own DANE sessions), and only while
 reports are on (C{--no-reports} keeps none).  They reach the store at the
-aggregator's next flush.  L{dane_summary} is pure; L{gather_dane} reads.
+aggregator's next flush.  L{dane_summary} is pure;
+L{gather_dane<mtasts_twisted.web.sources.gather_dane>} reads.
 
 Every name here (a TLSA base domain, an MX host) came from DNS: the pages
 escape it.
@@ -26,7 +27,7 @@ import attrs
 from mtasts_twisted.results import PolicyType, Result
 
 
-__all__ = ["DANESummary", "dane_summary", "gather_dane"]
+__all__ = ["DANESummary", "dane_summary"]
 
 #: Store reads in flight at once for the domains page.
 READ_BATCH = 50

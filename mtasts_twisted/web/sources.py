@@ -53,8 +53,8 @@ if TYPE_CHECKING:
     from mtasts_twisted.socketmap import SocketmapFactory
     from mtasts_twisted.tlsrpt import ReportSettings
 
-__all__ = ["MAX_ROWS", "WebSources", "gather_domain", "gather_domains", "gather_overview", "gather_queue",
-           "gather_report", "gather_reports"]
+__all__ = ["MAX_ROWS", "WebSources", "gather_dane", "gather_domain", "gather_domains", "gather_overview", "gather_queue",
+           "gather_report", "gather_reports", "gather_verdict"]
 
 #: Rows shown at most in a table (the rest is counted, and a filter narrows it).
 MAX_ROWS = 1000

@@ -18,7 +18,8 @@ nothing counted or logged):
   4. what the relay does, in the words of C{mtasts-twisted lookup}
      (L{sender_action<mtasts_twisted.overrides.sender_action>}).
 
-L{verdict_of} is pure; L{gather_verdict} reads the components.
+L{verdict_of} is pure;
+L{gather_verdict<mtasts_twisted.web.sources.gather_verdict>} reads the components.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from mtasts_twisted.socketmap.settings import SocketmapSettings
 from mtasts_twisted.web.timestamps import format_time
 
 
-__all__ = ["NO_LOOKUP", "Verdict", "gather_verdict", "verdict_of"]
+__all__ = ["NO_LOOKUP", "Verdict", "verdict_of"]
 
 #: How the page labels the verdict.
 NO_LOOKUP = "from the cache, no lookup made"
