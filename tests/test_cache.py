@@ -279,7 +279,8 @@ class FlushTests(CacheTestCase):
         for domain in self.domains:
             self.get(domain)
         self.shelf = _HeldUpdates(self.cache._shelf)
-        self.cache._shelf = self.shelf
+        # The batched last_use writes go through the cache's UseTimes.
+        self.cache._shelf = self.cache._uses._shelf = self.shelf
 
     def test_bounded_batches(self):
         """A flush keeps at most flush_batch writes in flight and writes every domain."""
@@ -298,12 +299,12 @@ class FlushTests(CacheTestCase):
 
     def test_early_flush_when_many_domains(self):
         """Pending last_use times of max_pending_use domains are written before the interval ends."""
-        self.cache._shelf = self.shelf._shelf
+        self.cache._shelf = self.cache._uses._shelf = self.shelf._shelf
         self.successResultOf(self.cache.flush())
         self.cache = PolicyCache(self.store, self.resolver, self.fetcher, self.clock,
                                  CacheSettings(max_pending_use=5, flush_batch=3))
         shelf = _HeldUpdates(self.cache._shelf)
-        self.cache._shelf = shelf
+        self.cache._shelf = self.cache._uses._shelf = shelf
         for domain in self.domains[:4]:
             self.get(domain)
         self.assertEqual(shelf.held, [])  # 4 < max_pending_use: batched until the interval
@@ -314,7 +315,7 @@ class FlushTests(CacheTestCase):
         shelf.release()
         shelf.release()
         self.assertEqual(shelf.held, [])
-        self.assertIsNone(self.cache._early_flush)
+        self.assertIsNone(self.cache._uses._early)
 
     def test_failures_logged_once(self):
         """A store that fails every write gives one log event per flush, not one per domain."""

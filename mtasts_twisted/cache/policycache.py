@@ -17,7 +17,7 @@ import time
 from typing import Any, AsyncIterator, Callable, Coroutine, Optional, TypeVar
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -35,6 +35,7 @@ from mtasts_twisted.cache.reporting import (
     lookup_stopped,
 )
 from mtasts_twisted.cache.settings import CacheSettings
+from mtasts_twisted.cache.usage import UseTimes
 from mtasts_twisted.dns import DNSTemporaryError
 from mtasts_twisted.dns.records import lookup_sts_answer
 from mtasts_twisted.fetch import FetchedPolicy
@@ -54,7 +55,6 @@ from mtasts_twisted.policy import (
     to_unicode,
 )
 from mtasts_twisted.results import PolicyDescriptor, PolicyType, Result, ResultType
-from mtasts_twisted.store import JSONDict, UpdateFunction
 
 __all__ = ["PolicyCache"]
 
@@ -87,8 +87,9 @@ class PolicyCache:
         self.settings = settings
         self._front = _Front(settings.front_size)
         self._inflight: dict[str, list[Deferred[Any]]] = {}
-        self._pending_use: dict[str, float] = {}
-        self._early_flush: Deferred[None] | None = None
+        # Batched last_use times; the hot path writes the dict directly.
+        self._uses = UseTimes(self._shelf, settings)
+        self._pending_use = self._uses.pending
         # Hot-path memos: normalised names per input, and the TLSRPT result
         # of each cached policy (rebuilt only when the policy changes).
         self._names: dict[str, tuple[str, str]] = {}
@@ -122,43 +123,8 @@ class PolicyCache:
         return self.flush()
 
     def flush(self) -> Deferred[None]:
-        """
-        Write the batched C{last_use} times (one write per domain, not per
-        lookup), at most C{flush_batch} writes in flight at a time: a minute
-        of lookups of 50,000 distinct domains must not queue 50,000 store
-        operations at once.  A failed write is logged and skipped (the
-        time is only used to expire unused entries).
-        """
-        pending, self._pending_use = self._pending_use, {}
-        return Deferred.fromCoroutine(self._flush(pending))
-
-    async def _flush(self, pending: dict[str, float]) -> None:
-        def touch(last_use: float) -> UpdateFunction:
-            def update(row: JSONDict | None) -> JSONDict | None:
-                if row is not None and row.get("last_use", 0) < last_use:
-                    row = dict(row, last_use=last_use)
-                return row
-
-            return update
-
-        items = list(pending.items())
-        del pending
-        batch = max(1, self.settings.flush_batch)
-        failed: list[Any] = []
-        for start in range(0, len(items), batch):
-            chunk = items[start:start + batch]
-            results = await DeferredList(
-                [self._shelf.update(domain, touch(t)) for domain, t in chunk], consumeErrors=True
-            )
-            failed += [(domain, result) for (domain, _), (ok, result) in zip(chunk, results) if not ok]
-        if failed:
-            # One event per flush, not one per domain (the store may be down).
-            log.failure(
-                "writing last_use failed for {count} domain(s), e.g. {domain}",
-                failed[0][1],
-                count=len(failed),
-                domain=failed[0][0],
-            )
+        """Write the batched C{last_use} times now (L{UseTimes.flush})."""
+        return self._uses.flush()
 
     # --- lookups ------------------------------------------------------------------
 
@@ -310,17 +276,7 @@ class PolicyCache:
 
     def _used(self, entry: CacheEntry, now: float) -> None:
         # Batched: the store and entries() see it; the front entry need not.
-        pending = self._pending_use
-        pending[entry.domain] = now
-        if len(pending) >= self.settings.max_pending_use and self._early_flush is None:
-            # Bounded memory between flushes: many distinct domains write
-            # early.  (The hot path adds only confirmed domains, at most
-            # front_size more.)
-            self._early_flush = self.flush()
-            self._early_flush.addBoth(self._early_flushed)
-
-    def _early_flushed(self, result: object) -> None:
-        self._early_flush = None
+        self._uses.note(entry.domain, now)
 
     def _describe(self, alabel: str, entry: CacheEntry) -> Result:
         """The lookup result of a cached policy, memoised per policy."""
