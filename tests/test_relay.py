@@ -618,3 +618,55 @@ class PipelinedCommitTests(TestCase):
         )
         self.assertEqual(len(self.queue.list()), 2)
         await self.factory.wait_closed()
+
+    async def test_reading_goes_on_until_too_much_is_held(self) -> None:
+        """
+        While a dot is committed the connection keeps reading (no epoll
+        change per message); past HELD_INPUT_MAX of held input it stops,
+        and after the commit everything held is processed in order.
+        """
+        from twisted.internet.protocol import ClientFactory, Protocol
+
+        from mtasts_twisted.relay.session import HELD_INPUT_MAX
+
+        class Client(Protocol):
+            data = b""
+
+            def dataReceived(self, data: bytes) -> None:
+                self.data += data
+
+        client = Client()
+        reactor.connectTCP("127.0.0.1", self.port.getHost().port, ClientFactory.forProtocol(lambda: client))
+        await self.wait_for(lambda: b"220 " in client.data)
+        envelope = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n"
+        client.transport.write(b"EHLO client.test\r\n" + envelope)
+        await self.wait_for(lambda: b"354 " in client.data)
+        client.transport.write(b"Subject: one\r\n\r\nHi.\r\n.\r\n" + envelope)
+        await self.wait_for(lambda: self.threads.pool.work)
+        [session] = list(self.factory.protocols)
+        await self.wait_for(lambda: session._held is not None and len(session._held) == 3)
+        self.assertIn(session.transport, reactor.getReaders())  # still reading
+        self.assertFalse(session._held_paused)
+        line = b"x" * 70 + b"\r\n"
+        filler = line * (HELD_INPUT_MAX // len(line) + 10)
+        client.transport.write(filler)
+        await self.wait_for(lambda: session._held_paused)
+        self.assertNotIn(session.transport, reactor.getReaders())
+        self.assertTrue(client.data.split(b"\r\n")[-2].startswith(b"354 "), client.data[-200:])
+        self.threads.pool.run()
+        await self.wait_for(lambda: client.data.count(b"354 ") == 2)
+        self.assertIn(session.transport, reactor.getReaders())  # reading again
+        client.transport.write(b".\r\nQUIT\r\n")
+        await self.wait_for(lambda: self.threads.pool.work)
+        self.threads.pool.run()
+        await self.wait_for(lambda: b"221 " in client.data)
+        codes = [line[:3] for line in client.data.split(b"\r\n") if line[3:4] == b" "]
+        self.assertEqual(
+            codes,
+            [b"220", b"250", b"250", b"250", b"354", b"250", b"250", b"250", b"354", b"250", b"221"],
+        )
+        sizes = sorted(m.size for m in self.queue.list())
+        self.assertEqual(len(sizes), 2)
+        self.assertGreaterEqual(sizes[1], len(filler))  # every held line reached the message
+        await self.factory.wait_closed()
+

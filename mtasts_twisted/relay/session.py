@@ -43,10 +43,14 @@ from twisted.python.failure import Failure
 from mtasts_twisted.relay.commands import Refusal, check_line
 from mtasts_twisted.relay.settings import RelaySettings, client_key
 
-__all__ = ["IntakeFactory", "IntakeSession"]
+__all__ = ["HELD_INPUT_MAX", "IntakeFactory", "IntakeSession"]
 
 # The intake's events keep the namespace they had before this module was split off.
 log = Logger(namespace="mtasts_twisted.relay.intake")
+
+#: Octets of input kept while an end of data is committed before reading
+#: stops (a pipelining client's next commands are far less).
+HELD_INPUT_MAX = 64 * 1024
 
 
 class _Connection(Protocol):
@@ -105,6 +109,10 @@ class IntakeSession(ESMTP):
     _plaintext_dropped = False
     #: Lines received while an end of data is being committed (None: none is).
     _held: list[bytes] | None = None
+    #: Octets in C{_held}; past L{HELD_INPUT_MAX} reading stops.
+    _held_size = 0
+    #: Reading stopped because too much arrived while held.
+    _held_paused = False
 
     @property
     def _connection(self) -> _Connection:
@@ -120,8 +128,12 @@ class IntakeSession(ESMTP):
         """
         if self._held is None:
             self._held = []
-            if self.transport is not None:
-                self._connection.pauseProducing()
+            self._held_size = 0
+            # Reading goes on: a pipelining client sends its next few
+            # commands meanwhile, kept here.  Only a client that sends more
+            # than HELD_INPUT_MAX is stopped (stopping and restarting every
+            # connection's reading for each message cost two epoll changes
+            # per message; bench/RESULTS.md, issue 19).
 
     def dataReceived(self, data: bytes) -> None:
         """Input from the transport (decrypted, once TLS has started)."""
@@ -136,6 +148,10 @@ class IntakeSession(ESMTP):
             return None
         if self._held is not None:
             self._held.append(line)
+            self._held_size += len(line) + 2
+            if self._held_size > HELD_INPUT_MAX and not self._held_paused and self.transport is not None:
+                self._held_paused = True
+                self._connection.pauseProducing()
             return None
         return ESMTP.lineReceived(self, line)
 
@@ -143,7 +159,9 @@ class IntakeSession(ESMTP):
         held, self._held = self._held, None
         if held is None:
             return
-        self._connection.resumeProducing()
+        if self._held_paused:
+            self._held_paused = False
+            self._connection.resumeProducing()
         tls = self.startedTLS
         while held and not self._connection.disconnecting:
             self.lineReceived(held.pop(0))
@@ -153,6 +171,7 @@ class IntakeSession(ESMTP):
                 return
             if self._held is not None:
                 self._held[:0] = held  # another dot is being committed
+                self._held_size += sum(len(line) + 2 for line in held)
                 return
 
     def lookupMethod(self, command: bytes | str) -> Callable[[bytes], object] | None:
