@@ -417,14 +417,14 @@ class Bench:
         q = args.quick
         self.T = 3.0 if q else 10.0
         self.rounds = 1 if q else 3
-        self.cold_rounds = 1 if q else 2
+        self.cold_rounds = 1 if q else 3
         self.n_cached = 300 if q else 1000
         self.n_cold = 800 if q else 3000
         self.backoff_window = 20.0 if q else 300.0
         self.rss_policies = 100000
         self.rss_window = 10.0 if q else 60.0
         self.relay_messages = 300 if q else 2000
-        self.relay_rounds = 1 if q else 2
+        self.relay_rounds = 1 if q else 3
         self.relay_timeout = 120.0 if q else 300.0
         self.results: dict = {"runs": []}
         self.port = 18460
