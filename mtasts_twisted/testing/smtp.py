@@ -36,7 +36,7 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mtasts_twisted.testing.https import abort_connection, port_number
+from mtasts_twisted.testing.serving import abort_connection, port_number
 from mtasts_twisted.testing.smtpscript import Behaviour, Command, ReceivedMessage, Reply, Session, Stage, StartTLS
 from mtasts_twisted.testing.smtptls import ServerTLS, TLS11OnlyServer
 

@@ -33,7 +33,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from mtasts_twisted.testing.https import (
+from mtasts_twisted.testing.serving import (
     ConnectionTracker,
     StaticHostnameResolver,
     TCPServerReactor,
