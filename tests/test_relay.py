@@ -670,3 +670,43 @@ class PipelinedCommitTests(TestCase):
         self.assertGreaterEqual(sizes[1], len(filler))  # every held line reached the message
         await self.factory.wait_closed()
 
+    async def test_held_input_with_a_whole_message(self) -> None:
+        """
+        A whole second message (and a third's commands) arrives while the
+        first commits: its dot is held again with the rest behind it, and
+        every reply comes in order.
+        """
+        from twisted.internet.protocol import ClientFactory, Protocol
+
+        class Client(Protocol):
+            data = b""
+
+            def dataReceived(self, data: bytes) -> None:
+                self.data += data
+
+        client = Client()
+        reactor.connectTCP("127.0.0.1", self.port.getHost().port, ClientFactory.forProtocol(lambda: client))
+        await self.wait_for(lambda: b"220 " in client.data)
+        envelope = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n"
+        client.transport.write(b"EHLO client.test\r\n" + envelope)
+        await self.wait_for(lambda: b"354 " in client.data)
+        client.transport.write(
+            b"Subject: one\r\n\r\n1\r\n.\r\n" + envelope + b"Subject: two\r\n\r\n2\r\n.\r\n" + envelope
+        )
+        [session] = list(self.factory.protocols)
+        await self.wait_for(lambda: self.threads.pool.work and session._held is not None and len(session._held) == 10)
+        self.threads.pool.run()  # the first dot: the second message is read from what was held
+        await self.wait_for(lambda: self.threads.pool.work)
+        self.assertEqual(len(session._held), 3)  # the third's commands, held behind the second dot
+        self.threads.pool.run()
+        await self.wait_for(lambda: client.data.count(b"354 ") == 3)
+        client.transport.write(b"Subject: three\r\n\r\n3\r\n.\r\nQUIT\r\n")
+        await self.wait_for(lambda: self.threads.pool.work)
+        self.threads.pool.run()
+        await self.wait_for(lambda: b"221 " in client.data)
+        codes = [line[:3] for line in client.data.split(b"\r\n") if line[3:4] == b" "]
+        self.assertEqual(codes, [b"220", b"250"] + [b"250", b"250", b"354", b"250"] * 3 + [b"221"])
+        bodies = sorted(m.size for m in self.queue.list())
+        self.assertEqual(len(bodies), 3)
+        await self.factory.wait_closed()
+

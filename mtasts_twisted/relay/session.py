@@ -121,10 +121,11 @@ class IntakeSession(ESMTP):
 
     def hold_input(self) -> None:
         """
-        Keep further lines unprocessed (and stop reading) until the end of
-        data being committed is answered: a pipelining client (RFC 2920)
-        must get its replies in order, and twisted.mail's server would
-        otherwise answer the next MAIL before the dot.
+        Keep further lines unprocessed until the end of data being
+        committed is answered: a pipelining client (RFC 2920) must get its
+        replies in order, and twisted.mail's server would otherwise answer
+        the next MAIL before the dot.  Reading stops only once more than
+        L{HELD_INPUT_MAX} octets are held.
         """
         if self._held is None:
             self._held = []
@@ -163,13 +164,15 @@ class IntakeSession(ESMTP):
             self._held_paused = False
             self._connection.resumeProducing()
         tls = self.startedTLS
+        held.reverse()  # taken from the end: up to HELD_INPUT_MAX of lines
         while held and not self._connection.disconnecting:
-            self.lineReceived(held.pop(0))
+            self.lineReceived(held.pop())
             if self.startedTLS and not tls:
                 # Sent in the clear before the handshake: never treat it as
                 # protected (RFC 3207 §4.2; no command injection).
                 return
             if self._held is not None:
+                held.reverse()
                 self._held[:0] = held  # another dot is being committed
                 self._held_size += sum(len(line) + 2 for line in held)
                 return
