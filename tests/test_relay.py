@@ -18,6 +18,7 @@ from typing import Any, BinaryIO
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.mail.smtp import ESMTPSenderFactory, SMTPClientError, SMTPDeliveryError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -555,6 +556,24 @@ class ScheduleTests(_ServiceTestCase):
         self.flushLoggedErrors()
 
 
+#: One pipelined envelope (RFC 2920): MAIL, RCPT and DATA in one write.
+ENVELOPE = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n"
+
+
+class _RecordingClient(Protocol):
+    """Keeps everything the intake sends."""
+
+    data = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+
+def final_codes(data: bytes) -> list[bytes]:
+    """The codes of the final reply lines in C{data}, in order."""
+    return [line[:3] for line in data.split(b"\r\n") if line[3:4] == b" "]
+
+
 class PipelinedCommitTests(TestCase):
     """
     The intake with the commit's fsyncs in a thread pool: replies keep
@@ -583,22 +602,18 @@ class PipelinedCommitTests(TestCase):
             await deferLater(reactor, 0.01)
         self.fail("timed out")
 
-    async def test_replies_in_order(self) -> None:
-        from twisted.internet.protocol import ClientFactory, Protocol
-
-        class Client(Protocol):
-            data = b""
-
-            def dataReceived(self, data: bytes) -> None:
-                self.data += data
-
-        client = Client()
-        factory = ClientFactory.forProtocol(lambda: client)
-        reactor.connectTCP("127.0.0.1", self.port.getHost().port, factory)
+    async def at_first_data(self) -> _RecordingClient:
+        """A client that said EHLO and one pipelined envelope, and got its 354."""
+        client = _RecordingClient()
+        reactor.connectTCP("127.0.0.1", self.port.getHost().port, ClientFactory.forProtocol(lambda: client))
         await self.wait_for(lambda: b"220 " in client.data)
-        envelope = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n"
-        client.transport.write(b"EHLO client.test\r\n" + envelope)
+        client.transport.write(b"EHLO client.test\r\n" + ENVELOPE)
         await self.wait_for(lambda: b"354 " in client.data)
+        return client
+
+    async def test_replies_in_order(self) -> None:
+        client = await self.at_first_data()
+        envelope = ENVELOPE
         client.transport.write(b"Subject: one\r\n\r\nHi.\r\n.\r\n" + envelope)
         await self.wait_for(lambda: self.threads.pool.work)
         await deferLater(reactor, 0.1)
@@ -611,7 +626,7 @@ class PipelinedCommitTests(TestCase):
         await self.wait_for(lambda: self.threads.pool.work)
         self.threads.pool.run()
         await self.wait_for(lambda: b"221 " in client.data)
-        codes = [line[:3] for line in client.data.split(b"\r\n") if line[3:4] == b" "]
+        codes = final_codes(client.data)
         self.assertEqual(
             codes,
             [b"220", b"250", b"250", b"250", b"354", b"250", b"250", b"250", b"354", b"250", b"221"],
@@ -625,22 +640,10 @@ class PipelinedCommitTests(TestCase):
         change per message); past HELD_INPUT_MAX of held input it stops,
         and after the commit everything held is processed in order.
         """
-        from twisted.internet.protocol import ClientFactory, Protocol
-
         from mtasts_twisted.relay.session import HELD_INPUT_MAX
 
-        class Client(Protocol):
-            data = b""
-
-            def dataReceived(self, data: bytes) -> None:
-                self.data += data
-
-        client = Client()
-        reactor.connectTCP("127.0.0.1", self.port.getHost().port, ClientFactory.forProtocol(lambda: client))
-        await self.wait_for(lambda: b"220 " in client.data)
-        envelope = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n"
-        client.transport.write(b"EHLO client.test\r\n" + envelope)
-        await self.wait_for(lambda: b"354 " in client.data)
+        client = await self.at_first_data()
+        envelope = ENVELOPE
         client.transport.write(b"Subject: one\r\n\r\nHi.\r\n.\r\n" + envelope)
         await self.wait_for(lambda: self.threads.pool.work)
         [session] = list(self.factory.protocols)
@@ -660,7 +663,7 @@ class PipelinedCommitTests(TestCase):
         await self.wait_for(lambda: self.threads.pool.work)
         self.threads.pool.run()
         await self.wait_for(lambda: b"221 " in client.data)
-        codes = [line[:3] for line in client.data.split(b"\r\n") if line[3:4] == b" "]
+        codes = final_codes(client.data)
         self.assertEqual(
             codes,
             [b"220", b"250", b"250", b"250", b"354", b"250", b"250", b"250", b"354", b"250", b"221"],
@@ -676,20 +679,8 @@ class PipelinedCommitTests(TestCase):
         first commits: its dot is held again with the rest behind it, and
         every reply comes in order.
         """
-        from twisted.internet.protocol import ClientFactory, Protocol
-
-        class Client(Protocol):
-            data = b""
-
-            def dataReceived(self, data: bytes) -> None:
-                self.data += data
-
-        client = Client()
-        reactor.connectTCP("127.0.0.1", self.port.getHost().port, ClientFactory.forProtocol(lambda: client))
-        await self.wait_for(lambda: b"220 " in client.data)
-        envelope = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n"
-        client.transport.write(b"EHLO client.test\r\n" + envelope)
-        await self.wait_for(lambda: b"354 " in client.data)
+        client = await self.at_first_data()
+        envelope = ENVELOPE
         client.transport.write(
             b"Subject: one\r\n\r\n1\r\n.\r\n" + envelope + b"Subject: two\r\n\r\n2\r\n.\r\n" + envelope
         )
@@ -704,7 +695,7 @@ class PipelinedCommitTests(TestCase):
         await self.wait_for(lambda: self.threads.pool.work)
         self.threads.pool.run()
         await self.wait_for(lambda: b"221 " in client.data)
-        codes = [line[:3] for line in client.data.split(b"\r\n") if line[3:4] == b" "]
+        codes = final_codes(client.data)
         self.assertEqual(codes, [b"220", b"250"] + [b"250", b"250", b"354", b"250"] * 3 + [b"221"])
         bodies = sorted(m.size for m in self.queue.list())
         self.assertEqual(len(bodies), 3)
