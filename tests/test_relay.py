@@ -611,10 +611,17 @@ class PipelinedCommitTests(TestCase):
         await self.wait_for(lambda: b"354 " in client.data)
         return client
 
+    async def finish(self, client: _RecordingClient, data: bytes) -> list[bytes]:
+        """Send the rest of the last message and QUIT, let its commit run; the final reply codes."""
+        client.transport.write(data)
+        await self.wait_for(lambda: self.threads.pool.work)
+        self.threads.pool.run()
+        await self.wait_for(lambda: b"221 " in client.data)
+        return final_codes(client.data)
+
     async def test_replies_in_order(self) -> None:
         client = await self.at_first_data()
-        envelope = ENVELOPE
-        client.transport.write(b"Subject: one\r\n\r\nHi.\r\n.\r\n" + envelope)
+        client.transport.write(b"Subject: one\r\n\r\nHi.\r\n.\r\n" + ENVELOPE)
         await self.wait_for(lambda: self.threads.pool.work)
         await deferLater(reactor, 0.1)
         # The dot is being committed: no reply after the 354 yet.
@@ -622,11 +629,7 @@ class PipelinedCommitTests(TestCase):
         self.assertEqual(self.queue.list(), [])
         self.threads.pool.run()
         await self.wait_for(lambda: client.data.count(b"354 ") == 2)
-        client.transport.write(b"Subject: two\r\n\r\nHi.\r\n.\r\nQUIT\r\n")
-        await self.wait_for(lambda: self.threads.pool.work)
-        self.threads.pool.run()
-        await self.wait_for(lambda: b"221 " in client.data)
-        codes = final_codes(client.data)
+        codes = await self.finish(client, b"Subject: two\r\n\r\nHi.\r\n.\r\nQUIT\r\n")
         self.assertEqual(
             codes,
             [b"220", b"250", b"250", b"250", b"354", b"250", b"250", b"250", b"354", b"250", b"221"],
@@ -643,8 +646,7 @@ class PipelinedCommitTests(TestCase):
         from mtasts_twisted.relay.session import HELD_INPUT_MAX
 
         client = await self.at_first_data()
-        envelope = ENVELOPE
-        client.transport.write(b"Subject: one\r\n\r\nHi.\r\n.\r\n" + envelope)
+        client.transport.write(b"Subject: one\r\n\r\nHi.\r\n.\r\n" + ENVELOPE)
         await self.wait_for(lambda: self.threads.pool.work)
         [session] = list(self.factory.protocols)
         await self.wait_for(lambda: session._held is not None and len(session._held) == 3)
@@ -659,11 +661,7 @@ class PipelinedCommitTests(TestCase):
         self.threads.pool.run()
         await self.wait_for(lambda: client.data.count(b"354 ") == 2)
         self.assertIn(session.transport, reactor.getReaders())  # reading again
-        client.transport.write(b".\r\nQUIT\r\n")
-        await self.wait_for(lambda: self.threads.pool.work)
-        self.threads.pool.run()
-        await self.wait_for(lambda: b"221 " in client.data)
-        codes = final_codes(client.data)
+        codes = await self.finish(client, b".\r\nQUIT\r\n")
         self.assertEqual(
             codes,
             [b"220", b"250", b"250", b"250", b"354", b"250", b"250", b"250", b"354", b"250", b"221"],
@@ -680,9 +678,8 @@ class PipelinedCommitTests(TestCase):
         every reply comes in order.
         """
         client = await self.at_first_data()
-        envelope = ENVELOPE
         client.transport.write(
-            b"Subject: one\r\n\r\n1\r\n.\r\n" + envelope + b"Subject: two\r\n\r\n2\r\n.\r\n" + envelope
+            b"Subject: one\r\n\r\n1\r\n.\r\n" + ENVELOPE + b"Subject: two\r\n\r\n2\r\n.\r\n" + ENVELOPE
         )
         [session] = list(self.factory.protocols)
         await self.wait_for(lambda: self.threads.pool.work and session._held is not None and len(session._held) == 10)
@@ -691,11 +688,7 @@ class PipelinedCommitTests(TestCase):
         self.assertEqual(len(session._held), 3)  # the third's commands, held behind the second dot
         self.threads.pool.run()
         await self.wait_for(lambda: client.data.count(b"354 ") == 3)
-        client.transport.write(b"Subject: three\r\n\r\n3\r\n.\r\nQUIT\r\n")
-        await self.wait_for(lambda: self.threads.pool.work)
-        self.threads.pool.run()
-        await self.wait_for(lambda: b"221 " in client.data)
-        codes = final_codes(client.data)
+        codes = await self.finish(client, b"Subject: three\r\n\r\n3\r\n.\r\nQUIT\r\n")
         self.assertEqual(codes, [b"220", b"250"] + [b"250", b"250", b"354", b"250"] * 3 + [b"221"])
         bodies = sorted(m.size for m in self.queue.list())
         self.assertEqual(len(bodies), 3)
