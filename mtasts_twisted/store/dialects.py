@@ -28,6 +28,7 @@ from twisted.enterprise import adbapi
 from twisted.logger import Logger
 
 from mtasts_twisted.store.errors import StoreError
+from mtasts_twisted.store.reader import ReactorReader
 from mtasts_twisted.store.schema import Cursor, _check_version
 
 __all__ = ["BUSY_TIMEOUT_MS", "StoreReactor"]
@@ -91,6 +92,15 @@ class _Dialect:
         """Make the (not yet used) connection pool."""
         raise NotImplementedError()
 
+    def reactor_reader(self) -> Optional[ReactorReader]:
+        """
+        A connection for key reads in the reactor thread, once the pool has
+        opened the database; L{None} where reads stay in the pool.
+
+        @raise sqlite3.Error: it cannot be opened.
+        """
+        return None
+
     def prepare(self) -> None:
         """Check the location before the first connection (in a pool thread)."""
 
@@ -130,6 +140,10 @@ class _SQLite(_Dialect):
 
     def where(self) -> str:
         return self.path
+
+    def reactor_reader(self) -> Optional[ReactorReader]:
+        # WAL: a reader never waits for the writer (store/reader).
+        return ReactorReader(self.path)
 
     def make_pool(self, reactor: StoreReactor, pool_size: int) -> adbapi.ConnectionPool:
         # One connection: SQLite has one writer anyway, and one connection

@@ -29,7 +29,6 @@ from mtasts_twisted.store.database import Store
 from mtasts_twisted.store.dialects import StoreReactor, _Dialect, _PostgreSQL, _SQLite
 from mtasts_twisted.store.errors import StoreError
 from mtasts_twisted.store.memory import MemoryStore
-from mtasts_twisted.store.reader import ReactorReader
 from mtasts_twisted.store.schema import SCHEMA_VERSION, _check_tables, _migrate
 
 __all__ = ["default_database_url", "open_store"]
@@ -137,12 +136,14 @@ async def _open(
     except BaseException:
         pool.close()
         raise
-    if isinstance(dialect, _SQLite):
-        try:
-            store.read_in_reactor(ReactorReader(dialect.path))
-        except sqlite3.Error as e:
-            # Every read goes through the pool, as it always could.
-            log.info("{where}: key reads stay in the pool thread: {error}", where=dialect.where(), error=e)
+    try:
+        reader = dialect.reactor_reader()
+    except sqlite3.Error as e:
+        # Every read goes through the pool, as it always could.
+        log.info("{where}: key reads stay in the pool thread: {error}", where=dialect.where(), error=e)
+    else:
+        if reader is not None:
+            store.read_in_reactor(reader)
     for migration in applied:
         log.info(
             "{where}: migrated the store to schema version {version}: {description}",
